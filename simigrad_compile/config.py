@@ -1,0 +1,206 @@
+"""The one configuration of simigrad-compile.
+
+Every field is reachable three ways: ``torch.compile(..., options={...})``, keyword arguments of the Python
+API (``AdaptiveBatching(..., field=value)``), and the ``SIMIGRAD_<FIELD>`` environment variable
+(see :mod:`simigrad_compile.envvars`). Unknown keys and bad values raise :class:`ConfigError`, which names the
+key and lists the valid ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass
+from typing import Any, Literal, Mapping, Optional, Union
+
+GroupMode = Literal["auto", "batch", "microsteps", "ranks"]
+Compiler = Literal["inductor", "aot_eager"]
+LrScaling = Literal["sqrt", "linear", "none"]
+Warmup = Literal["lazy", "eager"]
+BatchDim = Union[int, tuple, dict]
+
+
+class ConfigError(ValueError):
+    """A bad configuration key or value."""
+
+
+@dataclass(kw_only=True, slots=True)
+class SimigradConfig:
+    # --- statistics (backend) ---
+    group_mode: GroupMode = "auto"
+    """Where the two gradient groups come from. ``batch``: the two halves of the samples, split inside the
+    backward graph. ``microsteps``: the first and second half of the accumulation micro-steps. ``ranks``: the
+    first and second half of the data-parallel ranks. ``auto``: ``ranks`` under data parallelism with world
+    size >= 2, else ``batch`` (falling back to ``microsteps`` for a graph the split pass cannot split soundly)."""
+
+    batch_dim: BatchDim = 0
+    """The batch dimension of the compiled region's tensor inputs: one int for all, a tuple with one entry per
+    tensor input (in call order; ``None`` for an input without a batch), or a dict from the input's argument
+    name (for example ``"x"``) to its dim. Use ``1`` for seq-first models."""
+
+    compiler: Compiler = "inductor"
+    """The code generator behind the passes. ``aot_eager`` runs the same passes without Inductor, for
+    debugging."""
+
+    disabled_passes: tuple = ()
+    """Names of graph passes to skip, for bug hunting (for example ``("split_backward",)``)."""
+
+    stats_bucket_mb: float = 32.0
+    """Largest extra gradient memory (MiB) that one fused statistics launch may hold live: the split pass
+    groups parameters into launches of at most this many bytes of half-gradients."""
+
+    # --- controller ---
+    target_similarity: float = 0.2
+    """The cosine similarity the controller steers towards: below it the batch grows, above it shrinks."""
+
+    batch_size: Optional[int] = None
+    """The initial global batch size B0 (also the reference of the LR scaling). ``None``: the loader's."""
+
+    min_batch_size: int = 1
+    """Lower bound of the global batch size."""
+
+    max_batch_size: int = 65536
+    """Upper bound of the global batch size."""
+
+    lr_scaling: LrScaling = "sqrt"
+    """How the LR follows the batch: ``sqrt`` multiplies it by ``sqrt(B/B0)``, ``linear`` by ``B/B0``."""
+
+    lr_adjust_factor: float = 1.0
+    """Damps the LR ratio r as ``(r-1)*f+1``; 1 keeps it, 0 disables LR scaling."""
+
+    ema: float = 0.0
+    """Exponential smoothing of the cosine: ``s <- ema*s + (1-ema)*cos``. 0 turns it off."""
+
+    adjust_every: int = 1
+    """Apply the controller rule every this many optimizer steps."""
+
+    # --- ladder ---
+    max_micro_batch_size: int = 256
+    """The largest micro-batch (per rank) one compiled graph runs; larger batches use accumulation."""
+
+    micro_batch_sizes: Optional[tuple] = None
+    """An explicit ladder of micro-batch sizes. ``None``: powers of two up to ``max_micro_batch_size``."""
+
+    warmup: Warmup = "lazy"
+    """``lazy`` compiles a rung on first use; ``eager`` compiles every rung before training."""
+
+    cuda_graphs: bool = False
+    """On GPU, capture one CUDA graph per rung (``mode="reduce-overhead"``)."""
+
+    # --- logging ---
+    log_dir: Optional[str] = None
+    """Folder for the per-step CSV (and TensorBoard events when installed). ``None``: no files."""
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _check(f.name, getattr(self, f.name)))
+        _check_relations(self)
+
+    def replace(self, **changes: Any) -> "SimigradConfig":
+        return from_mapping(changes, base=self)
+
+    def as_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+FIELD_NAMES = tuple(f.name for f in dataclasses.fields(SimigradConfig))
+_HINTS = typing.get_type_hints(SimigradConfig)
+
+
+def _fail(key: str, value: Any, wanted: str) -> None:
+    raise ConfigError(f"simigrad option {key!r}: bad value {value!r}; expected {wanted}")
+
+
+def _check(key: str, value: Any) -> Any:
+    hint = _HINTS[key]
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            _fail(key, value, "one of " + ", ".join(map(repr, choices)))
+        return value
+    if key == "batch_dim":
+        return _check_batch_dim(value)
+    if key in ("disabled_passes", "micro_batch_sizes"):
+        if value is None and key == "micro_batch_sizes":
+            return None
+        if isinstance(value, str):
+            value = tuple(v for v in value.replace(",", " ").split())
+        if not isinstance(value, (list, tuple)):
+            _fail(key, value, "a list")
+        if key == "micro_batch_sizes":
+            value = tuple(sorted({_int(key, v, minimum=1) for v in value}))
+            if not value:
+                _fail(key, value, "a non-empty list of positive ints")
+        return tuple(value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            _fail(key, value, "True or False")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            _fail(key, value, "a number")
+        return float(value)
+    if hint is int or hint == Optional[int]:
+        if value is None and hint == Optional[int]:
+            return None
+        return _int(key, value, minimum=1)
+    if hint == Optional[str]:
+        if value is not None and not isinstance(value, str):
+            _fail(key, value, "a path or None")
+        return value
+    raise AssertionError(f"unhandled config type for {key}: {hint}")
+
+
+def _int(key: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        _fail(key, value, f"an int >= {minimum}")
+    return value
+
+
+def _check_batch_dim(value: Any) -> BatchDim:
+    ok_dim = lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool))  # noqa: E731
+    if isinstance(value, bool):
+        _fail("batch_dim", value, "an int, a tuple of ints, or a dict of name -> int")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, (list, tuple)) and all(ok_dim(v) for v in value):
+        return tuple(value)
+    if isinstance(value, Mapping) and all(isinstance(k, str) and ok_dim(v) for k, v in value.items()):
+        return dict(value)
+    _fail("batch_dim", value, "an int, a tuple of ints, or a dict of name -> int")
+
+
+def _check_relations(cfg: SimigradConfig) -> None:
+    if cfg.min_batch_size > cfg.max_batch_size:
+        raise ConfigError(
+            f"simigrad options 'min_batch_size' ({cfg.min_batch_size}) > 'max_batch_size' ({cfg.max_batch_size})"
+        )
+    if not 0.0 <= cfg.ema < 1.0:
+        _fail("ema", cfg.ema, "a number in [0, 1)")
+    if not -1.0 <= cfg.target_similarity <= 1.0:
+        _fail("target_similarity", cfg.target_similarity, "a cosine in [-1, 1]")
+    if cfg.lr_adjust_factor < 0:
+        _fail("lr_adjust_factor", cfg.lr_adjust_factor, "a number >= 0")
+    if cfg.stats_bucket_mb <= 0:
+        _fail("stats_bucket_mb", cfg.stats_bucket_mb, "a number > 0")
+
+
+def from_mapping(options: Optional[Mapping[str, Any]], base: Optional[SimigradConfig] = None) -> SimigradConfig:
+    """Build a config from ``options`` on top of ``base`` (default: the environment's config)."""
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(FIELD_NAMES))
+    if unknown:
+        raise ConfigError(
+            f"unknown simigrad option(s) {', '.join(map(repr, unknown))}; valid options: {', '.join(FIELD_NAMES)}"
+        )
+    if base is None:
+        from .envvars import config_from_env
+
+        base = config_from_env()
+    merged = base.as_dict()
+    merged.update(options)
+    return SimigradConfig(**merged)
+
+
+__all__ = ["SimigradConfig", "ConfigError", "FIELD_NAMES", "from_mapping"]

@@ -1,0 +1,53 @@
+"""``SIMIGRAD_*`` environment variables: the one place that maps them to config fields.
+
+``SIMIGRAD=1`` routes a plain ``torch.compile(model)`` to this backend (see :mod:`simigrad_compile.autoload`).
+``SIMIGRAD_<FIELD>`` sets config field ``<field>``; for example ``SIMIGRAD_TARGET_SIMILARITY=0.3``.
+Values are parsed as JSON when they parse (numbers, lists, ``true``), else taken as strings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Mapping, Optional
+
+from .config import FIELD_NAMES, ConfigError, SimigradConfig
+
+PREFIX = "SIMIGRAD_"
+ENABLE = "SIMIGRAD"
+
+
+def enabled(environ: Optional[Mapping[str, str]] = None) -> bool:
+    value = (os.environ if environ is None else environ).get(ENABLE, "").strip().lower()
+    if value in ("", "0", "false", "no", "off"):
+        return False
+    if value in ("1", "true", "yes", "on"):
+        return True
+    raise ConfigError(f"environment variable {ENABLE}={value!r}: expected 1 or 0")
+
+
+def _parse(text: str):
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def config_from_env(environ: Optional[Mapping[str, str]] = None) -> SimigradConfig:
+    environ = os.environ if environ is None else environ
+    values = {}
+    for name, text in environ.items():
+        if not name.startswith(PREFIX):
+            continue
+        key = name[len(PREFIX):].lower()
+        if key not in FIELD_NAMES:
+            valid = ", ".join(PREFIX + f.upper() for f in FIELD_NAMES)
+            raise ConfigError(f"unknown environment variable {name}; valid ones: {ENABLE}, {valid}")
+        value = _parse(text)
+        if isinstance(value, list):
+            value = tuple(value)
+        values[key] = value
+    try:
+        return SimigradConfig(**values)
+    except ConfigError as err:
+        raise ConfigError(f"from environment ({', '.join(PREFIX + k.upper() for k in values)}): {err}") from None
