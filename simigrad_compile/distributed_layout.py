@@ -1,0 +1,122 @@
+"""Who holds what in the split-group reduction: halves, shards, partner segments and sample weights.
+
+Ranks ``[0, N//2)`` form group 1 (half A) and ``[N//2, N)`` group 2 (half B). A bucket of ``n`` elements is
+padded to ``P``, a multiple of ``L = lcm(|A|, |B|)`` chunks, so that both halves can reduce-scatter it into equal
+shards. Rank ``i`` of a half of size ``h`` owns chunks ``[i L/h, (i+1) L/h)``. Every (A rank, B rank) pair whose
+chunk ranges overlap exchanges exactly the overlap (a *segment*), so both see the two group sums of it:
+
+    N = 4:  A = {0, 1}, B = {2, 3}, L = 2:  segments (0,2): chunk 0, (1,3): chunk 1   (partner r <-> r + N/2)
+    N = 3:  A = {0},    B = {1, 2}, L = 2:  segments (0,1): chunk 0, (0,2): chunk 1
+
+The A side of a segment records its statistics (each element is counted once in the world-wide sum).
+
+Weights: rank ``r`` with ``n_r`` of the step's ``n`` samples scales its local gradient by ``w_r = 2 n_r / n``
+before the reduction. The shard pair is then ``(alpha g1, beta g2)`` with ``alpha = 2 n_A / n``,
+``beta = 2 n_B / n`` and ``g1``, ``g2`` the sample-weighted mean gradients of the halves, so the fused kernel's
+``(a + b) / 2`` is ``sum_r n_r g_r / n``: plain DDP's mean when the counts are equal. The statistics are
+unscaled by ``(alpha beta, alpha^2, beta^2)``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple
+
+
+@dataclass(frozen=True)
+class Segment:
+    a_rank: int
+    b_rank: int
+    lo: int
+    """First chunk (inclusive) of the overlap."""
+    hi: int
+
+
+@dataclass(frozen=True)
+class Layout:
+    world: int
+    rank: int
+    half_a: Tuple[int, ...]
+    half_b: Tuple[int, ...]
+    chunks: int
+    segments: Tuple[Segment, ...]
+    """Every segment of the world, in one fixed order (the order process groups are created in)."""
+
+    @property
+    def in_a(self) -> bool:
+        return self.rank < len(self.half_a)
+
+    @property
+    def half(self) -> Tuple[int, ...]:
+        return self.half_a if self.in_a else self.half_b
+
+    @property
+    def index_in_half(self) -> int:
+        return self.half.index(self.rank)
+
+    @property
+    def own_chunks(self) -> Tuple[int, int]:
+        per = self.chunks // len(self.half)
+        i = self.index_in_half
+        return i * per, (i + 1) * per
+
+    @property
+    def my_segments(self) -> Tuple[Segment, ...]:
+        return tuple(s for s in self.segments if self.rank in (s.a_rank, s.b_rank))
+
+    def padded(self, numel: int) -> int:
+        return -(-numel // self.chunks) * self.chunks
+
+
+def _ranges(size: int, chunks: int, first: int) -> list:
+    per = chunks // size
+    return [(first + i, i * per, (i + 1) * per) for i in range(size)]
+
+
+def make_layout(world: int, rank: int) -> Layout:
+    if world < 2:
+        raise ValueError(f"the split-group reduction needs at least 2 ranks, got world size {world}")
+    half_a = tuple(range(world // 2))
+    half_b = tuple(range(world // 2, world))
+    chunks = math.lcm(len(half_a), len(half_b))
+    segments = []
+    for a, alo, ahi in _ranges(len(half_a), chunks, 0):
+        for b, blo, bhi in _ranges(len(half_b), chunks, len(half_a)):
+            lo, hi = max(alo, blo), min(ahi, bhi)
+            if lo < hi:
+                segments.append(Segment(a, b, lo, hi))
+    return Layout(world, rank, half_a, half_b, chunks, tuple(segments))
+
+
+@dataclass(frozen=True)
+class Weights:
+    own: float
+    """``w_r``: the factor this rank's local gradient enters with."""
+    alpha: float
+    beta: float
+
+    @property
+    def stats_scale(self) -> Tuple[float, float, float]:
+        """Divide the shard pair's ``(d, a, b)`` by these to get those of ``(g1, g2)``; NaN for an empty half."""
+        a, b = self.alpha, self.beta
+        if a == 0.0 or b == 0.0:
+            return (math.nan, math.nan, math.nan)
+        return (a * b, a * a, b * b)
+
+
+def make_weights(layout: Layout, counts: Optional[Sequence[int]]) -> Weights:
+    if counts is None:
+        counts = [1] * layout.world
+    n = sum(counts)
+    n_a = sum(counts[r] for r in layout.half_a)
+    return Weights(own=2.0 * counts[layout.rank] / n, alpha=2.0 * n_a / n, beta=2.0 * (n - n_a) / n)
+
+
+def check_counts(counts: Sequence[int], world: int) -> Tuple[int, ...]:
+    counts = tuple(counts)
+    if len(counts) != world or any(isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in counts):
+        raise ValueError(f"sample counts must be {world} non-negative ints (one per rank), got {counts!r}")
+    if sum(counts) == 0:
+        raise ValueError("sample counts sum to 0: no rank has samples")
+    return counts
