@@ -10,3 +10,6 @@ from .statistics import SplitStats, gradient_stats, reset_stats
 
 __all__ = ["ConfigError", "SimigradConfig", "SplitStats", "gradient_stats", "reset_stats"]
 __version__ = "0.1.0"
+from .runtime import AdaptiveBatching  # noqa: E402
+
+__all__ += ["AdaptiveBatching"]

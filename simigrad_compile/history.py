@@ -1,0 +1,106 @@
+"""Per-optimizer-step records: ``run.history`` (plain dicts), a CSV file, TensorBoard, and ``plot()``.
+
+A record has the keys of :data:`KEYS`; ``loss`` is None unless the loop passes it to ``run.log_loss``.
+With ``log_dir`` set, every record is appended to ``<log_dir>/simigrad.csv`` (flushed per row) and, when the
+``tensorboard`` package is installed, written through ``torch.utils.tensorboard.SummaryWriter`` (tag
+``simigrad/<key>``, x = samples).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import os
+from typing import List, Optional
+
+log = logging.getLogger("simigrad_compile")
+
+KEYS = ("step", "samples", "target_batch_size", "batch_size", "micro_batch_size", "accumulation", "cosine",
+        "lr_scale", "skipped", "loss")
+CSV_NAME = "simigrad.csv"
+
+
+def _summary_writer(log_dir: str):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as exc:
+        log.info("simigrad: TensorBoard logging off (%s); the CSV in %s has the same records", exc, log_dir)
+        return None
+    return SummaryWriter(log_dir)
+
+
+class History:
+    def __init__(self, log_dir: Optional[str] = None):
+        self.records: List[dict] = []
+        self.log_dir = log_dir
+        self._csv = self._writer = None
+        if log_dir is not None:
+            os.makedirs(log_dir, exist_ok=True)
+            self._writer = _summary_writer(log_dir)
+
+    def _csv_writer(self):
+        if self._csv is None:
+            path = os.path.join(self.log_dir, CSV_NAME)
+            fresh = not os.path.exists(path) or os.path.getsize(path) == 0
+            self._file = open(path, "a", newline="")
+            self._csv = csv.DictWriter(self._file, fieldnames=KEYS)
+            if fresh:
+                self._csv.writeheader()
+        return self._csv
+
+    def append(self, record: dict) -> None:
+        record = {k: record.get(k) for k in KEYS}
+        self.records.append(record)
+        if self.log_dir is None:
+            return
+        self._csv_writer().writerow(record)
+        self._file.flush()
+        if self._writer is not None:
+            for key in ("cosine", "batch_size", "target_batch_size", "micro_batch_size", "accumulation",
+                        "lr_scale", "loss"):
+                value = record[key]
+                if value is not None and math.isfinite(value):
+                    self._writer.add_scalar(f"simigrad/{key}", value, record["samples"])
+
+    def close(self) -> None:
+        if self._csv is not None:
+            self._file.close()
+            self._csv = None
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def plot(self, path: str) -> None:
+        """Similarity, batch size, LR multiplier and loss against samples, in one PNG (needs matplotlib)."""
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError as exc:
+            raise ImportError("run.plot() needs matplotlib: pip install 'simigrad-compile[plot]'") from exc
+        x = [r["samples"] for r in self.records]
+        panels = [("cosine", "similarity"), ("batch_size", "batch size"), ("lr_scale", "LR multiplier"),
+                  ("loss", "loss")]
+        fig, axes = plt.subplots(len(panels), 1, sharex=True, figsize=(7, 9))
+        for ax, (key, label) in zip(axes, panels):
+            y = [float("nan") if r[key] is None else r[key] for r in self.records]
+            ax.plot(x, y, lw=1)
+            if key == "batch_size":
+                ax.plot(x, [r["target_batch_size"] for r in self.records], lw=1, ls="--", label="target")
+                ax.legend()
+            ax.set_ylabel(label)
+        axes[-1].set_xlabel("samples")
+        fig.tight_layout()
+        fig.savefig(path)
+        plt.close(fig)
+
+    def state_dict(self) -> List[dict]:
+        return [dict(r) for r in self.records]
+
+    def load_state_dict(self, records: List[dict]) -> None:
+        self.records = [{k: r.get(k) for k in KEYS} for r in records]
+
+
+__all__ = ["History", "KEYS", "CSV_NAME"]

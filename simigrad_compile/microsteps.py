@@ -1,0 +1,155 @@
+"""The ``microsteps`` group mode and the gradient arithmetic of one accumulation window.
+
+A window runs micro-steps of ``n_1 .. n_k`` samples (per rank). The user's loss is a mean over its micro-batch,
+so each backward adds that micro-batch's mean gradient ``G_i / n_i`` (``G_i``: the sum of its per-sample
+gradients) to ``p.grad``. The window keeps ``p.grad = W_i / n_i`` with ``W_i = G_1 + .. + G_i``: when the next
+micro-batch has another size it rescales ``p.grad`` by ``n_i / n_(i+1)`` (only at an epoch's tail; equal sizes
+cost nothing). At the boundary :meth:`Window.finish` scales ``p.grad`` by ``n_k / N`` to the mean gradient of
+all ``N`` samples, which is what the optimizer steps on.
+
+Halves. The first half is the first ``h`` micro-steps, ``h`` the split whose sample counts are nearest equal
+(ties to the smaller ``h``; ``h = floor(k/2)`` for equal sizes). With ``N1``, ``N2`` samples per half:
+
+    g1 = W_h / N1,   g2 = (W_k - W_h) / N2         (the mean gradients over each half's samples)
+
+so odd ``k`` weights each half by its own sample count. ``d = g1.g2``, ``a = |g1|^2``, ``b = |g2|^2`` come from
+one ``pair_stats`` pass at the boundary over ``(p.grad at the midpoint, p.grad)``.
+
+Extra memory: one copy of every gradient (in the gradient's dtype), taken at the midpoint and held until the
+boundary; the buffers are reused across windows and freed by :meth:`MicrostepStats.release`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import List, Optional, Sequence
+
+import torch
+
+from .statistics import SplitStats
+
+log = logging.getLogger("simigrad_compile")
+_warned: set = set()
+
+
+def _torch_pair_stats(own, total, alpha: float, beta: float) -> torch.Tensor:
+    rows = []
+    for o, t in zip(own, total):
+        o32, t32 = o.detach().float(), t.detach().float()
+        other = alpha * t32 + beta * o32
+        rows.append(torch.stack([(o32 * other).sum(), (o32 * o32).sum(), (other * other).sum()]))
+    return torch.stack(rows) if rows else torch.zeros(0, 3)
+
+
+def pair_stats(own: List[torch.Tensor], total: List[torch.Tensor], alpha: float, beta: float) -> torch.Tensor:
+    """``kernels.pair_stats`` when the kernels package provides it, else torch ops (logged once)."""
+    try:
+        from .kernels import pair_stats as kernel
+    except ImportError as exc:
+        if "pair_stats" not in _warned:
+            _warned.add("pair_stats")
+            log.warning("simigrad: simigrad_compile.kernels.pair_stats unavailable (%s); microsteps statistics use "
+                        "torch ops", exc)
+        return _torch_pair_stats(own, total, alpha, beta)
+    return kernel(own, total, alpha, beta)
+
+
+def midpoint(sizes: Sequence[int]) -> int:
+    """The number of micro-steps in the first half: the split with the most nearly equal sample counts."""
+    n, cum, best = sum(sizes), 0, None
+    for h in range(1, len(sizes)):
+        cum += sizes[h - 1]
+        if best is None or abs(2 * cum - n) < best[0]:
+            best = (abs(2 * cum - n), h)
+    return best[1]
+
+
+class MicrostepStats:
+    """Owns the midpoint gradient copy of a model's parameters (reused across windows)."""
+
+    def __init__(self, params: Sequence[torch.nn.Parameter]):
+        self.params = [p for p in params if p.requires_grad]
+        self.copies: List[Optional[torch.Tensor]] = [None] * len(self.params)
+
+    def snapshot(self) -> None:
+        for i, p in enumerate(self.params):
+            if p.grad is None:
+                self.copies[i] = None
+            elif self.copies[i] is None or self.copies[i].shape != p.grad.shape or self.copies[i].dtype != p.grad.dtype:
+                self.copies[i] = p.grad.detach().clone()
+            else:
+                self.copies[i].copy_(p.grad.detach())
+        self._valid = [c is not None for c in self.copies]
+
+    def stats(self, n_mid: int, n_last: int, n1: int, n2: int) -> SplitStats:
+        """Statistics of ``g1 = W_h / N1``, ``g2 = (W_k - W_h) / N2`` (module docstring) from the snapshot
+        (``W_h / n_mid``) and the current gradients (``W_k / n_last``)."""
+        own, total = [], []
+        for i, p in enumerate(self.params):
+            if p.grad is None:
+                continue
+            copy = self.copies[i] if self._valid[i] else torch.zeros_like(p.grad)
+            own.append(copy)
+            total.append(p.grad)
+        if not own:
+            return SplitStats(float("nan"), float("nan"), float("nan"), "microsteps")
+        rows = pair_stats(own, total, n_last / n_mid, -1.0).detach().to("cpu", torch.float64).sum(0)
+        s1, s2 = n_mid / n1, n_mid / n2
+        return SplitStats(float(rows[0]) * s1 * s2, float(rows[1]) * s1 * s1, float(rows[2]) * s2 * s2, "microsteps")
+
+    def release(self) -> None:
+        self.copies = [None] * len(self.params)
+
+
+class Window:
+    """One optimizer step's micro-steps: tracks progress and keeps ``p.grad`` in the ``W_i / n_i`` form."""
+
+    def __init__(self, sizes: Sequence[int], params: Sequence[torch.nn.Parameter],
+                 stats: Optional[MicrostepStats] = None):
+        if not sizes:
+            raise ValueError("an accumulation window needs at least one micro-step")
+        self.sizes = tuple(int(s) for s in sizes)
+        self.params = [p for p in params if p.requires_grad]
+        self.done = 0
+        self.stats = stats if len(self.sizes) >= 2 else None
+        self.half = midpoint(self.sizes) if len(self.sizes) >= 2 else 0
+
+    @property
+    def accumulation(self) -> int:
+        return len(self.sizes)
+
+    @property
+    def samples(self) -> int:
+        return sum(self.sizes)
+
+    @property
+    def complete(self) -> bool:
+        return self.done == len(self.sizes)
+
+    def _scale(self, factor: float) -> None:
+        if factor == 1.0:
+            return
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if grads:
+            torch._foreach_mul_(grads, factor)
+
+    def micro_step_done(self) -> None:
+        """Call after each micro-step's backward."""
+        if self.complete:
+            raise RuntimeError(f"accumulation window of {self.accumulation} micro-steps is already complete")
+        self.done += 1
+        if self.stats is not None and self.done == self.half:
+            self.stats.snapshot()
+        if not self.complete and self.sizes[self.done] != self.sizes[self.done - 1]:
+            self._scale(self.sizes[self.done - 1] / self.sizes[self.done])
+
+    def split_stats(self) -> SplitStats:
+        n1 = sum(self.sizes[: self.half])
+        return self.stats.stats(self.sizes[self.half - 1], self.sizes[-1], n1, self.samples - n1)
+
+    def finish(self) -> None:
+        """Turn ``p.grad`` into the mean gradient over the window's samples."""
+        self._scale(self.sizes[-1] / self.samples)
+
+
+__all__ = ["MicrostepStats", "Window", "midpoint", "pair_stats"]
