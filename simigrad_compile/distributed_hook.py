@@ -11,6 +11,7 @@ order; so each stage has its own process group and issues its collectives in buc
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -68,6 +69,35 @@ class _InOrder:
                 self._next += 1
 
 
+class _Waiter:
+    """Futures for works that have none (gloo's reduce_scatter_tensor): a thread waits on them in issue order."""
+
+    def __init__(self) -> None:
+        self._queue: "queue.SimpleQueue" = queue.SimpleQueue()
+        self._thread: Optional[threading.Thread] = None
+
+    def future(self, work) -> Future:
+        try:
+            return work.get_future()
+        except RuntimeError:
+            pass
+        fut: Future = Future()
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="simigrad-ddp-wait", daemon=True)
+            self._thread.start()
+        self._queue.put((work, fut))
+        return fut
+
+    def _run(self) -> None:
+        while True:
+            work, fut = self._queue.get()
+            try:
+                work.wait()
+                fut.set_result(None)
+            except BaseException as e:  # noqa: BLE001 - handed to the waiting future
+                fut.set_exception(e)
+
+
 def _then(fut: Future, fn: Callable, result: Future) -> None:
     """Run ``fn(fut.value())`` when ``fut`` completes; any error fails ``result`` (which DDP waits on)."""
 
@@ -102,6 +132,7 @@ class SplitReduction:
         self._sinks: List[Sink] = []
         self._sink_key: Optional[tuple] = None
         self._step = _Step()
+        self._waiter = _Waiter()
         self._build_groups()
 
     def _build_groups(self) -> None:
@@ -144,7 +175,7 @@ class SplitReduction:
         if len(self.layout.half) > 1:
             shard = full.new_empty(full.numel() // len(self.layout.half))
             work = dist.reduce_scatter_tensor(shard, full, group=self.rs_group, async_op=True)
-            _then(work.get_future(), lambda _: self._exchange(index, buf, full, shard, result), result)
+            _then(self._waiter.future(work), lambda _: self._exchange(index, buf, full, shard, result), result)
         else:
             self._exchange(index, buf, full, full, result)
         if bucket.is_last():
