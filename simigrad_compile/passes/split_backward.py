@@ -1,0 +1,321 @@
+"""The split pass (group mode ``batch``): every parameter gradient comes out as two half-batch gradients.
+
+A parameter's gradient is ``F(c_1, ..., c_k)``: contractions ``c_j`` over the batch (``mm`` over B*T rows,
+``sum`` over batch dims, ``convolution_backward``'s weight/bias, embedding's ``index_put``) followed by a map
+``F`` that must be linear in them (views, adds of contributions, products with values that are not
+gradient contributions, such as BatchNorm's ``rsqrt(var)``). The pass emits each contraction on the first
+``floor(B/2)`` and on the last ``ceil(B/2)`` samples, replays ``F`` on each, and hands both halves to one
+fused op that writes ``g = g1 + g2`` and records ``(g1.g2, |g1|^2, |g2|^2)``::
+
+    before:  mm_4 = mm(permute_7, view)            ->  output[..., permute_8(mm_4), ...]
+    after:   mm_4a = mm(slice(permute_7, 1, 0, h), slice(view, 0, 0, h))
+             mm_4b = mm(slice(permute_7, 1, h, B), slice(view, 0, h, B))
+             gs = simigrad.split_grads([permute_8(mm_4a), ...], [permute_8(mm_4b), ...], [4, ...])
+             ->  output[..., gs[0], ...]
+
+The two halves replace the whole, so no matmul FLOPs are added. If any parameter cannot be split soundly,
+nothing is rewritten: the pass names every such parameter with its reason, and either raises
+(``group_mode="batch"``) or routes one gradient through ``simigrad.mark_unsplit`` so the region reports the
+fallback at run time, also on a warm cache where this pass does not run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import operator
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.fx as fx
+from torch.utils._pytree import tree_map
+
+from .. import region as _region  # noqa: F401  (registers simigrad.split_grads / mark_unsplit)
+from .batch_dims import UNKNOWN, BatchDim, BatchDimPropagation
+from .plan import RegionPlan
+
+aten = torch.ops.aten
+log = logging.getLogger("simigrad_compile")
+
+_ADDITIVE = {
+    aten.sum.dim_IntList, aten.sum.default, aten.mm.default, aten.bmm.default,
+    aten._unsafe_masked_index_put_accumulate.default, aten.index_put.default, aten.embedding_dense_backward.default,
+}
+_LINEAR_UNARY = {
+    aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.permute.default, aten.t.default,
+    aten.transpose.int, aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default,
+    aten.clone.default, aten.alias.default, aten.neg.default, aten.expand.default, aten.sum.dim_IntList,
+    aten.slice.Tensor, aten.select.int, aten._to_copy.default, torch.ops.prims.convert_element_type.default,
+    aten.mul.Scalar, aten.div.Scalar,
+}
+
+
+class SplitError(RuntimeError):
+    """``group_mode="batch"`` was forced but some parameter's gradient cannot be split soundly."""
+
+
+class _Refuse(Exception):
+    pass
+
+
+class SplitBackwardPass:
+    name = "split_backward"
+
+    def __init__(self, plan: RegionPlan):
+        self.plan = plan
+
+    def __call__(self, graph: fx.Graph) -> None:
+        primals = [n for n in graph.nodes if n.op == "placeholder" and n.name.startswith("primals")]
+        tangents = [n for n in graph.nodes if n.op == "placeholder" and n.name.startswith("tangents")]
+        output = next(n for n in graph.nodes if n.op == "output")
+        outs = list(output.args[0])
+        params = self.plan.params
+        if not params or not tangents:
+            return
+        if len(primals) != len(self.plan.roles):
+            return self._give_up(graph, output, {n: "inputs do not line up with Dynamo's" for _, n in params})
+        grads = outs[len(outs) - len(primals):]
+        prop = _propagate(graph, primals, tangents, outs[: len(outs) - len(primals)], self.plan)
+        self.prop, self.tangent_dep = prop, _tangent_dependent(graph, tangents)
+        self.memo: Dict[fx.Node, Optional[List[fx.Node]]] = {}
+        wanted, reasons = [], {}
+        for index, name in params:
+            grad = grads[index]
+            if grad is None:
+                continue
+            try:
+                if prop.problems:
+                    raise _Refuse("; ".join(prop.problems))
+                if prop.batch is None or prop.batch < 2:
+                    raise _Refuse(f"batch of {prop.batch} cannot be halved" if prop.batch else "no batched input")
+                if not self._leaves(grad):
+                    raise _Refuse("gradient does not come from the batch")
+                wanted.append((index, name, grad))
+            except _Refuse as why:
+                reasons[name] = str(why)
+        if reasons:
+            return self._give_up(graph, output, reasons)
+        self._rewrite(graph, output, outs, len(outs) - len(primals), wanted)
+
+    # --- analysis: is the gradient a linear map of additive contractions over the batch? ---
+    def _is_leaf(self, node: fx.Node) -> bool:
+        if node.target is operator.getitem:
+            parent = node.args[0]
+            return parent.target is aten.convolution_backward.default and node.args[1] in (1, 2)
+        if node.target not in _ADDITIVE:
+            return False
+        if node.target in (aten._unsafe_masked_index_put_accumulate.default, aten.index_put.default):
+            if not _is_zeros(node.args[0]):
+                raise _Refuse(f"{node.target} accumulates into a non-zero tensor")
+        if node.target is aten.embedding_dense_backward.default and node.args[4]:
+            raise _Refuse("embedding with scale_grad_by_freq mixes the batch's counts")
+        return True
+
+    def _leaves(self, node) -> Optional[List[fx.Node]]:
+        """The contraction leaves ``node`` is linear in; ``None`` when it does not depend on any."""
+        if not isinstance(node, fx.Node) or not self.tangent_dep.get(node, False):
+            return None
+        if node in self.memo:
+            return self.memo[node]
+        info = self.prop.info.get(node)
+        if info is UNKNOWN:
+            raise _Refuse(f"depends on {_culprit(node, self.prop)}, which has no batch-dim rule")
+        if isinstance(info, BatchDim):
+            raise _Refuse(f"{node.name} still has the batch dim")
+        batched_input = any(self.prop.info.get(a) is not None for a in node.all_input_nodes)
+        if batched_input and self._is_leaf(node):
+            result = [node]
+        elif batched_input:
+            raise _Refuse(f"{node.target} reduces over the batch but is not a sum")
+        else:
+            result = self._combine(node)
+        self.memo[node] = result
+        return result
+
+    def _combine(self, node: fx.Node) -> List[fx.Node]:
+        target = node.target
+        if target in _LINEAR_UNARY:
+            rest = [self._leaves(a) for a in node.all_input_nodes[1:]]
+            inner = self._leaves(node.args[0])
+            if inner is None or any(rest):
+                raise _Refuse(f"{target} mixes two gradient contributions")
+            return inner
+        parts = [self._leaves(a) for a in node.args[:2]]
+        if target in (aten.add.Tensor, aten.sub.Tensor):
+            if not all(parts):
+                raise _Refuse(f"{target} adds a term that does not scale with the batch")
+            return parts[0] + parts[1]
+        if target in (aten.mul.Tensor, aten.mm.default, aten.bmm.default) and sum(p is not None for p in parts) == 1:
+            return parts[0] or parts[1]
+        if target is aten.div.Tensor and parts[0] and parts[1] is None:
+            return parts[0]
+        raise _Refuse(f"gradient passes through {target}, which the split pass does not treat as linear")
+
+    # --- rewrite ---
+    def _rewrite(self, graph, output, outs, first_grad, wanted) -> None:
+        fake_mode = next(n.meta["val"].fake_mode for n in graph.nodes if isinstance(n.meta.get("val"), torch.Tensor)
+                         and hasattr(n.meta["val"], "fake_mode"))
+        self.fake_mode = fake_mode
+        self.halves: Tuple[Dict, Dict] = ({}, {})
+        pairs = []
+        for index, name, grad in wanted:
+            pairs.append((index, grad, self._emit(grad, 0), self._emit(grad, 1)))
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        buckets, size = [[]], 0
+        for pair in sorted(pairs, key=lambda p: order[p[1]]):
+            nbytes = 2 * pair[1].meta["val"].numel() * pair[1].meta["val"].element_size()
+            if buckets[-1] and size + nbytes > self.plan.bucket_bytes:
+                buckets.append([])
+                size = 0
+            buckets[-1].append(pair)
+            size += nbytes
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        for bucket in buckets:
+            last = max((n for p in bucket for n in p[2:]), key=order.get)
+            with graph.inserting_after(last):
+                fused = graph.call_function(
+                    torch.ops.simigrad.split_grads.default,
+                    ([p[2] for p in bucket], [p[3] for p in bucket], [p[0] for p in bucket]),
+                )
+                self._fake(fused)
+            node = fused
+            for j, (index, *_rest) in enumerate(bucket):
+                with graph.inserting_after(node):
+                    node = graph.call_function(operator.getitem, (fused, j))
+                    self._fake(node)
+                outs[first_grad + index] = node
+        output.args = (outs,)
+        graph.eliminate_dead_code()
+        _trim_convolution_backward(graph, self._fake)
+        graph.lint()
+        log.info("simigrad: split %d parameter gradients into half-batch pairs in %d fused launch(es)",
+                 len(pairs), len(buckets))
+
+    def _emit(self, node, half: int):
+        """The ``half`` (0: first floor(B/2) samples, 1: the rest) version of ``node``."""
+        if not isinstance(node, fx.Node) or self._leaves(node) is None:
+            return node
+        memo = self.halves[half]
+        if node in memo:
+            return memo[node]
+        if self.memo.get(node) == [node]:
+            make = lambda a: self._slice(a, half) if isinstance(a, fx.Node) else a  # noqa: E731
+        else:
+            make = lambda a: self._emit(a, half)  # noqa: E731
+        with node.graph.inserting_after(node):
+            copy = node.graph.node_copy(node, make)
+        self._fake(copy)
+        memo[node] = copy
+        return copy
+
+    def _slice(self, node: fx.Node, half: int):
+        info = self.prop.info.get(node)
+        if node.target is aten.convolution_backward.default:
+            return self._emit_conv(node, half)
+        if not isinstance(info, BatchDim):
+            return node
+        memo = self.halves[half]
+        key = ("slice", node)
+        if key not in memo:
+            size = node.meta["val"].shape[info.dim]
+            if size != self.prop.batch * info.inner:
+                raise AssertionError(f"{node.name}: batch dim size {size} != {self.prop.batch} x {info.inner}")
+            cut = (self.prop.batch // 2) * info.inner
+            start, end = (0, cut) if half == 0 else (cut, size)
+            with node.graph.inserting_after(node):
+                memo[key] = node.graph.call_function(aten.slice.Tensor, (node, info.dim, start, end))
+                self._fake(memo[key])
+        return memo[key]
+
+    def _emit_conv(self, conv: fx.Node, half: int):
+        memo = self.halves[half]
+        if conv not in memo:
+            with conv.graph.inserting_after(conv):
+                copy = conv.graph.node_copy(conv, lambda a: self._slice(a, half) if isinstance(a, fx.Node) else a)
+            mask = list(copy.args[10])
+            copy.args = copy.args[:10] + ([False, mask[1], mask[2]],) + copy.args[11:]
+            self._fake(copy)
+            memo[conv] = copy
+        return memo[conv]
+
+    def _fake(self, node: fx.Node) -> None:
+        args, kwargs = tree_map(lambda a: a.meta["val"] if isinstance(a, fx.Node) else a, (node.args, node.kwargs))
+        with self.fake_mode:
+            node.meta["val"] = node.target(*args, **kwargs)
+
+    def _give_up(self, graph: fx.Graph, output: fx.Node, reasons: Dict[str, str]) -> None:
+        lines = "; ".join(f"{name}: {why}" for name, why in sorted(reasons.items()))
+        if self.plan.mode == "batch":
+            raise SplitError(
+                f"simigrad: group_mode='batch' but {len(reasons)} parameter gradient(s) cannot be split: {lines}. "
+                "Use group_mode='auto' to fall back to 'microsteps', or set batch_dim."
+            )
+        log.warning("simigrad: split pass left this graph whole (falls back to 'microsteps'): %s", lines)
+        outs = list(output.args[0])
+        first_grad = max(len(outs) - len(self.plan.roles), 0)
+        slots = [i for i in range(first_grad, len(outs)) if isinstance(outs[i], fx.Node) and _is_float(outs[i])]
+        if not slots:
+            return
+        slot = min(slots, key=lambda i: outs[i].meta["val"].numel())
+        with graph.inserting_before(output):
+            marked = graph.call_function(torch.ops.simigrad.mark_unsplit.default, (outs[slot], json.dumps(reasons)))
+        marked.meta["val"] = outs[slot].meta["val"]
+        outs[slot] = marked
+        output.args = (outs,)
+
+
+def _propagate(graph, primals, tangents, fw_outs, plan: RegionPlan) -> BatchDimPropagation:
+    inputs = {p: (r.batch_dim if r.kind == "input" else None) for p, r in zip(primals, plan.roles)}
+    first = BatchDimPropagation(graph, inputs, {t: UNKNOWN for t in tangents})
+    grad_outs = [o for o in fw_outs if isinstance(o, fx.Node) and _is_float(o)]
+    tangent_dims = {t: UNKNOWN for t in tangents}
+    if len(grad_outs) == len(tangents):
+        tangent_dims = {t: first.info.get(o) for t, o in zip(tangents, grad_outs)}
+    return BatchDimPropagation(graph, inputs, tangent_dims)
+
+
+def _is_float(node: fx.Node) -> bool:
+    val = node.meta.get("val")
+    return isinstance(val, torch.Tensor) and val.dtype.is_floating_point
+
+
+def _is_zeros(node) -> bool:
+    return isinstance(node, fx.Node) and node.target in (aten.full.default, aten.zeros.default) and (
+        node.target is aten.zeros.default or node.args[1] == 0
+    )
+
+
+def _tangent_dependent(graph: fx.Graph, tangents) -> Dict[fx.Node, bool]:
+    dep = {t: True for t in tangents}
+    for node in graph.nodes:
+        if node not in dep:
+            dep[node] = any(dep.get(a, False) for a in node.all_input_nodes)
+    return dep
+
+
+def _culprit(node: fx.Node, prop: BatchDimPropagation) -> str:
+    """The first op on ``node``'s inputs whose output became UNKNOWN from known inputs."""
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        parents = [a for a in n.all_input_nodes if prop.info.get(a) is UNKNOWN]
+        if not parents:
+            return f"{n.target} ({n.name})"
+        stack.extend(parents)
+    return str(node.target)
+
+
+def _trim_convolution_backward(graph: fx.Graph, fake) -> None:
+    """The full-batch convolution_backward keeps only its grad_input once the weight/bias halves exist."""
+    for node in list(graph.nodes):
+        if node.target is not aten.convolution_backward.default:
+            continue
+        used = {u.args[1] for u in node.users if u.target is operator.getitem}
+        mask = list(node.args[10])
+        trimmed = [m and i in used for i, m in enumerate(mask)]
+        if trimmed != mask:
+            node.args = node.args[:10] + (trimmed,) + node.args[11:]
+            fake(node)
