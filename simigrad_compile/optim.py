@@ -62,7 +62,7 @@ class AdaptiveOptimizer(torch.optim.Optimizer):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         window = self.run._window
-        if window is None or window.done == 0:
+        if window is None or window.done == 0 or window.complete:
             self.optimizer.zero_grad(set_to_none=set_to_none)
 
     def step(self, closure: Optional[Callable] = None):
