@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import simigrad_compile
-from simigrad_compile.distributed import enable_ddp, set_sample_counts
+from simigrad_compile.distributed import enable_ddp, reduction, set_sample_counts
 
 RANK = WORLD = 0
 
@@ -132,10 +132,13 @@ def run_check(name, model_cls, sizes, *, micro=1, dtype=torch.float32, counts=No
         if same_data and abs(stats.cosine - 1.0) > 1e-5:
             raise AssertionError(f"{name}: identical halves give cos {stats.cosine}")
         _same_everywhere([stats.dot, stats.sq_norm_1, stats.sq_norm_2])
+    buckets = len(reduction(ours)._sinks[-1].names)
+    if compiled and (buckets < 2 or torch._dynamo.utils.counters["stats"]["unique_graphs"] < 1):
+        raise AssertionError(f"{name}: expected a compiled graph and >= 2 buckets, got {buckets} bucket(s)")
     if worst["grad"] > grad_tol or worst["stats"] > stats_tol:
         raise AssertionError(f"{name}: worst errors {worst} (grad tol {grad_tol}, stats tol {stats_tol})")
     if RANK == 0:
-        print(f"CHECK {name} OK " + " ".join(f"{k}={v:.2e}" for k, v in worst.items()), flush=True)
+        print(f"CHECK {name} OK buckets={buckets} " + " ".join(f"{k}={v:.2e}" for k, v in worst.items()), flush=True)
 
 
 class _null:
