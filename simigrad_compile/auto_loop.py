@@ -123,6 +123,7 @@ def uninstall() -> None:
         _BaseDataLoaderIter.__next__ = _original_next
         _original_next = None
     _windows.clear()
+    _fetched.update(declared=None, measured=None)
 
 
 def exclude(optimizer: torch.optim.Optimizer) -> None:

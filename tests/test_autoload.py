@@ -1,0 +1,245 @@
+"""``SIMIGRAD=1`` in scripts that never import simigrad_compile (subprocesses), and the auto loop's arithmetic."""
+
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from simigrad_compile import auto_loop
+from simigrad_compile.config import SimigradConfig
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A tiny training loop that never imports simigrad_compile; prints the bits of its loss and parameters.
+LOOP = """
+import hashlib, json, logging, sys
+import torch
+logging.basicConfig(level=logging.INFO, format="%(name)s %(message)s", stream=sys.stderr)
+torch.manual_seed(0)
+X = torch.randn(96, 8)
+Y = X @ torch.randn(8, 1) + 0.3 * torch.randn(96, 1)
+loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, Y), batch_size=16)
+model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+if COMPILE:
+    model = torch.compile(model)
+opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+for epoch in range(EPOCHS):
+    for x, y in loader:
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        opt.step()
+digest = hashlib.sha256()
+for p in model.parameters():
+    digest.update(p.detach().numpy().tobytes())
+print(json.dumps({"loss": loss.item().hex(), "params": digest.hexdigest(), "lr": opt.param_groups[0]["lr"],
+                  "default_backend": str(torch.compiler.get_default_backend())}))
+"""
+
+STEP_LINE = re.compile(r"simigrad step (\d+): cos (\S+) \((\S+)\) batch (\d+) = (\d+) x (\d+), lr x([\d.]+)")
+
+
+def run(code: str, env: dict, timeout: float = 120) -> subprocess.CompletedProcess:
+    full = {k: v for k, v in os.environ.items() if not k.startswith("SIMIGRAD")}
+    full.update(env)
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=full, capture_output=True, text=True,
+                          timeout=timeout, cwd="/")
+
+
+def loop(compile: bool, epochs: int, env: dict) -> subprocess.CompletedProcess:
+    out = run(LOOP.replace("COMPILE", str(compile)).replace("EPOCHS", str(epochs)), env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+def test_unset_is_plain_torch_compile():
+    # TORCH_DEVICE_BACKEND_AUTOLOAD=0 keeps every line of simigrad_compile out of the process: the reference.
+    plain = json.loads(loop(True, 2, {"TORCH_DEVICE_BACKEND_AUTOLOAD": "0"}).stdout)
+    for env in ({}, {"SIMIGRAD": "0"}):
+        assert json.loads(loop(True, 2, env).stdout) == plain
+    assert plain["default_backend"] == "inductor"
+
+
+def test_unset_touches_nothing():
+    probe = """
+    import sys, torch
+    from torch.optim.optimizer import _global_optimizer_pre_hooks, _global_optimizer_post_hooks
+    from torch.utils.data.dataloader import _BaseDataLoaderIter
+    heavy = sorted(m for m in sys.modules if m.split(".")[0] == "triton" or m.startswith(
+        ("torch._dynamo", "torch._inductor", "simigrad_compile.backend", "simigrad_compile.kernels")))
+    print(heavy, torch.compile.__module__, getattr(torch.compile, "_simigrad_trampoline", False),
+          len(_global_optimizer_pre_hooks), len(_global_optimizer_post_hooks),
+          _BaseDataLoaderIter.__next__.__module__)
+    """
+    out = run(probe, {})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["[]", "torch", "False", "0", "0", "torch.utils.data.dataloader"]
+
+
+@pytest.mark.parametrize("name, value", [
+    ("SIMIGRAD_TARGET_SIMILARITY", "high"),
+    ("SIMIGRAD_MAX_MICRO_BATCH_SIZE", "0"),
+    ("SIMIGRAD_GROUP_MODE", "everything"),
+    ("SIMIGRAD_NO_SUCH_FIELD", "1"),
+    ("SIMIGRAD", "maybe"),
+])
+def test_bad_value_names_the_variable(name, value):
+    env = {"SIMIGRAD": "1", name: value}
+    out = run("import torch", env)
+    assert out.returncode != 0
+    assert "ConfigError" in out.stderr and name + ("=" if name == "SIMIGRAD" else "") in out.stderr, out.stderr
+
+
+def test_enabled_routes_default_backend_to_simigrad():
+    script = """
+    import json, torch
+    import torch._dynamo.backends.registry as registry
+    real = registry.lookup_backend("simigrad")      # the installed entry point
+    calls = []
+    def spy(gm, example_inputs, **kw):
+        calls.append(len(example_inputs))
+        return real(gm, example_inputs, **kw)
+    registry._COMPILER_FNS["simigrad"] = spy
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    x = torch.randn(16, 8)
+    torch.compile(m)(x).sum().backward()
+    routed = len(calls)
+    torch.compile(m, backend="eager")(x)
+    print(json.dumps({"routed": routed, "after_explicit": len(calls),
+                      "default": torch.compiler.get_default_backend()}))
+    """
+    out = run(script, {"SIMIGRAD": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout)
+    assert result == {"routed": 1, "after_explicit": 1, "default": "simigrad"}
+
+
+def test_unmodified_loop_grows_batch_under_simigrad():
+    out = loop(False, 6, {"SIMIGRAD": "1", "SIMIGRAD_TARGET_SIMILARITY": "0.99", "SIMIGRAD_BATCH_SIZE": "32"})
+    steps = [STEP_LINE.search(line).groups() for line in out.stderr.splitlines() if STEP_LINE.search(line)]
+    assert steps, out.stderr
+    batches = [int(s[3]) for s in steps]
+    assert all(int(s[3]) == int(s[4]) * int(s[5]) and int(s[5]) == 16 for s in steps)
+    assert all(s[2] == "microsteps" and math.isfinite(float(s[1])) for s in steps)
+    assert batches[0] == 32 and batches[-1] > 32 and batches == sorted(batches)
+    for s in steps:
+        assert float(s[6]) == pytest.approx(math.sqrt(int(s[3]) / 32), abs=1e-4)
+    assert json.loads(out.stdout)["lr"] == 0.05          # the user's LR, untouched between steps
+    assert sum(int(s[4]) for s in steps) <= 6 * 96 // 16
+
+
+def test_both_install_modes_register_the_hook(tmp_path):
+    # Read the venv's own metadata: a stale simigrad_compile.egg-info in the current directory would shadow it.
+    hook = "[torch.backends]\nsimigrad = simigrad_compile.autoload:torch_autoload"
+    (editable,) = Path(sysconfig.get_paths()["purelib"]).glob("simigrad_compile-*.dist-info")
+    assert hook in (editable / "entry_points.txt").read_text()
+    source, target = tmp_path / "src", tmp_path / "site"     # a copy: building writes egg-info and build/
+    shutil.copytree(REPO / "simigrad_compile", source / "simigrad_compile",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    pip = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                          "--target", str(target), str(source)], capture_output=True, text=True, timeout=180)
+    assert pip.returncode == 0, pip.stderr
+    (dist,) = target.glob("simigrad_compile-*.dist-info")
+    assert hook in (dist / "entry_points.txt").read_text()
+    probe = "import torch, simigrad_compile; print(simigrad_compile.__file__, torch.compile._simigrad_trampoline)"
+    out = run(probe, {"SIMIGRAD": "1", "PYTHONPATH": str(target)})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [str(target / "simigrad_compile" / "__init__.py"), "True"]
+
+
+# ---- the auto loop's arithmetic, in process, against full-batch references -------------------------------
+
+def _data(n: int):
+    torch.manual_seed(1)
+    x = torch.randn(n, 5)
+    return x, x @ torch.randn(5, 2) + 0.5 * torch.randn(n, 2)
+
+
+def _grads(model, x, y):
+    model.zero_grad()
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    return [p.grad.detach().double().clone() for p in model.parameters()]
+
+
+@pytest.fixture
+def hooks():
+    yield lambda **kw: auto_loop.install(SimigradConfig(**kw))
+    auto_loop.uninstall()
+
+
+@pytest.mark.parametrize("n, b0, accumulation", [(40, 48, 3), (32, 24, 2)])
+def test_window_is_full_batch_step_with_scaled_lr(hooks, n, b0, accumulation):
+    """Loader batch 16. (40, 48): micro-batches 16, 16, 8 in one window of 3; halves 16 | 24 samples.
+    (32, 24): target 24 rounds to 2 x 16 = 32, so the LR is scaled by sqrt(32/24)."""
+    x, y = _data(n)
+    torch.manual_seed(2)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 2))
+    full = _grads(model, x, y)
+    first = _grads(model, x[:16], y[:16])
+    rest = _grads(model, x[16:], y[16:])
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    hooks(batch_size=b0)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
+    for i, (xb, yb) in enumerate(loader):
+        opt.zero_grad(set_to_none=i % 2 == 0)
+        torch.nn.functional.mse_loss(model(xb), yb).backward()
+        opt.step()
+        if i + 1 < accumulation:
+            assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    (record,) = auto_loop.history(opt)
+    scale = math.sqrt(16 * accumulation / b0)
+    assert record["accumulation"] == accumulation and record["lr_scale"] == pytest.approx(scale)
+    assert record["samples"] == n and opt.param_groups[0]["lr"] == 0.1
+    for p, q, g in zip(model.parameters(), before, full):
+        torch.testing.assert_close(p.detach().double(), q.double() - 0.1 * scale * g, atol=1e-6, rtol=1e-5)
+    flat = lambda gs: torch.cat([g.flatten() for g in gs])  # noqa: E731
+    cosine = torch.nn.functional.cosine_similarity(flat(first), flat(rest), dim=0).item()
+    assert record["cosine"] == pytest.approx(cosine, abs=1e-5)
+
+
+def test_accumulation_one_is_bit_identical(hooks):
+    x, y = _data(16)
+    models = []
+    for hooked in (False, True):
+        torch.manual_seed(3)
+        model = torch.nn.Linear(5, 2)
+        opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+        if hooked:
+            hooks()
+        for xb, yb in torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16):
+            torch.nn.functional.mse_loss(model(xb), yb).backward()
+            opt.step()
+        models.append(model)
+    assert auto_loop.history(opt)[0]["accumulation"] == 1
+    assert all(torch.equal(p, q) for p, q in zip(models[0].parameters(), models[1].parameters()))
+
+
+def test_closure_and_excluded_optimizers(hooks):
+    hooks(batch_size=4)
+    model = torch.nn.Linear(3, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def closure():
+        opt.zero_grad()
+        loss = model(torch.ones(4, 3)).sum()
+        loss.backward()
+        return loss
+
+    with pytest.raises(RuntimeError, match="closure"):
+        opt.step(closure)
+    auto_loop.exclude(opt)
+    opt.step(closure)
+    assert auto_loop.history(opt) == []
