@@ -1,0 +1,50 @@
+"""The demo's three runs, per seed, on the same number of samples:
+
+1. a fixed small batch B0;
+2. SimiGrad starting at B0, with B0 as its lower bound;
+3. a fixed batch equal to SimiGrad's average batch (samples / optimizer steps), rounded to the nearest batch
+   the ladder realises in one plan (a multiple of its smallest rung), so that it reuses the compiled graphs.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from .data import load_splits
+from .settings import DemoSettings
+from .train import RunResult, train_run
+
+log = logging.getLogger("simigrad_compile.demo")
+
+
+def validation_batches(val_set, sequences: int, batch: int = 64) -> list:
+    """``sequences`` windows spread evenly over the held-out files, in batches."""
+    import torch
+
+    step = max(1, len(val_set) // sequences)
+    items = [val_set[i] for i in range(0, len(val_set), step)][:sequences]
+    return [tuple(torch.stack(t) for t in zip(*items[i : i + batch])) for i in range(0, len(items), batch)]
+
+
+def equal_average_batch(simigrad: RunResult, settings: DemoSettings) -> int:
+    quantum = min(settings.micro_batch_sizes)
+    return max(quantum, quantum * round(simigrad.average_batch / quantum))
+
+
+def run_seed(settings: DemoSettings, seed: int, train_set, val_batches: list) -> list:
+    b0 = settings.batch_size
+    fixed = train_run(f"fixed B={b0}", settings, train_set, val_batches, seed, b0, b0)
+    adaptive = train_run(f"SimiGrad B>={b0}", settings, train_set, val_batches, seed, b0, settings.max_batch_size)
+    b3 = equal_average_batch(adaptive, settings)
+    log.info("run 3: SimiGrad's average batch %.1f -> fixed B=%d", adaptive.average_batch, b3)
+    same_average = train_run(f"fixed B={b3} (avg)", settings, train_set, val_batches, seed, b3, b3)
+    return [fixed, adaptive, same_average]
+
+
+def run_demo(settings: DemoSettings, seeds: list) -> list:
+    """A list (one entry per seed) of the three :class:`RunResult`."""
+    train_set, val_set = load_splits(settings.context)
+    val_batches = validation_batches(val_set, settings.eval_sequences)
+    log.info("data: %d training and %d validation windows of %d bytes", len(train_set), len(val_set),
+             settings.context)
+    return [run_seed(settings, seed, train_set, val_batches) for seed in seeds]

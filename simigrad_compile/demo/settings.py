@@ -1,0 +1,45 @@
+"""The demo's knobs, with defaults sized to finish three runs in about 6 minutes on 2 CPU cores."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+
+
+@dataclass(kw_only=True)
+class DemoSettings:
+    samples: int = 12288
+    """Training sequences per run (the same for all three runs)."""
+    batch_size: int = 16
+    """B0: run 1's fixed batch, SimiGrad's initial batch and its lower bound (``min_batch_size``)."""
+    target: float = 0.35
+    """SimiGrad's target cosine similarity."""
+    max_batch_size: int = 1024
+    micro_batch_sizes: tuple = (16, 32, 64)
+    """The ladder of compiled micro-batch shapes shared by all three runs."""
+    lr: float = 4e-3
+    """AdamW's peak LR at B0; other batches get ``lr * sqrt(B/B0)``."""
+    fixed_lr_scaling: str = "sqrt"
+    """Run 3's LR: ``sqrt`` (the rule SimiGrad uses, at run 3's batch) or ``none`` (run 1's LR)."""
+    warmup: float = 0.05
+    """Fraction of the samples with a linear LR warm-up; a cosine decay to zero follows."""
+    dim: int = 128
+    layers: int = 2
+    heads: int = 4
+    context: int = 128
+    eval_sequences: int = 384
+    eval_points: int = 8
+    """Validation evaluations per run (for the loss curves); the last is the final loss."""
+    compiler: str = "inductor"
+    """The simigrad backend's code generator; ``aot_eager`` skips Inductor (fast compile, slow steps)."""
+    progress: bool = True
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def replace(self, **changes) -> "DemoSettings":
+        return replace(self, **changes)
+
+
+QUICK = dict(samples=256, batch_size=4, micro_batch_sizes=(4, 8), max_batch_size=64, dim=32, layers=1, heads=2,
+             context=32, eval_sequences=32, eval_points=2, compiler="aot_eager")
+"""``--quick``: a smoke run of seconds, not a measurement."""
