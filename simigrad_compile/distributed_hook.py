@@ -116,6 +116,7 @@ class _Step:
         self.results: Dict[int, Future] = {}
         self.rows: Dict[int, torch.Tensor] = {}
         self.params: Dict[int, Tuple[torch.nn.Parameter, ...]] = {}
+        self.buckets: Dict[int, Tuple[int, torch.dtype]] = {}
         self.trace: List[Tuple[float, int, str]] = []
 
 
@@ -129,6 +130,8 @@ class SplitReduction:
         self.weights: Weights = make_weights(layout, None)
         self.tracing = False
         self.last_trace: List[Tuple[float, int, str]] = []
+        self.last_buckets: List[Tuple[int, torch.dtype]] = []
+        """(numel, dtype) of each bucket of the last reduced step."""
         self._sinks: List[Sink] = []
         self._sink_key: Optional[tuple] = None
         self._step = _Step()
@@ -169,6 +172,7 @@ class SplitReduction:
         self._mark(index, "hook")
         step.params[index] = tuple(bucket.parameters())
         buf = bucket.buffer()
+        step.buckets[index] = (buf.numel(), buf.dtype)
         full = self._scaled(buf)
         result: Future = Future()
         step.results[index] = result
@@ -270,6 +274,7 @@ class SplitReduction:
             self._sink_for(step).add(rows)
             self._mark(last, "fold")
             self.last_trace = step.trace
+            self.last_buckets = [step.buckets[i] for i in range(last + 1)]
             out.set_result(last_result.value())
 
         _then(torch.futures.collect_all(list(step.results.values())), reduce, out)

@@ -68,6 +68,11 @@ class Layout:
     def padded(self, numel: int) -> int:
         return -(-numel // self.chunks) * self.chunks
 
+    def bytes_sent(self, padded_bytes: float) -> float:
+        """Ring bytes this rank sends for a padded bucket: RS and AG in the half, plus its own shard."""
+        h = len(self.half)
+        return padded_bytes * (2 * (h - 1) + 1) / h
+
 
 def _ranges(size: int, chunks: int, first: int) -> list:
     per = chunks // size

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import simigrad_compile
+from simigrad_compile.distributed_traffic import Traffic
 from simigrad_compile.distributed import enable_ddp, reduction, set_sample_counts
 
 RANK = WORLD = 0
@@ -149,6 +150,50 @@ class _null:
         return False
 
 
+def check_bytes() -> None:
+    """Counted bytes of one step equal the ring formula of the padded buckets plus the statistics fold."""
+    torch.manual_seed(0)
+    ours = DDP(MLP(200), bucket_cap_mb=0.05)
+    state = enable_ddp(ours)
+    x, y = MLP.batch(4, torch.Generator().manual_seed(RANK))
+    F.cross_entropy(ours(x), y).backward()  # DDP rebuilds its buckets after the first step
+    traffic = Traffic()
+    with traffic.counting():
+        F.cross_entropy(ours(x), y).backward()
+    lay, buckets = state.layout, state.last_buckets
+    size = torch.finfo(torch.float32).bits // 8
+    raw = sum(p.numel() for p in ours.parameters()) * size
+    padded = sum(lay.padded(n) for n, _ in buckets) * size
+    fold = 2 * 3 * len(buckets) * size * (WORLD - 1) / WORLD
+    expected = lay.bytes_sent(padded) + fold
+    if abs(traffic.sent - expected) > 1e-6 * expected or padded > raw * 1.001:
+        raise AssertionError(f"bytes: sent {traffic.sent}, expected {expected} (raw {raw}, padded {padded})")
+    every = [torch.zeros(1, dtype=torch.float64) for _ in range(WORLD)]
+    dist.all_gather(every, torch.tensor([traffic.sent], dtype=torch.float64))
+    mean = float(sum(every)) / WORLD
+    plain = 2 * raw * (WORLD - 1) / WORLD
+    if abs(mean - fold - plain) > 2e-3 * plain:
+        raise AssertionError(f"bytes: mean over ranks {mean - fold} vs plain all-reduce {plain}")
+    if RANK == 0:
+        print(f"CHECK bytes OK buckets={len(buckets)} sent={traffic.sent:.0f} plain={plain:.0f} "
+              f"mean/plain={(mean - fold) / plain:.5f} calls={dict(traffic.calls)}", flush=True)
+
+
+def check_world1() -> None:
+    """World size 1: enable_ddp installs nothing and says so; gradients are DDP's."""
+    import logging
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("simigrad_compile").addHandler(handler)
+    logging.getLogger("simigrad_compile").setLevel(logging.INFO)
+    model = DDP(MLP())
+    assert enable_ddp(model) is None and reduction(model) is None
+    assert any("world size 1" in r.getMessage() for r in records), [r.getMessage() for r in records]
+    print("CHECK world1 OK", flush=True)
+
+
 def main(checks) -> None:
     global RANK, WORLD
     torch.set_num_threads(1)
@@ -165,6 +210,8 @@ def main(checks) -> None:
         "bf16": lambda: run_check("bf16", MLP, [16, 9], dtype=torch.bfloat16, grad_tol=2e-2, stats_tol=3e-2),
         "fp16": lambda: run_check("fp16", MLP, [16], dtype=torch.float16, grad_tol=2e-3, stats_tol=1e-2),
         "uneven": lambda: run_check("uneven", MLP, uneven, counts=True),
+        "bytes": check_bytes,
+        "world1": check_world1,
         "compiled": lambda: run_check("compiled", MLP, [8, 6], compiled=True, bucket_cap_mb=1, width=600),
     }
     for name in checks:

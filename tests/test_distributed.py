@@ -1,0 +1,80 @@
+"""The split-group DDP/FSDP reduction: layout arithmetic in-process, the rest in one torchrun launch per world
+size (tests/dist_worker.py runs several checks per launch; each launch costs ~6 s)."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from simigrad_compile.distributed_layout import check_counts, make_layout, make_weights
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.mark.parametrize("world", [2, 3, 4, 5, 6, 7, 8, 9])
+def test_layout_covers_every_chunk_once(world):
+    lay = make_layout(world, 0)
+    assert len(lay.half_a) == world // 2 and len(lay.half_b) == world - world // 2
+    for side in ("a_rank", "b_rank"):
+        covered = sorted(c for s in lay.segments for c in range(s.lo, s.hi))
+        assert covered == list(range(lay.chunks)), side
+    for rank in range(world):
+        mine = make_layout(world, rank)
+        lo, hi = mine.own_chunks
+        assert sorted(c for s in mine.my_segments for c in range(s.lo, s.hi)) == list(range(lo, hi))
+    if world % 2 == 0:
+        assert [(s.a_rank, s.b_rank) for s in lay.segments] == [(r, r + world // 2) for r in range(world // 2)]
+
+
+@pytest.mark.parametrize("world", [2, 3, 4, 5, 8])
+def test_bytes_match_plain_all_reduce(world):
+    """Summed over ranks the reduction sends exactly a ring all-reduce's bytes; per rank too when N is even."""
+    size = 1000 * math.lcm(world // 2, world - world // 2)
+    per_rank = [make_layout(world, r).bytes_sent(size) for r in range(world)]
+    plain = 2 * size * (world - 1) / world
+    assert sum(per_rank) == pytest.approx(world * plain)
+    if world % 2 == 0:
+        assert per_rank == pytest.approx([plain] * world)
+    else:
+        m = world // 2
+        assert max(per_rank) / plain == pytest.approx(1 + 1 / (4 * m * (m + 1)))
+
+
+def test_weights_reproduce_the_sample_weighted_mean():
+    lay = make_layout(3, 1)
+    w = make_weights(lay, [2, 3, 5])
+    assert w.own == pytest.approx(2 * 3 / 10)
+    assert (w.alpha, w.beta) == pytest.approx((2 * 2 / 10, 2 * 8 / 10))
+    assert make_weights(make_layout(4, 0), None).own == pytest.approx(0.5)
+    assert all(math.isnan(x) for x in make_weights(lay, [0, 3, 5]).stats_scale)
+
+
+def test_bad_counts_raise():
+    with pytest.raises(ValueError, match="3 non-negative ints"):
+        check_counts([1, 2], 3)
+    with pytest.raises(ValueError, match="sum to 0"):
+        check_counts([0, 0], 2)
+
+
+LAUNCHES = {
+    1: ["world1"],
+    2: ["mlp", "mlp_same_data", "transformer", "nosync", "bf16", "fp16", "uneven", "bytes", "compiled", "fsdp"],
+    3: ["mlp", "transformer", "nosync", "bf16", "uneven", "bytes"],
+    4: ["mlp", "transformer", "nosync", "bf16", "uneven", "bytes", "fsdp"],
+}
+
+
+@pytest.mark.parametrize("world", sorted(LAUNCHES))
+def test_distributed_checks(world):
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
+           os.path.join(HERE, "dist_worker.py"), *LAUNCHES[world]]
+    proc = subprocess.run(cmd, cwd=HERE, env=env, capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-6000:]
+    done = [line.split()[1] for line in proc.stdout.splitlines() if line.startswith("CHECK ")]
+    assert done == LAUNCHES[world], out[-6000:]
