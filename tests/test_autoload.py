@@ -99,6 +99,19 @@ def test_bad_value_names_the_variable(name, value):
     assert "ConfigError" in out.stderr and name + ("=" if name == "SIMIGRAD" else "") in out.stderr, out.stderr
 
 
+def _kernels_missing() -> bool:
+    try:
+        from simigrad_compile.kernels import split_stats_sum  # noqa: F401
+    except ImportError:
+        return True
+    return False
+
+
+needs_kernels = pytest.mark.skipif(_kernels_missing(), reason="simigrad_compile.kernels.split_stats_sum not in the "
+                                   "tree yet: the simigrad backend's backward cannot run")
+
+
+@needs_kernels
 def test_enabled_routes_default_backend_to_simigrad():
     script = """
     import json, torch
@@ -136,6 +149,52 @@ def test_unmodified_loop_grows_batch_under_simigrad():
         assert float(s[6]) == pytest.approx(math.sqrt(int(s[3]) / 32), abs=1e-4)
     assert json.loads(out.stdout)["lr"] == 0.05          # the user's LR, untouched between steps
     assert sum(int(s[4]) for s in steps) <= 6 * 96 // 16
+
+
+@needs_kernels
+def test_compiled_loop_uses_backend_statistics_at_accumulation_one():
+    """SIMIGRAD=1, plain torch.compile(model), B0 = loader batch: step 1 reads the backend's ``batch`` statistics,
+    whose cosine is that of the two half-batch gradients (fp64 eager reference on the same first batch)."""
+    reference = """
+    import torch
+    torch.manual_seed(0)
+    X = torch.randn(96, 8)
+    Y = X @ torch.randn(8, 1) + 0.3 * torch.randn(96, 1)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1)).double()
+    halves = []
+    for sl in (slice(0, 8), slice(8, 16)):
+        model.zero_grad()
+        torch.nn.functional.mse_loss(model(X[sl].double()), Y[sl].double(), reduction="sum").backward()
+        halves.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    print(torch.nn.functional.cosine_similarity(*halves, dim=0).item())
+    """
+    ref = run(reference, {})
+    assert ref.returncode == 0, ref.stderr
+    out = loop(True, 1, {"SIMIGRAD": "1", "SIMIGRAD_TARGET_SIMILARITY": "-1"})
+    steps = [STEP_LINE.search(line).groups() for line in out.stderr.splitlines() if STEP_LINE.search(line)]
+    assert steps and steps[0][2] == "batch" and steps[0][4] == "1", out.stderr[-3000:]
+    assert float(steps[0][1]) == pytest.approx(float(ref.stdout), abs=1e-4)
+    assert all(s[4] == "1" and s[2] == "batch" for s in steps)      # target -1: never grows
+
+
+def test_accumulation_one_reads_and_resets_backend_sinks(hooks):
+    from simigrad_compile.statistics import Sink
+
+    model, other = torch.nn.Linear(3, 1), torch.nn.Linear(3, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    mine = Sink("batch", [[("weight", model.weight)], [("bias", model.bias)]])
+    foreign = Sink("batch", [[("weight", other.weight)]])
+    mine.add(torch.tensor([[1.0, 1.0, 4.0], [1.0, 0.0, 0.0]]))
+    foreign.add(torch.tensor([[5.0, 5.0, 5.0]]))
+    hooks()
+    for xb, yb in torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.ones(4, 3), torch.ones(4, 1)),
+                                              batch_size=4):
+        model(xb).sum().backward()
+        opt.step()
+    (record,) = auto_loop.history(opt)
+    assert (record["mode"], record["accumulation"], record["cosine"]) == ("batch", 1, pytest.approx(1.0))
+    assert (record["dot"], record["sq_norm_1"], record["sq_norm_2"]) == (2.0, 1.0, 4.0)
+    assert mine.count == 0 and foreign.count == 1
 
 
 def test_both_install_modes_register_the_hook(tmp_path):
