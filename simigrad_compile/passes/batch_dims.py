@@ -1,7 +1,7 @@
 """Follow the batch dimension through a joint forward+backward ATen graph.
 
-Every node gets a :class:`BatchDim` ``(dim, inner)``: along ``dim`` the tensor has ``B * inner`` entries and
-entry ``i`` belongs to sample ``i // inner`` (``inner > 1`` after ``[B, T, D] -> [B*T, D]``). ``None`` means the
+Every node gets a :class:`BatchDim` ``(dim, inner, outer)``: along ``dim`` the tensor has ``outer * B * inner``
+entries (``inner = T`` after ``[B, T, D] -> [B*T, D]``, ``outer = T`` after ``[T, B, D] -> [T*B, D]``). ``None`` means the
 value does not vary along the batch (parameters, constants, reductions over the batch). :data:`UNKNOWN` means
 an op we have no rule for touched batched data: nothing downstream of it is split.
 
@@ -26,8 +26,14 @@ aten = torch.ops.aten
 
 @dataclass(frozen=True)
 class BatchDim:
+    """Along ``dim`` the tensor has ``outer * B * inner`` entries; entry ``i`` is sample ``(i // inner) % B``."""
+
     dim: int
     inner: int = 1
+    outer: int = 1
+
+    def at(self, dim: int) -> "BatchDim":
+        return BatchDim(dim, self.inner, self.outer)
 
 
 class _Unknown:
@@ -49,18 +55,6 @@ _CREATION = {
     aten.arange.default, aten.arange.start, aten.arange.start_step, aten.empty_strided.default, torch.ops.prims.iota.default,
 }
 _SAME_AS_INPUT0 = {aten.native_dropout.default}
-
-
-def _leading_factor(f: int, dims: Sequence[int]) -> bool:
-    """Whether ``f`` is the size of a leading block of ``dims`` (whole dims, then a leading part of one)."""
-    for size in dims:
-        if f == 1:
-            return True
-        if f % size == 0:
-            f //= size
-        else:
-            return size % f == 0
-    return f == 1
 
 
 def _shape(node) -> Optional[Sequence[int]]:
@@ -149,36 +143,28 @@ class BatchDimPropagation:
             d = i.dim + len(out) - len(shape)
             if shape[i.dim] != out[d]:
                 return UNKNOWN
-            cand = BatchDim(d, i.inner)
+            cand = i.at(d)
             if found is not None and found != cand:
                 return UNKNOWN
             found = cand
         return found
 
     def _view(self, src, out: Optional[Sequence[int]]) -> Info:
+        """A reshape keeps the batch iff the B factor of the logical index lands inside one output dim."""
         i, shape = self.get(src), _shape(src)
         if i is None:
             return None
-        if not isinstance(i, BatchDim) or shape is None or out is None:
+        if not isinstance(i, BatchDim) or shape is None or out is None or self.batch is None:
             return UNKNOWN
-        prefix = math.prod(shape[: i.dim])
-        k, acc = 0, 1
-        while k < len(out) and acc < prefix:
-            acc *= out[k]
-            k += 1
-        while k < len(out) and out[k] == 1 and shape[i.dim] != 1:
-            k += 1
-        if acc != prefix or k >= len(out):
-            return UNKNOWN
-        size, per_sample = shape[i.dim], i.inner
-        if out[k] == size:
-            return BatchDim(k, per_sample)
-        if out[k] > size:
-            if out[k] % size or not _leading_factor(out[k] // size, shape[i.dim + 1 :]):
-                return UNKNOWN
-            return BatchDim(k, per_sample * (out[k] // size))
-        if size % out[k] == 0 and per_sample % (size // out[k]) == 0:
-            return BatchDim(k, per_sample // (size // out[k]))
+        before = math.prod(shape[: i.dim]) * i.outer
+        after = i.inner * math.prod(shape[i.dim + 1 :])
+        lead = 1
+        for k, size in enumerate(out):
+            if before % lead == 0 and size % (before // lead * self.batch) == 0:
+                inner = size // (before // lead * self.batch)
+                if after % inner == 0 and math.prod(out[k + 1 :]) == after // inner:
+                    return BatchDim(k, inner, before // lead)
+            lead *= size
         return UNKNOWN
 
     def _as_strided(self, node: fx.Node) -> Info:
@@ -203,7 +189,7 @@ class BatchDimPropagation:
         keepdim = node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 and isinstance(node.args[2], bool) else False)
         if i.dim in dims:
             return (None, None) if node.target is aten.var_mean.correction else None
-        out = BatchDim(i.dim if keepdim else i.dim - sum(d < i.dim for d in dims), i.inner)
+        out = i.at(i.dim if keepdim else i.dim - sum(d < i.dim for d in dims))
         return (out, out) if node.target is aten.var_mean.correction else out
 
 
@@ -211,20 +197,20 @@ def _permute(p: BatchDimPropagation, node: fx.Node) -> Info:
     i = p.get(node.args[0])
     n = len(_shape(node.args[0]))
     perm = [d % n for d in node.args[1]]
-    return BatchDim(perm.index(i.dim), i.inner)
+    return i.at(perm.index(i.dim))
 
 
 def _transpose(p: BatchDimPropagation, node: fx.Node) -> Info:
     i = p.get(node.args[0])
     n = max(len(_shape(node.args[0])), 1)
     a, b = (node.args[1] % n, node.args[2] % n) if node.target is not aten.t.default else (0, 1)
-    return BatchDim({a: b, b: a}.get(i.dim, i.dim), i.inner)
+    return i.at({a: b, b: a}.get(i.dim, i.dim))
 
 
 def _unsqueeze(p: BatchDimPropagation, node: fx.Node) -> Info:
     i = p.get(node.args[0])
     d = node.args[1] % len(_shape(node))
-    return BatchDim(i.dim + (d <= i.dim), i.inner)
+    return i.at(i.dim + (d <= i.dim))
 
 
 def _squeeze(p: BatchDimPropagation, node: fx.Node) -> Info:
@@ -234,7 +220,7 @@ def _squeeze(p: BatchDimPropagation, node: fx.Node) -> Info:
     gone = {d % len(shape) for d in dims if shape[d % len(shape)] == 1}
     if i.dim in gone:
         return UNKNOWN
-    return BatchDim(i.dim - sum(d < i.dim for d in gone), i.inner)
+    return i.at(i.dim - sum(d < i.dim for d in gone))
 
 
 def _expand(p: BatchDimPropagation, node: fx.Node) -> Info:
@@ -255,7 +241,7 @@ def _along_other_dim(p: BatchDimPropagation, node: fx.Node) -> Info:
     i = p.get(node.args[0])
     if not isinstance(i, BatchDim):
         return UNKNOWN
-    return BatchDim(i.dim - (d < i.dim), i.inner) if node.target is aten.select.int else i
+    return i.at(i.dim - (d < i.dim)) if node.target is aten.select.int else i
 
 
 def _whole(node: fx.Node, size: int) -> bool:
@@ -270,7 +256,7 @@ def _scatter_into(p: BatchDimPropagation, node: fx.Node) -> Info:
         return UNKNOWN
     d = node.args[2] % len(_shape(node))
     if node.target is aten.select_scatter.default:
-        return BatchDim(src.dim + (d <= src.dim), src.inner)
+        return src.at(src.dim + (d <= src.dim))
     return UNKNOWN if d == src.dim else src
 
 
@@ -302,7 +288,7 @@ def _mm(p: BatchDimPropagation, node: fx.Node) -> Info:
         same = a is None or b is None or a == b
         return (a or b) if same and all(x is None or x.dim == 0 for x in (a, b)) else UNKNOWN
     if a is not None and b is not None:
-        return None if (a.dim == off + 1 and b.dim == off and a.inner == b.inner) else UNKNOWN
+        return None if (a.dim == off + 1 and b.dim == off and a.at(0) == b.at(0)) else UNKNOWN
     if a is not None:
         return a if a.dim == off else UNKNOWN
     return b if b.dim == off + 1 else UNKNOWN

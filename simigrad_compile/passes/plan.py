@@ -61,7 +61,7 @@ def _is_user_input(source) -> bool:
 def _param_name(source, fallback: str) -> str:
     if source is None:
         return fallback
-    text = source.name() if callable(getattr(source, "name", None)) else str(source)
+    text = source.name() if callable(source.name) else source.name
     parts = [a or b for a, b in _PART.findall(text.split("]", 1)[1] if text.startswith("L[") else text)]
     return ".".join(parts) or text
 

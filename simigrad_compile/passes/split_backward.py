@@ -74,14 +74,14 @@ class SplitBackwardPass:
             return
         if len(primals) != len(self.plan.roles):
             return self._give_up(graph, output, {n: "inputs do not line up with Dynamo's" for _, n in params})
-        grads = outs[len(outs) - len(primals):]
-        prop = _propagate(graph, primals, tangents, outs[: len(outs) - len(primals)], self.plan)
+        slots, tangent_outputs = _output_slots(output, outs, primals, tangents)
+        prop = _propagate(graph, primals, tangents, tangent_outputs, self.plan)
         self.prop, self.tangent_dep = prop, _tangent_dependent(graph, tangents)
         self.memo: Dict[fx.Node, Optional[List[fx.Node]]] = {}
         wanted, reasons = [], {}
         for index, name in params:
-            grad = grads[index]
-            if grad is None:
+            grad = outs[slots[index]] if index in slots else None
+            if not isinstance(grad, fx.Node):
                 continue
             try:
                 if prop.problems:
@@ -95,7 +95,7 @@ class SplitBackwardPass:
                 reasons[name] = str(why)
         if reasons:
             return self._give_up(graph, output, reasons)
-        self._rewrite(graph, output, outs, len(outs) - len(primals), wanted)
+        self._rewrite(graph, output, outs, slots, wanted)
 
     # --- analysis: is the gradient a linear map of additive contractions over the batch? ---
     def _is_leaf(self, node: fx.Node) -> bool:
@@ -152,10 +152,10 @@ class SplitBackwardPass:
         raise _Refuse(f"gradient passes through {target}, which the split pass does not treat as linear")
 
     # --- rewrite ---
-    def _rewrite(self, graph, output, outs, first_grad, wanted) -> None:
+    def _rewrite(self, graph, output, outs, slots, wanted) -> None:
         fake_mode = next(n.meta["val"].fake_mode for n in graph.nodes if isinstance(n.meta.get("val"), torch.Tensor)
                          and hasattr(n.meta["val"], "fake_mode"))
-        self.fake_mode = fake_mode
+        self.fake_mode, self.graph = fake_mode, graph
         self.halves: Tuple[Dict, Dict] = ({}, {})
         pairs = []
         for index, name, grad in wanted:
@@ -183,7 +183,7 @@ class SplitBackwardPass:
                 with graph.inserting_after(node):
                     node = graph.call_function(operator.getitem, (fused, j))
                     self._fake(node)
-                outs[first_grad + index] = node
+                outs[slots[index]] = node
         output.args = (outs,)
         graph.eliminate_dead_code()
         _trim_convolution_backward(graph, self._fake)
@@ -199,7 +199,7 @@ class SplitBackwardPass:
         if node in memo:
             return memo[node]
         if self.memo.get(node) == [node]:
-            make = lambda a: self._slice(a, half) if isinstance(a, fx.Node) else a  # noqa: E731
+            make = lambda a: self._slice(a, half, node) if isinstance(a, fx.Node) else a  # noqa: E731
         else:
             make = lambda a: self._emit(a, half)  # noqa: E731
         with node.graph.inserting_after(node):
@@ -208,30 +208,45 @@ class SplitBackwardPass:
         memo[node] = copy
         return copy
 
-    def _slice(self, node: fx.Node, half: int):
+    def _slice(self, node: fx.Node, half: int, consumer: fx.Node):
+        """``node`` restricted to the samples of ``half`` along its batch dim, computed just before
+        ``consumer`` (so it lands in the backward graph, not among the saved activations)."""
         info = self.prop.info.get(node)
         if node.target is aten.convolution_backward.default:
             return self._emit_conv(node, half)
         if not isinstance(info, BatchDim):
             return node
         memo = self.halves[half]
-        key = ("slice", node)
-        if key not in memo:
-            size = node.meta["val"].shape[info.dim]
-            if size != self.prop.batch * info.inner:
-                raise AssertionError(f"{node.name}: batch dim size {size} != {self.prop.batch} x {info.inner}")
-            cut = (self.prop.batch // 2) * info.inner
-            start, end = (0, cut) if half == 0 else (cut, size)
-            with node.graph.inserting_after(node):
-                memo[key] = node.graph.call_function(aten.slice.Tensor, (node, info.dim, start, end))
-                self._fake(memo[key])
+        key = ("slice", node, consumer)
+        if key in memo:
+            return memo[key]
+        shape, d, batch = list(node.meta["val"].shape), info.dim, self.prop.batch
+        if shape[d] != info.outer * batch * info.inner:
+            raise AssertionError(f"{node.name}: dim {d} has {shape[d]} != {info.outer} x {batch} x {info.inner}")
+        cut = (batch // 2) * info.inner
+        start, end = (0, cut) if half == 0 else (cut, batch * info.inner)
+        with node.graph.inserting_before(consumer):
+            if info.outer == 1:
+                memo[key] = self._call(aten.slice.Tensor, node, d, start, end)
+            else:
+                contiguous = {"memory_format": torch.contiguous_format}
+                grouped = self._call(aten.clone.default, node, **contiguous)
+                grouped = self._call(aten.view.default, grouped, shape[:d] + [info.outer, batch * info.inner] + shape[d + 1 :])
+                part = self._call(aten.slice.Tensor, grouped, d + 1, start, end)
+                part = self._call(aten.clone.default, part, **contiguous)
+                memo[key] = self._call(aten.view.default, part, shape[:d] + [info.outer * (end - start)] + shape[d + 1 :])
         return memo[key]
+
+    def _call(self, target, *args, **kwargs) -> fx.Node:
+        node = self.graph.call_function(target, args, kwargs)
+        self._fake(node)
+        return node
 
     def _emit_conv(self, conv: fx.Node, half: int):
         memo = self.halves[half]
         if conv not in memo:
             with conv.graph.inserting_after(conv):
-                copy = conv.graph.node_copy(conv, lambda a: self._slice(a, half) if isinstance(a, fx.Node) else a)
+                copy = conv.graph.node_copy(conv, lambda a: self._slice(a, half, conv) if isinstance(a, fx.Node) else a)
             mask = list(copy.args[10])
             copy.args = copy.args[:10] + ([False, mask[1], mask[2]],) + copy.args[11:]
             self._fake(copy)
@@ -242,6 +257,7 @@ class SplitBackwardPass:
         args, kwargs = tree_map(lambda a: a.meta["val"] if isinstance(a, fx.Node) else a, (node.args, node.kwargs))
         with self.fake_mode:
             node.meta["val"] = node.target(*args, **kwargs)
+        node.meta["partitioner_tag"] = "is_backward"
 
     def _give_up(self, graph: fx.Graph, output: fx.Node, reasons: Dict[str, str]) -> None:
         lines = "; ".join(f"{name}: {why}" for name, why in sorted(reasons.items()))
@@ -264,13 +280,29 @@ class SplitBackwardPass:
         output.args = (outs,)
 
 
-def _propagate(graph, primals, tangents, fw_outs, plan: RegionPlan) -> BatchDimPropagation:
+def _output_slots(output: fx.Node, outs, primals, tangents):
+    """Which output slot holds each primal's gradient, and which forward output each tangent belongs to.
+
+    AOTAutograd labels them (``meta["desc"]``); without labels, the joint graph's layout is
+    ``[forward outputs..., one gradient per primal]`` and tangents follow the floating-point outputs.
+    """
+    descs = output.meta.get("desc")
+    if descs is not None and len(descs) == len(outs):
+        slots = {d.grad_of.idx: j for j, d in enumerate(descs) if type(d).__name__ == "GradAOTOutput"
+                 and type(getattr(d, "grad_of", None)).__name__ == "PlainAOTInput"}
+        by_desc = {d: outs[j] for j, d in enumerate(descs) if d is not None}
+        labelled = {t: by_desc.get(getattr(t.meta.get("desc"), "output", None)) for t in tangents}
+        return slots, labelled
+    first = len(outs) - len(primals)
+    floats = [o for o in outs[:first] if isinstance(o, fx.Node) and _is_float(o)]
+    paired = dict(zip(tangents, floats)) if len(floats) == len(tangents) else {}
+    return {i: first + i for i in range(len(primals))}, paired
+
+
+def _propagate(graph, primals, tangents, tangent_outputs, plan: RegionPlan) -> BatchDimPropagation:
     inputs = {p: (r.batch_dim if r.kind == "input" else None) for p, r in zip(primals, plan.roles)}
     first = BatchDimPropagation(graph, inputs, {t: UNKNOWN for t in tangents})
-    grad_outs = [o for o in fw_outs if isinstance(o, fx.Node) and _is_float(o)]
-    tangent_dims = {t: UNKNOWN for t in tangents}
-    if len(grad_outs) == len(tangents):
-        tangent_dims = {t: first.info.get(o) for t, o in zip(tangents, grad_outs)}
+    tangent_dims = {t: first.info.get(tangent_outputs.get(t), UNKNOWN) for t in tangents}
     return BatchDimPropagation(graph, inputs, tangent_dims)
 
 
