@@ -1,0 +1,80 @@
+"""The statistics ops the rest of the code calls: ``torch.library`` custom ops (+ fakes) and eager functions.
+
+Dispatch by device: Triton launchers on CUDA, the torch path on CPU. The custom ops stay opaque in Inductor
+graphs. ``shard_stats_mean`` is eager only (the DDP comm hook calls it on flat shards).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import logging
+
+import torch
+from torch import Tensor
+
+from . import torch_stats
+
+log = logging.getLogger("simigrad_compile")
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+@functools.cache
+def _path(device_type: str):
+    """The module that implements the ops for ``device_type``."""
+    if device_type == "cpu":
+        return torch_stats
+    if device_type == "cuda":
+        if HAS_TRITON:
+            from . import triton_stats
+
+            return triton_stats
+        log.warning("simigrad kernels: triton is not installed; using the torch path on cuda (slower)")
+        return torch_stats
+    raise NotImplementedError(f"simigrad kernels: no implementation for device {device_type!r} (cpu, cuda)")
+
+
+@torch.library.custom_op("simigrad::split_stats_sum", mutates_args=())
+def _split_stats_sum_op(g1: list[Tensor], g2: list[Tensor]) -> tuple[list[Tensor], Tensor]:
+    return split_stats_sum(g1, g2)
+
+
+@_split_stats_sum_op.register_fake
+def _(g1: list[Tensor], g2: list[Tensor]) -> tuple[list[Tensor], Tensor]:
+    torch_stats.check_pairs("split_stats_sum", g1, g2)
+    out = [torch.empty_like(x, memory_format=torch.contiguous_format) for x in g1]
+    return out, torch.empty(len(g1), 3, dtype=torch.float32, device=g1[0].device if g1 else "cpu")
+
+
+@torch.library.custom_op("simigrad::pair_stats", mutates_args=())
+def _pair_stats_op(own: list[Tensor], total: list[Tensor], alpha: float, beta: float) -> Tensor:
+    return pair_stats(own, total, alpha, beta)
+
+
+@_pair_stats_op.register_fake
+def _(own: list[Tensor], total: list[Tensor], alpha: float, beta: float) -> Tensor:
+    torch_stats.check_pairs("pair_stats", own, total, same_dtype=False)
+    return torch.empty(len(own), 3, dtype=torch.float32, device=own[0].device if own else "cpu")
+
+
+def split_stats_sum(g1: list[Tensor], g2: list[Tensor]) -> tuple[list[Tensor], Tensor]:
+    """``g[i] = g1[i] + g2[i]`` (dtype and shape of ``g1[i]``); stats ``[n, 3]`` fp32 rows
+    ``(g1.g2, |g1|^2, |g2|^2)``. Graphs call ``torch.ops.simigrad.split_stats_sum`` (same semantics)."""
+    if not g1 and not g2:
+        return [], torch.zeros(0, 3, dtype=torch.float32)
+    return _path(g1[0].device.type).split_stats_sum(list(g1), list(g2))
+
+
+def pair_stats(own: list[Tensor], total: list[Tensor], alpha: float, beta: float) -> Tensor:
+    """Stats ``[n, 3]`` fp32 rows ``(own.other, |own|^2, |other|^2)`` with ``other = alpha*total + beta*own``
+    per element in fp32 (``ranks``: alpha=2, beta=-1; ``microsteps``: alpha=1, beta=-1)."""
+    if not own and not total:
+        return torch.zeros(0, 3, dtype=torch.float32)
+    return _path(own[0].device.type).pair_stats(list(own), list(total), alpha, beta)
+
+
+def shard_stats_mean(a: Tensor, b: Tensor, out: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """``mean = (a + b)/2`` in ``a``'s dtype (into ``out``, which may alias ``a``); stats ``[1, 3]`` fp32
+    ``(a.b, |a|^2, |b|^2)``. Eager only."""
+    return _path(a.device.type).shard_stats_mean(a, b, out)
