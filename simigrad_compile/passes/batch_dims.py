@@ -267,7 +267,10 @@ def _cat(p: BatchDimPropagation, node: fx.Node) -> Info:
     if len(found) != 1 or None in found:
         return UNKNOWN
     (i,) = found
-    return UNKNOWN if i.dim == d else i
+    if i.dim != d:
+        return i
+    sizes = {_shape(t)[d] for t in parts}
+    return BatchDim(d, i.inner, i.outer * len(parts)) if len(sizes) == 1 else UNKNOWN
 
 
 def _split(p: BatchDimPropagation, node: fx.Node) -> Info:
@@ -275,6 +278,12 @@ def _split(p: BatchDimPropagation, node: fx.Node) -> Info:
     d = (node.args[2] if len(node.args) > 2 else 0) % len(_shape(node.args[0]))
     n = len(node.meta["val"])
     return UNKNOWN if d == i.dim else tuple([i] * n)
+
+
+def _unbind(p: BatchDimPropagation, node: fx.Node) -> Info:
+    i = p.get(node.args[0])
+    d = (node.args[1] if len(node.args) > 1 else 0) % len(_shape(node.args[0]))
+    return UNKNOWN if d == i.dim else tuple([i.at(i.dim - (d < i.dim))] * len(node.meta["val"]))
 
 
 def _mm(p: BatchDimPropagation, node: fx.Node) -> Info:
@@ -348,6 +357,7 @@ _RULES = {
     aten.cat.default: _cat,
     aten.split.Tensor: _split,
     aten.split_with_sizes.default: _split,
+    aten.unbind.int: _unbind,
     aten.mm.default: _mm,
     aten.addmm.default: _mm,
     aten.bmm.default: _mm,
