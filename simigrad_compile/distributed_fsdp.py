@@ -26,6 +26,7 @@ import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.fsdp._fully_shard._fsdp_api import ReduceScatter
 
+from .distributed_collectives import reduce_scatter
 from .distributed_hook import _shard_stats_mean
 from .statistics import Sink
 
@@ -81,11 +82,11 @@ class SplitReduceScatter(ReduceScatter):
             raise NotImplementedError(f"simigrad fsdp: reduce-scatter over {group.size()} ranks with {op}")
         input_tensor.mul_(2.0 / sp.world)
         pair = input_tensor.new_empty(2 * s)
-        dist.reduce_scatter_tensor(pair, input_tensor, group=sp.half_group)
+        reduce_scatter(pair, input_tensor, sp.half_group)
         in_a = sp.rank % 2 == 0
         mine, theirs = (pair[:s], pair[s:]) if in_a else (pair[s:], pair[:s])
         both = input_tensor.new_empty(2 * s)
-        dist.all_gather_into_tensor(both, theirs, group=sp.pair_group)
+        dist.all_gather_single(both, theirs, group=sp.pair_group)
         a, b = (mine, both[s:]) if in_a else (both[:s], mine)
         _, stats = _shard_stats_mean()(a, b, out=output_tensor)
         sp.record(self.unit, stats)

@@ -11,7 +11,6 @@ order; so each stage has its own process group and issues its collectives in buc
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -20,6 +19,7 @@ import torch
 import torch.distributed as dist
 from torch.futures import Future
 
+from .distributed_collectives import Serial, reduce_scatter
 from .distributed_layout import Layout, Weights, check_counts, make_weights
 from .statistics import Sink
 
@@ -69,35 +69,6 @@ class _InOrder:
                 self._next += 1
 
 
-class _Waiter:
-    """Futures for works that have none (gloo's reduce_scatter_tensor): a thread waits on them in issue order."""
-
-    def __init__(self) -> None:
-        self._queue: "queue.SimpleQueue" = queue.SimpleQueue()
-        self._thread: Optional[threading.Thread] = None
-
-    def future(self, work) -> Future:
-        try:
-            return work.get_future()
-        except RuntimeError:
-            pass
-        fut: Future = Future()
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="simigrad-ddp-wait", daemon=True)
-            self._thread.start()
-        self._queue.put((work, fut))
-        return fut
-
-    def _run(self) -> None:
-        while True:
-            work, fut = self._queue.get()
-            try:
-                work.wait()
-                fut.set_result(None)
-            except BaseException as e:  # noqa: BLE001 - handed to the waiting future
-                fut.set_exception(e)
-
-
 def _then(fut: Future, fn: Callable, result: Future) -> None:
     """Run ``fn(fut.value())`` when ``fut`` completes; any error fails ``result`` (which DDP waits on)."""
 
@@ -135,7 +106,7 @@ class SplitReduction:
         self._sinks: List[Sink] = []
         self._sink_key: Optional[tuple] = None
         self._step = _Step()
-        self._waiter = _Waiter()
+        self._rs_thread = Serial("simigrad-ddp-reduce-scatter")
         self._build_groups()
 
     def _build_groups(self) -> None:
@@ -178,8 +149,8 @@ class SplitReduction:
         step.results[index] = result
         if len(self.layout.half) > 1:
             shard = full.new_empty(full.numel() // len(self.layout.half))
-            work = dist.reduce_scatter_tensor(shard, full, group=self.rs_group, async_op=True)
-            _then(self._waiter.future(work), lambda _: self._exchange(index, buf, full, shard, result), result)
+            fut = self._rs_thread.submit(lambda: reduce_scatter(shard, full, self.rs_group))
+            _then(fut, lambda _: self._exchange(index, buf, full, shard, result), result)
         else:
             self._exchange(index, buf, full, full, result)
         if bucket.is_last():
@@ -225,7 +196,7 @@ class SplitReduction:
             futs.append(fut)
 
             def launch(part=part, both=both, group=group, fut=fut) -> None:
-                work = dist.all_gather_into_tensor(both, part, group=group, async_op=True)
+                work = dist.all_gather_single(both, part, group=group, async_op=True)
                 _then(work.get_future(), fut.set_result, result)
 
             self._order[str(seg)].submit(index, launch)
@@ -253,7 +224,7 @@ class SplitReduction:
         if len(self.layout.half) > 1:
 
             def launch() -> None:
-                work = dist.all_gather_into_tensor(full, shard, group=self.ag_group, async_op=True)
+                work = dist.all_gather_single(full, shard, group=self.ag_group, async_op=True)
                 _then(work.get_future(), finish, result)
 
             self._order["ag"].submit(index, launch)

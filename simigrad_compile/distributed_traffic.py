@@ -6,8 +6,8 @@ wrapped. For a group of ``h`` ranks and ``B`` tensor bytes, one rank sends:
 
 =========================  =====================
 all_reduce                 ``2 B (h-1)/h``
-reduce_scatter_tensor      ``B_in (h-1)/h``
-all_gather_into_tensor     ``B_out (h-1)/h``
+reduce_scatter_single      ``B_in (h-1)/h``  (also ``_tensor``)
+all_gather_single          ``B_out (h-1)/h`` (also ``_into_tensor``)
 all_gather (list)          ``B (h-1)``
 broadcast                  ``B (h-1)/h`` (pipelined ring, averaged over ranks)
 send / isend               ``B``
@@ -44,6 +44,8 @@ _FORMULAS: Dict[str, Callable] = {
     "all_reduce": lambda a, k: 2 * _bytes(_arg(a, k, 0, "tensor")) * (_size(k.get("group")) - 1) / _size(k.get("group")),
     "reduce_scatter_tensor": lambda a, k: _bytes(_arg(a, k, 1, "input")) * (_size(k.get("group")) - 1) / _size(k.get("group")),
     "all_gather_into_tensor": lambda a, k: _bytes(_arg(a, k, 0, "output_tensor")) * (_size(k.get("group")) - 1) / _size(k.get("group")),
+    "reduce_scatter_single": lambda a, k: _bytes(_arg(a, k, 1, "input")) * (_size(k.get("group")) - 1) / _size(k.get("group")),
+    "all_gather_single": lambda a, k: _bytes(_arg(a, k, 0, "output_tensor")) * (_size(k.get("group")) - 1) / _size(k.get("group")),
     "all_gather": lambda a, k: _bytes(_arg(a, k, 1, "tensor")) * (_size(k.get("group")) - 1),
     "broadcast": lambda a, k: _bytes(_arg(a, k, 0, "tensor")) * (_size(k.get("group")) - 1) / _size(k.get("group")),
     "send": lambda a, k: _bytes(_arg(a, k, 0, "tensor")),

@@ -1,0 +1,213 @@
+"""The simigrad backend against independent references: eager gradients, two half-batch passes (fp64)."""
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import simigrad_compile
+from models import MLP, GroupedCNN, SeqFirstAttention, TinyGPT, WithBreak, flat_grads, half_reference
+from simigrad_compile.passes.split_backward import SplitError
+
+
+def _compile(model, **options):
+    torch._dynamo.reset()
+    return torch.compile(model, backend="simigrad", options={"compiler": "aot_eager", **options})
+
+
+def _check(model, compiled, loss_of, compiled_loss_of, batch_size):
+    """Compiled gradient == eager gradient; compiled statistics == the two-half reference."""
+    simigrad_compile.reset_stats(model)
+    model.zero_grad(set_to_none=True)
+    compiled_loss_of(compiled).backward()
+    got = flat_grads(model)
+    stats = simigrad_compile.gradient_stats(compiled, reset=True)
+    model.zero_grad(set_to_none=True)
+    loss_of(model, slice(0, batch_size)).backward()
+    want = flat_grads(model)
+    assert (got - want).norm() / want.norm() < 1e-5, "compiled gradient differs from eager"
+    d, a, b, cos = half_reference(model, lambda rows: loss_of(model, rows), batch_size)
+    scale = math.sqrt(a * b)
+    assert stats.mode == "batch" and stats.missing == ()
+    assert abs(stats.dot - d) <= 1e-4 * scale, (stats.dot, d)
+    assert stats.sq_norm_1 == pytest.approx(a, rel=1e-4)
+    assert stats.sq_norm_2 == pytest.approx(b, rel=1e-4)
+    assert stats.cosine == pytest.approx(cos, abs=1e-4)
+    return stats
+
+
+@pytest.mark.parametrize("batch_size", [8, 7])
+def test_mlp(batch_size):
+    torch.manual_seed(0)
+    model, x, y = MLP(), torch.randn(batch_size, 12), torch.randn(batch_size, 5)
+    loss_of = lambda m, rows: F.mse_loss(m(x[rows]), y[rows])  # noqa: E731
+    _check(model, _compile(model), loss_of, lambda c: F.mse_loss(c(x), y), batch_size)
+
+
+@pytest.mark.parametrize("loss_inside", [True, False])
+def test_transformer(loss_inside):
+    torch.manual_seed(1)
+    model = TinyGPT(loss_inside=loss_inside)
+    idx, tgt = torch.randint(0, 40, (6, 8)), torch.randint(0, 40, (6, 8))
+
+    def loss_of(m, rows):
+        out = m(idx[rows], tgt[rows])
+        return out if loss_inside else F.cross_entropy(out.flatten(0, 1), tgt[rows].flatten())
+
+    _check(model, _compile(model), loss_of, lambda c: loss_of(c, slice(0, 6)), 6)
+
+
+def test_seq_first_attention_with_batch_dim_1():
+    torch.manual_seed(2)
+    model, x = SeqFirstAttention(), torch.randn(5, 6, 6)  # (T, B, features)
+    loss_of = lambda m, rows: m(x[:, rows]).pow(2).mean()  # noqa: E731
+    _check(model, _compile(model, batch_dim=1), loss_of, lambda c: c(x).pow(2).mean(), 6)
+
+
+def test_grouped_cnn_with_groupnorm():
+    torch.manual_seed(3)
+    model, x, y = GroupedCNN(), torch.randn(5, 4, 9, 9), torch.randint(0, 3, (5,))
+    loss_of = lambda m, rows: F.cross_entropy(m(x[rows]), y[rows])  # noqa: E731
+    _check(model, _compile(model), loss_of, lambda c: F.cross_entropy(c(x), y), 5)
+
+
+def test_graph_break_regions_add_up():
+    torch.manual_seed(4)
+    model, x = WithBreak(), torch.randn(6, 12)
+    loss_of = lambda m, rows: m(x[rows]).pow(2).mean()  # noqa: E731
+    compiled = _compile(model)
+    stats = _check(model, compiled, loss_of, lambda c: c(x).pow(2).mean(), 6)
+    assert stats.finite
+
+
+def test_inductor_transformer_and_per_parameter_breakdown():
+    torch.manual_seed(5)
+    model = TinyGPT()
+    idx, tgt = torch.randint(0, 40, (4, 8)), torch.randint(0, 40, (4, 8))
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="simigrad")
+    loss_of = lambda m, rows: m(idx[rows], tgt[rows])  # noqa: E731
+    _check(model, compiled, loss_of, lambda c: c(idx, tgt), 4)
+    compiled(idx, tgt).backward()
+    stats = simigrad_compile.gradient_stats(model, reset=True, per_parameter=True)
+    parts = stats.per_parameter
+    assert set(parts) == {n for n, _ in model.named_parameters()}
+    assert sum(v[0] for v in parts.values()) == pytest.approx(stats.dot, rel=1e-6, abs=1e-9)
+    assert simigrad_compile.gradient_stats(compiled).mode == "none"  # the reset emptied the sinks
+
+
+class _BatchNormNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.fc = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(F.relu(self.bn(self.conv(x))).mean((2, 3)))
+
+
+def _bn_contributions(model, x, half):
+    """g1, g2 for BatchNorm in training mode, by definition: the gradient of the full-batch loss with respect
+    to a copy of every parameter used only by the first (second) half's rows. Written out functionally."""
+    ps = [{n: p.detach().clone().double().requires_grad_() for n, p in model.named_parameters()} for _ in range(2)]
+    x = x.double()
+    rows = (slice(0, half), slice(half, x.shape[0]))
+    y = torch.cat([F.conv2d(x[r], p["conv.weight"], p["conv.bias"]) for r, p in zip(rows, ps)])
+    z = F.batch_norm(y, None, None, training=True, eps=model.bn.eps)
+    z = torch.cat([z[r] * p["bn.weight"].view(1, -1, 1, 1) + p["bn.bias"].view(1, -1, 1, 1) for r, p in zip(rows, ps)])
+    h = F.relu(z).mean((2, 3))
+    out = torch.cat([F.linear(h[r], p["fc.weight"], p["fc.bias"]) for r, p in zip(rows, ps)])
+    out.pow(2).mean().backward()
+    return [torch.cat([p[n].grad.flatten() for n, _ in model.named_parameters()]) for p in ps]
+
+
+def test_batchnorm_contributions_add_up():
+    torch.manual_seed(6)
+    model, x = _BatchNormNet(), torch.randn(7, 3, 6, 6)
+    reference = copy.deepcopy(model)
+    compiled = _compile(model)
+    compiled(x).pow(2).mean().backward()
+    stats = simigrad_compile.gradient_stats(model, reset=True)
+    g1, g2 = _bn_contributions(reference, x, 3)
+    reference(x).pow(2).mean().backward()
+    assert (flat_grads(model) - (g1 + g2)).norm() / (g1 + g2).norm() < 1e-5  # g1 + g2 == g
+    assert (flat_grads(reference) - (g1 + g2)).norm() / (g1 + g2).norm() < 1e-6
+    assert stats.dot == pytest.approx((g1 @ g2).item(), rel=1e-4, abs=1e-4 * (g1.norm() * g2.norm()).item())
+    assert stats.sq_norm_1 == pytest.approx((g1 @ g1).item(), rel=1e-4)
+    assert stats.sq_norm_2 == pytest.approx((g2 @ g2).item(), rel=1e-4)
+
+
+class _Regularised(nn.Module):
+    """A weight-decay term inside the graph: its gradient does not scale with the batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 1)
+        self.free = nn.Parameter(torch.ones(3))
+
+    def forward(self, x):
+        return self.fc(x).pow(2).mean() + self.free.pow(2).sum()
+
+
+def test_unsplittable_parameter_falls_back_by_name():
+    torch.manual_seed(7)
+    model, x = _Regularised(), torch.randn(6, 4)
+    compiled = _compile(model)
+    compiled(x).backward()
+    got = flat_grads(model)
+    model.zero_grad()
+    model(x).backward()
+    assert torch.allclose(got, flat_grads(model), rtol=1e-6, atol=1e-7)
+    stats = simigrad_compile.gradient_stats(compiled, reset=True)
+    assert set(stats.unsplit) == {"free"} and "does not scale with the batch" in stats.unsplit["free"]
+    assert stats.mode == "none" and math.isnan(stats.cosine)
+    assert set(stats.missing) == {"fc.weight", "fc.bias", "free"}
+
+
+def test_forced_batch_mode_raises_with_names():
+    model, x = _Regularised(), torch.randn(6, 4)
+    with pytest.raises(Exception, match=r"group_mode='batch'.*free: .*does not scale with the batch"):
+        _compile(model, group_mode="batch")(x).backward()
+
+
+def test_batch_of_one_cannot_be_halved():
+    model = MLP()
+    compiled = _compile(model)
+    compiled(torch.randn(1, 12)).sum().backward()
+    assert "cannot be halved" in next(iter(simigrad_compile.gradient_stats(model, reset=True).unsplit.values()))
+
+
+def test_bad_option_names_key_and_valid_ones():
+    with pytest.raises(Exception, match=r"unknown simigrad option\(s\) 'group'.*valid options: group_mode"):
+        _compile(MLP(), group="batch")(torch.randn(2, 12))
+    with pytest.raises(Exception, match=r"'group_mode': bad value 'halves'.*'auto', 'batch'"):
+        _compile(MLP(), group_mode="halves")(torch.randn(2, 12))
+
+
+def test_rewritten_graph_op_counts(monkeypatch):
+    """Each weight-gradient mm and bias sum becomes two half-batch ops; none contracts the full batch."""
+    from collections import Counter
+
+    from simigrad_compile.passes.manager import SimigradPassManager
+
+    aten, graphs = torch.ops.aten, []
+    original = SimigradPassManager.__call__
+
+    def spy(self, graph):
+        before = Counter(n.target for n in graph.nodes)
+        original(self, graph)
+        graphs.append((before, Counter(n.target for n in graph.nodes), graph))
+
+    monkeypatch.setattr(SimigradPassManager, "__call__", spy)
+    model = MLP()
+    _compile(model)(torch.randn(8, 12)).sum().backward()
+    (before, after, graph) = graphs[-1]
+    assert after[aten.mm.default] == before[aten.mm.default] + 3
+    assert after[aten.sum.dim_IntList] == before[aten.sum.dim_IntList] + 3
+    assert after[torch.ops.simigrad.split_grads.default] == 1
+    weight_shapes = {tuple(p.shape) for p in model.parameters() if p.dim() == 2}
+    contracted = [n.args[0].meta["val"].shape[1] for n in graph.nodes
+                  if n.target is aten.mm.default and tuple(n.meta["val"].shape) in weight_shapes]
+    assert sorted(contracted) == [4] * 6
