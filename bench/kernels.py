@@ -1,0 +1,198 @@
+"""Benchmark of the statistics ops against their traffic floor and the naive torch path (same process, interleaved).
+
+Per op and size (fp32, flat tensors), each repeat runs every variant once, in turn:
+  ours     the op (on CPU with ``out=`` where the op takes one, so that page faults of fresh outputs stay out);
+  alloc    split_stats_sum as graphs call it, allocating its output (CPU: mmap page faults above ~32 MiB);
+  floor    the memory traffic the op cannot avoid:
+             split_stats_sum, shard_stats_mean: torch.add(a, b, out=o)  (read 2, write 1);
+             pair_stats: torch.dot(a, b)  (one fused read of each input, nothing written);
+  naive    separate torch ops: the add (or the ``other`` tensor), torch.dot, two squared vector norms.
+Reported: medians with min/max, ratios ours/floor and naive/ours (median, and min in brackets), GB/s of ours
+(bytes the op must move / time). On CUDA also the copy bandwidth (dst.copy_(src)) and ours as a fraction of it.
+
+    python bench/kernels.py                     # cpu, sizes 1M,4M,16M,64M
+    python bench/kernels.py --sizes 1M,16M --repeats 21 --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from simigrad_compile.kernels import ops, torch_stats
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def parse_size(text: str) -> int:
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1].upper(), 1)
+    return int(text[:-1] if scale > 1 else text) * scale
+
+
+def sq_norm(x: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.vector_norm(x) ** 2
+
+
+def variants(a: torch.Tensor, b: torch.Tensor, o: torch.Tensor, device: str) -> dict[str, dict]:
+    """op -> {"bytes": traffic, name -> callable}."""
+    cpu = device == "cpu"
+
+    def split_ours():
+        return torch_stats.split_stats_sum([a], [b], out=[o]) if cpu else ops.split_stats_sum([a], [b])
+
+    def split_naive():
+        return torch.add(a, b, out=o), torch.dot(a, b), sq_norm(a), sq_norm(b)
+
+    def pair_naive():
+        other = 2.0 * b - a
+        return torch.dot(a, other), sq_norm(a), sq_norm(other)
+
+    def shard_naive():
+        stats = torch.dot(a, b), sq_norm(a), sq_norm(b)
+        return torch.add(a, b, out=o).mul_(0.5), stats
+
+    n, size = a.numel(), a.element_size()
+    return {
+        "split_stats_sum": {
+            "bytes": 3 * n * size,
+            "ours": split_ours,
+            "alloc": lambda: ops.split_stats_sum([a], [b]),
+            "floor": lambda: torch.add(a, b, out=o),
+            "naive": split_naive,
+        },
+        "pair_stats": {
+            "bytes": 2 * n * size,
+            "ours": lambda: ops.pair_stats([a], [b], 2.0, -1.0),
+            "floor": lambda: torch.dot(a, b),
+            "naive": pair_naive,
+        },
+        "shard_stats_mean": {
+            "bytes": 3 * n * size,
+            "ours": lambda: ops.shard_stats_mean(a, b, out=o),
+            "floor": lambda: torch.add(a, b, out=o),
+            "naive": shard_naive,
+        },
+    }
+
+
+def time_interleaved(fns: dict, repeats: int, sync) -> dict[str, list[float]]:
+    for fn in fns.values():  # warm-up
+        fn()
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def summarise(times: list[float]) -> dict:
+    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times)}
+
+
+def hardware(device: str) -> dict:
+    info = {"platform": platform.platform(), "processor": platform.processor(), "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads()}
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def versions() -> dict:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {"python": platform.python_version(), "torch": torch.__version__, "triton": triton_version}
+
+
+def run(sizes: list[int], repeats: int, device: str) -> dict:
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    rows = []
+    for n in sizes:
+        gen = torch.Generator().manual_seed(0)
+        a = torch.randn(n, generator=gen).to(device)
+        b = torch.randn(n, generator=gen).to(device)
+        o = torch.empty_like(a)
+        copy_gbs = None
+        if device == "cuda":
+            copy = summarise(time_interleaved({"copy": lambda: o.copy_(a)}, repeats, sync)["copy"])
+            copy_gbs = 2 * n * a.element_size() / copy["median_s"] / 1e9
+        for op, spec in variants(a, b, o, device).items():
+            traffic = spec.pop("bytes")
+            stats = {k: summarise(v) for k, v in time_interleaved(spec, repeats, sync).items()}
+            ours, floor, naive = stats["ours"], stats["floor"], stats["naive"]
+            row = {
+                "op": op, "numel": n, "dtype": "float32", "device": device, "traffic_bytes": traffic,
+                "variants": stats,
+                "ours_over_floor": ours["median_s"] / floor["median_s"],
+                "ours_over_floor_min": ours["min_s"] / floor["min_s"],
+                "naive_over_ours": naive["median_s"] / ours["median_s"],
+                "naive_over_ours_min": naive["min_s"] / ours["min_s"],
+                "ours_gbs": traffic / ours["median_s"] / 1e9,
+                "floor_gbs": traffic / floor["median_s"] / 1e9,
+            }
+            if "alloc" in stats:
+                row["alloc_over_floor"] = stats["alloc"]["median_s"] / floor["median_s"]
+            if copy_gbs is not None:
+                row["copy_gbs"] = copy_gbs
+                row["ours_over_copy_bw"] = row["ours_gbs"] / copy_gbs
+            rows.append(row)
+            print(format_row(row), flush=True)
+    return {
+        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        "hardware": hardware(device), "versions": versions(), "repeats": repeats, "chunk": torch_stats.CHUNK,
+        "rows": rows,
+    }
+
+
+HEADER = (f"{'op':<17}{'numel':>10}{'ours ms (min-max)':>24}{'floor ms':>10}{'naive ms':>10}"
+          f"{'ours/floor':>16}{'naive/ours':>16}{'GB/s':>8}{'alloc/floor':>12}")
+
+
+def format_row(r: dict) -> str:
+    v = r["variants"]
+    ms = lambda k: v[k]["median_s"] * 1e3  # noqa: E731
+    ours = f"{ms('ours'):.2f} ({v['ours']['min_s'] * 1e3:.2f}-{v['ours']['max_s'] * 1e3:.2f})"
+    line = (f"{r['op']:<17}{r['numel']:>10}{ours:>24}{ms('floor'):>10.2f}{ms('naive'):>10.2f}"
+            f"{r['ours_over_floor']:>8.2f} [{r['ours_over_floor_min']:.2f}]"
+            f"{r['naive_over_ours']:>8.2f} [{r['naive_over_ours_min']:.2f}]{r['ours_gbs']:>8.1f}"
+            f"{r.get('alloc_over_floor', float('nan')):>12.2f}")
+    if "copy_gbs" in r:
+        line += f"  copy {r['copy_gbs']:.0f} GB/s, ours {100 * r['ours_over_copy_bw']:.0f}%"
+    return line
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="1M,4M,16M,64M", help="comma-separated element counts (K/M/G suffixes)")
+    parser.add_argument("--repeats", type=int, default=11)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/kernels_<device>.json)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(HEADER)
+    result = run([parse_size(s) for s in args.sizes.split(",")], args.repeats, args.device)
+    out = args.out or RESULTS / f"kernels_{args.device}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print(f"saved {out}")
+
+
+if __name__ == "__main__":
+    main()
