@@ -312,9 +312,9 @@ def _per_sample_outputs(p: BatchDimPropagation, node: fx.Node) -> Info:
     if i.dim != 0:
         return UNKNOWN
     val = node.meta.get("val")
-    if isinstance(val, (tuple, list)):
-        return tuple(i if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == val[0].shape[0] else None for v in val)
-    return i
+    size = _shape(next(a for a in node.all_input_nodes if p.get(a) is not None))[0]
+    per_sample = lambda v: i if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == size else None  # noqa: E731
+    return tuple(per_sample(v) for v in val) if isinstance(val, (tuple, list)) else per_sample(val)
 
 
 def _convolution_backward(p: BatchDimPropagation, node: fx.Node) -> Info:
@@ -364,6 +364,16 @@ _RULES = {
     aten.convolution.default: _per_sample_outputs,
     aten.convolution_backward.default: _convolution_backward,
     aten.native_dropout.default: _per_sample_outputs,
+    **{
+        getattr(aten, name).default: _per_sample_outputs
+        for name in (
+            "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention_for_cpu_backward",
+            "_scaled_dot_product_flash_attention", "_scaled_dot_product_flash_attention_backward",
+            "_scaled_dot_product_efficient_attention", "_scaled_dot_product_efficient_attention_backward",
+            "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_cudnn_attention_backward",
+        )
+        if hasattr(aten, name)
+    },
     aten.embedding.default: _embedding,
     aten._unsafe_masked_index_put_accumulate.default: _index_put_accumulate,
     aten.index_put.default: _index_put_accumulate,

@@ -89,7 +89,7 @@ class SplitBackwardPass:
                 if prop.batch is None or prop.batch < 2:
                     raise _Refuse(f"batch of {prop.batch} cannot be halved" if prop.batch else "no batched input")
                 if not self._leaves(grad):
-                    raise _Refuse("gradient does not come from the batch")
+                    raise _Refuse("its gradient does not scale with the batch (a term computed from parameters only)")
                 wanted.append((index, name, grad))
             except _Refuse as why:
                 reasons[name] = str(why)
@@ -113,7 +113,7 @@ class SplitBackwardPass:
 
     def _leaves(self, node) -> Optional[List[fx.Node]]:
         """The contraction leaves ``node`` is linear in; ``None`` when it does not depend on any."""
-        if not isinstance(node, fx.Node) or not self.tangent_dep.get(node, False):
+        if not isinstance(node, fx.Node) or not self.tangent_dep.get(node, False) or node.op == "placeholder":
             return None
         if node in self.memo:
             return self.memo[node]
@@ -132,8 +132,10 @@ class SplitBackwardPass:
         self.memo[node] = result
         return result
 
-    def _combine(self, node: fx.Node) -> List[fx.Node]:
+    def _combine(self, node: fx.Node) -> Optional[List[fx.Node]]:
         target = node.target
+        if not any(self._leaves(a) for a in node.all_input_nodes):
+            return None
         if target in _LINEAR_UNARY:
             rest = [self._leaves(a) for a in node.all_input_nodes[1:]]
             inner = self._leaves(node.args[0])
@@ -149,6 +151,9 @@ class SplitBackwardPass:
             return parts[0] or parts[1]
         if target is aten.div.Tensor and parts[0] and parts[1] is None:
             return parts[0]
+        if target in (aten.slice_scatter.default, aten.select_scatter.default) and parts[1]:
+            if parts[0] or _is_zeros(node.args[0]):
+                return (parts[0] or []) + parts[1]
         raise _Refuse(f"gradient passes through {target}, which the split pass does not treat as linear")
 
     # --- rewrite ---
