@@ -103,7 +103,7 @@ def summarise(times: list[float]) -> dict:
 
 def hardware(device: str) -> dict:
     info = {"platform": platform.platform(), "processor": platform.processor(), "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads()}
+            "torch_threads": torch.get_num_threads(), "loadavg_1_5_15": os.getloadavg()}
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
     return info

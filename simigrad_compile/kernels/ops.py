@@ -63,7 +63,7 @@ def split_stats_sum(g1: list[Tensor], g2: list[Tensor]) -> tuple[list[Tensor], T
     ``(g1.g2, |g1|^2, |g2|^2)``. Graphs call ``torch.ops.simigrad.split_stats_sum`` (same semantics)."""
     if not g1 and not g2:
         return [], torch.zeros(0, 3, dtype=torch.float32)
-    return _path(g1[0].device.type).split_stats_sum(list(g1), list(g2))
+    return _path((g1 or g2)[0].device.type).split_stats_sum(list(g1), list(g2))
 
 
 def pair_stats(own: list[Tensor], total: list[Tensor], alpha: float, beta: float) -> Tensor:
@@ -71,7 +71,7 @@ def pair_stats(own: list[Tensor], total: list[Tensor], alpha: float, beta: float
     per element in fp32 (``ranks``: alpha=2, beta=-1; ``microsteps``: alpha=1, beta=-1)."""
     if not own and not total:
         return torch.zeros(0, 3, dtype=torch.float32)
-    return _path(own[0].device.type).pair_stats(list(own), list(total), alpha, beta)
+    return _path((own or total)[0].device.type).pair_stats(list(own), list(total), alpha, beta)
 
 
 def shard_stats_mean(a: Tensor, b: Tensor, out: Tensor | None = None) -> tuple[Tensor, Tensor]:
