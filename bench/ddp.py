@@ -108,10 +108,10 @@ def _breakdown(trace, t0: float, t_end: float) -> dict:
         by.setdefault(i, {})[ev] = t
     buckets = sorted(i for i in by if i >= 0)
     last_hook = max(by[i]["hook"] for i in buckets)
-    busy = [(t0, last_hook)] + [(by[i]["hook"], by[i]["gather"]) for i in buckets]
+    busy = [(t0, last_hook)] + [(by[i]["hook"], by[i].get("all_gather", by[i]["kernel"])) for i in buckets]
     kernel_total = hidden = 0.0
     for i in buckets:
-        ks, ke = by[i]["exchange"], by[i]["kernel"]
+        ks, ke = by[i]["kernel_start"], by[i]["kernel"]
         kernel_total += ke - ks
         others = [busy[0]] + [b for j, b in zip(buckets, busy[1:]) if j != i]
         hidden += _covered(ks, ke, others)

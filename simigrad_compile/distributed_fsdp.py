@@ -5,7 +5,7 @@ mean. Here the groups are the **even and odd ranks** and the partner of ``2i`` i
 inside a half hands half-rank ``i`` the contiguous pair ``(s_2i, s_2i+1)`` of its group's sum, with no copy:
 
 1. reduce-scatter inside the half (``N/2`` ranks): ``(s_2i, s_2i+1)`` of the group sum     S (N-2)/N bytes
-2. all-gather with the partner: each sends the shard the other keeps                       S/N
+2. swap with the partner: each sends the shard the other keeps                             S/N
 3. ``kernels.shard_stats_mean(A's s_r, B's s_r, out=output)``: FSDP's shard of the mean + fp32 ``(d, a, b)``
 
 ``S (N-1)/N`` bytes, exactly FSDP's reduce-scatter; the all-gather of the DDP route is skipped. Every element is
@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.fsdp._fully_shard._fsdp_api import ReduceScatter
 
-from .distributed_collectives import reduce_scatter
+from .distributed_collectives import reduce_scatter, swap
 from .distributed_hook import _shard_stats_mean
 from .statistics import Sink
 
@@ -85,9 +85,9 @@ class SplitReduceScatter(ReduceScatter):
         reduce_scatter(pair, input_tensor, sp.half_group)
         in_a = sp.rank % 2 == 0
         mine, theirs = (pair[:s], pair[s:]) if in_a else (pair[s:], pair[:s])
-        both = input_tensor.new_empty(2 * s)
-        dist.all_gather_single(both, theirs, group=sp.pair_group)
-        a, b = (mine, both[s:]) if in_a else (both[:s], mine)
+        received = torch.empty_like(theirs)
+        swap(theirs, received, sp.rank ^ 1, sp.pair_group)
+        a, b = (mine, received) if in_a else (received, mine)
         _, stats = _shard_stats_mean()(a, b, out=output_tensor)
         sp.record(self.unit, stats)
         if op == dist.ReduceOp.SUM:

@@ -2,16 +2,18 @@
 statistics + mean on the shard pair, all-gather in the half; one all-reduce of the ``[buckets, 3]`` statistics
 per step.
 
-Every stage is an asynchronous collective whose completion callback launches the next stage, so bucket k's
-kernel runs (in a communication thread) while later buckets are still being produced and communicated. Callbacks
-finish in any order on different ranks, while gloo (and NCCL) match collectives on a process group by issue
-order; so each stage has its own process group and issues its collectives in bucket order (:class:`_InOrder`).
+Each stage runs in its own thread (:class:`~.distributed_collectives.Serial`), which takes the buckets in order
+and owns its process groups. So every group issues its collectives in bucket order on every rank (which gloo and
+NCCL require), and the stages pipeline: while bucket k is in the kernel, bucket k+1 is exchanged and bucket
+k+2 reduce-scattered, and the backward keeps producing gradients on the main thread::
+
+    hook(k) -> [reduce-scatter](k) -> [exchange](k) -> [kernel](k) -> [all-gather](k) -> DDP's future(k)
+                                                                              ... last bucket -> [fold]
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -19,54 +21,23 @@ import torch
 import torch.distributed as dist
 from torch.futures import Future
 
-from .distributed_collectives import Serial, reduce_scatter
+from .distributed_collectives import Serial, all_gather, reduce_scatter, swap
 from .distributed_layout import Layout, Weights, check_counts, make_weights
 from .statistics import Sink
 
 log = logging.getLogger("simigrad_compile")
 
 _KERNEL: Optional[Callable] = None
+STAGES = ("reduce_scatter", "exchange", "kernel", "all_gather")
 
 
 def _shard_stats_mean() -> Callable:
     global _KERNEL
     if _KERNEL is None:
-        try:
-            from .kernels import shard_stats_mean
-        except ImportError as e:  # TEMPORARY until simigrad_compile.kernels lands
-            log.warning("simigrad ddp: kernels.shard_stats_mean unavailable (%s): temporary torch fallback", e)
-            shard_stats_mean = _fallback_shard_stats_mean
+        from .kernels import shard_stats_mean  # imported on first use: registers custom ops
+
         _KERNEL = shard_stats_mean
     return _KERNEL
-
-
-def _fallback_shard_stats_mean(a: torch.Tensor, b: torch.Tensor, out: Optional[torch.Tensor] = None):
-    a32, b32 = a.float(), b.float()
-    stats = torch.stack([a32 @ b32, a32 @ a32, b32 @ b32]).reshape(1, 3)
-    mean = torch.add(a, b, out=out) if out is not None else a + b
-    return mean.mul_(0.5), stats
-
-
-class _InOrder:
-    """Issues one process group's collectives in bucket order, whichever thread reaches its stage first."""
-
-    def __init__(self) -> None:
-        self._lock = threading.RLock()
-        self._next = 0
-        self._ready: Dict[int, Callable[[], None]] = {}
-
-    def reset(self) -> None:
-        with self._lock:
-            if self._ready:
-                raise RuntimeError(f"simigrad ddp: buckets {sorted(self._ready)} never issued their collective")
-            self._next = 0
-
-    def submit(self, index: int, launch: Callable[[], None]) -> None:
-        with self._lock:
-            self._ready[index] = launch
-            while self._next in self._ready:
-                self._ready.pop(self._next)()
-                self._next += 1
 
 
 def _then(fut: Future, fn: Callable, result: Future) -> None:
@@ -91,6 +62,14 @@ class _Step:
         self.trace: List[Tuple[float, int, str]] = []
 
 
+class _Bucket:
+    """One bucket's buffers on its way through the stages."""
+
+    def __init__(self, index: int, buf: torch.Tensor, full: torch.Tensor, shard: torch.Tensor) -> None:
+        self.index, self.buf, self.full, self.shard = index, buf, full, shard
+        self.others: List[torch.Tensor] = []
+
+
 class SplitReduction:
     """The comm hook's state: process groups, the sample weights and the statistics sink of one DDP model."""
 
@@ -106,7 +85,7 @@ class SplitReduction:
         self._sinks: List[Sink] = []
         self._sink_key: Optional[tuple] = None
         self._step = _Step()
-        self._rs_thread = Serial("simigrad-ddp-reduce-scatter")
+        self._stages = {name: Serial(f"simigrad-ddp-{name}") for name in STAGES}
         self._build_groups()
 
     def _build_groups(self) -> None:
@@ -118,7 +97,6 @@ class SplitReduction:
         self.rs_group, self.ag_group = rs[lay.half], ag[lay.half]
         self.pair_groups = {s: pairs[s] for s in lay.my_segments}
         self.stats_group = dist.new_group(list(range(lay.world)))
-        self._order = {name: _InOrder() for name in ("ag", *map(str, self.pair_groups))}
 
     # --- public -----------------------------------------------------------------------------------------
     def set_sample_counts(self, counts: Optional[Sequence[int]]) -> None:
@@ -138,30 +116,34 @@ class SplitReduction:
     def __call__(self, bucket: dist.GradBucket) -> Future:
         index = bucket.index()
         if index == 0:
-            self._start_step()
+            self._step = _Step()
         step = self._step
         self._mark(index, "hook")
         step.params[index] = tuple(bucket.parameters())
         buf = bucket.buffer()
         step.buckets[index] = (buf.numel(), buf.dtype)
         full = self._scaled(buf)
+        h = len(self.layout.half)
+        job = _Bucket(index, buf, full, full.new_empty(full.numel() // h) if h > 1 else full)
         result: Future = Future()
         step.results[index] = result
-        if len(self.layout.half) > 1:
-            shard = full.new_empty(full.numel() // len(self.layout.half))
-            fut = self._rs_thread.submit(lambda: reduce_scatter(shard, full, self.rs_group))
-            _then(fut, lambda _: self._exchange(index, buf, full, shard, result), result)
-        else:
-            self._exchange(index, buf, full, full, result)
+        stages = [("exchange", self._exchange), ("kernel", self._kernel)]
+        if h > 1:
+            stages = [("reduce_scatter", self._reduce_scatter), *stages, ("all_gather", self._all_gather)]
+        elif full is not buf:
+            stages.append(("kernel", self._all_gather))
         if bucket.is_last():
-            return self._fold(index, result)
+            stages.append((stages[-1][0], self._fold))
+        self._chain(job, stages, result)
         return result
 
-    def _start_step(self) -> None:
-        for order in self._order.values():
-            order.reset()
-        self._step = _Step()
-        self._step.trace.append((time.perf_counter(), -1, "start"))
+    def _chain(self, job: _Bucket, stages, result: Future) -> None:
+        if not stages:
+            result.set_result(job.buf)
+            return
+        (name, fn), rest = stages[0], stages[1:]
+        fut = self._stages[name].submit(lambda: fn(job))
+        _then(fut, lambda _: self._chain(job, rest, result), result)
 
     def _mark(self, index: int, event: str) -> None:
         if self.tracing:
@@ -182,74 +164,53 @@ class SplitReduction:
             torch.mul(buf, w, out=head)
         return full
 
-    def _exchange(self, index: int, buf, full, shard, result: Future) -> None:
-        self._mark(index, "rs")
-        lay = self.layout
-        per = full.numel() // lay.chunks
-        own_lo = lay.own_chunks[0]
-        parts, futs = [], []
+    # --- stages (each in its own thread, buckets in order) ------------------------------------------------
+    def _reduce_scatter(self, job: _Bucket) -> None:
+        reduce_scatter(job.shard, job.full, self.rs_group)
+        self._mark(job.index, "reduce_scatter")
+
+    def _parts(self, job: _Bucket):
+        per = job.full.numel() // self.layout.chunks
+        own_lo = self.layout.own_chunks[0]
         for seg, group in self.pair_groups.items():
-            part = shard[(seg.lo - own_lo) * per : (seg.hi - own_lo) * per]
-            both = part.new_empty(2 * part.numel())
-            fut: Future = Future()
-            parts.append((seg, part, both))
-            futs.append(fut)
+            yield seg, group, job.shard[(seg.lo - own_lo) * per : (seg.hi - own_lo) * per]
 
-            def launch(part=part, both=both, group=group, fut=fut) -> None:
-                work = dist.all_gather_single(both, part, group=group, async_op=True)
-                _then(work.get_future(), fut.set_result, result)
+    def _exchange(self, job: _Bucket) -> None:
+        for seg, group, part in self._parts(job):
+            other = torch.empty_like(part)
+            peer = seg.b_rank if self.layout.rank == seg.a_rank else seg.a_rank
+            swap(part, other, peer, group)
+            job.others.append(other)
+        self._mark(job.index, "exchange")
 
-            self._order[str(seg)].submit(index, launch)
-        done = torch.futures.collect_all(futs)
-        _then(done, lambda _: self._combine(index, buf, full, shard, parts, result), result)
-
-    def _combine(self, index: int, buf, full, shard, parts, result: Future) -> None:
-        self._mark(index, "exchange")
-        kernel = _shard_stats_mean()
-        rows = []
-        for seg, part, both in parts:
-            n = part.numel()
-            _, stats = kernel(both[:n], both[n:], out=part)
-            if self.layout.rank == seg.a_rank:
+    def _kernel(self, job: _Bucket) -> None:
+        self._mark(job.index, "kernel_start")
+        kernel, rows = _shard_stats_mean(), []
+        for (seg, _, part), other in zip(self._parts(job), job.others):
+            _, stats = kernel(part, other, out=part)
+            if self.layout.rank == seg.a_rank:  # (part, other) = (A's sum, B's sum): count each element once
                 rows.append(stats.reshape(3))
-        self._step.rows[index] = torch.stack(rows).sum(0) if rows else torch.zeros(3, dtype=torch.float32)
-        self._mark(index, "kernel")
+        self._step.rows[job.index] = torch.stack(rows).sum(0) if rows else torch.zeros(3, dtype=torch.float32)
+        job.others = []
+        self._mark(job.index, "kernel")
 
-        def finish(_=None) -> None:
-            self._mark(index, "gather")
-            if full is not buf:
-                buf.copy_(full[: buf.numel()])
-            result.set_result(buf)
+    def _all_gather(self, job: _Bucket) -> None:
+        if job.shard is not job.full:
+            all_gather(job.full, job.shard, self.ag_group)
+        if job.full is not job.buf:
+            job.buf.copy_(job.full[: job.buf.numel()])
+        self._mark(job.index, "all_gather")
 
-        if len(self.layout.half) > 1:
-
-            def launch() -> None:
-                work = dist.all_gather_single(full, shard, group=self.ag_group, async_op=True)
-                _then(work.get_future(), finish, result)
-
-            self._order["ag"].submit(index, launch)
-        else:
-            finish()
-
-    def _fold(self, last: int, last_result: Future) -> Future:
+    def _fold(self, job: _Bucket) -> None:
         """One all-reduce of every bucket's statistics, after the step's last bucket is reduced."""
-        step, weights, out = self._step, self.weights, Future()
-
-        def reduce(_) -> None:
-            rows = torch.stack([step.rows[i] for i in range(last + 1)]).to(torch.float32)
-            work = dist.all_reduce(rows, group=self.stats_group, async_op=True)
-            _then(work.get_future(), lambda _: record(rows), out)
-
-        def record(rows: torch.Tensor) -> None:
-            rows /= torch.tensor(weights.stats_scale, dtype=torch.float32)
-            self._sink_for(step).add(rows)
-            self._mark(last, "fold")
-            self.last_trace = step.trace
-            self.last_buckets = [step.buckets[i] for i in range(last + 1)]
-            out.set_result(last_result.value())
-
-        _then(torch.futures.collect_all(list(step.results.values())), reduce, out)
-        return out
+        step = self._step
+        rows = torch.stack([step.rows[i] for i in range(job.index + 1)]).to(torch.float32)
+        dist.all_reduce(rows, group=self.stats_group)
+        rows /= torch.tensor(self.weights.stats_scale, dtype=torch.float32)
+        self._sink_for(step).add(rows)
+        self._mark(job.index, "fold")
+        self.last_trace = step.trace
+        self.last_buckets = [step.buckets[i] for i in range(job.index + 1)]
 
     def _sink_for(self, step: _Step) -> Sink:
         key = tuple(tuple(id(p) for p in step.params[i]) for i in range(len(step.params)))

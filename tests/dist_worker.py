@@ -179,6 +179,24 @@ def check_bytes() -> None:
               f"mean/plain={(mean - fold) / plain:.5f} calls={dict(traffic.calls)}", flush=True)
 
 
+def check_collectives() -> None:
+    """The gloo ring reduce-scatter / all-gather over the whole world (h = N) against plain arithmetic."""
+    from simigrad_compile.distributed_collectives import all_gather, reduce_scatter
+
+    group = dist.new_group(list(range(WORLD)))
+    for numel in (WORLD, 7 * WORLD):
+        mine = torch.arange(numel, dtype=torch.float32) * (RANK + 1)
+        out = torch.empty(numel // WORLD)
+        reduce_scatter(out, mine.clone(), group)
+        total = torch.arange(numel, dtype=torch.float32) * sum(range(1, WORLD + 1))
+        assert torch.equal(out, total.view(WORLD, -1)[RANK]), (out, total)
+        gathered = torch.empty(numel)
+        all_gather(gathered, out, group)
+        assert torch.equal(gathered, total), (gathered, total)
+    if RANK == 0:
+        print("CHECK collectives OK", flush=True)
+
+
 def check_world1() -> None:
     """World size 1: enable_ddp installs nothing and says so; gradients are DDP's."""
     import logging
@@ -212,6 +230,7 @@ def main(checks) -> None:
         "uneven": lambda: run_check("uneven", MLP, uneven, counts=True),
         "bytes": check_bytes,
         "world1": check_world1,
+        "collectives": check_collectives,
         "compiled": lambda: run_check("compiled", MLP, [8, 6], compiled=True, bucket_cap_mb=1, width=600),
     }
     for name in checks:

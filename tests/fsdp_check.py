@@ -48,7 +48,7 @@ def run_fsdp_check(rank: int, world: int) -> None:
         worst["grad"] = max(worst["grad"], float((got - ref).norm() / ref.norm()))
         for v, r in zip((stats.dot, stats.sq_norm_1, stats.sq_norm_2), (g1 @ g2, g1 @ g1, g2 @ g2)):
             worst["stats"] = max(worst["stats"], abs(v - float(r)) / abs(float(r)))
-        assert math.isfinite(stats.cosine)
+        assert math.isfinite(stats.cosine), stats
     if worst["grad"] > 1e-6 or worst["stats"] > 1e-5:
         raise AssertionError(f"fsdp: worst errors {worst}")
     if rank == 0:

@@ -62,9 +62,9 @@ def test_bad_counts_raise():
 
 LAUNCHES = {
     1: ["world1"],
-    2: ["mlp", "mlp_same_data", "transformer", "nosync", "bf16", "fp16", "uneven", "bytes", "compiled", "fsdp"],
-    3: ["mlp", "transformer", "nosync", "bf16", "uneven", "bytes"],
-    4: ["mlp", "transformer", "nosync", "bf16", "uneven", "bytes", "fsdp"],
+    2: ["collectives", "mlp", "mlp_same_data", "transformer", "nosync", "bf16", "fp16", "uneven", "bytes", "compiled", "fsdp"],
+    3: ["collectives", "mlp", "transformer", "nosync", "bf16", "uneven", "bytes"],
+    4: ["collectives", "mlp", "transformer", "nosync", "bf16", "uneven", "bytes", "fsdp"],
 }
 
 
