@@ -30,6 +30,7 @@ def _parser() -> argparse.ArgumentParser:
                       help="run 3's LR: sqrt(B/B0) x lr like SimiGrad, or lr unscaled (sqrt)")
     demo.add_argument("--out", default="simigrad-demo", help="folder for results.json and the PNG plots")
     demo.add_argument("--quick", action="store_true", help="a seconds-long smoke run (tiny model, no Inductor)")
+    demo.add_argument("--threads", type=int, default=None, help="torch intra-op threads (torch's default)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     demo.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     return parser
@@ -50,6 +51,10 @@ def demo(args) -> int:
     from .demo.report import save_json, save_plots, table
 
     settings = _settings(args)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
     start = time.perf_counter()
     seeds = run_demo(settings, list(range(args.seed, args.seed + args.seeds)))

@@ -30,7 +30,8 @@ class DemoSettings:
     eval_points: int = 8
     """Validation evaluations per run (for the loss curves); the last is the final loss."""
     compiler: str = "inductor"
-    """The simigrad backend's code generator; ``aot_eager`` skips Inductor (fast compile, slow steps)."""
+    """The simigrad backend's code generator; ``aot_eager`` skips Inductor (fast compile, slow steps); ``eager``
+    compiles nothing (the runtime then splits the micro-steps: accumulation >= 2, so B0 needs a rung of B0/2)."""
     progress: bool = True
 
     def as_dict(self) -> dict:
@@ -40,6 +41,6 @@ class DemoSettings:
         return replace(self, **changes)
 
 
-QUICK = dict(samples=256, batch_size=4, micro_batch_sizes=(4, 8), max_batch_size=64, dim=32, layers=1, heads=2,
-             context=32, eval_sequences=32, eval_points=2, compiler="aot_eager")
+QUICK = dict(samples=192, batch_size=4, micro_batch_sizes=(4,), max_batch_size=64, dim=32, layers=1, heads=2,
+             context=32, eval_sequences=16, eval_points=2, compiler="aot_eager")
 """``--quick``: a smoke run of seconds, not a measurement."""

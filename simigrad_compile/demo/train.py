@@ -76,7 +76,10 @@ def train_run(name: str, settings: DemoSettings, train_set, val_batches: list, s
     torch._dynamo.reset()  # a fresh model gets its own compiled regions; the FX-graph cache keeps this cheap
     torch.manual_seed(seed)
     model = TinyGPT(dim=s.dim, layers=s.layers, heads=s.heads, context=s.context)
-    compiled = torch.compile(model, backend="simigrad", options={"compiler": s.compiler})
+    if s.compiler == "eager":  # no split statistics: AdaptiveBatching measures across micro-steps instead
+        compiled = model
+    else:
+        compiled = torch.compile(model, backend="simigrad", options={"compiler": s.compiler})
     lr = s.lr * (math.sqrt(min_batch / s.batch_size) if s.fixed_lr_scaling == "sqrt" else 1.0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
     run = simigrad_compile.AdaptiveBatching(
