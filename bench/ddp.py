@@ -7,13 +7,17 @@ Schemes, all on the same model and data, interleaved step by step in one process
 
 * ``plain``: DDP's built-in all-reduce (timing); bytes counted on a twin with the stock Python ``allreduce_hook``.
 * ``ours``: :func:`simigrad_compile.distributed.enable_ddp` (RS in half, partner exchange, kernel, AG in half).
+* ``ours_comm_only``: ours with the statistics kernel replaced by a bare mean (diagnostic: the communication
+  scheme's own cost, without the kernel's CPU time).
 * ``original``: the 2020 SimiGrad DeepSpeed fork's reduction, as a hook: all-reduce inside each half, rank N/2
   sends its half's whole sum to rank 0, rank 0 computes the statistics and broadcasts them, then the full
   all-reduce. The similarity part blocks the backward (it was serial in the original too); the final all-reduce
   is asynchronous like plain DDP's.
 
-Bytes: :class:`simigrad_compile.distributed_traffic.Traffic` counts each collective call with the ring formulas
-(``2B(h-1)/h`` for an all-reduce, ...), checked against ``2S(N-1)/N`` for S gradient bytes. Time: median (min,
+Bytes, two ways: :class:`simigrad_compile.distributed_traffic.Traffic` counts each collective call with the ring
+formulas (``2B(h-1)/h`` for an all-reduce, ...), checked against ``2S(N-1)/N`` for S gradient bytes; and the
+loopback interface's transmitted bytes (``/proc/net/dev``, all ranks together, divided by N; the minimum of a few
+tries, since other processes on the machine may use loopback too) show what each backend really sends. Time: median (min,
 max) over repeats of the slowest rank's forward+backward. Breakdown (ours): backward compute (start to the last
 bucket's hook), the exposed tail after it, the kernel time and how much of it ran while the backward was still
 computing or other buckets were communicating.
@@ -39,7 +43,7 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SCHEMES = ("plain", "ours", "original")
+SCHEMES = ("plain", "ours", "ours_comm_only", "original")
 
 
 class Net(torch.nn.Module):
@@ -87,6 +91,33 @@ def original_hook(state: Original, bucket: dist.GradBucket) -> torch.futures.Fut
 
 
 original_hook.__annotations__ = {"state": object, "bucket": dist.GradBucket, "return": torch.futures.Future[torch.Tensor]}
+
+
+def _bare_mean(a, b, out=None):
+    out = torch.add(a, b, out=out) if out is not None else a + b
+    return out.mul_(0.5), torch.zeros(1, 3)
+
+
+def _loopback_tx() -> int:
+    with open("/proc/net/dev") as f:
+        for line in f:
+            if line.strip().startswith("lo:"):
+                return int(line.split(":", 1)[1].split()[8])
+    return -1
+
+
+def _wire_bytes(step, tries: int = 3) -> float:
+    """Loopback bytes of one step (barriers included), per rank; the minimum over tries."""
+    best = float("inf")
+    for _ in range(tries):
+        dist.barrier()
+        before = _loopback_tx()
+        step()
+        dist.barrier()
+        best = min(best, _loopback_tx() - before)
+    t = torch.tensor([best], dtype=torch.float64)
+    dist.broadcast(t, src=0)
+    return float(t) / dist.get_world_size()
 
 
 def _max_over_ranks(x: float) -> float:
@@ -143,6 +174,7 @@ def run_world(widths, repeats: int, warmup: int, batch: int, bucket_mb: float) -
         for m in models.values():
             m.module.load_state_dict(net.state_dict())
         ours = enable_ddp(models["ours"])
+        enable_ddp(models["ours_comm_only"]).kernel = _bare_mean
         models["original"].register_comm_hook(Original(), original_hook)
         models["plain_counted"].register_comm_hook(None, allreduce_hook)
         gen = torch.Generator().manual_seed(rank)
@@ -167,6 +199,7 @@ def run_world(widths, repeats: int, warmup: int, batch: int, bucket_mb: float) -
             with traffic.counting():
                 step(counted)
             sent[name] = _mean_max(traffic.sent)
+            sent[name]["wire"] = _wire_bytes(lambda: step(name))
         times = {s: [] for s in SCHEMES}
         parts = []
         ours.tracing = True
@@ -183,8 +216,9 @@ def run_world(widths, repeats: int, warmup: int, batch: int, bucket_mb: float) -
         rows.append({
             "world": world, "width": width, "grad_bytes": grad_bytes, "buckets": len(ours.last_buckets),
             "bytes_sent": sent, "plain_formula_bytes": plain_formula,
-            "bytes_ratio": {s: sent[s]["mean"] / sent["plain"]["mean"] for s in SCHEMES},
-            "bytes_ratio_max_rank": {s: sent[s]["max"] / sent["plain"]["max"] for s in SCHEMES},
+            "bytes_ratio": {s: sent[s]["mean"] / sent["plain"]["mean"] for s in sent},
+            "bytes_ratio_max_rank": {s: sent[s]["max"] / sent["plain"]["max"] for s in sent},
+            "wire_ratio": {s: sent[s]["wire"] / sent["plain"]["wire"] for s in sent},
             "step_s": {s: {"median": med[s], "min": min(v), "max": max(v)} for s, v in times.items()},
             "time_ratio": {s: med[s] / med["plain"] for s in SCHEMES},
             "breakdown_ours": {k: statistics.median(p[k] for p in parts) for k in parts[0]},
@@ -205,16 +239,18 @@ def worker(args) -> None:
 
 def _table(rows) -> str:
     head = (f"{'N':>2} {'width':>5} {'S MB':>6} {'bkts':>4} | {'plain MB':>8} {'2S(N-1)/N':>9} {'ours/pl':>7} "
-            f"{'orig/pl':>7} {'orig max':>8} | {'plain ms':>8} {'ours/pl':>7} {'orig/pl':>7} | "
-            f"{'compute':>7} {'tail':>6} {'kernel':>6} {'hidden':>6}")
+            f"{'orig/pl':>7} {'orig max':>8} {'wire o/p':>8} | {'plain ms':>8} {'ours/pl':>7} {'comm/pl':>7} "
+            f"{'orig/pl':>7} | {'compute':>7} {'tail':>6} {'kernel':>6} {'hidden':>6}")
     lines = [head, "-" * len(head)]
     for r in rows:
         b, t, bd = r["bytes_ratio"], r["time_ratio"], r["breakdown_ours"]
         lines.append(
             f"{r['world']:>2} {r['width']:>5} {r['grad_bytes'] / 2**20:>6.2f} {r['buckets']:>4} | "
             f"{r['bytes_sent']['plain']['mean'] / 2**20:>8.3f} {r['plain_formula_bytes'] / 2**20:>9.3f} "
-            f"{b['ours']:>7.4f} {b['original']:>7.3f} {r['bytes_ratio_max_rank']['original']:>8.3f} | "
-            f"{r['step_s']['plain']['median'] * 1e3:>8.1f} {t['ours']:>7.3f} {t['original']:>7.3f} | "
+            f"{b['ours']:>7.4f} {b['original']:>7.3f} {r['bytes_ratio_max_rank']['original']:>8.3f} "
+            f"{r['wire_ratio']['ours']:>8.3f} | "
+            f"{r['step_s']['plain']['median'] * 1e3:>8.1f} {t['ours']:>7.3f} {t['ours_comm_only']:>7.3f} "
+            f"{t['original']:>7.3f} | "
             f"{bd['backward_compute_s'] * 1e3:>6.1f}m {bd['exposed_tail_s'] * 1e3:>5.1f}m "
             f"{bd['kernel_s'] * 1e3:>5.2f}m {bd['kernel_hidden_frac']:>6.0%}")
     return "\n".join(lines)

@@ -79,6 +79,8 @@ class SplitReduction:
         self.counts: Optional[Tuple[int, ...]] = None
         self.weights: Weights = make_weights(layout, None)
         self.tracing = False
+        self.kernel: Optional[Callable] = None
+        """Overrides ``kernels.shard_stats_mean`` (for diagnostics, e.g. a benchmark's communication-only run)."""
         self.last_trace: List[Tuple[float, int, str]] = []
         self.last_buckets: List[Tuple[int, torch.dtype]] = []
         """(numel, dtype) of each bucket of the last reduced step."""
@@ -86,6 +88,7 @@ class SplitReduction:
         self._sink_key: Optional[tuple] = None
         self._step = _Step()
         self._stages = {name: Serial(f"simigrad-ddp-{name}") for name in STAGES}
+        self._buffers: Dict[tuple, torch.Tensor] = {}
         self._build_groups()
 
     def _build_groups(self) -> None:
@@ -122,9 +125,9 @@ class SplitReduction:
         step.params[index] = tuple(bucket.parameters())
         buf = bucket.buffer()
         step.buckets[index] = (buf.numel(), buf.dtype)
-        full = self._scaled(buf)
+        full = self._scaled(index, buf)
         h = len(self.layout.half)
-        job = _Bucket(index, buf, full, full.new_empty(full.numel() // h) if h > 1 else full)
+        job = _Bucket(index, buf, full, self._buffer(index, "shard", full.numel() // h, full) if h > 1 else full)
         result: Future = Future()
         step.results[index] = result
         stages = [("exchange", self._exchange), ("kernel", self._kernel)]
@@ -149,11 +152,22 @@ class SplitReduction:
         if self.tracing:
             self._step.trace.append((time.perf_counter(), index, event))
 
-    def _scaled(self, buf: torch.Tensor) -> torch.Tensor:
+    def _buffer(self, index: int, role: str, numel: int, like: torch.Tensor) -> torch.Tensor:
+        """A scratch buffer reused across steps (fresh large CPU allocations page-fault on every step)."""
+        key = (index, role)
+        old = self._buffers.get(key)
+        if old is None or old.numel() != numel or old.dtype != like.dtype or old.device != like.device:
+            old = self._buffers[key] = like.new_empty(numel)
+        return old
+
+    def _scaled(self, index: int, buf: torch.Tensor) -> torch.Tensor:
         """``w_r * buf`` padded to the layout; the bucket buffer itself when no padding is needed."""
         w = self.weights.own
         padded = self.layout.padded(buf.numel())
-        full = buf if padded == buf.numel() else buf.new_zeros(padded)
+        full = buf
+        if padded != buf.numel():
+            full = self._buffer(index, "padded", padded, buf)
+            full[buf.numel() :].zero_()
         head = full[: buf.numel()]
         if w == 0.0:
             head.zero_()
@@ -176,8 +190,8 @@ class SplitReduction:
             yield seg, group, job.shard[(seg.lo - own_lo) * per : (seg.hi - own_lo) * per]
 
     def _exchange(self, job: _Bucket) -> None:
-        for seg, group, part in self._parts(job):
-            other = torch.empty_like(part)
+        for k, (seg, group, part) in enumerate(self._parts(job)):
+            other = self._buffer(job.index, f"other{k}", part.numel(), part)
             peer = seg.b_rank if self.layout.rank == seg.a_rank else seg.a_rank
             swap(part, other, peer, group)
             job.others.append(other)
@@ -185,7 +199,7 @@ class SplitReduction:
 
     def _kernel(self, job: _Bucket) -> None:
         self._mark(job.index, "kernel_start")
-        kernel, rows = _shard_stats_mean(), []
+        kernel, rows = self.kernel or _shard_stats_mean(), []
         for (seg, _, part), other in zip(self._parts(job), job.others):
             _, stats = kernel(part, other, out=part)
             if self.layout.rank == seg.a_rank:  # (part, other) = (A's sum, B's sum): count each element once
