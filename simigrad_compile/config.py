@@ -17,6 +17,7 @@ GroupMode = Literal["auto", "batch", "microsteps", "ranks"]
 Compiler = Literal["inductor", "aot_eager"]
 LrScaling = Literal["sqrt", "linear", "none"]
 Warmup = Literal["lazy", "eager"]
+StatsSum = Literal["auto", "kernel", "graph"]
 BatchDim = Union[int, tuple, dict]
 
 
@@ -44,6 +45,11 @@ class SimigradConfig:
 
     disabled_passes: tuple = ()
     """Names of graph passes to skip, for bug hunting (for example ``("split_backward",)``)."""
+
+    stats_sum: StatsSum = "auto"
+    """How the split pass combines the halves: ``kernel`` calls the fused ``simigrad::split_grads`` op (Triton
+    on GPU), ``graph`` emits the sum and the three dot products as graph ops for Inductor to fuse, ``auto``
+    uses ``kernel`` on GPU and ``graph`` on CPU."""
 
     stats_bucket_mb: float = 32.0
     """Largest extra gradient memory (MiB) that one fused statistics launch may hold live: the split pass

@@ -106,6 +106,19 @@ def _(g1, g2, primal_indices):
     return [torch.empty_like(t, memory_format=torch.contiguous_format) for t in g1]
 
 
+@torch.library.custom_op("simigrad::record_stats", mutates_args=())
+def record_stats(stats: torch.Tensor, primal_indices: List[int]) -> None:
+    """Records ``stats`` rows ``(d, a, b)`` of the parameters ``primal_indices`` into the active region."""
+    region = _current("record_stats")
+    if region is not None:
+        region.record(stats, primal_indices)
+
+
+@record_stats.register_fake
+def _(stats, primal_indices):
+    return None
+
+
 @torch.library.custom_op("simigrad::mark_unsplit", mutates_args=())
 def mark_unsplit(grad: torch.Tensor, reasons: str) -> torch.Tensor:
     """Passes ``grad`` through and tells the active region which parameters were left whole, and why."""
@@ -121,4 +134,5 @@ def _(grad, reasons):
 
 
 torch.fx.node.has_side_effect(torch.ops.simigrad.split_grads.default)
+torch.fx.node.has_side_effect(torch.ops.simigrad.record_stats.default)
 torch.fx.node.has_side_effect(torch.ops.simigrad.mark_unsplit.default)

@@ -39,16 +39,18 @@ def _check(model, compiled, loss_of, compiled_loss_of, batch_size):
     return stats
 
 
+@pytest.mark.parametrize("stats_sum", ["kernel", "graph"])
 @pytest.mark.parametrize("batch_size", [8, 7])
-def test_mlp(batch_size):
+def test_mlp(batch_size, stats_sum):
     torch.manual_seed(0)
     model, x, y = MLP(), torch.randn(batch_size, 12), torch.randn(batch_size, 5)
     loss_of = lambda m, rows: F.mse_loss(m(x[rows]), y[rows])  # noqa: E731
-    _check(model, _compile(model), loss_of, lambda c: F.mse_loss(c(x), y), batch_size)
+    _check(model, _compile(model, stats_sum=stats_sum), loss_of, lambda c: F.mse_loss(c(x), y), batch_size)
 
 
 @pytest.mark.parametrize("loss_inside", [True, False])
-def test_transformer(loss_inside):
+@pytest.mark.parametrize("stats_sum", ["kernel", "graph"])
+def test_transformer(loss_inside, stats_sum):
     torch.manual_seed(1)
     model = TinyGPT(loss_inside=loss_inside)
     idx, tgt = torch.randint(0, 40, (6, 8)), torch.randint(0, 40, (6, 8))
@@ -57,7 +59,7 @@ def test_transformer(loss_inside):
         out = m(idx[rows], tgt[rows])
         return out if loss_inside else F.cross_entropy(out.flatten(0, 1), tgt[rows].flatten())
 
-    _check(model, _compile(model), loss_of, lambda c: loss_of(c, slice(0, 6)), 6)
+    _check(model, _compile(model, stats_sum=stats_sum), loss_of, lambda c: loss_of(c, slice(0, 6)), 6)
 
 
 def test_seq_first_attention_with_batch_dim_1():
@@ -83,12 +85,13 @@ def test_graph_break_regions_add_up():
     assert stats.finite
 
 
-def test_inductor_transformer_and_per_parameter_breakdown():
+@pytest.mark.parametrize("stats_sum", ["auto", "kernel"])
+def test_inductor_transformer_and_per_parameter_breakdown(stats_sum):
     torch.manual_seed(5)
     model = TinyGPT()
     idx, tgt = torch.randint(0, 40, (4, 8)), torch.randint(0, 40, (4, 8))
     torch._dynamo.reset()
-    compiled = torch.compile(model, backend="simigrad")
+    compiled = torch.compile(model, backend="simigrad", options={"stats_sum": stats_sum})
     loss_of = lambda m, rows: m(idx[rows], tgt[rows])  # noqa: E731
     _check(model, compiled, loss_of, lambda c: c(idx, tgt), 4)
     compiled(idx, tgt).backward()
@@ -186,7 +189,8 @@ def test_bad_option_names_key_and_valid_ones():
         _compile(MLP(), group_mode="halves")(torch.randn(2, 12))
 
 
-def test_rewritten_graph_op_counts(monkeypatch):
+@pytest.mark.parametrize("stats_sum", ["kernel", "graph"])
+def test_rewritten_graph_op_counts(monkeypatch, stats_sum):
     """Each weight-gradient mm and bias sum becomes two half-batch ops; none contracts the full batch."""
     from collections import Counter
 
@@ -202,11 +206,12 @@ def test_rewritten_graph_op_counts(monkeypatch):
 
     monkeypatch.setattr(SimigradPassManager, "__call__", spy)
     model = MLP()
-    _compile(model)(torch.randn(8, 12)).sum().backward()
+    _compile(model, stats_sum=stats_sum)(torch.randn(8, 12)).sum().backward()
     (before, after, graph) = graphs[-1]
     assert after[aten.mm.default] == before[aten.mm.default] + 3
     assert after[aten.sum.dim_IntList] == before[aten.sum.dim_IntList] + 3
-    assert after[torch.ops.simigrad.split_grads.default] == 1
+    fused = after[torch.ops.simigrad.split_grads.default]
+    assert (fused, after[torch.ops.simigrad.record_stats.default]) == ((1, 0) if stats_sum == "kernel" else (0, 1))
     weight_shapes = {tuple(p.shape) for p in model.parameters() if p.dim() == 2}
     contracted = [n.args[0].meta["val"].shape[1] for n in graph.nodes
                   if n.target is aten.mm.default and tuple(n.meta["val"].shape) in weight_shapes]

@@ -33,9 +33,10 @@ class RegionPlan:
     """``batch`` (split or raise), ``auto`` (split or fall back), ``off`` (no split pass)."""
     bucket_bytes: int
     disabled: Tuple[str, ...] = ()
+    stats_sum: str = "auto"
 
     def key(self) -> str:
-        return repr((self.roles, self.mode, self.bucket_bytes, self.disabled))
+        return repr((self.roles, self.mode, self.bucket_bytes, self.disabled, self.stats_sum))
 
     @property
     def params(self) -> List[Tuple[int, str]]:
@@ -95,4 +96,5 @@ def plan_region(gm: torch.fx.GraphModule, example_inputs: Sequence, config: Simi
             user_index += 1
         else:
             roles.append(InputRole("other", node.name))
-    return RegionPlan(tuple(roles), mode, int(config.stats_bucket_mb * 2**20), tuple(config.disabled_passes))
+    return RegionPlan(tuple(roles), mode, int(config.stats_bucket_mb * 2**20), tuple(config.disabled_passes),
+                      config.stats_sum)

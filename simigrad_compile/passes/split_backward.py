@@ -165,6 +165,19 @@ class SplitBackwardPass:
         pairs = []
         for index, name, grad in wanted:
             pairs.append((index, grad, self._emit(grad, 0), self._emit(grad, 1)))
+        on_cpu = pairs and pairs[0][1].meta["val"].device.type == "cpu"
+        if self.plan.stats_sum == "graph" or (self.plan.stats_sum == "auto" and on_cpu):
+            launches = self._sum_in_graph(graph, output, pairs, outs, slots)
+        else:
+            launches = self._sum_in_kernel(graph, pairs, outs, slots)
+        output.args = (outs,)
+        graph.eliminate_dead_code()
+        _trim_convolution_backward(graph, self._fake)
+        graph.lint()
+        log.info("simigrad: split %d parameter gradients into half-batch pairs (%s)", len(pairs), launches)
+
+    def _sum_in_kernel(self, graph, pairs, outs, slots) -> str:
+        """GPU: one ``simigrad::split_grads`` launch per bucket of at most ``bucket_bytes`` of halves."""
         order = {n: i for i, n in enumerate(graph.nodes)}
         buckets, size = [[]], 0
         for pair in sorted(pairs, key=lambda p: order[p[1]]):
@@ -178,23 +191,32 @@ class SplitBackwardPass:
         for bucket in buckets:
             last = max((n for p in bucket for n in p[2:]), key=order.get)
             with graph.inserting_after(last):
-                fused = graph.call_function(
-                    torch.ops.simigrad.split_grads.default,
-                    ([p[2] for p in bucket], [p[3] for p in bucket], [p[0] for p in bucket]),
-                )
-                self._fake(fused)
+                fused = self._call(torch.ops.simigrad.split_grads.default,
+                                   [p[2] for p in bucket], [p[3] for p in bucket], [p[0] for p in bucket])
             node = fused
             for j, (index, *_rest) in enumerate(bucket):
                 with graph.inserting_after(node):
-                    node = graph.call_function(operator.getitem, (fused, j))
-                    self._fake(node)
+                    node = self._call(operator.getitem, fused, j)
                 outs[slots[index]] = node
-        output.args = (outs,)
-        graph.eliminate_dead_code()
-        _trim_convolution_backward(graph, self._fake)
-        graph.lint()
-        log.info("simigrad: split %d parameter gradients into half-batch pairs in %d fused launch(es)",
-                 len(pairs), len(buckets))
+        return f"{len(buckets)} fused split_grads launch(es)"
+
+    def _sum_in_graph(self, graph, output, pairs, outs, slots) -> str:
+        """CPU: the sum and the three fp32 dot products as graph ops, so Inductor fuses them into one loop
+        over each pair (one read of g1 and g2, one write of g); ``simigrad::record_stats`` takes the rows."""
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        rows = []
+        for index, _, g1, g2 in pairs:
+            with graph.inserting_before(max(g1, g2, key=order.get).next):
+                outs[slots[index]] = self._call(aten.add.Tensor, g1, g2)
+                f1, f2 = (self._call(torch.ops.prims.convert_element_type.default, g, torch.float32)
+                          if g.meta["val"].dtype != torch.float32 else g for g in (g1, g2))
+                terms = [self._call(aten.sum.default, self._call(aten.mul.Tensor, x, y)) for x, y in
+                         ((f1, f2), (f1, f1), (f2, f2))]
+                rows.append(self._call(aten.cat.default, [self._call(aten.view.default, t, [1]) for t in terms]))
+        with graph.inserting_before(output):
+            stats = self._call(aten.view.default, self._call(aten.cat.default, rows), [len(rows), 3])
+            self._call(torch.ops.simigrad.record_stats.default, stats, [p[0] for p in pairs])
+        return "sums and dot products left to Inductor"
 
     def _emit(self, node, half: int):
         """The ``half`` (0: first floor(B/2) samples, 1: the rest) version of ``node``."""
