@@ -7,6 +7,9 @@ Per op and size (fp32, flat tensors), each repeat runs every variant once, in tu
              split_stats_sum, shard_stats_mean: torch.add(a, b, out=o)  (read 2, write 1);
              pair_stats: torch.dot(a, b)  (one fused read of each input, nothing written);
   naive    separate torch ops: the add (or the ``other`` tensor), torch.dot, two squared vector norms.
+  graph    (CPU, split_stats_sum) what the backend runs on CPU: the add and the three fp32 dot products as
+           graph ops, fused by Inductor into one loop that allocates g; compared with ``alloc_floor``,
+           ``torch.add(a, b)`` allocating its output.
 Reported: medians with min/max, ratios ours/floor and naive/ours (median, and min in brackets), GB/s of ours
 (bytes the op must move / time). On CUDA also the copy bandwidth (dst.copy_(src)) and ours as a fraction of it.
 
@@ -41,6 +44,12 @@ def sq_norm(x: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(x) ** 2
 
 
+@torch.compile(dynamic=True)
+def _graph_split(a: torch.Tensor, b: torch.Tensor):
+    af, bf = a.float(), b.float()
+    return a + b, torch.cat([(af * bf).sum().view(1), (af * af).sum().view(1), (bf * bf).sum().view(1)])
+
+
 def variants(a: torch.Tensor, b: torch.Tensor, o: torch.Tensor, device: str) -> dict[str, dict]:
     """op -> {"bytes": traffic, name -> callable}."""
     cpu = device == "cpu"
@@ -67,6 +76,7 @@ def variants(a: torch.Tensor, b: torch.Tensor, o: torch.Tensor, device: str) -> 
             "alloc": lambda: ops.split_stats_sum([a], [b]),
             "floor": lambda: torch.add(a, b, out=o),
             "naive": split_naive,
+            **({"graph": lambda: _graph_split(a, b), "alloc_floor": lambda: torch.add(a, b)} if cpu else {}),
         },
         "pair_stats": {
             "bytes": 2 * n * size,
@@ -147,6 +157,10 @@ def run(sizes: list[int], repeats: int, device: str) -> dict:
             }
             if "alloc" in stats:
                 row["alloc_over_floor"] = stats["alloc"]["median_s"] / floor["median_s"]
+            if "graph" in stats:
+                graph = stats["graph"]["median_s"]
+                row["graph_over_alloc_floor"] = graph / stats["alloc_floor"]["median_s"]
+                row["naive_over_graph"] = naive["median_s"] / graph
             if copy_gbs is not None:
                 row["copy_gbs"] = copy_gbs
                 row["ours_over_copy_bw"] = row["ours_gbs"] / copy_gbs
@@ -171,6 +185,9 @@ def format_row(r: dict) -> str:
             f"{r['ours_over_floor']:>8.2f} [{r['ours_over_floor_min']:.2f}]"
             f"{r['naive_over_ours']:>8.2f} [{r['naive_over_ours_min']:.2f}]{r['ours_gbs']:>8.1f}"
             f"{r.get('alloc_over_floor', float('nan')):>12.2f}")
+    if "graph_over_alloc_floor" in r:
+        line += f"\n{'  graph (Inductor)':<17}{'':>10}{ms('graph'):>24.2f}{ms('alloc_floor'):>10.2f}{'':>10}" \
+                f"{r['graph_over_alloc_floor']:>8.2f}{'':>8}{r['naive_over_graph']:>8.2f}"
     if "copy_gbs" in r:
         line += f"  copy {r['copy_gbs']:.0f} GB/s, ours {100 * r['ours_over_copy_bw']:.0f}%"
     return line

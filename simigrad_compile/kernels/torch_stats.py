@@ -14,7 +14,18 @@ import torch
 from torch import Tensor
 
 CHUNK = 1 << 17
-"""Elements per chunk: three fp32 chunks (two inputs, one result) stay within a core's 2 MiB L2."""
+"""Elements per chunk with one intra-op thread: three fp32 chunks (two inputs, one result) stay within a core's
+2 MiB L2."""
+
+CHUNK_THREADED = 1 << 23
+"""Elements per chunk with several intra-op threads. Every op on a chunk opens an OpenMP parallel region, and
+on a loaded machine each region can wait a scheduler slice for a descheduled thread (measured here: 128K-element
+chunks made a 16M-element call 140x slower than one add under a load average of 3). Large chunks keep the
+regions few; they only bound the fp32 scratch of bf16/fp16 inputs."""
+
+
+def chunk_size() -> int:
+    return CHUNK if torch.get_num_threads() == 1 else CHUNK_THREADED
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -50,16 +61,16 @@ class _Scratch:
     """fp32 buffers of one chunk, allocated once per call."""
 
     def __init__(self, numel: int, count: int, device: torch.device) -> None:
-        size = min(CHUNK, numel)
+        size = min(chunk_size(), numel)
         self.bufs = [torch.empty(size, dtype=torch.float32, device=device) for _ in range(count)]
 
 
 def _sum_stats_into(x: Tensor, y: Tensor, o: Tensor, scale: float, row: Tensor, scratch: _Scratch) -> None:
     """``o = (x + y) * scale``; ``row = (x.y, |x|^2, |y|^2)``. Flat inputs; ``o`` may alias ``x``."""
-    n = x.numel()
-    parts = torch.zeros(math.ceil(n / CHUNK), 3, dtype=torch.float32, device=x.device)
-    for i, start in enumerate(range(0, n, CHUNK)):
-        xc, yc, oc = x[start : start + CHUNK], y[start : start + CHUNK], o[start : start + CHUNK]
+    n, chunk = x.numel(), chunk_size()
+    parts = torch.zeros(math.ceil(n / chunk), 3, dtype=torch.float32, device=x.device)
+    for i, start in enumerate(range(0, n, chunk)):
+        xc, yc, oc = x[start : start + chunk], y[start : start + chunk], o[start : start + chunk]
         xf, yf = _as_fp32(xc, scratch.bufs[0]), _as_fp32(yc, scratch.bufs[1])
         p = parts[i]
         torch.dot(xf, yf, out=p[0])
@@ -73,11 +84,11 @@ def _sum_stats_into(x: Tensor, y: Tensor, o: Tensor, scale: float, row: Tensor, 
 
 def _pair_stats_into(x: Tensor, t: Tensor, alpha: float, beta: float, row: Tensor, scratch: _Scratch) -> None:
     """``other = alpha*t + beta*x`` in fp32 per element; ``row = (x.other, |x|^2, |other|^2)``."""
-    n = x.numel()
-    parts = torch.zeros(math.ceil(n / CHUNK), 3, dtype=torch.float32, device=x.device)
-    for i, start in enumerate(range(0, n, CHUNK)):
-        xf = _as_fp32(x[start : start + CHUNK], scratch.bufs[0])
-        tf = _as_fp32(t[start : start + CHUNK], scratch.bufs[1])
+    n, chunk = x.numel(), chunk_size()
+    parts = torch.zeros(math.ceil(n / chunk), 3, dtype=torch.float32, device=x.device)
+    for i, start in enumerate(range(0, n, chunk)):
+        xf = _as_fp32(x[start : start + chunk], scratch.bufs[0])
+        tf = _as_fp32(t[start : start + chunk], scratch.bufs[1])
         other = scratch.bufs[2][: xf.numel()]
         torch.mul(tf, alpha, out=other)
         other.add_(xf, alpha=beta)
