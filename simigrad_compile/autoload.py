@@ -25,7 +25,8 @@ With ``SIMIGRAD=1``:
    trampoline: its first call sets that default (unless the user has already set one other than
    ``"inductor"``), puts the original ``torch.compile`` back, and calls it. An explicit ``backend=`` is
    honoured.
-3. Unmodified training loops get adaptive batching: :func:`simigrad_compile.auto_loop.install`.
+3. Unmodified training loops get adaptive batching: :func:`simigrad_compile.auto_loop.install`, unless
+   ``SIMIGRAD_AUTO_LOOP=false``.
 
 DataLoader worker processes import torch too; they validate the variables and install the (unused) hooks.
 
@@ -52,9 +53,10 @@ def torch_autoload() -> None:
         return
     config = envvars.config_from_env()
     route_default_backend()
-    from . import auto_loop
+    if config.auto_loop:
+        from . import auto_loop
 
-    auto_loop.install(config)
+        auto_loop.install(config)
 
 
 def route_default_backend() -> None:

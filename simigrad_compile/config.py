@@ -93,6 +93,10 @@ class SimigradConfig:
     cuda_graphs: bool = False
     """On GPU, capture one CUDA graph per rung (``mode="reduce-overhead"``)."""
 
+    auto_loop: bool = True
+    """Under ``SIMIGRAD=1``, give unmodified training loops adaptive batching through global optimizer hooks
+    (see :mod:`simigrad_compile.auto_loop`). ``False``: only route ``torch.compile`` to this backend."""
+
     # --- logging ---
     log_dir: Optional[str] = None
     """Folder for the per-step CSV (and TensorBoard events when installed). ``None``: no files."""

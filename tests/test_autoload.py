@@ -302,3 +302,13 @@ def test_closure_and_excluded_optimizers(hooks):
     auto_loop.exclude(opt)
     opt.step(closure)
     assert auto_loop.history(opt) == []
+
+
+def test_auto_loop_false_routes_the_backend_but_leaves_optimizers_alone():
+    out = loop(False, 2, {"SIMIGRAD": "1", "SIMIGRAD_AUTO_LOOP": "false"})
+    plain = loop(False, 2, {})
+    assert json.loads(out.stdout)["params"] == json.loads(plain.stdout)["params"]
+    assert not STEP_LINE.search(out.stderr)
+    routed = run("import torch; torch.compile(torch.nn.Linear(2, 2)); print(torch.compiler.get_default_backend())",
+                 {"SIMIGRAD": "1", "SIMIGRAD_AUTO_LOOP": "false"})
+    assert routed.stdout.strip().endswith("simigrad"), routed.stderr[-2000:]
