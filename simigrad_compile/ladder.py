@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple
 

@@ -10,7 +10,6 @@ import torch.nn.functional as F
 
 import simigrad_compile
 from models import MLP, GroupedCNN, SeqFirstAttention, TinyGPT, WithBreak, flat_grads, half_reference
-from simigrad_compile.passes.split_backward import SplitError
 
 
 def _compile(model, **options):

@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import operator
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Tuple
 
 import torch
 import torch.fx as fx
@@ -32,30 +32,14 @@ from torch.utils._pytree import tree_map
 
 from .. import region as _region  # noqa: F401  (registers simigrad.split_grads / mark_unsplit)
 from .batch_dims import UNKNOWN, BatchDim, BatchDimPropagation
+from .linear_gradients import LinearGradients, Refuse
 from .plan import RegionPlan
 
 aten = torch.ops.aten
 log = logging.getLogger("simigrad_compile")
 
-_ADDITIVE = {
-    aten.sum.dim_IntList, aten.sum.default, aten.mm.default, aten.bmm.default,
-    aten._unsafe_masked_index_put_accumulate.default, aten.index_put.default, aten.embedding_dense_backward.default,
-}
-_LINEAR_UNARY = {
-    aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.permute.default, aten.t.default,
-    aten.transpose.int, aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default,
-    aten.clone.default, aten.alias.default, aten.neg.default, aten.expand.default, aten.sum.dim_IntList,
-    aten.slice.Tensor, aten.select.int, aten._to_copy.default, torch.ops.prims.convert_element_type.default,
-    aten.mul.Scalar, aten.div.Scalar,
-}
-
-
 class SplitError(RuntimeError):
     """``group_mode="batch"`` was forced but some parameter's gradient cannot be split soundly."""
-
-
-class _Refuse(Exception):
-    pass
 
 
 class SplitBackwardPass:
@@ -76,8 +60,7 @@ class SplitBackwardPass:
             return self._give_up(graph, output, {n: "inputs do not line up with Dynamo's" for _, n in params})
         slots, tangent_outputs = _output_slots(output, outs, primals, tangents)
         prop = _propagate(graph, primals, tangents, tangent_outputs, self.plan)
-        self.prop, self.tangent_dep = prop, _tangent_dependent(graph, tangents)
-        self.memo: Dict[fx.Node, Optional[List[fx.Node]]] = {}
+        self.prop, self.linear = prop, LinearGradients(graph, prop, tangents)
         wanted, reasons = [], {}
         for index, name in params:
             grad = outs[slots[index]] if index in slots else None
@@ -85,76 +68,17 @@ class SplitBackwardPass:
                 continue
             try:
                 if prop.problems:
-                    raise _Refuse("; ".join(prop.problems))
+                    raise Refuse("; ".join(prop.problems))
                 if prop.batch is None or prop.batch < 2:
-                    raise _Refuse(f"batch of {prop.batch} cannot be halved" if prop.batch else "no batched input")
-                if not self._leaves(grad):
-                    raise _Refuse("its gradient does not scale with the batch (a term computed from parameters only)")
+                    raise Refuse(f"batch of {prop.batch} cannot be halved" if prop.batch else "no batched input")
+                if not self.linear.leaves(grad):
+                    raise Refuse("its gradient does not scale with the batch (a term computed from parameters only)")
                 wanted.append((index, name, grad))
-            except _Refuse as why:
+            except Refuse as why:
                 reasons[name] = str(why)
         if reasons:
             return self._give_up(graph, output, reasons)
         self._rewrite(graph, output, outs, slots, wanted)
-
-    # --- analysis: is the gradient a linear map of additive contractions over the batch? ---
-    def _is_leaf(self, node: fx.Node) -> bool:
-        if node.target is operator.getitem:
-            parent = node.args[0]
-            return parent.target is aten.convolution_backward.default and node.args[1] in (1, 2)
-        if node.target not in _ADDITIVE:
-            return False
-        if node.target in (aten._unsafe_masked_index_put_accumulate.default, aten.index_put.default):
-            if not _is_zeros(node.args[0]):
-                raise _Refuse(f"{node.target} accumulates into a non-zero tensor")
-        if node.target is aten.embedding_dense_backward.default and node.args[4]:
-            raise _Refuse("embedding with scale_grad_by_freq mixes the batch's counts")
-        return True
-
-    def _leaves(self, node) -> Optional[List[fx.Node]]:
-        """The contraction leaves ``node`` is linear in; ``None`` when it does not depend on any."""
-        if not isinstance(node, fx.Node) or not self.tangent_dep.get(node, False) or node.op == "placeholder":
-            return None
-        if node in self.memo:
-            return self.memo[node]
-        info = self.prop.info.get(node)
-        if info is UNKNOWN:
-            raise _Refuse(f"depends on {_culprit(node, self.prop)}, which has no batch-dim rule")
-        if isinstance(info, BatchDim):
-            raise _Refuse(f"{node.name} still has the batch dim")
-        batched_input = any(self.prop.info.get(a) is not None for a in node.all_input_nodes)
-        if batched_input and self._is_leaf(node):
-            result = [node]
-        elif batched_input:
-            raise _Refuse(f"{node.target} reduces over the batch but is not a sum")
-        else:
-            result = self._combine(node)
-        self.memo[node] = result
-        return result
-
-    def _combine(self, node: fx.Node) -> Optional[List[fx.Node]]:
-        target = node.target
-        if not any(self._leaves(a) for a in node.all_input_nodes):
-            return None
-        if target in _LINEAR_UNARY:
-            rest = [self._leaves(a) for a in node.all_input_nodes[1:]]
-            inner = self._leaves(node.args[0])
-            if inner is None or any(rest):
-                raise _Refuse(f"{target} mixes two gradient contributions")
-            return inner
-        parts = [self._leaves(a) for a in node.args[:2]]
-        if target in (aten.add.Tensor, aten.sub.Tensor):
-            if not all(parts):
-                raise _Refuse(f"{target} adds a term that does not scale with the batch")
-            return parts[0] + parts[1]
-        if target in (aten.mul.Tensor, aten.mm.default, aten.bmm.default) and sum(p is not None for p in parts) == 1:
-            return parts[0] or parts[1]
-        if target is aten.div.Tensor and parts[0] and parts[1] is None:
-            return parts[0]
-        if target in (aten.slice_scatter.default, aten.select_scatter.default) and parts[1]:
-            if parts[0] or _is_zeros(node.args[0]):
-                return (parts[0] or []) + parts[1]
-        raise _Refuse(f"gradient passes through {target}, which the split pass does not treat as linear")
 
     # --- rewrite ---
     def _rewrite(self, graph, output, outs, slots, wanted) -> None:
@@ -220,12 +144,12 @@ class SplitBackwardPass:
 
     def _emit(self, node, half: int):
         """The ``half`` (0: first floor(B/2) samples, 1: the rest) version of ``node``."""
-        if not isinstance(node, fx.Node) or self._leaves(node) is None:
+        if not isinstance(node, fx.Node) or self.linear.leaves(node) is None:
             return node
         memo = self.halves[half]
         if node in memo:
             return memo[node]
-        if self.memo.get(node) == [node]:
+        if self.linear.is_contraction(node):
             make = lambda a: self._slice(a, half, node) if isinstance(a, fx.Node) else a  # noqa: E731
         else:
             make = lambda a: self._emit(a, half)  # noqa: E731
@@ -336,35 +260,6 @@ def _propagate(graph, primals, tangents, tangent_outputs, plan: RegionPlan) -> B
 def _is_float(node: fx.Node) -> bool:
     val = node.meta.get("val")
     return isinstance(val, torch.Tensor) and val.dtype.is_floating_point
-
-
-def _is_zeros(node) -> bool:
-    return isinstance(node, fx.Node) and node.target in (aten.full.default, aten.zeros.default) and (
-        node.target is aten.zeros.default or node.args[1] == 0
-    )
-
-
-def _tangent_dependent(graph: fx.Graph, tangents) -> Dict[fx.Node, bool]:
-    dep = {t: True for t in tangents}
-    for node in graph.nodes:
-        if node not in dep:
-            dep[node] = any(dep.get(a, False) for a in node.all_input_nodes)
-    return dep
-
-
-def _culprit(node: fx.Node, prop: BatchDimPropagation) -> str:
-    """The first op on ``node``'s inputs whose output became UNKNOWN from known inputs."""
-    seen, stack = set(), [node]
-    while stack:
-        n = stack.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        parents = [a for a in n.all_input_nodes if prop.info.get(a) is UNKNOWN]
-        if not parents:
-            return f"{n.target} ({n.name})"
-        stack.extend(parents)
-    return str(node.target)
 
 
 def _trim_convolution_backward(graph: fx.Graph, fake) -> None:
