@@ -22,13 +22,11 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
-import platform
-import statistics
 import time
 from pathlib import Path
 
 import torch
+from common import hardware, summarise, versions
 
 from simigrad_compile.kernels import ops, torch_stats
 
@@ -107,26 +105,7 @@ def time_interleaved(fns: dict, repeats: int, sync) -> dict[str, list[float]]:
     return times
 
 
-def summarise(times: list[float]) -> dict:
-    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times)}
 
-
-def hardware(device: str) -> dict:
-    info = {"platform": platform.platform(), "processor": platform.processor(), "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "loadavg_1_5_15": os.getloadavg()}
-    if device == "cuda":
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
-
-
-def versions() -> dict:
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    return {"python": platform.python_version(), "torch": torch.__version__, "triton": triton_version}
 
 
 def run(sizes: list[int], repeats: int, device: str) -> dict:

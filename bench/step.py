@@ -38,7 +38,6 @@ import argparse  # noqa: E402
 import copy  # noqa: E402
 import datetime  # noqa: E402
 import json  # noqa: E402
-import platform  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -48,6 +47,7 @@ import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import simigrad_compile  # noqa: E402
+from common import hardware, summarise, versions  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 BACKENDS = ("inductor", "simigrad")
@@ -94,29 +94,7 @@ class GPT(nn.Module):
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
 
 
-def summarise(times: list[float]) -> dict:
-    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times)}
 
-
-def hardware(device: str) -> dict:
-    info = {"platform": platform.platform(), "processor": platform.processor(), "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads()}
-    if hasattr(os, "getloadavg"):
-        info["loadavg_start"] = os.getloadavg()
-    if device == "cuda":
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
-
-
-def versions() -> dict:
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    return {"python": platform.python_version(), "torch": torch.__version__, "triton": triton_version,
-            "simigrad_compile": simigrad_compile.__version__}
 
 
 def fxgraph_counters() -> tuple[int, int]:

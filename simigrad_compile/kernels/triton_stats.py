@@ -27,18 +27,24 @@ _TCOLS = 7
 
 
 @triton.jit
-def _sum_stats_kernel(x_base, y_base, o_base, tensors, tiles, partials, scale, BLOCK: tl.constexpr):
-    """One tile of tensor t: ``o = (x + y) * scale`` (in fp32, stored in o's dtype) and partial sums
-    ``(sum x*y, sum x*x, sum y*y)`` in fp32 into ``partials[tile]``."""
+def _load_tile(x_base, y_base, tensors, tiles, BLOCK: tl.constexpr):
+    """This program's tile: its index, its tensor's table row, element indices and mask, and x, y in fp32."""
     pid = tl.program_id(0).to(tl.int64)
     t = tl.load(tiles + 2 * pid)
     start = tl.load(tiles + 2 * pid + 1)
     meta = tensors + t * 7
-    n = tl.load(meta + 3)
     idx = start + tl.arange(0, BLOCK).to(tl.int64)
-    mask = idx < n
+    mask = idx < tl.load(meta + 3)
     x = tl.load(x_base + tl.load(meta + 0) + idx, mask=mask, other=0.0).to(tl.float32)
     y = tl.load(y_base + tl.load(meta + 1) + idx, mask=mask, other=0.0).to(tl.float32)
+    return pid, meta, idx, mask, x, y
+
+
+@triton.jit
+def _sum_stats_kernel(x_base, y_base, o_base, tensors, tiles, partials, scale, BLOCK: tl.constexpr):
+    """One tile of tensor t: ``o = (x + y) * scale`` (in fp32, stored in o's dtype) and partial sums
+    ``(sum x*y, sum x*x, sum y*y)`` in fp32 into ``partials[tile]``."""
+    pid, meta, idx, mask, x, y = _load_tile(x_base, y_base, tensors, tiles, BLOCK)
     o_ptr = o_base + tl.load(meta + 2) + idx
     tl.store(o_ptr, ((x + y) * scale).to(o_ptr.dtype.element_ty), mask=mask)
     tl.store(partials + 3 * pid + 0, tl.sum(x * y, axis=0))
@@ -50,15 +56,7 @@ def _sum_stats_kernel(x_base, y_base, o_base, tensors, tiles, partials, scale, B
 def _pair_stats_kernel(x_base, y_base, tensors, tiles, partials, alpha, beta, BLOCK: tl.constexpr):
     """One tile of tensor t: ``other = alpha*y + beta*x`` per element in fp32, partial sums
     ``(sum x*other, sum x*x, sum other*other)`` into ``partials[tile]``. Nothing else is written."""
-    pid = tl.program_id(0).to(tl.int64)
-    t = tl.load(tiles + 2 * pid)
-    start = tl.load(tiles + 2 * pid + 1)
-    meta = tensors + t * 7
-    n = tl.load(meta + 3)
-    idx = start + tl.arange(0, BLOCK).to(tl.int64)
-    mask = idx < n
-    x = tl.load(x_base + tl.load(meta + 0) + idx, mask=mask, other=0.0).to(tl.float32)
-    y = tl.load(y_base + tl.load(meta + 1) + idx, mask=mask, other=0.0).to(tl.float32)
+    pid, meta, idx, mask, x, y = _load_tile(x_base, y_base, tensors, tiles, BLOCK)
     other = alpha * y + beta * x
     tl.store(partials + 3 * pid + 0, tl.sum(x * other, axis=0))
     tl.store(partials + 3 * pid + 1, tl.sum(x * x, axis=0))
