@@ -112,3 +112,13 @@ def half_reference(model, loss_of, batch_size):
     g1, g2 = halves
     cos = F.cosine_similarity(g1, g2, dim=0).item()
     return (g1 @ g2).item(), (g1 @ g1).item(), (g2 @ g2).item(), cos
+
+
+class Conv3dNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv3d(2, 4, 3, stride=(1, 2, 2), padding=1, groups=2)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(F.relu(self.c(x)).mean((2, 3, 4)))

@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import simigrad_compile
-from models import MLP, GroupedCNN, SeqFirstAttention, TinyGPT, WithBreak, flat_grads, half_reference
+from models import MLP, Conv3dNet, GroupedCNN, SeqFirstAttention, TinyGPT, WithBreak, flat_grads, half_reference
 
 
 def _compile(model, **options):
@@ -73,6 +73,13 @@ def test_grouped_cnn_with_groupnorm():
     model, x, y = GroupedCNN(), torch.randn(5, 4, 9, 9), torch.randint(0, 3, (5,))
     loss_of = lambda m, rows: F.cross_entropy(m(x[rows]), y[rows])  # noqa: E731
     _check(model, _compile(model), loss_of, lambda c: F.cross_entropy(c(x), y), 5)
+
+
+def test_conv3d_strided_grouped():
+    torch.manual_seed(8)
+    model, x = Conv3dNet(), torch.randn(4, 2, 4, 6, 6)
+    loss_of = lambda m, rows: m(x[rows]).pow(2).mean()  # noqa: E731
+    _check(model, _compile(model), loss_of, lambda c: c(x).pow(2).mean(), 4)
 
 
 def test_graph_break_regions_add_up():
