@@ -244,6 +244,7 @@ def _output_slots(output: fx.Node, outs, primals, tangents):
         by_desc = {d: outs[j] for j, d in enumerate(descs) if d is not None}
         labelled = {t: by_desc.get(getattr(t.meta.get("desc"), "output", None)) for t in tangents}
         return slots, labelled
+    log.warning("simigrad: AOTAutograd's output labels are missing; pairing gradients and tangents by position")
     first = len(outs) - len(primals)
     floats = [o for o in outs[:first] if isinstance(o, fx.Node) and _is_float(o)]
     paired = dict(zip(tangents, floats)) if len(floats) == len(tangents) else {}
