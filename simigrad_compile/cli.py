@@ -19,14 +19,14 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="train fixed-batch, SimiGrad and equal-average-batch runs on the Python "
                                        "standard library's sources, then print and plot the results")
-    demo.add_argument("--samples", type=int, default=d.samples, help=f"training sequences per run ({d.samples})")
-    demo.add_argument("--seeds", type=int, default=1, help="repeat with seeds 0..N-1 and report means (1)")
+    demo.add_argument("--samples", type=int, help=f"training sequences per run ({d.samples})")
+    demo.add_argument("--seeds", type=int, default=1, help="run N seeds (--seed, --seed+1, ...) and report means (1)")
     demo.add_argument("--seed", type=int, default=0, help="first seed (0)")
-    demo.add_argument("--batch-size", type=int, default=d.batch_size, help=f"B0 ({d.batch_size})")
-    demo.add_argument("--target", type=float, default=d.target, help=f"target similarity ({d.target})")
-    demo.add_argument("--max-batch-size", type=int, default=d.max_batch_size)
-    demo.add_argument("--lr", type=float, default=d.lr, help=f"peak AdamW LR at B0 ({d.lr})")
-    demo.add_argument("--fixed-lr-scaling", choices=("sqrt", "none"), default=d.fixed_lr_scaling,
+    demo.add_argument("--batch-size", type=int, help=f"B0 ({d.batch_size})")
+    demo.add_argument("--target", type=float, help=f"target similarity ({d.target})")
+    demo.add_argument("--max-batch-size", type=int, help=f"SimiGrad's upper bound ({d.max_batch_size})")
+    demo.add_argument("--lr", type=float, help=f"peak AdamW LR at B0 ({d.lr})")
+    demo.add_argument("--fixed-lr-scaling", choices=("sqrt", "none"),
                       help="run 3's LR: sqrt(B/B0) x lr like SimiGrad, or lr unscaled (sqrt)")
     demo.add_argument("--out", default="simigrad-demo", help="folder for results.json and the PNG plots")
     demo.add_argument("--quick", action="store_true", help="a seconds-long smoke run (tiny model, no Inductor)")
@@ -40,9 +40,8 @@ def _settings(args):
     from .demo.settings import QUICK, DemoSettings
 
     s = DemoSettings(**QUICK) if args.quick else DemoSettings()
-    defaults = DemoSettings()
     changes = {k: getattr(args, k) for k in ("samples", "batch_size", "target", "max_batch_size", "lr",
-                                             "fixed_lr_scaling") if getattr(args, k) != getattr(defaults, k)}
+                                             "fixed_lr_scaling") if getattr(args, k) is not None}
     return s.replace(progress=not args.no_progress, **changes)
 
 
@@ -62,14 +61,16 @@ def demo(args) -> int:
     print()
     print(table(seeds))
     json_path = os.path.join(args.out, "results.json")
-    save_json(json_path, settings, seeds, total, command=shlex.join(sys.argv))
+    save_json(json_path, settings, seeds, total, command=f"python -m simigrad_compile {shlex.join(args.argv)}")
     plots = save_plots(args.out, seeds, settings)
     print(f"\ntotal {total:.0f} s; wrote {json_path}, {', '.join(plots)}")
     return 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
+    args.argv = argv
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     return demo(args)
