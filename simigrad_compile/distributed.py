@@ -1,22 +1,27 @@
 """Data-parallel SimiGrad for the bytes of plain DDP: ``enable_ddp(ddp_model)``.
 
 Group mode ``ranks``: ``g1`` and ``g2`` are the mean gradients of the first and second half of the ranks
-(DESIGN.md section 3). Per DDP bucket of S bytes on N ranks:
+(DESIGN.md section 3). Per DDP bucket of S bytes on N ranks (ring bytes each rank sends):
 
-1. reduce-scatter inside the rank's half                     S (N-2)/N bytes sent
-2. all-gather of the shard with the partner rank (r, r+N/2)   2S/N
-3. ``kernels.shard_stats_mean(shard_A, shard_B)``: fp32 ``(d, a, b)`` and the mean shard, one pass
-4. all-gather inside the half                                 S (N-2)/N
+1. reduce-scatter inside the rank's half                        S (N-2)/N
+2. swap of the shard with the partner rank (r <-> r + N/2)       2S/N
+3. ``kernels.shard_stats_mean(shard_A, shard_B, out=shard)``: fp32 ``(d, a, b)`` and the mean shard, one pass
+4. all-gather inside the half                                   S (N-2)/N
 
-which is ``2S(N-1)/N``, a plain ring all-reduce. The per-bucket rows are folded by one all-reduce of a
-``[buckets, 3]`` fp32 tensor per step, issued when the step's last bucket is reduced and completed before
-``backward()`` returns (DDP waits on the hook's futures), so every rank records identical values and
-``gradient_stats(ddp_model)`` is the same everywhere without another collective.
+which is ``2S(N-1)/N``, a plain ring all-reduce (measured on loopback too: ``bench/ddp.py``). Each step runs in
+its own ordered thread (:mod:`.distributed_hook`), so buckets pipeline with each other and with the backward.
+The per-bucket rows are folded by one all-reduce of a ``[buckets, 3]`` fp32 tensor per step, issued after the
+step's last bucket and completed before ``backward()`` returns (DDP waits on the hook's futures): every rank
+records identical values, so ``gradient_stats(ddp_model)`` is the same everywhere with no collective at read
+time. Scratch memory, kept across steps: the shard and the received shard per bucket (``2S/N`` at N >= 4, S at
+N = 2), plus a padded copy where a bucket does not divide into the layout's chunks.
 
-Why a comm hook: it is DDP's official per-bucket API, works unchanged under eager DDP and ``torch.compile``
-(DDPOptimizer keeps DDP's reducer), gives asynchronous futures for pipelining, and leaves the user's graph and
-Inductor untouched. The graph route (compiled autograd + python reducer) sees one all-reduce per parameter, not
-per bucket, and only when ``.backward()`` is inside the compiled function.
+Why a comm hook rather than rewriting collectives in the graph: it is DDP's official per-bucket API; it works
+unchanged under eager DDP and ``torch.compile(ddp)`` (DDPOptimizer keeps DDP's reducer and its buckets); its
+futures give the pipelining; and it leaves the user's graphs and Inductor untouched. The graph route (compiled
+autograd + ``optimize_ddp="python_reducer"``) sees one ``all_reduce`` per parameter rather than per bucket and
+only when ``.backward()`` runs inside the compiled function, so it would need its own bucketing and would cover
+fewer training loops; it is not built.
 
 Rules:
 
@@ -44,6 +49,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from .distributed_fsdp import enable_fsdp
 from .distributed_hook import SplitReduction, ddp_hook
 from .distributed_layout import make_layout
 
@@ -99,4 +105,4 @@ def set_sample_counts(model: torch.nn.Module, counts: Optional[Sequence[int]]) -
     state.set_sample_counts(counts)
 
 
-__all__ = ["enable_ddp", "reduction", "set_sample_counts", "SplitReduction"]
+__all__ = ["enable_ddp", "enable_fsdp", "reduction", "set_sample_counts", "SplitReduction"]
