@@ -94,11 +94,11 @@ def _same_everywhere(values) -> None:
 
 
 def run_check(name, model_cls, sizes, *, micro=1, dtype=torch.float32, counts=None, compiled=False,
-              same_data=False, bucket_cap_mb=0.002, grad_tol=1e-6, stats_tol=1e-5, width=None):
+              same_data=False, bucket_cap_mb=0.002, grad_tol=1e-6, stats_tol=1e-5, width=None, bucket_view=False):
     torch.manual_seed(0)
     net = (model_cls(width) if width else model_cls()).to(dtype)
     local = copy.deepcopy(net)
-    ours = DDP(copy.deepcopy(net), bucket_cap_mb=bucket_cap_mb)
+    ours = DDP(copy.deepcopy(net), bucket_cap_mb=bucket_cap_mb, gradient_as_bucket_view=bucket_view)
     plain = DDP(copy.deepcopy(net), bucket_cap_mb=bucket_cap_mb)
     enable_ddp(ours)
     run_ours = torch.compile(ours) if compiled else ours
@@ -224,7 +224,7 @@ def main(checks) -> None:
         "mlp": lambda: run_check("mlp", MLP, [8, 5, 11]),
         "mlp_same_data": lambda: run_check("mlp_same_data", MLP, [6], same_data=True),
         "transformer": lambda: run_check("transformer", TinyTransformer, [4, 7, 3]),
-        "nosync": lambda: run_check("nosync", MLP, [4, 6], micro=3),
+        "nosync": lambda: run_check("nosync", MLP, [4, 6], micro=3, bucket_view=True),
         "bf16": lambda: run_check("bf16", MLP, [16, 9], dtype=torch.bfloat16, grad_tol=2e-2, stats_tol=3e-2),
         "fp16": lambda: run_check("fp16", MLP, [16], dtype=torch.float16, grad_tol=2e-3, stats_tol=1e-2),
         "uneven": lambda: run_check("uneven", MLP, uneven, counts=True),
