@@ -2,14 +2,23 @@
 
 ``torch.compile(model, backend="simigrad")`` rewrites the backward graph so that every backward also yields the
 split-group statistics ``(g1.g2, |g1|^2, |g2|^2)``; :class:`AdaptiveBatching` turns them into a batch size
-that adapts at every optimizer step.
+that adapts at every optimizer step; :func:`enable_ddp` computes the same statistics across data-parallel
+ranks for the bytes of plain DDP.
 """
 
 from .config import ConfigError, SimigradConfig
+from .runtime import AdaptiveBatching
 from .statistics import SplitStats, gradient_stats, reset_stats
 
-__all__ = ["ConfigError", "SimigradConfig", "SplitStats", "gradient_stats", "reset_stats"]
 __version__ = "0.1.0"
-from .runtime import AdaptiveBatching  # noqa: E402
+_DISTRIBUTED = ("enable_ddp", "enable_fsdp", "set_sample_counts")
+__all__ = ["AdaptiveBatching", "ConfigError", "SimigradConfig", "SplitStats", "gradient_stats", "reset_stats",
+           *_DISTRIBUTED]
 
-__all__ += ["AdaptiveBatching"]
+
+def __getattr__(name: str):
+    if name in _DISTRIBUTED:  # imported on first use: most single-process users never need it
+        from . import distributed
+
+        return getattr(distributed, name)
+    raise AttributeError(f"module 'simigrad_compile' has no attribute {name!r}")

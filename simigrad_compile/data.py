@@ -125,6 +125,7 @@ class AdaptiveLoader:
                 while len(buffer) < size:
                     buffer.extend(next(stream))
                 batch, buffer = buffer[:size], buffer[size:]
+                run._sync_gradients(j == len(sizes) - 1)
                 yield self._finish(self.collate_fn(batch))
             if not window.complete:
                 raise RuntimeError(f"simigrad: the step ended after {window.done} of {len(sizes)} step() calls")

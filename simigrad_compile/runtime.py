@@ -66,6 +66,7 @@ class AdaptiveBatching:
         self._loss = None
         self._warned_tail: set = set()
         self._dynamo_saved = self._raise_recompile_limit()
+        self._ddp = self._install_ranks_reduction()
         log.info("simigrad: %r, initial plan %s (target %d)", self.ladder, self.plan, self.controller.batch_size)
 
     # --- compile settings -------------------------------------------------------------------------------------
@@ -79,6 +80,28 @@ class AdaptiveBatching:
         log.info("simigrad: torch._dynamo.config.recompile_limit %d -> %d for %d rungs (restored by run.close())",
                  old, need, len(self.ladder.rungs))
         return old
+
+    def _install_ranks_reduction(self):
+        """Under data parallelism (group mode ``auto``/``ranks``) the statistics come from the split-group DDP
+        reduction; returns the DDP module, whose gradient sync the loader turns off inside a window."""
+        if self.world_size < 2 or self.config.group_mode not in ("auto", "ranks"):
+            return None
+        from .distributed import _find_ddp, enable_ddp
+
+        try:
+            ddp = _find_ddp(self.model)
+        except TypeError:
+            log.warning("simigrad: world size %d but the model is not DistributedDataParallel: no 'ranks' "
+                        "statistics; each rank uses its own", self.world_size)
+            return None
+        enable_ddp(ddp)
+        return ddp
+
+    def _sync_gradients(self, sync: bool) -> None:
+        """Called by the loader before each micro-batch: DDP reduces (and the statistics are taken) only at the
+        window's last micro-step, as under ``no_sync``."""
+        if self._ddp is not None:
+            self._ddp.require_backward_grad_sync = sync
 
     def close(self) -> None:
         if self._dynamo_saved is not None:

@@ -234,6 +234,11 @@ def main(checks) -> None:
         "compiled": lambda: run_check("compiled", MLP, [8, 6], compiled=True, bucket_cap_mb=1, width=600),
     }
     for name in checks:
+        if name == "runtime":
+            from dist_runtime_check import run_runtime_check  # noqa: PLC0415 - only where asked
+
+            run_runtime_check(MLP, RANK, WORLD)
+            continue
         if name == "fsdp":
             from fsdp_check import run_fsdp_check  # noqa: PLC0415 - only where asked
 

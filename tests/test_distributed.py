@@ -62,8 +62,8 @@ def test_bad_counts_raise():
 
 LAUNCHES = {
     1: ["world1"],
-    2: ["collectives", "mlp", "mlp_same_data", "transformer", "nosync", "bf16", "fp16", "uneven", "bytes", "compiled", "fsdp"],
-    3: ["collectives", "mlp", "transformer", "nosync", "bf16", "uneven", "bytes"],
+    2: ["collectives", "mlp", "mlp_same_data", "transformer", "nosync", "bf16", "fp16", "uneven", "bytes", "compiled", "fsdp", "runtime"],
+    3: ["collectives", "mlp", "transformer", "nosync", "bf16", "uneven", "bytes", "runtime"],
     4: ["collectives", "mlp", "transformer", "nosync", "bf16", "uneven", "bytes", "fsdp"],
 }
 
