@@ -1,7 +1,7 @@
 """One training run of the demo: the same compiled model, loader and optimizer wrapper for every run.
 
-Every run goes through ``torch.compile(model, backend="simigrad")`` and :class:`AdaptiveBatching` on the same
-micro-batch ladder, so the three runs share code path, statistics overhead and compiled graphs. A fixed-batch
+Every run goes through ``torch.compile(model, backend="simigrad")`` and :class:`AdaptiveBatching`, so the runs
+share code path, statistics overhead, data order, initialisation and LR schedule (over samples). A fixed-batch
 run is SimiGrad with ``min_batch_size == max_batch_size``: the controller still measures but cannot move.
 """
 
