@@ -53,8 +53,8 @@ def table(seeds: list) -> str:
     s = summary(seeds)
     if len(seeds) > 1:
         lines.append("-" * len(head))
-        for run in s["runs"]:
-            lines.append(f"{'mean':>4}  {run['name'].split(' (')[0]:<22} {'':>9} {run['val_loss']:>9.4f} {'':>7} "
+        for run, role in zip(s["runs"], ("fixed B0", "SimiGrad", "fixed B=average")):
+            lines.append(f"{'mean':>4}  {role:<22} {'':>9} {run['val_loss']:>9.4f} {'':>7} "
                          f"{run['steps']:>6.0f} {run['average_batch']:>9.1f} {run['wall_s']:>7.1f} "
                          f"{run['compile_s']:>9.1f}")
     g = s["goal"]
