@@ -5,7 +5,8 @@ A parameter's gradient is ``F(c_1, ..., c_k)``: contractions ``c_j`` over the ba
 ``F`` that must be linear in them (views, adds of contributions, products with values that are not
 gradient contributions, such as BatchNorm's ``rsqrt(var)``). The pass emits each contraction on the first
 ``floor(B/2)`` and on the last ``ceil(B/2)`` samples, replays ``F`` on each, and hands both halves to one
-fused op that writes ``g = g1 + g2`` and records ``(g1.g2, |g1|^2, |g2|^2)``::
+fused op that writes ``g = g1 + g2`` and records ``(g1.g2, |g1|^2, |g2|^2)`` (on CPU, by default, the sum and
+the dot products are graph ops that Inductor fuses, and ``simigrad.record_stats`` records them)::
 
     before:  mm_4 = mm(permute_7, view)            ->  output[..., permute_8(mm_4), ...]
     after:   mm_4a = mm(slice(permute_7, 1, 0, h), slice(view, 0, 0, h))
@@ -30,7 +31,7 @@ import torch
 import torch.fx as fx
 from torch.utils._pytree import tree_map
 
-from .. import region as _region  # noqa: F401  (registers simigrad.split_grads / mark_unsplit)
+from .. import region as _region  # noqa: F401  (registers the simigrad:: graph ops)
 from .batch_dims import UNKNOWN, BatchDim, BatchDimPropagation
 from .linear_gradients import LinearGradients, Refuse
 from .plan import RegionPlan
@@ -111,7 +112,6 @@ class SplitBackwardPass:
                 size = 0
             buckets[-1].append(pair)
             size += nbytes
-        order = {n: i for i, n in enumerate(graph.nodes)}
         for bucket in buckets:
             last = max((n for p in bucket for n in p[2:]), key=order.get)
             with graph.inserting_after(last):
