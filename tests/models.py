@@ -34,10 +34,10 @@ class Block(nn.Module):
 class TinyGPT(nn.Module):
     """Embedding, positional parameter, LayerNorm, causal attention, tied head."""
 
-    def __init__(self, vocab=40, d=16, t=8, loss_inside=True):
+    def __init__(self, vocab=40, d=16, t=8, loss_inside=True, pos_embedding=False):
         super().__init__()
         self.emb = nn.Embedding(vocab, d)
-        self.pos = nn.Parameter(torch.randn(t, d) * 0.1)
+        self.pos = nn.Embedding(t, d) if pos_embedding else nn.Parameter(torch.randn(t, d) * 0.1)
         self.block = Block(d)
         self.ln = nn.LayerNorm(d)
         self.head = nn.Linear(d, vocab, bias=False)
@@ -45,7 +45,8 @@ class TinyGPT(nn.Module):
         self.loss_inside = loss_inside
 
     def forward(self, idx, targets=None):
-        x = self.emb(idx) + self.pos[: idx.shape[1]]
+        t = idx.shape[1]
+        x = self.emb(idx) + (self.pos(torch.arange(t)) if isinstance(self.pos, nn.Embedding) else self.pos[:t])
         logits = self.head(self.ln(self.block(x)))
         if self.loss_inside:
             return F.cross_entropy(logits.flatten(0, 1), targets.flatten())

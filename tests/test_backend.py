@@ -61,6 +61,14 @@ def test_transformer(loss_inside, stats_sum):
     _check(model, _compile(model, stats_sum=stats_sum), loss_of, lambda c: loss_of(c, slice(0, 6)), 6)
 
 
+def test_position_embedding_without_batch_indices():
+    torch.manual_seed(9)
+    model = TinyGPT(pos_embedding=True)
+    idx, tgt = torch.randint(0, 40, (6, 8)), torch.randint(0, 40, (6, 8))
+    loss_of = lambda m, rows: m(idx[rows], tgt[rows])  # noqa: E731
+    _check(model, _compile(model), loss_of, lambda c: c(idx, tgt), 6)
+
+
 def test_seq_first_attention_with_batch_dim_1():
     torch.manual_seed(2)
     model, x = SeqFirstAttention(), torch.randn(5, 6, 6)  # (T, B, features)

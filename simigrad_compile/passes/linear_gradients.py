@@ -100,10 +100,27 @@ class LinearGradients:
             return parts[0] or parts[1]
         if target is aten.div.Tensor and parts[0] and parts[1] is None:
             return parts[0]
+        scattered, base = _scattered_values(node)
+        if scattered is not None and (base is None or _is_zeros(base)):
+            values = self.leaves(scattered)
+            if values and not any(self.leaves(a) for a in node.all_input_nodes if a is not scattered):
+                return values
         if target in (aten.slice_scatter.default, aten.select_scatter.default) and parts[1]:
             if parts[0] or _is_zeros(node.args[0]):
                 return (parts[0] or []) + parts[1]
         raise Refuse(f"gradient passes through {target}, which the split pass does not treat as linear")
+
+
+def _scattered_values(node: fx.Node):
+    """``(values, base)`` of an op that scatter-adds ``values`` at fixed indices (into ``base``, which must be
+    zeros; None for embedding_dense_backward): linear in ``values``. ``(None, None)`` for any other op."""
+    if node.target is aten._unsafe_masked_index_put_accumulate.default:
+        return node.args[3], node.args[0]
+    if node.target is aten.index_put.default and len(node.args) > 3 and node.args[3]:
+        return node.args[2], node.args[0]
+    if node.target is aten.embedding_dense_backward.default and not node.args[4]:
+        return node.args[0], None
+    return None, None
 
 
 def _is_zeros(node) -> bool:
