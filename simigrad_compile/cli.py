@@ -54,10 +54,13 @@ def demo(args) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    rank = _init_distributed()
     os.makedirs(args.out, exist_ok=True)
     start = time.perf_counter()
     seeds = run_demo(settings, list(range(args.seed, args.seed + args.seeds)))
     total = time.perf_counter() - start
+    if rank > 0:
+        return 0
     print()
     print(table(seeds))
     json_path = os.path.join(args.out, "results.json")
@@ -65,6 +68,19 @@ def demo(args) -> int:
     plots = save_plots(args.out, seeds, settings)
     print(f"\ntotal {total:.0f} s; wrote {json_path}, {', '.join(plots)}")
     return 0
+
+
+def _init_distributed() -> int:
+    """Under ``torchrun`` (``WORLD_SIZE`` > 1): join the process group (gloo, or nccl on GPUs); returns the rank."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0
+    import torch
+
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    torch.distributed.init_process_group(backend)
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.distributed.get_rank()
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

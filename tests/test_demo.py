@@ -45,3 +45,20 @@ def test_quick_demo_runs_three_runs_and_writes_results(tmp_path, capsys):
     assert len(simigrad["history"]) == simigrad["steps"]
     assert (tmp_path / "loss.png").stat().st_size > 0
     assert (tmp_path / "simigrad.png").stat().st_size > 0
+
+
+def test_quick_demo_under_torchrun_two_ranks(tmp_path):
+    """``torchrun --nproc_per_node=2 -m simigrad_compile demo``: DDP with the split-group reduction."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SIMIGRAD")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "simigrad_compile", "demo", "--quick", "--no-progress", "-v", "--out", str(tmp_path)]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert "SimiGrad vs fixed B0" in out.stdout and "simigrad ddp: world 2" in out.stderr
+    (fixed, simigrad, _), = json.loads((tmp_path / "results.json").read_text())["seeds"]
+    cosines = [r["cosine"] for r in simigrad["history"]]
+    assert all(math.isfinite(c) for c in cosines) and simigrad["samples"] >= fixed["samples"]

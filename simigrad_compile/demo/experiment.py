@@ -26,23 +26,37 @@ def validation_batches(val_set, sequences: int, batch: int = 64) -> list:
     return [tuple(torch.stack(t) for t in zip(*items[i : i + batch])) for i in range(0, len(items), batch)]
 
 
-def equal_average_batch(simigrad: RunResult) -> int:
-    return max(2, 2 * round(simigrad.average_batch / 2))
+def equal_average_batch(simigrad: RunResult, world: int = 1) -> int:
+    """Even on one process (two equal halves); a multiple of ``world`` under data parallelism."""
+    unit = 2 if world == 1 else world
+    return max(unit, unit * round(simigrad.average_batch / unit))
 
 
 def run_seed(settings: DemoSettings, seed: int, train_set, val_batches: list) -> list:
-    b0 = settings.batch_size
+    b0, world = settings.batch_size, _world()
     fixed = train_run(f"fixed B={b0}", settings, train_set, val_batches, seed, b0, b0)
     adaptive = train_run(f"SimiGrad B>={b0}", settings, train_set, val_batches, seed, b0, settings.max_batch_size)
-    b3 = equal_average_batch(adaptive)
+    b3 = equal_average_batch(adaptive, world)
     log.info("run 3: SimiGrad's average batch %.1f -> fixed B=%d", adaptive.average_batch, b3)
-    same_average = train_run(f"fixed B={b3} (avg)", settings.replace(micro_batch_sizes=(b3,)), train_set,
+    same_average = train_run(f"fixed B={b3} (avg)", settings.replace(micro_batch_sizes=(b3 // world,)), train_set,
                              val_batches, seed, b3, b3)
     return [fixed, adaptive, same_average]
 
 
+def _world() -> int:
+    import torch
+
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
 def run_demo(settings: DemoSettings, seeds: list) -> list:
-    """A list (one entry per seed) of the three :class:`RunResult`."""
+    """A list (one entry per seed) of the three :class:`RunResult`. Under ``torchrun`` the micro-batches are
+    per rank: B0 = world x micro."""
+    world = _world()
+    if world > 1:
+        if settings.batch_size % world:
+            raise ValueError(f"demo: --batch-size {settings.batch_size} is not a multiple of the {world} ranks")
+        settings = settings.replace(micro_batch_sizes=tuple(max(1, m // world) for m in settings.micro_batch_sizes))
     train_set, val_set = load_splits(settings.context)
     val_batches = validation_batches(val_set, settings.eval_sequences)
     log.info("data: %d training and %d validation windows of %d bytes", len(train_set), len(val_set),

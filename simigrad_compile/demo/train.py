@@ -76,10 +76,11 @@ def train_run(name: str, settings: DemoSettings, train_set, val_batches: list, s
     torch._dynamo.reset()  # a fresh model gets its own compiled regions; the FX-graph cache keeps this cheap
     torch.manual_seed(seed)
     model = TinyGPT(dim=s.dim, layers=s.layers, heads=s.heads, context=s.context)
+    wrapped = _data_parallel(model)
     if s.compiler == "eager":  # no split statistics: AdaptiveBatching measures across micro-steps instead
-        compiled = model
+        compiled = wrapped
     else:
-        compiled = torch.compile(model, backend="simigrad", options={"compiler": s.compiler})
+        compiled = torch.compile(wrapped, backend="simigrad", options={"compiler": s.compiler})
     lr = s.lr * (math.sqrt(min_batch / s.batch_size) if s.fixed_lr_scaling == "sqrt" else 1.0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
     run = simigrad_compile.AdaptiveBatching(
@@ -125,7 +126,15 @@ def train_run(name: str, settings: DemoSettings, train_set, val_batches: list, s
     return result
 
 
+def _data_parallel(model: torch.nn.Module) -> torch.nn.Module:
+    """Under ``torchrun``: DDP, whose gradient reduction AdaptiveBatching turns into the split-group one."""
+    if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+        return model
+    return torch.nn.parallel.DistributedDataParallel(model)
+
+
 def _progress_bar(name: str, s: DemoSettings):
     from tqdm.auto import tqdm
 
-    return tqdm(total=s.samples, desc=f"{name:<22}", unit="seq", disable=not s.progress, dynamic_ncols=True)
+    quiet = not s.progress or (torch.distributed.is_initialized() and torch.distributed.get_rank() > 0)
+    return tqdm(total=s.samples, desc=f"{name:<22}", unit="seq", disable=quiet, dynamic_ncols=True)
