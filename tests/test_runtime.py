@@ -212,6 +212,19 @@ def _plans_visiting_every_rung(rungs, n):
     return seq[:n]
 
 
+def _drive(run, ds, step, plans, **loader_kwargs):
+    """One optimizer step per plan, forcing ``run.plan`` before each."""
+    run.plan = plans[0]
+    for batch in run.dataloader(ds, **loader_kwargs):
+        step(batch)
+        run.optimizer.step()
+        run.optimizer.zero_grad()
+        if run.optimizer.stepped:
+            if len(run.history) == len(plans):
+                break
+            run.plan = plans[len(run.history)]
+
+
 @pytest.mark.parametrize("backend", ["aot_eager", "simigrad"])
 def test_no_recompile_after_warmup_across_rung_changes(backend):
     torch._dynamo.reset()
@@ -228,16 +241,8 @@ def test_no_recompile_after_warmup_across_rung_changes(backend):
     run.warm_up(lambda b: torch.nn.functional.mse_loss(compiled(b[0]), b[1]).backward(), ds)
     warm = counting.graphs
     assert warm == len(rungs)
-    plans = _plans_visiting_every_rung(rungs, 24)
-    run.plan = plans[0]
-    for xb, yb in run.dataloader(ds):
-        torch.nn.functional.mse_loss(compiled(xb), yb).backward()
-        run.optimizer.step()
-        run.optimizer.zero_grad()
-        if run.optimizer.stepped:
-            if len(run.history) == len(plans):
-                break
-            run.plan = plans[len(run.history)]
+    _drive(run, ds, lambda b: torch.nn.functional.mse_loss(compiled(b[0]), b[1]).backward(),
+           _plans_visiting_every_rung(rungs, 24))
     used = [r["micro_batch_size"] for r in run.history]
     assert set(used) == set(rungs) and sum(a != b for a, b in zip(used, used[1:])) >= 20
     assert counting.graphs - warm == 0
@@ -263,16 +268,7 @@ def test_cuda_graph_per_rung_no_recompile():
         for m in run.ladder.rungs:
             step(loader._finish(loader.collate_fn([ds[i] for i in range(m)])))
     warm = counters["stats"]["unique_graphs"]
-    plans = _plans_visiting_every_rung(run.ladder.rungs, 22)
-    run.plan = plans[0]
-    for xb, yb in run.dataloader(ds, device="cuda"):
-        step((xb, yb))
-        run.optimizer.step()
-        run.optimizer.zero_grad()
-        if run.optimizer.stepped:
-            if len(run.history) == len(plans):
-                break
-            run.plan = plans[len(run.history)]
+    _drive(run, ds, step, _plans_visiting_every_rung(run.ladder.rungs, 22), device="cuda")
     assert counters["stats"]["unique_graphs"] == warm
     assert all(math.isfinite(r["cosine"]) for r in run.history)
     run.close()
