@@ -99,19 +99,6 @@ def test_bad_value_names_the_variable(name, value):
     assert "ConfigError" in out.stderr and name + ("=" if name == "SIMIGRAD" else "") in out.stderr, out.stderr
 
 
-def _kernels_missing() -> bool:
-    try:
-        from simigrad_compile.kernels import split_stats_sum  # noqa: F401
-    except ImportError:
-        return True
-    return False
-
-
-needs_kernels = pytest.mark.skipif(_kernels_missing(), reason="simigrad_compile.kernels.split_stats_sum not in the "
-                                   "tree yet: the simigrad backend's backward cannot run")
-
-
-@needs_kernels
 def test_enabled_routes_default_backend_to_simigrad():
     script = """
     import json, torch
@@ -151,7 +138,6 @@ def test_unmodified_loop_grows_batch_under_simigrad():
     assert sum(int(s[4]) for s in steps) <= 6 * 96 // 16
 
 
-@needs_kernels
 def test_compiled_loop_uses_backend_statistics_at_accumulation_one():
     """SIMIGRAD=1, plain torch.compile(model), B0 = loader batch: step 1 reads the backend's ``batch`` statistics,
     whose cosine is that of the two half-batch gradients (fp64 eager reference on the same first batch)."""

@@ -11,7 +11,6 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 from torch._dynamo.utils import compilation_time_metrics
