@@ -59,6 +59,10 @@ class SplitBackwardPass:
             return
         if len(primals) != len(self.plan.roles):
             return self._give_up(graph, output, {n: "inputs do not line up with Dynamo's" for _, n in params})
+        if any(_symbolic(p) for p in primals + tangents):
+            why = ("the graph has dynamic shapes; the split needs a static batch: torch._dynamo.mark_static(x, 0) "
+                   "on the inputs, as AdaptiveBatching's loader does")
+            return self._give_up(graph, output, {n: why for _, n in params})
         slots, tangent_outputs = _output_slots(output, outs, primals, tangents)
         prop = _propagate(graph, primals, tangents, tangent_outputs, self.plan)
         self.prop, self.linear = prop, LinearGradients(graph, prop, tangents)
@@ -229,6 +233,11 @@ class SplitBackwardPass:
         marked.meta["val"] = outs[slot].meta["val"]
         outs[slot] = marked
         output.args = (outs,)
+
+
+def _symbolic(node: fx.Node) -> bool:
+    val = node.meta.get("val")
+    return isinstance(val, torch.Tensor) and any(isinstance(d, torch.SymInt) for d in val.shape)
 
 
 def _output_slots(output: fx.Node, outs, primals, tangents):
