@@ -245,3 +245,14 @@ def test_rewritten_graph_op_counts(monkeypatch, stats_sum):
     contracted = [n.args[0].meta["val"].shape[1] for n in graph.nodes
                   if n.target is aten.mm.default and tuple(n.meta["val"].shape) in weight_shapes]
     assert sorted(contracted) == [4] * 6
+
+
+def test_parameters_outside_compiled_regions_are_reported(caplog):
+    torch.manual_seed(11)
+    model = MLP()
+    model.fc1 = torch.compile(model.fc1, backend="simigrad", options={"compiler": "aot_eager"})
+    model(torch.randn(6, 12)).pow(2).mean().backward()
+    with caplog.at_level("WARNING", logger="simigrad_compile"):
+        stats = simigrad_compile.gradient_stats(model, reset=True)
+    assert stats.mode == "batch" and set(stats.missing) == {"fc2.weight", "fc2.bias", "fc3.weight", "fc3.bias"}
+    assert "fc3.weight" in caplog.text
