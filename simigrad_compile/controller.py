@@ -13,11 +13,14 @@ the EMA or the batch size.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Optional
 
 from .config import SimigradConfig
+
+log = logging.getLogger("simigrad_compile")
 
 
 @dataclass
@@ -53,6 +56,8 @@ class BatchSizeController:
         self.steps += 1
         if not math.isfinite(cosine):
             self.non_finite += 1
+            log.warning("simigrad: non-finite cosine %s at step %d (fp16 overflow or a zero gradient?): batch size "
+                        "kept at %d; %d non-finite step(s) so far", cosine, self.steps, self.batch_size, self.non_finite)
             return Decision(self.batch_size, self.lr_scale(), "non-finite")
         ema = self.config.ema
         self.smoothed = cosine if self.smoothed is None or ema == 0 else ema * self.smoothed + (1 - ema) * cosine

@@ -58,11 +58,13 @@ def test_adjust_every():
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
-def test_non_finite_skips_and_counts(bad):
+def test_non_finite_skips_and_counts(bad, caplog):
     c = make(100, ema=0.9)
     c.update(0.1)
     before = c.state_dict()
-    d = c.update(bad)
+    with caplog.at_level("WARNING", logger="simigrad_compile"):
+        d = c.update(bad)
+    assert "non-finite cosine" in caplog.text
     assert d.skipped == "non-finite" and d.batch_size == before["batch_size"]
     after = c.state_dict()
     assert after["non_finite"] == 1 and after["smoothed"] == before["smoothed"]
