@@ -70,6 +70,8 @@ from torch.utils._pytree import tree_leaves
 
 from .config import SimigradConfig
 from .controller import BatchSizeController
+from .kernels import pair_stats
+from .statistics import SplitStats, gradient_stats
 
 log = logging.getLogger("simigrad_compile")
 
@@ -225,12 +227,9 @@ def _stash(params, window: _Window, half: int, weight: float) -> None:
 
 def _finish(optimizer, window: _Window) -> None:
     params = _params(optimizer)
-    if window.accumulation > 1:
-        d, a, b, mode = _microstep_stats(params, window)
-    else:
-        d, a, b, mode = _backend_stats(params)
-    _reset_backend_stats(params)
-    cosine = _cosine(d, a, b)
+    backend = gradient_stats(params, reset=True)
+    stats = _microstep_stats(params, window) if window.accumulation > 1 else backend
+    d, a, b, mode, cosine = stats.dot, stats.sq_norm_1, stats.sq_norm_2, stats.mode, stats.cosine
     if window.accumulation == 1 and mode == "none" and window.min_accumulation == 1:
         window.min_accumulation = 2
         log.warning("simigrad: no split statistics from a compiled backward for %s's parameters (is the model "
@@ -271,59 +270,17 @@ def _post_step(optimizer, args, kwargs) -> None:
 
 
 def _microstep_stats(params, window: _Window):
-    """Sets each ``.grad`` to the window's mean gradient; returns ``(d, a, b)`` of the halves' mean gradients."""
+    """Sets each ``.grad`` to the window's mean gradient; returns the statistics of the halves' mean gradients."""
     first, second = window.halves
     w1, w2 = window.weights
     touched = [p for p in params if p in first or p in second]
     own = [first[p] if p in first else torch.zeros_like(second[p]) for p in touched]
     other = [second[p] if p in second else torch.zeros_like(first[p]) for p in touched]
     if own:
-        rows = _pair_stats(own, other).detach().to("cpu", torch.float64).sum(0)
+        rows = pair_stats(own, other, 1.0, 0.0).detach().to("cpu", torch.float64).sum(0)
         d, a, b = float(rows[0]) / (w1 * w2), float(rows[1]) / (w1 * w1), float(rows[2]) / (w2 * w2)
     else:
         d = a = b = float("nan")
     for p, g1, g2 in zip(touched, own, other):
         p.grad = g2.add_(g1).div_(w1 + w2)
-    return d, a, b, "microsteps"
-
-
-def _pair_stats(own: List[torch.Tensor], other: List[torch.Tensor]) -> torch.Tensor:
-    """Rows ``(own.other, |own|^2, |other|^2)`` in fp32, one per tensor pair (``pair_stats`` with beta 0)."""
-    from .microsteps import pair_stats
-
-    return pair_stats(own, other, 1.0, 0.0)
-
-
-def _sinks_of(params):
-    from .statistics import _SINKS
-
-    ids = {id(p) for p in params}
-    for sink in list(_SINKS):
-        mine = [i for i, _, ps in sink.groups() if ps and all(p is not None and id(p) in ids for p in ps)]
-        if mine:
-            yield sink, mine
-
-
-def _backend_stats(params):
-    """The split statistics the compiled backward recorded for ``params`` since the last step."""
-    total = torch.zeros(3, dtype=torch.float64)
-    modes = set()
-    for sink, mine in _sinks_of(params):
-        if sink.count and sink.acc is not None:
-            total += sink.acc.detach().to("cpu", torch.float64)[mine].sum(0)
-            modes.add(sink.mode)
-    if not modes:
-        return float("nan"), float("nan"), float("nan"), "none"
-    return float(total[0]), float(total[1]), float(total[2]), "+".join(sorted(modes))
-
-
-def _reset_backend_stats(params) -> None:
-    for sink, _ in _sinks_of(params):
-        sink.reset()
-
-
-def _cosine(d: float, a: float, b: float) -> float:
-    den = math.sqrt(max(a, 0.0)) * math.sqrt(max(b, 0.0))
-    if den == 0.0 or not math.isfinite(den) or not math.isfinite(d):
-        return float("nan")
-    return d / den
+    return SplitStats(d, a, b, "microsteps")

@@ -21,37 +21,12 @@ boundary; the buffers are reused across windows and freed by :meth:`MicrostepSta
 
 from __future__ import annotations
 
-import logging
 from typing import List, Optional, Sequence
 
 import torch
 
+from .kernels import pair_stats
 from .statistics import SplitStats
-
-log = logging.getLogger("simigrad_compile")
-_warned: set = set()
-
-
-def _torch_pair_stats(own, total, alpha: float, beta: float) -> torch.Tensor:
-    rows = []
-    for o, t in zip(own, total):
-        o32, t32 = o.detach().float(), t.detach().float()
-        other = alpha * t32 + beta * o32
-        rows.append(torch.stack([(o32 * other).sum(), (o32 * o32).sum(), (other * other).sum()]))
-    return torch.stack(rows) if rows else torch.zeros(0, 3)
-
-
-def pair_stats(own: List[torch.Tensor], total: List[torch.Tensor], alpha: float, beta: float) -> torch.Tensor:
-    """``kernels.pair_stats`` when the kernels package provides it, else torch ops (logged once)."""
-    try:
-        from .kernels import pair_stats as kernel
-    except ImportError as exc:
-        if "pair_stats" not in _warned:
-            _warned.add("pair_stats")
-            log.warning("simigrad: simigrad_compile.kernels.pair_stats unavailable (%s); microsteps statistics use "
-                        "torch ops", exc)
-        return _torch_pair_stats(own, total, alpha, beta)
-    return kernel(own, total, alpha, beta)
 
 
 def midpoint(sizes: Sequence[int]) -> int:
@@ -152,4 +127,4 @@ class Window:
         self._scale(self.sizes[-1] / self.samples)
 
 
-__all__ = ["MicrostepStats", "Window", "midpoint", "pair_stats"]
+__all__ = ["MicrostepStats", "Window", "midpoint"]

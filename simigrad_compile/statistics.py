@@ -29,6 +29,7 @@ class Sink:
         self.names: List[Tuple[str, ...]] = [tuple(n for n, _ in g) for g in groups]
         self._params = [tuple(weakref.ref(p) for _, p in g) for g in groups]
         self.acc: Optional[torch.Tensor] = None
+        self._index: Dict[Tuple[int, ...], torch.Tensor] = {}
         self.count = 0
         self.unsplit: Dict[str, str] = {}
         _SINKS.add(self)
@@ -41,7 +42,10 @@ class Sink:
         if index is None:
             self.acc += rows
         else:
-            self.acc.index_add_(0, torch.as_tensor(list(index), device=rows.device), rows)
+            key = tuple(index)
+            if key not in self._index or self._index[key].device != rows.device:
+                self._index[key] = torch.as_tensor(key, device=rows.device)  # one host-to-device copy per graph
+            self.acc.index_add_(0, self._index[key], rows)
         self.count += 1
 
     def mark_unsplit(self, reasons: Dict[str, str]) -> None:
@@ -93,15 +97,22 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
         model = inner
 
 
-def gradient_stats(model: torch.nn.Module, reset: bool = False, per_parameter: bool = False) -> SplitStats:
+def _named(model) -> List[Tuple[str, torch.nn.Parameter]]:
+    if isinstance(model, torch.nn.Module):
+        return list(_unwrap(model).named_parameters())
+    return [(f"param{i}", p) for i, p in enumerate(model)]
+
+
+def gradient_stats(model, reset: bool = False, per_parameter: bool = False) -> SplitStats:
     """The split-group statistics summed over every backward of ``model`` since the last reset.
 
-    ``model`` may be the compiled module, a DDP wrapper, or the module they wrap. ``reset=True`` zeroes the
-    accumulators after reading. ``per_parameter=True`` adds a name -> ``(d, a, b)`` breakdown (a bucket of
-    parameters under DDP appears as one entry named by its parameters).
+    ``model`` may be the compiled module, a DDP wrapper, the module they wrap, or an iterable of parameters
+    (named ``param<i>``). ``reset=True`` zeroes the accumulators after reading. ``per_parameter=True`` adds a
+    name -> ``(d, a, b)`` breakdown (a bucket of parameters under DDP appears as one entry named by its
+    parameters).
     """
-    model = _unwrap(model)
-    owned = {id(p): n for n, p in model.named_parameters()}
+    named = _named(model)
+    owned = {id(p): n for n, p in named}
     total = torch.zeros(3, dtype=torch.float64)
     breakdown: Dict[str, Tuple[float, float, float]] = {}
     covered, unsplit, modes = set(), {}, set()
@@ -128,9 +139,7 @@ def gradient_stats(model: torch.nn.Module, reset: bool = False, per_parameter: b
                 breakdown[key] = tuple(x + float(y) for x, y in zip(prev, rows[i]))
         if reset:
             sink.reset()
-    missing = tuple(
-        n for n, p in model.named_parameters() if p.requires_grad and p.grad is not None and id(p) not in covered
-    )
+    missing = tuple(n for n, p in named if p.requires_grad and p.grad is not None and id(p) not in covered)
     if missing and modes:
         log.warning("simigrad: %d parameter(s) have gradients but no statistics: %s", len(missing), ", ".join(missing))
     mode = "+".join(sorted(modes)) if modes else "none"
@@ -140,5 +149,5 @@ def gradient_stats(model: torch.nn.Module, reset: bool = False, per_parameter: b
     )
 
 
-def reset_stats(model: torch.nn.Module) -> None:
+def reset_stats(model) -> None:
     gradient_stats(model, reset=True)
