@@ -15,6 +15,11 @@ from typing import Callable, Optional
 import torch
 
 
+def _shared(name: str) -> property:
+    """An attribute read from and written to the wrapped optimizer."""
+    return property(lambda self: getattr(self.optimizer, name), lambda self, v: setattr(self.optimizer, name, v))
+
+
 class AdaptiveOptimizer(torch.optim.Optimizer):
     def __init__(self, optimizer: torch.optim.Optimizer, run):
         # No super().__init__: the wrapped optimizer owns the parameter groups and the state.
@@ -27,29 +32,9 @@ class AdaptiveOptimizer(torch.optim.Optimizer):
         self._optimizer_step_pre_hooks = optimizer._optimizer_step_pre_hooks
         self._optimizer_step_post_hooks = optimizer._optimizer_step_post_hooks
 
-    @property
-    def param_groups(self):
-        return self.optimizer.param_groups
-
-    @param_groups.setter
-    def param_groups(self, groups):
-        self.optimizer.param_groups = groups
-
-    @property
-    def state(self):
-        return self.optimizer.state
-
-    @state.setter
-    def state(self, state):
-        self.optimizer.state = state
-
-    @property
-    def defaults(self):
-        return self.optimizer.defaults
-
-    @defaults.setter
-    def defaults(self, defaults):
-        self.optimizer.defaults = defaults
+    param_groups = _shared("param_groups")
+    state = _shared("state")
+    defaults = _shared("defaults")
 
     def __repr__(self) -> str:
         return f"AdaptiveOptimizer({self.optimizer!r})"
