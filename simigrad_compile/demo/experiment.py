@@ -12,7 +12,7 @@ import logging
 
 from .data import load_splits
 from .settings import DemoSettings
-from .train import RunResult, train_run
+from .train import RunResult, train_run, world_size
 
 log = logging.getLogger("simigrad_compile.demo")
 
@@ -33,7 +33,7 @@ def equal_average_batch(simigrad: RunResult, world: int = 1) -> int:
 
 
 def run_seed(settings: DemoSettings, seed: int, train_set, val_batches: list) -> list:
-    b0, world = settings.batch_size, _world()
+    b0, world = settings.batch_size, world_size()
     fixed = train_run(f"fixed B={b0}", settings, train_set, val_batches, seed, b0, b0)
     adaptive = train_run(f"SimiGrad B>={b0}", settings, train_set, val_batches, seed, b0, settings.max_batch_size)
     b3 = equal_average_batch(adaptive, world)
@@ -43,16 +43,10 @@ def run_seed(settings: DemoSettings, seed: int, train_set, val_batches: list) ->
     return [fixed, adaptive, same_average]
 
 
-def _world() -> int:
-    import torch
-
-    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-
-
 def run_demo(settings: DemoSettings, seeds: list) -> list:
     """A list (one entry per seed) of the three :class:`RunResult`. Under ``torchrun`` the micro-batches are
     per rank: B0 = world x micro."""
-    world = _world()
+    world = world_size()
     if world > 1:
         if settings.batch_size % world:
             raise ValueError(f"demo: --batch-size {settings.batch_size} is not a multiple of the {world} ranks")

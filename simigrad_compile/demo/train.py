@@ -125,9 +125,13 @@ def train_run(name: str, settings: DemoSettings, train_set, val_batches: list, s
     return result
 
 
+def world_size() -> int:
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
 def _data_parallel(model: torch.nn.Module) -> torch.nn.Module:
     """Under ``torchrun``: DDP, whose gradient reduction AdaptiveBatching turns into the split-group one."""
-    if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+    if world_size() == 1:
         return model
     return torch.nn.parallel.DistributedDataParallel(model)
 
