@@ -14,7 +14,7 @@ Schemes, all on the same model and data, interleaved step by step in one process
   all-reduce. The similarity part blocks the backward (it was serial in the original too); the final all-reduce
   is asynchronous like plain DDP's.
 
-Bytes, two ways: :class:`simigrad_compile.distributed_traffic.Traffic` counts each collective call with the ring
+Bytes, two ways: :class:`simigrad_compile.distributed.traffic.Traffic` counts each collective call with the ring
 formulas (``2B(h-1)/h`` for an all-reduce, ...), checked against ``2S(N-1)/N`` for S gradient bytes; and the
 loopback interface's transmitted bytes (``/proc/net/dev``, all ranks together, divided by N; the minimum of a few
 tries, since other processes on the machine may use loopback too) show what each backend really sends. Time: median (min,
@@ -163,7 +163,7 @@ def _covered(lo: float, hi: float, intervals) -> float:
 
 def run_world(widths, repeats: int, warmup: int, batch: int, bucket_mb: float) -> list:
     from simigrad_compile.distributed import enable_ddp
-    from simigrad_compile.distributed_traffic import Traffic
+    from simigrad_compile.distributed.traffic import Traffic
 
     rank, world = dist.get_rank(), dist.get_world_size()
     rows = []

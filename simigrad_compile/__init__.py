@@ -7,8 +7,8 @@ ranks for the bytes of plain DDP.
 """
 
 from .config import ConfigError, SimigradConfig
-from .runtime import AdaptiveBatching
-from .statistics import SplitStats, gradient_stats, reset_stats
+from .runtime.core import AdaptiveBatching
+from .stats.gradient_stats import SplitStats, gradient_stats, reset_stats
 
 __version__ = "0.1.0"
 _DISTRIBUTED = ("enable_ddp", "enable_fsdp", "set_sample_counts")

@@ -95,7 +95,7 @@ class SimigradConfig:
 
     auto_loop: bool = True
     """Under ``SIMIGRAD=1``, give unmodified training loops adaptive batching through global optimizer hooks
-    (see :mod:`simigrad_compile.auto_loop`). ``False``: only route ``torch.compile`` to this backend."""
+    (see :mod:`simigrad_compile.integrations.auto_loop`). ``False``: only route ``torch.compile`` to this backend."""
 
     # --- logging ---
     log_dir: Optional[str] = None

@@ -1,6 +1,6 @@
 """``SIMIGRAD_*`` environment variables: the one place that maps them to config fields.
 
-``SIMIGRAD=1`` routes a plain ``torch.compile(model)`` to this backend (see :mod:`simigrad_compile.autoload`).
+``SIMIGRAD=1`` routes a plain ``torch.compile(model)`` to this backend (see :mod:`simigrad_compile.integrations.autoload`).
 ``SIMIGRAD_<FIELD>`` sets config field ``<field>``; for example ``SIMIGRAD_TARGET_SIMILARITY=0.3``.
 Values are parsed as JSON when they parse (numbers, lists, ``true``), else taken as strings.
 """

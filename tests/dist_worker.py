@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import simigrad_compile
-from simigrad_compile.distributed_traffic import Traffic
+from simigrad_compile.distributed.traffic import Traffic
 from simigrad_compile.distributed import enable_ddp, reduction, set_sample_counts
 
 RANK = WORLD = 0
@@ -181,7 +181,7 @@ def check_bytes() -> None:
 
 def check_collectives() -> None:
     """The gloo ring reduce-scatter / all-gather over the whole world (h = N) against plain arithmetic."""
-    from simigrad_compile.distributed_collectives import all_gather, reduce_scatter
+    from simigrad_compile.distributed.collectives import all_gather, reduce_scatter
 
     group = dist.new_group(list(range(WORLD)))
     for numel in (WORLD, 7 * WORLD):

@@ -12,7 +12,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import simigrad_compile
-from simigrad_compile.distributed_fsdp import enable_fsdp
+from simigrad_compile.distributed.fsdp import enable_fsdp
 
 
 def _flat(model, full=False) -> torch.Tensor:

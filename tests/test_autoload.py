@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from simigrad_compile import auto_loop
+from simigrad_compile.integrations import auto_loop
 from simigrad_compile.config import SimigradConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -164,7 +164,7 @@ def test_compiled_loop_uses_backend_statistics_at_accumulation_one():
 
 
 def test_accumulation_one_reads_and_resets_backend_sinks(hooks):
-    from simigrad_compile.statistics import Sink
+    from simigrad_compile.stats.gradient_stats import Sink
 
     model, other = torch.nn.Linear(3, 1), torch.nn.Linear(3, 1)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)

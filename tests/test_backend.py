@@ -223,7 +223,7 @@ def test_rewritten_graph_op_counts(monkeypatch, stats_sum):
     """Each weight-gradient mm and bias sum becomes two half-batch ops; none contracts the full batch."""
     from collections import Counter
 
-    from simigrad_compile.passes.manager import SimigradPassManager
+    from simigrad_compile.compile.passes.manager import SimigradPassManager
 
     aten, graphs = torch.ops.aten, []
     original = SimigradPassManager.__call__

@@ -5,7 +5,7 @@ import math
 import pytest
 
 from simigrad_compile.config import ConfigError, SimigradConfig
-from simigrad_compile.controller import BatchSizeController
+from simigrad_compile.runtime.controller import BatchSizeController
 
 
 def make(b0=100, **kw):

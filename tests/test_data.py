@@ -8,8 +8,8 @@ import torch
 from torch.utils.data import DistributedSampler
 
 import simigrad_compile as sc
-from simigrad_compile.data import rank_order
-from simigrad_compile.ladder import Plan
+from simigrad_compile.runtime.data import rank_order
+from simigrad_compile.runtime.ladder import Plan
 
 
 class Indexed(torch.utils.data.Dataset):

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from simigrad_compile.distributed_layout import check_counts, make_layout, make_weights
+from simigrad_compile.distributed.layout import check_counts, make_layout, make_weights
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

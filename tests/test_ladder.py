@@ -1,4 +1,4 @@
-"""The ladder and its rounding rule (see simigrad_compile/ladder.py): pure Python, no compile."""
+"""The ladder and its rounding rule (see simigrad_compile/runtime/ladder.py): pure Python, no compile."""
 
 import logging
 import math
@@ -6,7 +6,7 @@ import math
 import pytest
 
 from simigrad_compile.config import SimigradConfig
-from simigrad_compile.ladder import RESOLUTION, Ladder, default_rungs
+from simigrad_compile.runtime.ladder import RESOLUTION, Ladder, default_rungs
 
 
 def ladder(world=1, min_acc=1, **kw):

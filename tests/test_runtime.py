@@ -10,10 +10,11 @@ import pytest
 import torch
 
 import simigrad_compile as sc
-from simigrad_compile.history import CSV_NAME, KEYS
-from simigrad_compile.ladder import Plan
-from simigrad_compile.microsteps import MicrostepStats, Window
-from simigrad_compile.statistics import Sink
+from simigrad_compile.runtime.history import CSV_NAME, KEYS
+from simigrad_compile.runtime.ladder import Plan
+from simigrad_compile.runtime.window import Window
+from simigrad_compile.stats.microsteps import MicrostepStats
+from simigrad_compile.stats.gradient_stats import Sink
 
 
 class MLP(torch.nn.Module):
@@ -201,7 +202,7 @@ class Counting:
     def __call__(self, gm, example_inputs):
         self.graphs += 1
         if self.backend == "simigrad":
-            from simigrad_compile.backend import simigrad_backend
+            from simigrad_compile.compile.backend import simigrad_backend
 
             return simigrad_backend(gm, example_inputs, options={"compiler": "aot_eager"})
         return torch._dynamo.backends.registry.lookup_backend("aot_eager")(gm, example_inputs)

@@ -18,7 +18,7 @@ compiled = torch.compile(model, backend="simigrad")
 fresh = "simigrad_compile" in sys.modules
 
 import simigrad_compile  # noqa: E402
-from simigrad_compile.passes.split_backward import SplitBackwardPass  # noqa: E402
+from simigrad_compile.compile.passes.split_backward import SplitBackwardPass  # noqa: E402
 
 runs = []
 original = SplitBackwardPass.__call__

@@ -16,7 +16,7 @@ so odd ``k`` weights each half by its own sample count. ``d = g1.g2``, ``a = |g1
 one ``pair_stats`` pass at the boundary over ``(p.grad at the midpoint, p.grad)``.
 
 Extra memory: one copy of every gradient (in the gradient's dtype), taken at the midpoint and held until the
-boundary; the buffers are reused across windows and freed by :meth:`MicrostepStats.release`.
+boundary; the buffers are reused across windows.
 """
 
 from __future__ import annotations
@@ -25,8 +25,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from .kernels import pair_stats
-from .statistics import SplitStats
+from ..stats.microsteps import MicrostepStats
 
 
 def midpoint(sizes: Sequence[int]) -> int:
@@ -37,43 +36,6 @@ def midpoint(sizes: Sequence[int]) -> int:
         if best is None or abs(2 * cum - n) < best[0]:
             best = (abs(2 * cum - n), h)
     return best[1]
-
-
-class MicrostepStats:
-    """Owns the midpoint gradient copy of a model's parameters (reused across windows)."""
-
-    def __init__(self, params: Sequence[torch.nn.Parameter]):
-        self.params = [p for p in params if p.requires_grad]
-        self.copies: List[Optional[torch.Tensor]] = [None] * len(self.params)
-
-    def snapshot(self) -> None:
-        for i, p in enumerate(self.params):
-            if p.grad is None:
-                self.copies[i] = None
-            elif self.copies[i] is None or self.copies[i].shape != p.grad.shape or self.copies[i].dtype != p.grad.dtype:
-                self.copies[i] = p.grad.detach().clone()
-            else:
-                self.copies[i].copy_(p.grad.detach())
-        self._valid = [c is not None for c in self.copies]
-
-    def stats(self, n_mid: int, n_last: int, n1: int, n2: int) -> SplitStats:
-        """Statistics of ``g1 = W_h / N1``, ``g2 = (W_k - W_h) / N2`` (module docstring) from the snapshot
-        (``W_h / n_mid``) and the current gradients (``W_k / n_last``)."""
-        own, total = [], []
-        for i, p in enumerate(self.params):
-            if p.grad is None:
-                continue
-            copy = self.copies[i] if self._valid[i] else torch.zeros_like(p.grad)
-            own.append(copy)
-            total.append(p.grad)
-        if not own:
-            return SplitStats(float("nan"), float("nan"), float("nan"), "microsteps")
-        rows = pair_stats(own, total, n_last / n_mid, -1.0).detach().to("cpu", torch.float64).sum(0)
-        s1, s2 = n_mid / n1, n_mid / n2
-        return SplitStats(float(rows[0]) * s1 * s2, float(rows[1]) * s1 * s1, float(rows[2]) * s2 * s2, "microsteps")
-
-    def release(self) -> None:
-        self.copies = [None] * len(self.params)
 
 
 class Window:
@@ -127,4 +89,4 @@ class Window:
         self._scale(self.sizes[-1] / self.samples)
 
 
-__all__ = ["MicrostepStats", "Window", "midpoint"]
+__all__ = ["Window", "midpoint"]

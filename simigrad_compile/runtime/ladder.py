@@ -27,7 +27,7 @@ import logging
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple
 
-from .config import SimigradConfig
+from ..config import SimigradConfig
 
 log = logging.getLogger("simigrad_compile")
 

@@ -23,7 +23,7 @@ def _shared(name: str) -> property:
 class AdaptiveOptimizer(torch.optim.Optimizer):
     def __init__(self, optimizer: torch.optim.Optimizer, run):
         # No super().__init__: the wrapped optimizer owns the parameter groups and the state.
-        from . import auto_loop
+        from ..integrations import auto_loop
 
         auto_loop.exclude(optimizer)  # under SIMIGRAD=1 the global loop hooks must not accumulate a second time
         self.optimizer = optimizer

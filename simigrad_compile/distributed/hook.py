@@ -21,9 +21,9 @@ import torch
 import torch.distributed as dist
 from torch.futures import Future
 
-from .distributed_collectives import Serial, all_gather, reduce_scatter, swap
-from .distributed_layout import Layout, Weights, check_counts, make_weights
-from .statistics import Sink
+from .collectives import Serial, all_gather, reduce_scatter, swap
+from .layout import Layout, Weights, check_counts, make_weights
+from ..stats.gradient_stats import Sink
 
 log = logging.getLogger("simigrad_compile")
 
@@ -34,7 +34,7 @@ STAGES = ("reduce_scatter", "exchange", "kernel", "all_gather")
 def _shard_stats_mean() -> Callable:
     global _KERNEL
     if _KERNEL is None:
-        from .kernels import shard_stats_mean  # imported on first use: registers custom ops
+        from ..kernels import shard_stats_mean  # imported on first use: registers custom ops
 
         _KERNEL = shard_stats_mean
     return _KERNEL

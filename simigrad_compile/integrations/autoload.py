@@ -25,7 +25,7 @@ With ``SIMIGRAD=1``:
    trampoline: its first call sets that default (unless the user has already set one other than
    ``"inductor"``), puts the original ``torch.compile`` back, and calls it. An explicit ``backend=`` is
    honoured.
-3. Unmodified training loops get adaptive batching: :func:`simigrad_compile.auto_loop.install`, unless
+3. Unmodified training loops get adaptive batching: :func:`simigrad_compile.integrations.auto_loop.install`, unless
    ``SIMIGRAD_AUTO_LOOP=false``.
 
 DataLoader worker processes import torch too; they validate the variables and install the (unused) hooks.
@@ -41,7 +41,7 @@ from __future__ import annotations
 import functools
 import logging
 
-from . import envvars
+from .. import envvars
 
 log = logging.getLogger("simigrad_compile")
 BACKEND = "simigrad"

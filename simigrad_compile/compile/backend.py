@@ -2,7 +2,7 @@
 
 ``torch.compile(model, backend="simigrad", options={...})``: the options form one
 :class:`~simigrad_compile.config.SimigradConfig`. In group mode ``batch`` (or ``auto`` outside data
-parallelism) the joint graph goes through :class:`~simigrad_compile.passes.manager.SimigradPassManager`, and
+parallelism) the joint graph goes through :class:`~simigrad_compile.compile.passes.manager.SimigradPassManager`, and
 Inductor (or ``aot_eager``, for debugging) generates the code as usual.
 """
 
@@ -13,9 +13,10 @@ from typing import Optional
 
 import torch
 
-from .config import from_mapping
+from ..config import from_mapping
 from .passes.manager import SimigradPassManager
 from .passes.plan import plan_region
+from . import ops as _ops  # noqa: F401  (registers the simigrad:: graph ops)
 from .region import Region
 
 log = logging.getLogger("simigrad_compile")

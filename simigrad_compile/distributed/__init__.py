@@ -49,9 +49,9 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from .distributed_fsdp import enable_fsdp
-from .distributed_hook import SplitReduction, ddp_hook
-from .distributed_layout import make_layout
+from .fsdp import enable_fsdp
+from .hook import SplitReduction, ddp_hook
+from .layout import make_layout
 
 log = logging.getLogger("simigrad_compile")
 

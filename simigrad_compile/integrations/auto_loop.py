@@ -2,7 +2,7 @@
 
 The loop stays as the user wrote it: ``zero_grad``, forward, ``backward``, ``step``, with its own DataLoader.
 Its loader's batch becomes the micro-batch; the effective batch grows by gradient accumulation, with the LR
-scaled. :func:`install` is called by :mod:`simigrad_compile.autoload` at ``import torch`` when ``SIMIGRAD=1``.
+scaled. :func:`install` is called by :mod:`simigrad_compile.integrations.autoload` at ``import torch`` when ``SIMIGRAD=1``.
 
 How it works
 ------------
@@ -32,7 +32,7 @@ How it works
   none: its first step at accumulation 1 has a NaN cosine (the controller skips it), a warning is logged, and
   from then on that optimizer accumulates at least 2 micro-batches per step (realised batch >= 2 x micro,
   whatever the target) so that the ``microsteps`` signal exists.
-* **Controller.** :class:`~simigrad_compile.controller.BatchSizeController` with ``B0 = SIMIGRAD_BATCH_SIZE``
+* **Controller.** :class:`~simigrad_compile.runtime.controller.BatchSizeController` with ``B0 = SIMIGRAD_BATCH_SIZE``
   or else the micro-batch. The next window's accumulation is the controller's target divided by the
   micro-batch, rounded to the nearest integer (>= 1) and moved inside ``[min_batch_size, max_batch_size]``
   when a multiple of the micro-batch fits there.
@@ -68,10 +68,10 @@ from typing import Dict, List, Optional
 import torch
 from torch.utils._pytree import tree_leaves
 
-from .config import SimigradConfig
-from .controller import BatchSizeController
-from .kernels import pair_stats
-from .statistics import SplitStats, gradient_stats
+from ..config import SimigradConfig
+from ..runtime.controller import BatchSizeController
+from ..kernels import pair_stats
+from ..stats.gradient_stats import SplitStats, gradient_stats
 
 log = logging.getLogger("simigrad_compile")
 
@@ -112,7 +112,7 @@ def install(config: SimigradConfig) -> None:
     _handles.append(register_optimizer_step_post_hook(_post_step))
     _original_next = _BaseDataLoaderIter.__next__
     _BaseDataLoaderIter.__next__ = _next_recording
-    log.info("simigrad: SIMIGRAD=1, adaptive batching of every optimizer's step (simigrad_compile.auto_loop)")
+    log.info("simigrad: SIMIGRAD=1, adaptive batching of every optimizer's step (simigrad_compile.integrations.auto_loop)")
 
 
 def uninstall() -> None:

@@ -26,9 +26,9 @@ import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.fsdp._fully_shard._fsdp_api import ReduceScatter
 
-from .distributed_collectives import reduce_scatter, swap
-from .distributed_hook import _shard_stats_mean
-from .statistics import Sink
+from .collectives import reduce_scatter, swap
+from .hook import _shard_stats_mean
+from ..stats.gradient_stats import Sink
 
 log = logging.getLogger("simigrad_compile")
 

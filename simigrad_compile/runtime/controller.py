@@ -18,7 +18,7 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
-from .config import SimigradConfig
+from ..config import SimigradConfig
 
 log = logging.getLogger("simigrad_compile")
 

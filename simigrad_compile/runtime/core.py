@@ -7,7 +7,7 @@ Per optimizer step (one accumulation window), at the boundary:
    ``world > 1``) the statistics are ``gradient_stats(model, reset=True)`` (modes ``batch`` / ``ranks``). When a
    one-process model records none (not compiled with the backend, or ``group_mode="microsteps"``), the ladder
    switches to at least two micro-steps, with a warning.
-2. Gradients become the mean over the window's samples (:mod:`simigrad_compile.microsteps`).
+2. Gradients become the mean over the window's samples (:mod:`simigrad_compile.runtime.window`).
 3. The wrapped optimizer steps with LR x ``lr_scale``; ``lr_scale`` follows the *realised* batch.
 4. One history record; the controller updates the target; the ladder plans the next step.
 
@@ -25,14 +25,15 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from .config import SimigradConfig, from_mapping
+from ..config import SimigradConfig, from_mapping
 from .controller import BatchSizeController
 from .data import AdaptiveLoader
 from .history import History
 from .ladder import Ladder, Plan
-from .microsteps import MicrostepStats, Window
+from ..stats.gradient_stats import SplitStats, gradient_stats
+from ..stats.microsteps import MicrostepStats
+from .window import Window
 from .optim import AdaptiveOptimizer
-from .statistics import SplitStats, gradient_stats
 
 log = logging.getLogger("simigrad_compile")
 EXTRA_RECOMPILES = 8
@@ -86,7 +87,7 @@ class AdaptiveBatching:
         reduction; returns the DDP module, whose gradient sync the loader turns off inside a window."""
         if self.world_size < 2 or self.config.group_mode not in ("auto", "ranks"):
             return None
-        from .distributed import _find_ddp, enable_ddp
+        from ..distributed import _find_ddp, enable_ddp
 
         try:
             ddp = _find_ddp(self.model)
@@ -123,7 +124,7 @@ class AdaptiveBatching:
 
     @property
     def history(self) -> list:
-        """One dict per optimizer step (keys: :data:`simigrad_compile.history.KEYS`)."""
+        """One dict per optimizer step (keys: :data:`simigrad_compile.runtime.history.KEYS`)."""
         return self._history.records
 
     @property

@@ -31,7 +31,7 @@ import torch
 import torch.fx as fx
 from torch.utils._pytree import tree_map
 
-from .. import region as _region  # noqa: F401  (registers the simigrad:: graph ops)
+from .. import ops as _ops  # noqa: F401  (registers the simigrad:: graph ops)
 from .batch_dims import UNKNOWN, BatchDim, BatchDimPropagation
 from .linear_gradients import LinearGradients, Refuse
 from .plan import RegionPlan

@@ -1,0 +1,1 @@
+"""The step core: controller, ladder, window, data, optimizer wrapper, history; ``AdaptiveBatching`` ties them."""
