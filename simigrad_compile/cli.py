@@ -16,6 +16,7 @@ def _parser() -> argparse.ArgumentParser:
 
     d = DemoSettings()
     parser = argparse.ArgumentParser(prog="python -m simigrad_compile")
+    parser.add_argument("--version", action="version", version=f"simigrad-compile {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="train fixed-batch, SimiGrad and equal-average-batch runs on the Python "
                                        "standard library's sources, then print and plot the results")
@@ -31,9 +32,20 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="simigrad-demo", help="folder for results.json and the PNG plots")
     demo.add_argument("--quick", action="store_true", help="a seconds-long smoke run (tiny model, no Inductor)")
     demo.add_argument("--threads", type=int, default=None, help="torch intra-op threads (torch's default)")
-    demo.add_argument("--no-progress", action="store_true", help="no progress bars")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bars: one line per evaluation instead")
     demo.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("simigrad-compile")
+    except PackageNotFoundError:
+        from . import __version__
+
+        return __version__
 
 
 def _settings(args):

@@ -111,6 +111,10 @@ def train_run(name: str, settings: DemoSettings, train_set, val_batches: list, s
                     t = time.perf_counter()
                     result.curve.append((samples, evaluate(model, val_batches)))
                     result.eval_s += time.perf_counter() - t
+                    if bar.disable and _is_reporting_rank():
+                        print(f"{name}: {samples}/{s.samples} seq, val loss {result.curve[-1][1]:.4f}, "
+                              f"B {record['batch_size']}, step {record['step']}, "
+                              f"{time.perf_counter() - start - result.eval_s:.0f} s", flush=True)
                     next_eval += s.samples / s.eval_points
                 if samples >= s.samples:
                     break
@@ -136,8 +140,12 @@ def _data_parallel(model: torch.nn.Module) -> torch.nn.Module:
     return torch.nn.parallel.DistributedDataParallel(model)
 
 
+def _is_reporting_rank() -> bool:
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
 def _progress_bar(name: str, s: DemoSettings):
     from tqdm.auto import tqdm
 
-    quiet = not s.progress or (torch.distributed.is_initialized() and torch.distributed.get_rank() > 0)
+    quiet = not s.progress or not _is_reporting_rank()
     return tqdm(total=s.samples, desc=f"{name:<22}", unit="seq", disable=quiet, dynamic_ncols=True)
