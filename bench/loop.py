@@ -9,7 +9,9 @@ from the split backward) on the same ``TensorDataset`` of random data, at the sa
   plain     ``DataLoader(batch_size=micro, shuffle=True, drop_last=True)``; per batch ``zero_grad``, forward,
             ``backward``, ``step``;
   adaptive  ``AdaptiveBatching(min_batch_size == max_batch_size == batch_size == micro)`` (accumulation 1, the
-            same micro-batch), ``run.dataloader(shuffle=True)``; the same four calls on ``run.optimizer``.
+            same micro-batch), ``run.dataloader(shuffle=True)``; the same four calls on ``run.optimizer``;
+  step      the plain loop's ``DataLoader`` with a second run's ``run.optimizer``: the runtime's step alone, so
+            that adaptive/step is the loader's share and step/plain the step's share of the overhead.
 
 Both loaders use the same ``num_workers`` (``persistent_workers`` when > 0, so worker start-up is not timed).
 The dataset size is a multiple of the micro-batch, so no epoch has a tail. A repeat times one epoch of each
@@ -106,31 +108,34 @@ def bench(name: str, workers: int, args) -> dict:
     kw = dict(num_workers=workers, persistent_workers=workers > 0)
     plain_opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     plain = torch.utils.data.DataLoader(ds, batch_size=args.micro, shuffle=True, drop_last=True, **kw)
-    run = sc.AdaptiveBatching(model, torch.optim.SGD(model.parameters(), lr=1e-3), batch_size=args.micro,
-                              min_batch_size=args.micro, max_batch_size=args.micro,
-                              max_micro_batch_size=args.micro)
+    run, step_run = (sc.AdaptiveBatching(model, torch.optim.SGD(model.parameters(), lr=1e-3), batch_size=args.micro,
+                                         min_batch_size=args.micro, max_batch_size=args.micro,
+                                         max_micro_batch_size=args.micro) for _ in range(2))
     adaptive = run.dataloader(ds, shuffle=True, **kw)
     loops = {"plain": lambda: plain_epoch(model, plain_opt, plain),
-             "adaptive": lambda: adaptive_epoch(model, run, adaptive)}
+             "adaptive": lambda: adaptive_epoch(model, run, adaptive),
+             "step": lambda: adaptive_epoch(model, step_run, plain)}
     for fn in loops.values():  # compile, start the workers
         fn()
     times = {k: [] for k in loops}
     for r in range(args.repeats):
-        for k in (("plain", "adaptive") if r % 2 == 0 else ("adaptive", "plain")):
+        for k in (("plain", "adaptive", "step") if r % 2 == 0 else ("step", "adaptive", "plain")):
             gradient_stats(model, reset=True)  # the plain loop's rows must not reach the adaptive loop's reads
             t0 = time.perf_counter()
             n = loops[k]()
             times[k].append((time.perf_counter() - t0) / n * 1e6)
-    plans = {(h["micro_batch_size"], h["accumulation"]) for h in run.history}
+    plans = {(h["micro_batch_size"], h["accumulation"]) for h in run.history + step_run.history}
     assert plans == {(args.micro, 1)}, f"the adaptive loop left accumulation 1 at micro {args.micro}: {plans}"
     result = {"model": name, "widths": list(widths), "workers": workers, "micro": args.micro,
               "us_per_sample": {k: {"median": statistics.median(v), "min": min(v), "max": max(v), "all": v}
                                 for k, v in times.items()},
               "ratio": statistics.median(times["adaptive"]) / statistics.median(times["plain"]),
+              "ratio_step": statistics.median(times["step"]) / statistics.median(times["plain"]),
               "ratio_of_min": min(times["adaptive"]) / min(times["plain"])}
     if args.profile:
         result["profile"] = profile_epoch(model, run, adaptive, args.profile_lines)
     run.close()
+    step_run.close()
     return result
 
 
@@ -151,14 +156,16 @@ def main() -> None:
         parser.error("--samples must be a multiple of --micro (no epoch tail in this benchmark)")
     torch.set_num_threads(args.threads)
     rows = []
-    print(f"{'model':>6} {'workers':>7} | {'plain us/sample':>15} {'adaptive':>9} | {'ratio':>6} {'(min)':>6}")
+    print(f"{'model':>6} {'workers':>7} | {'plain us/sample':>15} {'adaptive':>9} {'step':>7} | "
+          f"{'adaptive/plain':>14} {'(of min)':>8} {'step/plain':>10}")
     for name in args.models:
         for workers in args.workers:
             row = bench(name, workers, args)
             rows.append(row)
             us = row["us_per_sample"]
-            print(f"{name:>6} {workers:>7} | {us['plain']['median']:>15.2f} {us['adaptive']['median']:>9.2f} | "
-                  f"{row['ratio']:>6.3f} {row['ratio_of_min']:>6.3f}", flush=True)
+            print(f"{name:>6} {workers:>7} | {us['plain']['median']:>15.2f} {us['adaptive']['median']:>9.2f} "
+                  f"{us['step']['median']:>7.2f} | {row['ratio']:>14.3f} {row['ratio_of_min']:>8.3f} "
+                  f"{row['ratio_step']:>10.3f}", flush=True)
             if args.profile:
                 print(row["profile"])
     result = {"benchmark": "loop", "goal_ratio": GOAL, "args": {k: str(v) for k, v in vars(args).items()},

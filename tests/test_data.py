@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DistributedSampler
 
 import simigrad_compile as sc
-from simigrad_compile.runtime.data import rank_order
+from simigrad_compile.runtime.data import _Orders, rank_order
 from simigrad_compile.runtime.ladder import Plan
 
 
@@ -105,12 +105,35 @@ def test_every_sample_once_per_epoch(n, shuffle, workers):
         assert loader.discarded == 0
 
 
+def collate_where(samples):
+    info = torch.utils.data.get_worker_info()
+    return collate_ids(samples) + (torch.tensor(-1 if info is None else info.id),)
+
+
+def test_workers_collate_whole_micro_batches():
+    run = make_run()
+    workers = set()
+    for ids, x, worker in run.dataloader(Indexed(64), num_workers=2, collate_fn=collate_where):
+        workers.add(int(worker))
+        run.optimizer.step()
+    assert workers == {0, 1}
+
+
 def test_accumulation_change_on_one_rung_discards_nothing():
     run = make_run()
     loader = run.dataloader(Indexed(304), num_workers=2, collate_fn=collate_ids)  # every pass ends at 304
     stream, _ = one_pass(run, loader, random.Random(1), plans=lambda run, rng: Plan(4, rng.choice([2, 4])))
     assert len({r["accumulation"] for r in run.history}) > 1
     assert loader.discarded == 0 and stream == list(range(304))
+
+
+def test_dataset_smaller_than_a_step():
+    """5 samples, plan 8 x 2: the one step of a pass takes epochs 0-2 and one sample of epoch 3."""
+    run = make_run(batch_size=16, min_batch_size=16, max_batch_size=16)
+    seen, steps = one_pass(run, run.dataloader(Indexed(5), shuffle=True, collate_fn=collate_ids))
+    assert steps == [[8, 8]] and (run.epoch, run._position) == (3, 1)
+    for e in range(3):
+        assert sorted(seen[5 * e:5 * e + 5]) == list(range(5))
 
 
 def test_drop_last_drops_only_the_partial_step():
@@ -269,3 +292,4 @@ def test_sharding_matches_distributed_sampler(n, world, shuffle, drop_last):
                                      drop_last=drop_last)
             ref.set_epoch(epoch)
             assert rank_order(n, epoch, shuffle, 5, world, rank, drop_last) == list(ref)
+            assert _Orders(n, shuffle, 5, world, rank, drop_last).length == len(ref)

@@ -39,6 +39,7 @@ example ``x.cuda()``) loses the mark: pass ``device=`` to move it here first.
 from __future__ import annotations
 
 import collections
+import itertools
 import logging
 from typing import Any, Callable, Iterator, List, Optional, Sequence
 
@@ -87,7 +88,8 @@ class _Orders:
     def __init__(self, n: int, shuffle: bool, seed: int, world: int, rank: int, drop_last: bool):
         self.args = (shuffle, seed, world, rank, drop_last)
         self.n, self.cache = n, {}
-        self.length = len(self.order(0))
+        self.length = (n - n % world if drop_last else -(-n // world) * world) // world
+        """Samples per epoch on this rank (``len(rank_order(...))``)."""
 
     def order(self, epoch: int) -> List[int]:
         order = self.cache.get(epoch)
@@ -203,7 +205,7 @@ class AdaptiveLoader:
         run, length = self.run, self.orders.length
         pos = run._position
         p = self.issuer.current = _Pass(run._epoch, pos)
-        batches = iter(self.loader)
+        batches = None
         while pos < length:
             sizes = run._window_sizes(length - pos, self.drop_last)
             if not sizes:
@@ -223,6 +225,8 @@ class AdaptiveLoader:
     def _take(self, batches, p: _Pass, pos: int, sizes: Sequence[int]):
         """The micro-batch at stream position ``pos`` of size ``sizes[0]``; ``sizes``: the step's rest."""
         while True:
+            if batches is None:
+                batches = iter(self.loader)
             if p.issued and p.issued[0][0] == p.generation and p.issued[0][1:] != (pos, sizes[0]):
                 self._reissue(p, pos, sizes)
             try:
@@ -230,7 +234,7 @@ class AdaptiveLoader:
             except StopIteration:  # the sampler predicted a shorter pass than the plan now asks for
                 log.debug("simigrad: the loader restarts its DataLoader iterator at sample %d", pos)
                 p.restart(pos, sizes)
-                batches = iter(self.loader)
+                batches = None
                 continue
             generation, start, size = p.issued.popleft()
             if generation == p.generation and start == pos and size == sizes[0]:
@@ -255,29 +259,21 @@ class AdaptiveLoader:
         run._position = over
 
     # --- iterable: samples collated in the main process ----------------------------------------------------
-    def _passes(self) -> Iterator[Any]:
-        """Samples from ``run``'s position on: the current pass over the iterable, then the following ones."""
+    def _samples(self) -> Iterator[Any]:
+        """Samples from ``run``'s position on: the rest of the current pass over the iterable, then the next
+        passes (each followed by ``_END``)."""
         run = self.run
         carry, self._carry = self._carry, None
         if carry is not None and carry[0] == (run._epoch, run._position):
-            yield from carry[1]
-        elif run._position:
+            return carry[1]
+        if run._position:
             log.info("simigrad: resuming an IterableDataset at sample %d of epoch %d: reading and skipping the "
                      "samples before it", run._position, run._epoch)
-            it = iter(self.loader)
-            for _ in range(run._position):
-                next(it)
-            yield from it
-        else:
-            yield from iter(self.loader)
-        yield _END
-        while True:
-            yield from iter(self.loader)
-            yield _END
+        return _passes(self.loader, run._position)
 
     def _stream_iterable(self) -> Iterator[Any]:
         run = self.run
-        samples = self._passes()
+        samples = self._samples()
         buffer: List[Any] = []
         length, ended = None, False
         while True:
@@ -312,6 +308,16 @@ class AdaptiveLoader:
                 break
         self._end_pass(length)
         self._carry = ((run._epoch, run._position), samples)
+
+
+def _passes(loader: tud.DataLoader, skip: int) -> Iterator[Any]:
+    it = iter(loader)
+    collections.deque(itertools.islice(it, skip), maxlen=0)
+    yield from it
+    yield _END
+    while True:
+        yield from iter(loader)
+        yield _END
 
 
 class _End:
