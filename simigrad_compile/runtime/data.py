@@ -4,18 +4,25 @@ Order. Each epoch has one permutation (``seed + epoch``, as ``DistributedSampler
 it is padded to a multiple of the world size by repeating its head (or truncated with ``drop_last``) and rank
 ``r`` takes ``perm[r::world]``. A rank's order never depends on the batch size.
 
-Epochs. A rank's samples form one stream: epoch 0's order, then epoch 1's, and so on. Every micro-batch is the
-next slice of the stream, of the current rung; epoch ``e`` is the ``e``-th order, in which each of the rank's
-samples appears exactly once. One pass of ``for batch in loader`` runs whole steps from ``run``'s position until
-the stream reaches the end of the current epoch's order. Its last step (the tail) has only as many of the plan's
-micro-batches as cover what is left (``Ladder.tail``: at least the plan's minimum number of micro-steps and two
-samples), and its last micro-batch is completed with the first samples of the next epoch's order; the next
-pass starts after them. So a tail never has a micro-batch off the current rung and compiles nothing, no step
-straddles two passes, and a pass trains on fewer than one micro-batch of the next epoch (rarely a few more, to
-give the tail two halves). The window's micro-batches all have one size, so its mean gradient is the plain mean
-over its samples (:mod:`simigrad_compile.runtime.window`). ``run.epoch`` counts the orders finished,
-``run.state_dict()`` holds the offset in the current one, so a resumed run continues the stream exactly.
-With ``drop_last=True`` a pass instead stops before a step it cannot fill, and those samples are skipped.
+Epochs. A rank's samples form one stream: epoch 0's order, then epoch 1's, and so on; every micro-batch is the
+next slice of the stream, of the current rung. Epoch ``e`` is the ``e``-th order of the stream, in which each of
+the rank's samples appears exactly once. One pass of ``for batch in loader`` runs whole steps from ``run``'s
+position until the stream reaches the end of the current epoch's order. Its last step (the tail) has only as many
+of the plan's micro-batches of ``m`` samples as cover the ``r`` samples left (``Ladder.tail``: ``ceil(r/m)``, or
+more where a plan needs more micro-steps: ``min_accumulation``, two samples), and its last micro-batch is
+completed with the first samples of the next epoch's order (of the epochs after, for a dataset smaller than the
+step); the next pass starts after them. So:
+
+- a tail never has a micro-batch off the current rung, and compiles nothing;
+- no step straddles two passes; a pass trains on at most ``m - 1`` samples of the next epoch, more only where
+  the plan needs more micro-steps (up to ``min_accumulation * m - 1`` in group mode ``microsteps``; one sample
+  at ``m = 1``), and the next pass skips them;
+- all micro-batches of a step have one size, so its mean gradient is the plain mean over its samples
+  (:mod:`simigrad_compile.runtime.window`), whichever epoch they come from;
+- ``run.epoch`` counts the orders finished and ``run.state_dict()`` holds the offset in the current one, so a
+  resumed run continues the stream exactly.
+
+With ``drop_last=True`` a pass instead stops before a step it cannot fill; those samples are skipped.
 
 Loading. The loader is a ``torch.utils.data.DataLoader`` (with the user's ``num_workers``, ``pin_memory``,
 ``collate_fn``, ...) whose batch sampler hands out index lists of the predicted micro-batch sizes: the workers
@@ -23,7 +30,9 @@ fetch and collate whole micro-batches, as in a plain loop. The prediction is the
 carries its stream position and size, and each micro-batch that arrives is checked against what the step
 needs. When the plan changed to another rung after the lists were handed out, the prefetched micro-batches
 (at most ``prefetch_factor * num_workers``) are discarded, counted in ``discarded``, and their samples handed
-out again in the new size. A change of the accumulation alone discards nothing.
+out again in the new size. A change of the accumulation alone discards nothing. Lists prefetched past the end
+of a pass are discarded (and counted) too; where the plan's tail turns out longer than predicted, the loader
+starts a new ``DataLoader`` iterator for the rest.
 
 Iterable datasets. An ``IterableDataset`` is streamed in the dataset's own order, one process only: samples
 cross from the workers one at a time and are collated in the main process. An epoch is one pass over the
