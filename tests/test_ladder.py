@@ -93,10 +93,9 @@ def test_unreachable_bounds_warn(caplog):
     assert "outside the bounds" in caplog.text and "target 7" in caplog.text
 
 
-@pytest.mark.parametrize("rungs, remaining, expected", [
-    ((1, 2, 4, 8), 13, (8, 4, 1)), ((4, 8), 13, (8, 4, 1)), ((8,), 8, (8,)), ((16,), 5, (5,)),
+@pytest.mark.parametrize("world, min_acc, remaining, micro, expected", [
+    (1, 1, 7, 16, 1), (1, 1, 7, 4, 2), (1, 1, 8, 4, 2), (1, 2, 3, 16, 2), (1, 1, 1, 1, 2), (2, 1, 1, 1, 1),
 ])
-def test_tail(rungs, remaining, expected):
-    lad = Ladder(SimigradConfig(), 1, 1, rungs=rungs)
-    assert lad.tail(remaining) == expected
-    assert sum(lad.tail(remaining)) == remaining
+def test_tail_runs_only_the_current_rung(world, min_acc, remaining, micro, expected):
+    lad = Ladder(SimigradConfig(), world, min_acc, rungs=(1, 2, 4, 8, 16))
+    assert lad.tail(remaining, micro) == expected

@@ -65,7 +65,6 @@ class AdaptiveBatching:
         self._window: Optional[Window] = None
         self._epoch = self._position = self._samples = self._steps = 0
         self._loss = None
-        self._warned_tail: set = set()
         self._dynamo_saved = self._raise_recompile_limit()
         self._ddp = self._install_ranks_reduction()
         log.info("simigrad: %r, initial plan %s (target %d)", self.ladder, self.plan, self.controller.batch_size)
@@ -170,18 +169,13 @@ class AdaptiveBatching:
 
     # --- the window protocol (loader and optimizer) -----------------------------------------------------------
     def _window_sizes(self, remaining: int, drop_last: bool) -> tuple:
+        """The next step's micro-batch sizes with ``remaining`` samples (per rank) left in the epoch: the plan's,
+        or at the tail the plan's micro-batches that cover ``remaining`` (``Ladder.tail``; the loader completes
+        them from the next epoch); ``()`` when ``drop_last`` drops the tail."""
         m, k = self.plan.micro_batch_size, self.plan.accumulation
         if remaining >= m * k:
             return (m,) * k
-        if drop_last:
-            return ()
-        sizes = (m,) * (remaining // m) + self.ladder.tail(remaining % m)
-        short = [s for s in sizes if s not in self.ladder.rungs]
-        if short and short[0] not in self._warned_tail:
-            self._warned_tail.add(short[0])
-            log.warning("simigrad: epoch tail of %d samples ends with a micro-batch of %d, not a rung of %s "
-                        "(one more graph)", remaining, short[0], self.ladder.rungs)
-        return sizes
+        return () if drop_last else (m,) * self.ladder.tail(remaining, m)
 
     def _open_window(self, sizes: Sequence[int]) -> Window:
         if self._window is not None and not self._window.complete:

@@ -2,16 +2,43 @@
 
 Order. Each epoch has one permutation (``seed + epoch``, as ``DistributedSampler``); under ``torch.distributed``
 it is padded to a multiple of the world size by repeating its head (or truncated with ``drop_last``) and rank
-``r`` takes ``perm[r::world]``. A rank's order never depends on the batch size, so workers may prefetch freely.
+``r`` takes ``perm[r::world]``. A rank's order never depends on the batch size.
 
-Loading. A ``torch.utils.data.DataLoader`` (with the user's ``num_workers``, ``pin_memory``, ...) fetches
-chunks of samples in that order and returns them uncollated; the main process cuts micro-batches of the current
-rung from the stream and applies the user's ``collate_fn``. Collation therefore runs in the main process: the
-price of changing the batch size at any step without discarding prefetched work.
+Epochs. A rank's samples form one stream: epoch 0's order, then epoch 1's, and so on; every micro-batch is the
+next slice of the stream, of the current rung. Epoch ``e`` is the ``e``-th order of the stream, in which each of
+the rank's samples appears exactly once. One pass of ``for batch in loader`` runs whole steps from ``run``'s
+position until the stream reaches the end of the current epoch's order. Its last step (the tail) has only as many
+of the plan's micro-batches of ``m`` samples as cover the ``r`` samples left (``Ladder.tail``: ``ceil(r/m)``, or
+more where a plan needs more micro-steps: ``min_accumulation``, two samples), and its last micro-batch is
+completed with the first samples of the next epoch's order (of the epochs after, for a dataset smaller than the
+step); the next pass starts after them. So:
 
-Epoch tail. When fewer samples remain than the step's plan, the last step takes whole micro-batches of the
-current rung, then rungs from largest down (``Ladder.tail``), then one short micro-batch for the rest (a new
-shape: one more compile, logged). With ``drop_last=True`` the samples that do not fill a whole step are dropped.
+- a tail never has a micro-batch off the current rung, and compiles nothing;
+- no step straddles two passes; a pass trains on at most ``m - 1`` samples of the next epoch, more only where
+  the plan needs more micro-steps (up to ``min_accumulation * m - 1`` in group mode ``microsteps``; one sample
+  at ``m = 1``), and the next pass skips them;
+- all micro-batches of a step have one size, so its mean gradient is the plain mean over its samples
+  (:mod:`simigrad_compile.runtime.window`), whichever epoch they come from;
+- ``run.epoch`` counts the orders finished and ``run.state_dict()`` holds the offset in the current one, so a
+  resumed run continues the stream exactly.
+
+With ``drop_last=True`` a pass instead stops before a step it cannot fill; those samples are skipped.
+
+Loading. The loader is a ``torch.utils.data.DataLoader`` (with the user's ``num_workers``, ``pin_memory``,
+``collate_fn``, ...) whose batch sampler hands out index lists of the predicted micro-batch sizes: the workers
+fetch and collate whole micro-batches, as in a plain loop. The prediction is the current plan; each index list
+carries its stream position and size, and each micro-batch that arrives is checked against what the step
+needs. When the plan changed to another rung after the lists were handed out, the prefetched micro-batches
+(at most ``prefetch_factor * num_workers``) are discarded, counted in ``discarded``, and their samples handed
+out again in the new size. A change of the accumulation alone discards nothing. Lists prefetched past the end
+of a pass are discarded (and counted) too; where the plan's tail turns out longer than predicted, the loader
+starts a new ``DataLoader`` iterator for the rest.
+
+Iterable datasets. An ``IterableDataset`` is streamed in the dataset's own order, one process only: samples
+cross from the workers one at a time and are collated in the main process. An epoch is one pass over the
+iterable; the tail is completed from the next pass over it, as above. Resuming reads and skips the samples
+already trained on, so the iterable must yield the same order every pass. ``shuffle`` and data parallelism
+are refused (ranks could run out at different steps).
 
 Static shapes. The batch dim of every tensor in a micro-batch is marked static (``torch._dynamo.mark_static``),
 so Dynamo compiles one graph per rung instead of turning the batch dim dynamic. A tensor copied afterwards (for
@@ -20,18 +47,16 @@ example ``x.cuda()``) loses the mark: pass ``device=`` to move it here first.
 
 from __future__ import annotations
 
+import collections
+import itertools
 import logging
-from typing import Any, Callable, Iterator, List, Optional
+from typing import Any, Callable, Iterator, List, Optional, Sequence
 
 import torch
 import torch.utils.data as tud
 from torch.utils._pytree import tree_map
 
 log = logging.getLogger("simigrad_compile")
-
-
-def _as_list(samples: list) -> list:
-    return samples
 
 
 def rank_order(n: int, epoch: int, shuffle: bool, seed: int, world: int, rank: int, drop_last: bool) -> List[int]:
@@ -50,87 +75,280 @@ def rank_order(n: int, epoch: int, shuffle: bool, seed: int, world: int, rank: i
     return perm[rank::world]
 
 
-class _ChunkSampler(tud.Sampler):
-    """Yields this rank's order from the loader's position, ``chunk`` indices at a time."""
+class _Pass:
+    """What the batch sampler of one pass has handed out: the stream position of the next index list, the sizes
+    left in the step it predicts, and ``(generation, start, size)`` of each list not yet arrived."""
 
-    def __init__(self, loader: "AdaptiveLoader", chunk: int):
-        self.loader, self.chunk = loader, chunk
+    def __init__(self, epoch: int, cursor: int):
+        self.epoch, self.cursor = epoch, cursor
+        self.pending: List[int] = []
+        self.generation = 0
+        self.issued: collections.deque = collections.deque()
 
-    def __iter__(self):
-        order, start = self.loader._order(), self.loader.run._position
-        for i in range(start, len(order), self.chunk):
-            yield order[i : i + self.chunk]
+    def restart(self, cursor: int, sizes: Sequence[int]) -> None:
+        """Hand out from ``cursor`` again; every list handed out before is stale."""
+        self.generation += 1
+        self.cursor, self.pending = cursor, list(sizes)
 
-    def __len__(self) -> int:
-        return -(-len(self.loader._order()) // self.chunk)
+
+class _Orders:
+    """Each epoch's order of this rank's samples (the last few cached), and slices of their concatenation."""
+
+    def __init__(self, n: int, shuffle: bool, seed: int, world: int, rank: int, drop_last: bool):
+        self.args = (shuffle, seed, world, rank, drop_last)
+        self.n, self.cache = n, {}
+        self.length = (n - n % world if drop_last else -(-n // world) * world) // world
+        """Samples per epoch on this rank (``len(rank_order(...))``)."""
+
+    def order(self, epoch: int) -> List[int]:
+        order = self.cache.get(epoch)
+        if order is None:
+            if len(self.cache) > 2:
+                self.cache.pop(min(self.cache))
+            shuffle, seed, world, rank, drop_last = self.args
+            order = self.cache[epoch] = rank_order(self.n, epoch, shuffle, seed, world, rank, drop_last)
+        return order
+
+    def slice(self, epoch: int, start: int, size: int) -> List[int]:
+        """Positions ``[start, start + size)`` of the stream that starts with ``epoch``'s order."""
+        if start + size <= self.length:
+            return self.order(epoch)[start:start + size]
+        out, end = [], start + size
+        while start < end:
+            e, i = divmod(start, self.length)
+            part = self.order(epoch + e)[i:i + end - start]
+            out += part
+            start += len(part)
+        return out
+
+
+class _Issuer:
+    """The ``DataLoader``'s batch sampler: index lists of the predicted micro-batch sizes from the current
+    pass's cursor. It runs in the main process, ahead of the step by the DataLoader's prefetch."""
+
+    def __init__(self, orders: _Orders, run, drop_last: bool):
+        self.orders, self.run, self.drop_last = orders, run, drop_last
+        self.current: Optional[_Pass] = None
+
+    def __iter__(self) -> Iterator[List[int]]:
+        p, run, orders = self.current, self.run, self.orders
+        while True:
+            if not p.pending:
+                if p.cursor >= orders.length:
+                    return
+                p.pending = list(run._window_sizes(orders.length - p.cursor, self.drop_last))
+                if not p.pending:
+                    return
+            size = p.pending.pop(0)
+            start, p.cursor = p.cursor, p.cursor + size
+            p.issued.append((p.generation, start, size))
+            yield orders.slice(p.epoch, start, size)
+
+
+def _mark_static(dim: int, device: Any) -> Callable[[Any], Any]:
+    def mark(t):
+        if isinstance(t, torch.Tensor):
+            if device is not None:
+                t = t.to(device, non_blocking=True)
+            if t.dim() > dim:
+                torch._dynamo.mark_static(t, dim)
+        return t
+
+    return mark
 
 
 class AdaptiveLoader:
     """Iterate once per epoch; yields micro-batches whose sizes follow ``run``'s plan."""
 
     def __init__(self, run, dataset, *, shuffle: bool = False, collate_fn: Optional[Callable] = None,
-                 drop_last: bool = False, seed: int = 0, device: Any = None, chunk: Optional[int] = None,
-                 **dataloader_kwargs):
+                 drop_last: bool = False, seed: int = 0, device: Any = None, **dataloader_kwargs):
         for bad in ("batch_size", "sampler", "batch_sampler"):
             if bad in dataloader_kwargs:
                 raise TypeError(f"run.dataloader() sets the batch itself; remove {bad!r}")
+        if dataloader_kwargs.get("in_order", True) is False:
+            raise TypeError("run.dataloader() matches each micro-batch to its place in the stream and needs "
+                            "in_order=True; remove in_order=False")
         self.run, self.dataset = run, dataset
         self.shuffle, self.drop_last, self.seed, self.device = shuffle, drop_last, seed, device
         self.collate_fn = collate_fn or tud.default_collate
         self.world, self.rank = run.world_size, run.rank
-        chunk = chunk or run.ladder.rungs[0]
-        self._cache = (None, None)
-        self.loader = tud.DataLoader(dataset, batch_sampler=_ChunkSampler(self, chunk), collate_fn=_as_list,
-                                     **dataloader_kwargs)
+        self.discarded = 0
+        """Micro-batches prefetched in a size the plan no longer wanted (their samples were handed out again)."""
+        dim = run.config.batch_dim if isinstance(run.config.batch_dim, int) else 0
+        self._mark = _mark_static(dim, device)
+        self.iterable = isinstance(dataset, tud.IterableDataset)
+        if self.iterable:
+            self._check_iterable()
+            self.loader = tud.DataLoader(dataset, batch_size=None, collate_fn=_identity, **dataloader_kwargs)
+            self._carry = None
+        else:
+            self.orders = _Orders(len(dataset), shuffle, seed, self.world, self.rank, drop_last)
+            self.issuer = _Issuer(self.orders, run, drop_last)
+            self.loader = tud.DataLoader(dataset, batch_sampler=self.issuer, collate_fn=self.collate_fn,
+                                         **dataloader_kwargs)
 
-    def _order(self) -> List[int]:
-        epoch = self.run._epoch
-        if self._cache[0] != epoch:
-            self._cache = (epoch, rank_order(len(self.dataset), epoch, self.shuffle, self.seed, self.world,
-                                             self.rank, self.drop_last))
-        return self._cache[1]
+    def _check_iterable(self) -> None:
+        if self.shuffle:
+            raise ValueError("run.dataloader(IterableDataset, shuffle=True): an IterableDataset has its own order; "
+                             "shuffle inside the dataset (or use a map-style Dataset) and remove shuffle=True")
+        if self.world > 1:
+            raise ValueError(f"run.dataloader(IterableDataset) under data parallelism (world size {self.world}): "
+                             "ranks could run out of samples at different steps and hang the gradient reduction; "
+                             "use a map-style Dataset (__len__ and __getitem__), which run.dataloader shards evenly")
 
     def __len__(self) -> int:
         """Per-rank samples left in this epoch (the number of micro-batches depends on future batch sizes)."""
-        return len(self._order()) - self.run._position
+        return (len(self.dataset) if self.iterable else self.orders.length) - self.run._position
 
     def _finish(self, batch: Any) -> Any:
-        dim = self.run.config.batch_dim if isinstance(self.run.config.batch_dim, int) else 0
-
-        def mark(t):
-            if isinstance(t, torch.Tensor):
-                if self.device is not None:
-                    t = t.to(self.device, non_blocking=True)
-                if t.dim() > dim:
-                    torch._dynamo.mark_static(t, dim)
-            return t
-
-        return tree_map(mark, batch)
+        if type(batch) in (tuple, list):
+            return type(batch)(self._mark(t) if isinstance(t, torch.Tensor) else tree_map(self._mark, t)
+                               for t in batch)
+        return tree_map(self._mark, batch)
 
     def __iter__(self) -> Iterator[Any]:
-        run = self.run
-        remaining = len(self)
-        stream = iter(self.loader)
-        buffer: List[Any] = []
-        while remaining > 0:
-            sizes = run._window_sizes(remaining, self.drop_last)
+        return self._stream_iterable() if self.iterable else self._stream()
+
+    # --- map-style: workers collate micro-batches ----------------------------------------------------------
+    def _stream(self) -> Iterator[Any]:
+        run, length = self.run, self.orders.length
+        pos = run._position
+        p = self.issuer.current = _Pass(run._epoch, pos)
+        batches = None
+        while pos < length:
+            sizes = run._window_sizes(length - pos, self.drop_last)
             if not sizes:
-                log.info("simigrad: drop_last drops the last %d samples of epoch %d", remaining, run._epoch)
+                log.info("simigrad: drop_last drops the last %d samples of epoch %d", length - pos, run._epoch)
                 break
             window = run._open_window(sizes)
             for j, size in enumerate(sizes):
-                if window.done != j:
-                    raise RuntimeError(f"simigrad: call run.optimizer.step() once per micro-batch (micro-batch {j} "
-                                       f"of {len(sizes)} requested after {window.done} step() calls)")
-                while len(buffer) < size:
-                    buffer.extend(next(stream))
+                _check_progress(window, j, sizes)
+                batch, batches = self._take(batches, p, pos, sizes[j:])
+                run._sync_gradients(j == len(sizes) - 1)
+                yield self._finish(batch)
+                pos += size
+            _check_complete(window, sizes)
+        self.discarded += len(p.issued)  # prefetched past the pass's end
+        self._end_pass(length)
+
+    def _take(self, batches, p: _Pass, pos: int, sizes: Sequence[int]):
+        """The micro-batch at stream position ``pos`` of size ``sizes[0]``; ``sizes``: the step's rest."""
+        while True:
+            if batches is None:
+                batches = iter(self.loader)
+            if p.issued and p.issued[0][0] == p.generation and p.issued[0][1:] != (pos, sizes[0]):
+                self._reissue(p, pos, sizes)
+            try:
+                batch = next(batches)
+            except StopIteration:  # the sampler predicted a shorter pass than the plan now asks for
+                log.debug("simigrad: the loader restarts its DataLoader iterator at sample %d", pos)
+                p.restart(pos, sizes)
+                batches = None
+                continue
+            generation, start, size = p.issued.popleft()
+            if generation == p.generation and start == pos and size == sizes[0]:
+                return batch, batches
+            self.discarded += 1
+            if generation == p.generation:
+                self._reissue(p, pos, sizes)
+
+    def _reissue(self, p: _Pass, pos: int, sizes: Sequence[int]) -> None:
+        log.debug("simigrad: the step wants micro-batches of %d from sample %d; %d prefetched micro-batch(es) "
+                  "discarded (%d so far)", sizes[0], pos, len(p.issued), self.discarded + len(p.issued))
+        p.restart(pos, sizes)
+
+    def _end_pass(self, length: int) -> None:
+        """Close the epoch; the samples a tail borrowed from the next epoch(s) count as trained there."""
+        run = self.run
+        over = max(run._position - length, 0)
+        run._end_epoch()
+        while over >= length > 0:
+            run._end_epoch()
+            over -= length
+        run._position = over
+
+    # --- iterable: samples collated in the main process ----------------------------------------------------
+    def _samples(self) -> Iterator[Any]:
+        """Samples from ``run``'s position on: the rest of the current pass over the iterable, then the next
+        passes (each followed by ``_END``)."""
+        run = self.run
+        carry, self._carry = self._carry, None
+        if carry is not None and carry[0] == (run._epoch, run._position):
+            return carry[1]
+        if run._position:
+            log.info("simigrad: resuming an IterableDataset at sample %d of epoch %d: reading and skipping the "
+                     "samples before it", run._position, run._epoch)
+        return _passes(self.loader, run._position)
+
+    def _stream_iterable(self) -> Iterator[Any]:
+        run = self.run
+        samples = self._samples()
+        buffer: List[Any] = []
+        length, ended = None, False
+        while True:
+            need = run.plan.micro_batch_size * run.plan.accumulation
+            while not ended and len(buffer) < need:
+                s = next(samples)
+                if s is _END:
+                    ended = True
+                    length = run._position + len(buffer)
+                else:
+                    buffer.append(s)
+            if not buffer:
+                break
+            sizes = run._window_sizes(len(buffer) if ended else need, self.drop_last)
+            if not sizes:
+                log.info("simigrad: drop_last drops the last %d samples of epoch %d", len(buffer), run._epoch)
+                break
+            while len(buffer) < sum(sizes):
+                s = next(samples)
+                if s is _END:
+                    raise ValueError("simigrad: the IterableDataset yields fewer samples in a pass than one "
+                                     f"step's tail needs ({sum(sizes)})")
+                buffer.append(s)
+            window = run._open_window(sizes)
+            for j, size in enumerate(sizes):
+                _check_progress(window, j, sizes)
                 batch, buffer = buffer[:size], buffer[size:]
                 run._sync_gradients(j == len(sizes) - 1)
                 yield self._finish(self.collate_fn(batch))
-            if not window.complete:
-                raise RuntimeError(f"simigrad: the step ended after {window.done} of {len(sizes)} step() calls")
-            remaining -= sum(sizes)
-        run._end_epoch()
+            _check_complete(window, sizes)
+            if ended and not buffer:
+                break
+        self._end_pass(length)
+        self._carry = ((run._epoch, run._position), samples)
+
+
+def _passes(loader: tud.DataLoader, skip: int) -> Iterator[Any]:
+    it = iter(loader)
+    collections.deque(itertools.islice(it, skip), maxlen=0)
+    yield from it
+    yield _END
+    while True:
+        yield from iter(loader)
+        yield _END
+
+
+class _End:
+    """Marks the end of one pass over an iterable dataset."""
+
+
+_END = _End()
+
+
+def _identity(sample: Any) -> Any:
+    return sample
+
+
+def _check_progress(window, j: int, sizes: Sequence[int]) -> None:
+    if window.done != j:
+        raise RuntimeError(f"simigrad: call run.optimizer.step() once per micro-batch (micro-batch {j} of "
+                           f"{len(sizes)} requested after {window.done} step() calls)")
+
+
+def _check_complete(window, sizes: Sequence[int]) -> None:
+    if not window.complete:
+        raise RuntimeError(f"simigrad: the step ended after {window.done} of {len(sizes)} step() calls")
 
 
 __all__ = ["AdaptiveLoader", "rank_order"]

@@ -119,17 +119,11 @@ class Ladder:
                 return plan
         raise ValueError(f"{self!r} cannot realise any batch (target {target})")
 
-    def tail(self, remaining: int) -> Tuple[int, ...]:
-        """Micro-batch sizes (per rank) for the last ``remaining`` samples of an epoch: rungs, largest first,
-        then one short micro-batch for what no rung fits."""
-        sizes = []
-        for m in reversed(self.rungs):
-            while remaining >= m:
-                sizes.append(m)
-                remaining -= m
-        if remaining:
-            sizes.append(remaining)
-        return tuple(sizes)
+    def tail(self, remaining: int, micro: int) -> int:
+        """How many micro-batches of ``micro`` (the current rung) the last step of an epoch runs for its last
+        ``remaining`` samples (per rank): enough to cover them, and at least ``min_accumulation`` and two
+        samples in all, as any plan. No other rung: a tail compiles nothing."""
+        return max(-(-remaining // micro), self.min_accumulation, -(-2 // (self.world_size * micro)))
 
     def state_dict(self) -> dict:
         return {"rungs": list(self.rungs), "world_size": self.world_size, "min_accumulation": self.min_accumulation}

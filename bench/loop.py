@@ -1,0 +1,181 @@
+"""Loop overhead: a plain ``DataLoader`` loop against ``run.dataloader`` + ``run.optimizer``, same model and data.
+
+    python bench/loop.py                                  # tiny and small MLP, workers 0 and 2, 9 repeats
+    python bench/loop.py --models tiny --workers 0 --profile   # + cProfile's top lines of one adaptive epoch
+
+Both loops train the same compiled model (``backend="simigrad"``, so a one-micro-step window has its statistics
+from the split backward) on the same ``TensorDataset`` of random data, at the same micro-batch:
+
+  plain     ``DataLoader(batch_size=micro, shuffle=True, drop_last=True)``; per batch ``zero_grad``, forward,
+            ``backward``, ``step``;
+  adaptive  ``AdaptiveBatching(min_batch_size == max_batch_size == batch_size == micro)`` (accumulation 1, the
+            same micro-batch), ``run.dataloader(shuffle=True)``; the same four calls on ``run.optimizer``;
+  step      the plain loop's ``DataLoader`` with a second run's ``run.optimizer``: the runtime's step alone, so
+            that adaptive/step is the loader's share and step/plain the step's share of the overhead.
+
+Both loaders use the same ``num_workers`` (``persistent_workers`` when > 0, so worker start-up is not timed).
+The dataset size is a multiple of the micro-batch, so no epoch has a tail. A repeat times one epoch of each
+loop, the order alternating between repeats; reported: the median microseconds per sample of each and the ratio
+adaptive/plain of the medians. Goal: ratio <= 1.03.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(tempfile.gettempdir(), "simigrad-bench-inductor-cache"))
+
+import argparse  # noqa: E402
+import cProfile  # noqa: E402
+import datetime  # noqa: E402
+import io  # noqa: E402
+import json  # noqa: E402
+import pstats  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import simigrad_compile as sc  # noqa: E402
+from common import hardware, versions  # noqa: E402
+from simigrad_compile.stats.gradient_stats import gradient_stats  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+GOAL = 1.03
+MODELS = {"tiny": (16, 32, 1), "small": (64, 256, 256, 10)}
+"""Layer widths of each MLP (ReLU between layers)."""
+
+
+def mlp(widths) -> nn.Module:
+    layers = []
+    for i, (a, b) in enumerate(zip(widths, widths[1:])):
+        layers += [nn.Linear(a, b)] + ([nn.ReLU()] if i < len(widths) - 2 else [])
+    return _Module(nn.Sequential(*layers))
+
+
+class _Module(nn.Module):
+    """A module class around the ``Sequential`` (Dynamo compiles a top-level ``Sequential`` fine, DDP does not)."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def plain_epoch(model, opt, loader) -> int:
+    n = 0
+    for x, y in loader:
+        opt.zero_grad()
+        F.mse_loss(model(x), y).backward()
+        opt.step()
+        n += len(x)
+    return n
+
+
+def adaptive_epoch(model, run, loader) -> int:
+    n = 0
+    for x, y in loader:
+        run.optimizer.zero_grad()
+        F.mse_loss(model(x), y).backward()
+        run.optimizer.step()
+        n += len(x)
+    return n
+
+
+def profile_epoch(model, run, loader, top: int) -> str:
+    prof = cProfile.Profile()
+    prof.enable()
+    adaptive_epoch(model, run, loader)
+    prof.disable()
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(top)
+    return out.getvalue()
+
+
+def bench(name: str, workers: int, args) -> dict:
+    torch._dynamo.reset()  # Dynamo would run the last point's compiled region for this new instance of the class
+    torch.manual_seed(0)
+    widths = MODELS[name]
+    x = torch.randn(args.samples, widths[0])
+    ds = torch.utils.data.TensorDataset(x, torch.randn(args.samples, widths[-1]))
+    model = torch.compile(mlp(widths), backend="simigrad", options={"compiler": args.compiler})
+    kw = dict(num_workers=workers, persistent_workers=workers > 0)
+    plain_opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    plain = torch.utils.data.DataLoader(ds, batch_size=args.micro, shuffle=True, drop_last=True, **kw)
+    run, step_run = (sc.AdaptiveBatching(model, torch.optim.SGD(model.parameters(), lr=1e-3), batch_size=args.micro,
+                                         min_batch_size=args.micro, max_batch_size=args.micro,
+                                         max_micro_batch_size=args.micro) for _ in range(2))
+    adaptive = run.dataloader(ds, shuffle=True, **kw)
+    loops = {"plain": lambda: plain_epoch(model, plain_opt, plain),
+             "adaptive": lambda: adaptive_epoch(model, run, adaptive),
+             "step": lambda: adaptive_epoch(model, step_run, plain)}
+    for fn in loops.values():  # compile, start the workers
+        fn()
+    times = {k: [] for k in loops}
+    for r in range(args.repeats):
+        for k in (("plain", "adaptive", "step") if r % 2 == 0 else ("step", "adaptive", "plain")):
+            gradient_stats(model, reset=True)  # the plain loop's rows must not reach the adaptive loop's reads
+            t0 = time.perf_counter()
+            n = loops[k]()
+            times[k].append((time.perf_counter() - t0) / n * 1e6)
+    plans = {(h["micro_batch_size"], h["accumulation"]) for h in run.history + step_run.history}
+    assert plans == {(args.micro, 1)}, f"the adaptive loop left accumulation 1 at micro {args.micro}: {plans}"
+    result = {"model": name, "widths": list(widths), "workers": workers, "micro": args.micro,
+              "us_per_sample": {k: {"median": statistics.median(v), "min": min(v), "max": max(v), "all": v}
+                                for k, v in times.items()},
+              "ratio": statistics.median(times["adaptive"]) / statistics.median(times["plain"]),
+              "ratio_step": statistics.median(times["step"]) / statistics.median(times["plain"]),
+              "ratio_of_min": min(times["adaptive"]) / min(times["plain"])}
+    if args.profile:
+        result["profile"] = profile_epoch(model, run, adaptive, args.profile_lines)
+    run.close()
+    step_run.close()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--workers", nargs="+", type=int, default=[0, 2])
+    parser.add_argument("--micro", type=int, default=32)
+    parser.add_argument("--samples", type=int, default=8192, help="samples per epoch (a multiple of --micro)")
+    parser.add_argument("--repeats", type=int, default=9, help="timed epochs per loop, interleaved")
+    parser.add_argument("--compiler", default="inductor", choices=["inductor", "aot_eager"])
+    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (1: the box is shared)")
+    parser.add_argument("--profile", action="store_true", help="cProfile one adaptive epoch per point")
+    parser.add_argument("--profile-lines", type=int, default=25)
+    parser.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/loop_cpu.json)")
+    args = parser.parse_args()
+    if args.samples % args.micro:
+        parser.error("--samples must be a multiple of --micro (no epoch tail in this benchmark)")
+    torch.set_num_threads(args.threads)
+    rows = []
+    print(f"{'model':>6} {'workers':>7} | {'plain us/sample':>15} {'adaptive':>9} {'step':>7} | "
+          f"{'adaptive/plain':>14} {'(of min)':>8} {'step/plain':>10}")
+    for name in args.models:
+        for workers in args.workers:
+            row = bench(name, workers, args)
+            rows.append(row)
+            us = row["us_per_sample"]
+            print(f"{name:>6} {workers:>7} | {us['plain']['median']:>15.2f} {us['adaptive']['median']:>9.2f} "
+                  f"{us['step']['median']:>7.2f} | {row['ratio']:>14.3f} {row['ratio_of_min']:>8.3f} "
+                  f"{row['ratio_step']:>10.3f}", flush=True)
+            if args.profile:
+                print(row["profile"])
+    result = {"benchmark": "loop", "goal_ratio": GOAL, "args": {k: str(v) for k, v in vars(args).items()},
+              "rows": rows, "hardware": hardware("cpu"), "versions": versions(),
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat()}
+    out = args.out or RESULTS / "loop_cpu.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print(f"saved {out}")
+
+
+if __name__ == "__main__":
+    main()
