@@ -165,10 +165,17 @@ class StepCore:
         before the first ``step()`` of a window, the value the previous ``step()`` left."""
         return self._sync
 
+    def _param_name(self, param: torch.nn.Parameter) -> str:
+        for name, p in self.model.named_parameters():
+            if p is param:
+                return repr(name)
+        return f"of shape {tuple(param.shape)}"
+
     # --- the window -------------------------------------------------------------------------------------------
     def _new_window(self, sizes: Sequence[int]) -> Window:
         stats = self.microsteps if self.world_size == 1 else None
-        self._window = Window(sizes, optimizer_params(self.inner), stats, allow_views=self._bucket_views)
+        self._window = Window(sizes, optimizer_params(self.inner), stats, allow_views=self._bucket_views,
+                              name_of=self._param_name)
         self._sync = len(sizes) == 1
         return self._window
 

@@ -29,7 +29,7 @@ held until the boundary; the buffers are reused across windows.
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import torch
 
@@ -66,7 +66,8 @@ class Window:
     """One optimizer step's micro-steps: tracks progress and keeps ``p.grad`` in the ``W_i / d`` form."""
 
     def __init__(self, sizes: Sequence[int], params: Sequence[torch.nn.Parameter],
-                 stats: Optional[MicrostepStats] = None, allow_views: bool = False):
+                 stats: Optional[MicrostepStats] = None, allow_views: bool = False,
+                 name_of: Callable[[torch.nn.Parameter], str] = lambda p: f"of shape {tuple(p.shape)}"):
         if not sizes or any(int(s) < 1 for s in sizes):
             raise ValueError(f"an accumulation window needs micro-steps of >= 1 sample, got {tuple(sizes)}")
         self.sizes = [int(s) for s in sizes]
@@ -77,6 +78,7 @@ class Window:
         self.half = midpoint(self.sizes) if len(self.sizes) >= 2 else 0
         self.allow_views = allow_views  # DDP(gradient_as_bucket_view=True) swaps p.grad for a bucket view once
         self._grads: List[Optional[torch.Tensor]] = [None] * len(self.params)
+        self.name_of = name_of
 
     @property
     def accumulation(self) -> int:
@@ -135,7 +137,7 @@ class Window:
         for p, g in zip(self.params, self._grads):
             if not p.requires_grad:
                 raise WindowMisuse(
-                    f"simigrad: a parameter of shape {tuple(p.shape)} stopped requiring grad inside an accumulation "
+                    f"simigrad: parameter {self.name_of(p)} stopped requiring grad inside an accumulation "
                     f"window (at {where}): the window's earlier micro-batches would be lost for it. Freeze or "
                     "unfreeze parameters between optimizer steps (when run.sync_gradients is True), or drop this "
                     "step with run.discard_step().")
@@ -143,10 +145,10 @@ class Window:
                 continue
             if p.grad is not None and (p.grad.requires_grad or (self.allow_views and p.grad._base is not None)):
                 continue  # backward(create_graph=True) and DDP's bucket views replace the tensor, keeping the sum
-            how = "set to None (model.zero_grad() or p.grad = None)" if p.grad is None else "replaced by a new tensor"
             raise WindowMisuse(
-                f"simigrad: the gradient of a parameter of shape {tuple(p.shape)} was {how} inside an accumulation "
-                f"window (found at {where}, after {self.done} of {self.accumulation} micro-steps): the earlier "
+                f"simigrad: the gradient of parameter {self.name_of(p)} was zeroed or replaced inside an accumulation "
+                f"window (model.zero_grad(), p.grad = None or p.grad = <tensor>; found at {where}, after "
+                f"{self.done} of {self.accumulation} micro-steps): the earlier "
                 "micro-batches of this step would be lost. Zero gradients only through run.optimizer.zero_grad() "
                 "(a no-op inside a window), or drop this step with run.discard_step().")
 
