@@ -206,7 +206,8 @@ class StepCore:
         """Record this micro-step's (mean) loss; the step's record holds the sample-weighted mean, and a
         non-finite loss skips the step."""
         w = self._current_window()
-        value = loss.detach().float().reshape(()) * w.sizes[w.done]
+        value = loss.detach().reshape(())
+        value = (value if value.dtype == torch.float64 else value.float()) * w.sizes[w.done]
         self._loss = value if self._loss is None else self._loss + value
 
     def micro_step_done(self, samples: Optional[int] = None, loss=None) -> bool:
