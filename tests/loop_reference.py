@@ -48,11 +48,11 @@ def make_optimizer(params, kind="sgd", lr=0.1):
 class Reference:
     """The plain fp64 loop on a copy of ``model``."""
 
-    def __init__(self, model, kind="sgd", lr=0.1, b0=8, scaling="sqrt"):
+    def __init__(self, model, kind="sgd", lr=0.1, b0=8, scaling="sqrt", schedule=True):
         self.model = copy.deepcopy(model).double()
         self.opt = make_optimizer(self.model.parameters(), kind, lr)
         self.b0, self.scaling = b0, scaling
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: 1.0 / (1 + 0.1 * s))
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: 1.0 / (1 + 0.1 * s) if schedule else 1.0)
 
     def lr_scale(self, batch):
         r = batch / self.b0

@@ -290,6 +290,20 @@ def _freeze(model):
     model.fc1.bias.requires_grad_(False)
 
 
+def test_a_parameter_unfrozen_inside_a_window_is_refused():
+    model, run, sched, ref = setup()
+    feed = Feed(dataset(200))
+    model.fc1.bias.requires_grad_(False)
+    ref.model.fc1.bias.requires_grad_(False)
+    run.plan = Plan(4, 3)
+    loss_of(model, *feed.take(4)).backward()
+    run.optimizer.step()
+    model.fc1.bias.requires_grad_(True)
+    loss_of(model, *feed.take(4)).backward()
+    with pytest.raises(WindowMisuse, match="'fc1.bias' joined the step inside an accumulation window"):
+        run.optimizer.step()
+
+
 @pytest.mark.parametrize("misuse, match", [
     (_zero_model, "'fc1.weight' was zeroed or replaced"), (_grad_none, "'fc1.weight' was zeroed or replaced"),
     (_new_tensor, "'fc2.bias' was zeroed or replaced"), (_freeze, "'fc1.bias' stopped requiring grad"),

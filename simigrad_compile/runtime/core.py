@@ -35,9 +35,11 @@ Protocol (for a door that owns the call to the wrapped optimizer's ``step``)::
   True when there is one; then ``begin_step``/``end_step`` as above).
 * ``clip_grad_norm_(max_norm, norm_type)``, ``sync_gradients``, ``state_dict()`` / ``load_state_dict()``.
 
-A door whose own loop calls the optimizer's ``step()`` on every micro-batch (the ``SIMIGRAD=1`` hooks) makes
-that call a no-op inside a window by moving ``p.grad`` aside in a step pre-hook and back in the post-hook; the
-window keeps accumulating in ``p.grad``, which must stay the tensor the backward accumulates into.
+A door whose user loop calls the optimizer's ``step()`` and ``zero_grad()`` on every micro-batch (the
+``SIMIGRAD=1`` hooks) keeps the window's gradients outside ``p.grad`` between micro-steps, so that those calls
+act on nothing, and folds each fresh gradient back into them in place (``held.add_(p.grad); p.grad = held``)
+before ``micro_step_done``: ``p.grad`` must be the tensor the window saw at its last micro-step.
+``tests/test_core_protocol.py`` has that door in 40 lines, checked against the plain loop.
 
 Statistics, per step. On one process a window of >= 2 micro-steps uses the ``microsteps`` split (the backend's
 ``batch`` sinks are read with ``reset=True`` and ignored for that step). A window of one micro-step uses the
@@ -175,7 +177,7 @@ class StepCore:
     def _new_window(self, sizes: Sequence[int]) -> Window:
         stats = self.microsteps if self.world_size == 1 else None
         self._window = Window(sizes, optimizer_params(self.inner), stats, allow_views=self._bucket_views,
-                              name_of=self._param_name)
+                              name_of=self._param_name, live=lambda: optimizer_params(self.inner))
         self._sync = len(sizes) == 1
         return self._window
 
