@@ -67,7 +67,9 @@ class Reference:
     def grad_norm(self, x, y, norm_type=2.0):
         grads = [g for g in self.mean_grad(x, y) if g is not None]
         flat_g = torch.cat([g.flatten() for g in grads])
-        return float(flat_g.abs().max() if math.isinf(norm_type) else flat_g.abs().pow(norm_type).sum() ** (1 / norm_type))
+        if math.isinf(norm_type):
+            return float(flat_g.abs().max())
+        return float(flat_g.abs().pow(norm_type).sum() ** (1 / norm_type))
 
     def cosine(self, halves):
         """fp64 cosine of the mean gradients of two sample sets."""
