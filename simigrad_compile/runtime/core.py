@@ -196,8 +196,8 @@ class StepCore:
         self._current_window().resize_next(int(samples))
 
     def log_loss(self, loss) -> None:
-        """Record this micro-step's (mean) loss; the step's record holds the sample-weighted mean, and a
-        non-finite loss skips the step."""
+        """Record this micro-step's (mean) loss, before its ``run.optimizer.step()``; the step's record holds the
+        sample-weighted mean, and a non-finite loss skips the step."""
         w = self._current_window()
         value = loss.detach().reshape(())
         value = (value if value.dtype == torch.float64 else value.float()) * w.sizes[w.done]
