@@ -9,6 +9,8 @@ key and lists the valid ones.
 from __future__ import annotations
 
 import dataclasses
+import logging
+import math
 import typing
 from dataclasses import dataclass
 from typing import Any, Literal, Mapping, Optional, Union
@@ -18,7 +20,17 @@ Compiler = Literal["inductor", "aot_eager"]
 LrScaling = Literal["sqrt", "linear", "none"]
 Warmup = Literal["lazy", "eager"]
 StatsSum = Literal["auto", "kernel", "graph"]
+OnNonFinite = Literal["skip", "raise"]
 BatchDim = Union[int, tuple, dict]
+
+PASS_NAMES = ("split_backward",)
+"""The graph passes ``disabled_passes`` may name (a test checks it against the pass manager's passes)."""
+
+MAX_SAMPLES = 2**40
+"""Upper limit of every batch-size field: a larger value is a typo, not a batch."""
+
+
+log = logging.getLogger("simigrad_compile")
 
 
 class ConfigError(ValueError):
@@ -44,7 +56,8 @@ class SimigradConfig:
     debugging."""
 
     disabled_passes: tuple = ()
-    """Names of graph passes to skip, for bug hunting (for example ``("split_backward",)``)."""
+    """Names of graph passes to skip, for bug hunting (for example ``("split_backward",)``); one of
+    :data:`PASS_NAMES`. A list or a comma-separated string."""
 
     stats_sum: StatsSum = "auto"
     """How the split pass combines the halves: ``kernel`` calls the fused ``simigrad::split_grads`` op (Triton
@@ -80,12 +93,18 @@ class SimigradConfig:
     adjust_every: int = 1
     """Apply the controller rule every this many optimizer steps."""
 
+    on_non_finite: OnNonFinite = "skip"
+    """A step whose loss, mean gradient or statistics are not finite: ``skip`` drops the whole optimizer step
+    (parameters, optimizer state and LR schedule untouched, counted, ``skipped`` in the history) and the run
+    goes on; ``raise`` raises instead. An AMP overflow (``scaler=``) always skips, as ``GradScaler`` does."""
+
     # --- ladder ---
     max_micro_batch_size: int = 256
     """The largest micro-batch (per rank) one compiled graph runs; larger batches use accumulation."""
 
     micro_batch_sizes: Optional[tuple] = None
-    """An explicit ladder of micro-batch sizes. ``None``: powers of two up to ``max_micro_batch_size``."""
+    """An explicit ladder of micro-batch sizes (a list or a comma-separated string such as ``"8,16,32"``).
+    ``None``: powers of two up to ``max_micro_batch_size``."""
 
     warmup: Warmup = "lazy"
     """``lazy`` compiles a rung on first use; ``eager`` compiles every rung before training."""
@@ -139,17 +158,21 @@ def _check(key: str, value: Any) -> Any:
         if not isinstance(value, (list, tuple)):
             _fail(key, value, "a list")
         if key == "micro_batch_sizes":
-            value = tuple(sorted({_int(key, v, minimum=1) for v in value}))
+            value = tuple(sorted({_int(key, _as_int(v), minimum=1) for v in value}))
             if not value:
                 _fail(key, value, "a non-empty list of positive ints")
+        else:
+            unknown = [v for v in value if v not in PASS_NAMES]
+            if unknown:
+                _fail(key, unknown, "pass names among " + ", ".join(map(repr, PASS_NAMES)))
         return tuple(value)
     if hint is bool:
         if not isinstance(value, bool):
             _fail(key, value, "True or False")
         return value
     if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            _fail(key, value, "a number")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            _fail(key, value, "a finite number")
         return float(value)
     if hint is int or hint == Optional[int]:
         if value is None and hint == Optional[int]:
@@ -162,9 +185,18 @@ def _check(key: str, value: Any) -> Any:
     raise AssertionError(f"unhandled config type for {key}: {hint}")
 
 
+def _as_int(value: Any) -> Any:
+    """``"8"`` -> 8 (entries of a comma-separated string); anything else unchanged."""
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value)
+    return value
+
+
 def _int(key: str, value: Any, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         _fail(key, value, f"an int >= {minimum}")
+    if value > MAX_SAMPLES:
+        _fail(key, value, f"an int <= 2**40 ({MAX_SAMPLES}); a batch this large is no batch")
     return value
 
 
@@ -191,9 +223,12 @@ def _check_relations(cfg: SimigradConfig) -> None:
     if not -1.0 <= cfg.target_similarity <= 1.0:
         _fail("target_similarity", cfg.target_similarity, "a cosine in [-1, 1]")
     if cfg.lr_adjust_factor < 0:
-        _fail("lr_adjust_factor", cfg.lr_adjust_factor, "a number >= 0")
-    if cfg.stats_bucket_mb <= 0:
-        _fail("stats_bucket_mb", cfg.stats_bucket_mb, "a number > 0")
+        _fail("lr_adjust_factor", cfg.lr_adjust_factor, "a finite number >= 0")
+    if not 0 < cfg.stats_bucket_mb <= 2**20:
+        _fail("stats_bucket_mb", cfg.stats_bucket_mb, "a number of MiB in (0, 2**20]")
+    if cfg.batch_size is not None and not cfg.min_batch_size <= cfg.batch_size <= cfg.max_batch_size:
+        log.info("simigrad: batch_size %d lies outside [min_batch_size, max_batch_size] = [%d, %d]: the first step "
+                 "is clamped into the bounds", cfg.batch_size, cfg.min_batch_size, cfg.max_batch_size)
 
 
 def from_mapping(options: Optional[Mapping[str, Any]], base: Optional[SimigradConfig] = None) -> SimigradConfig:
@@ -213,4 +248,4 @@ def from_mapping(options: Optional[Mapping[str, Any]], base: Optional[SimigradCo
     return SimigradConfig(**merged)
 
 
-__all__ = ["SimigradConfig", "ConfigError", "FIELD_NAMES", "from_mapping"]
+__all__ = ["SimigradConfig", "ConfigError", "FIELD_NAMES", "PASS_NAMES", "MAX_SAMPLES", "from_mapping"]

@@ -65,7 +65,7 @@ def test_non_finite_skips_and_counts(bad, caplog):
     with caplog.at_level("WARNING", logger="simigrad_compile"):
         d = c.update(bad)
     assert "non-finite cosine" in caplog.text
-    assert d.skipped == "non-finite" and d.batch_size == before["batch_size"]
+    assert d.skipped == "non-finite-cosine" and d.batch_size == before["batch_size"]
     after = c.state_dict()
     assert after["non_finite"] == 1 and after["smoothed"] == before["smoothed"]
 

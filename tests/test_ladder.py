@@ -6,7 +6,7 @@ import math
 import pytest
 
 from simigrad_compile.config import SimigradConfig
-from simigrad_compile.runtime.ladder import RESOLUTION, Ladder, default_rungs
+from simigrad_compile.runtime.ladder import ACCUMULATION_SLACK, RESOLUTION, Ladder, default_rungs
 
 
 def ladder(world=1, min_acc=1, **kw):
@@ -30,29 +30,59 @@ def test_default_rungs():
     assert default_rungs(SimigradConfig(micro_batch_sizes=(24, 8, 40))) == (8, 24, 40)
 
 
+def rule_by_enumeration(lad, target):
+    """The module docstring's rounding rule, evaluated over the enumerated candidates."""
+    target = min(max(target, lad.lower), lad.upper)
+    w, top, lo = lad.world_size, lad.rungs[-1], lad.min_accumulation
+    reach = math.ceil(target / (w * top))
+    k0 = min(reach, lad.upper // (w * top)) if lad.upper // (w * top) >= 1 else reach
+    cap = max(lo, ACCUMULATION_SLACK * reach)
+    cands = brute(lad, target)
+    within = [c for c in cands if max(lo, k0) <= c[1] <= cap and abs(c[2] - target) <= RESOLUTION * target]
+    if within:
+        k = min(c[1] for c in within)
+        m = min((abs(c[2] - target), -c[0]) for c in within if c[1] == k)[1]
+        return -m, k
+    for pool in ([c for c in cands if c[1] <= cap], cands):
+        if pool:
+            _, k, m = min((abs(c[2] - target), c[1], -c[0]) for c in pool)
+            return -m, k
+
+
 @pytest.mark.parametrize("world", [1, 2, 3])
+@pytest.mark.parametrize("min_acc", [1, 2])
 @pytest.mark.parametrize("kw", [
     dict(max_micro_batch_size=64, max_batch_size=251),                     # prime upper bound
     dict(max_micro_batch_size=16, min_batch_size=37, max_batch_size=997),  # min > max_micro, primes
     dict(micro_batch_sizes=(6, 10, 24), min_batch_size=2, max_batch_size=500),
+    dict(max_micro_batch_size=256, max_batch_size=8000),                   # upper bound no multiple of the top
 ])
-def test_rounding_rule_against_enumeration(world, kw):
-    lad = ladder(world, **kw)
-    for target in range(lad.lower, lad.upper + 1, 3):
+def test_rounding_rule_against_enumeration(world, min_acc, kw):
+    lad = ladder(world, min_acc, **kw)
+    for target in list(range(lad.lower, min(lad.upper, 300) + 1)) + list(range(300, lad.upper + 1, 97)):
         plan = lad.plan(target)
-        r = plan.batch_size
-        cands = brute(lad, target)
-        assert cands, target
-        assert lad.lower <= r <= lad.upper
-        assert plan.micro_batch_size in lad.rungs
-        err = abs(r - target)
-        best = min(abs(c[2] - target) for c in cands)
-        if err > RESOLUTION * target:
-            assert err == best, (target, plan, best)          # no plan within resolution: the nearest
-        else:                                                  # no plan with fewer steps from k0 on is within it
-            k0 = max(1, math.ceil(target / (world * lad.rungs[-1])))
-            assert not any(k0 <= c[1] < plan.accumulation and abs(c[2] - target) <= RESOLUTION * target
-                           for c in cands), (target, plan)
+        assert lad.lower <= plan.batch_size <= lad.upper and plan.micro_batch_size in lad.rungs
+        assert plan.accumulation >= min_acc
+        assert (plan.micro_batch_size, plan.accumulation) == rule_by_enumeration(lad, target), target
+
+
+@pytest.mark.parametrize("target, expected", [
+    (9, (8, 1)), (10, (8, 1)), (7, (8, 1)), (5, (4, 1)), (11, (4, 3)), (20, (16, 1)), (5000, (256, 20)),
+    (8000, (256, 31)), (65536, (256, 256)),
+])
+def test_small_targets_stay_on_few_micro_steps_and_large_ones_on_the_top_rung(target, expected):
+    lad = ladder(max_micro_batch_size=256, max_batch_size=8000 if target == 8000 else 65536)
+    plan = lad.plan(target)
+    assert (plan.micro_batch_size, plan.accumulation) == expected
+    for t in range(2, 64):   # never a run of one-sample micro-steps beyond the cap
+        p = lad.plan(t)
+        assert p.accumulation <= ACCUMULATION_SLACK, (t, p)
+
+
+def test_huge_targets_are_cheap():
+    lad = ladder(max_micro_batch_size=8, max_batch_size=2**40)
+    plan = lad.plan(10**12)
+    assert plan.micro_batch_size == 8 and plan.batch_size == 10**12
 
 
 def test_prime_max_batch_size_reached_closely():

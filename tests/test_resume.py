@@ -66,3 +66,73 @@ if __name__ == "__main__":
     model, run, loader = resume(sys.argv[1])
     assert len(run.history) == 30
     print(json.dumps(train(model, run, loader, 10)))
+
+
+# --- load_state_dict: atomic, validated, bounds from the new config -------------------------------------------
+import copy  # noqa: E402
+import logging  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+def _trained():
+    model, run, loader = setup()
+    train(model, run, loader, 5)
+    return run
+
+
+def _snapshot(run):
+    return copy.deepcopy(run.state_dict()), run.plan
+
+
+@pytest.mark.parametrize("corrupt, match", [
+    (lambda s: s.pop("history"), "lacks history"),
+    (lambda s: s.pop("controller"), "lacks controller"),
+    (lambda s: s["controller"].pop("steps"), "lacks steps"),
+    (lambda s: s.update(plan=[0, 0]), "plan\\[0\\]"),
+    (lambda s: s.update(plan=[8]), "expected \\[micro_batch_size, accumulation\\]"),
+    (lambda s: s.update(plan=[3, 2]), "not a rung"),
+    (lambda s: s.update(position=-1), "'position'"),
+    (lambda s: s["controller"].update(batch_size=0), "batch size < 1"),
+    (lambda s: s["controller"].update(smoothed=float("nan")), "non-finite smoothed"),
+    (lambda s: s.update(history="x"), "history"),
+])
+def test_a_bad_checkpoint_raises_and_leaves_the_run_untouched(corrupt, match):
+    donor = _trained()
+    state = copy.deepcopy(donor.state_dict())
+    corrupt(state)
+    model, run, loader = setup()
+    train(model, run, loader, 3)
+    before, plan = _snapshot(run)
+    with pytest.raises((KeyError, ValueError), match=match):
+        run.load_state_dict(state)
+    assert run.state_dict() == before and run.plan == plan
+
+
+def test_new_bounds_win_over_the_checkpoint_plan(caplog):
+    donor = _trained()
+    state = donor.state_dict()
+    state["controller"]["batch_size"] = 16
+    state["plan"] = [8, 2]
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    run = sc.AdaptiveBatching(model, torch.optim.SGD(model.parameters(), lr=0.05), batch_size=32,
+                              target_similarity=0.3, min_batch_size=32, max_batch_size=64, max_micro_batch_size=8,
+                              group_mode="microsteps", ema=0.5)
+    with caplog.at_level(logging.WARNING, "simigrad_compile"):
+        run.load_state_dict(state)
+    assert run.plan.batch_size == 32 and run.target_batch_size == 32
+    assert "outside the configured bounds [32, 64]" in caplog.text and "target clamped to 32" in caplog.text
+
+
+def test_a_checkpoint_from_another_ladder_or_world_size_says_what_differs():
+    state = _trained().state_dict()
+    model, run, _ = setup()
+    other = copy.deepcopy(state)
+    other["ladder"]["rungs"] = [1, 2, 4, 8, 16]
+    with pytest.raises(ValueError, match=r"rungs \(1, 2, 4, 8, 16\) in the checkpoint, \(1, 2, 4, 8\) now"):
+        run.load_state_dict(other)
+    other = copy.deepcopy(state)
+    other["ladder"]["world_size"] = 4
+    with pytest.raises(ValueError, match="world size 4 in the checkpoint, 1 now"):
+        run.load_state_dict(other)

@@ -29,7 +29,7 @@ class Decision:
     """The target global batch size for the next step."""
     lr_scale: float
     skipped: Optional[str]
-    """Why the rule was not applied this step (``"non-finite"``, ``"interval"``), or None."""
+    """Why the rule was not applied this step (``"non-finite-cosine"``, ``"interval"``), or None."""
 
 
 class BatchSizeController:
@@ -56,9 +56,9 @@ class BatchSizeController:
         self.steps += 1
         if not math.isfinite(cosine):
             self.non_finite += 1
-            log.warning("simigrad: non-finite cosine %s at step %d (fp16 overflow or a zero gradient?): batch size "
-                        "kept at %d; %d non-finite step(s) so far", cosine, self.steps, self.batch_size, self.non_finite)
-            return Decision(self.batch_size, self.lr_scale(), "non-finite")
+            log.warning("simigrad: non-finite cosine %s at step %d (a zero gradient in one half?): batch size kept at "
+                        "%d; %d such step(s) so far", cosine, self.steps, self.batch_size, self.non_finite)
+            return Decision(self.batch_size, self.lr_scale(), "non-finite-cosine")
         ema = self.config.ema
         self.smoothed = cosine if self.smoothed is None or ema == 0 else ema * self.smoothed + (1 - ema) * cosine
         if self.steps % self.config.adjust_every:
@@ -81,8 +81,16 @@ class BatchSizeController:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        self.initial_batch_size = int(state["initial_batch_size"])
-        self.batch_size = int(state["batch_size"])
-        self.smoothed = None if state["smoothed"] is None else float(state["smoothed"])
-        self.steps = int(state["steps"])
-        self.non_finite = int(state["non_finite"])
+        """Validates every value before changing anything."""
+        missing = [k for k in ("initial_batch_size", "batch_size", "smoothed", "steps", "non_finite") if k not in state]
+        if missing:
+            raise KeyError(f"simigrad: controller state lacks {', '.join(missing)}")
+        initial, batch = int(state["initial_batch_size"]), int(state["batch_size"])
+        steps, non_finite = int(state["steps"]), int(state["non_finite"])
+        smoothed = None if state["smoothed"] is None else float(state["smoothed"])
+        if initial < 1 or batch < 1 or steps < 0 or non_finite < 0:
+            raise ValueError(f"simigrad: controller state {state} has a batch size < 1 or a negative count")
+        if smoothed is not None and not math.isfinite(smoothed):
+            raise ValueError(f"simigrad: controller state has a non-finite smoothed cosine {smoothed}")
+        self.initial_batch_size, self.batch_size, self.smoothed = initial, batch, smoothed
+        self.steps, self.non_finite = steps, non_finite

@@ -1,42 +1,89 @@
-"""``AdaptiveBatching``: controller + ladder + loader + optimizer wrapper + history + state_dict.
+"""The runtime step core: one object owns an optimizer step, and every door drives it.
 
-Per optimizer step (one accumulation window), at the boundary:
+:class:`StepCore` owns the window, the plan, the choice of statistics, the LR scaling, the skip rules, clipping,
+the AMP unscale, the history and the checkpoint state. :class:`AdaptiveBatching` is the hand-written loop's
+door over it: an optimizer wrapper, a loader, compile settings.
 
-1. Statistics. On one process with accumulation >= 2 the ``microsteps`` split wins: the backend's
-   batch-mode sinks are read with ``reset=True`` and ignored for that step. Otherwise (accumulation 1, or
-   ``world > 1``) the statistics are ``gradient_stats(model, reset=True)`` (modes ``batch`` / ``ranks``). When a
-   one-process model records none (not compiled with the backend, or ``group_mode="microsteps"``), the ladder
-   switches to at least two micro-steps, with a warning.
-2. Gradients become the mean over the window's samples (:mod:`simigrad_compile.runtime.window`).
-3. The wrapped optimizer steps with LR x ``lr_scale``; ``lr_scale`` follows the *realised* batch.
-4. One history record; the controller updates the target; the ladder plans the next step.
+The step contract (DESIGN.md, section 8): an optimizer step applies exactly what the user's plain loop would
+apply to the **mean gradient of the step's samples**: after clipping of that mean (if asked), after unscaling
+(AMP), or not at all (a non-finite loss, gradient or statistic skips the whole step, as ``GradScaler`` does).
+Everything else raises an error that names the cause and the fix.
 
-Compilation. Rungs compile lazily, on their first micro-batch (``warmup="lazy"``); :meth:`warm_up` compiles
-every rung up front. Dynamo keeps one graph per rung only if it may hold that many: while the run is open, the
-runtime raises ``torch._dynamo.config.recompile_limit`` to ``len(rungs) + 8`` if it is lower (logged), and
-:meth:`close` (or leaving ``with run:``) puts the old value back.
+Protocol (for a door that owns the call to the wrapped optimizer's ``step``)::
+
+    # every micro-batch, after its backward:
+    if core.micro_step_done(samples=n, loss=loss):      # True when this micro-batch ends the step
+        if core.begin_step():                           # False: the step is skipped (grads dropped)
+            optimizer.step()                            # the wrapped optimizer, LR already scaled
+        core.end_step()                                 # LR restored, history, controller, next plan
+
+* ``micro_step_done(samples=None, loss=None) -> bool``: counts one micro-step of the open window (opening one
+  with the current plan when none is open). ``samples`` is checked against the size the gradient was prepared
+  for; a door that learns a micro-batch's size before its backward announces it with
+  ``next_micro_batch(samples)`` (any size may come first in a window). ``loss`` (the micro-batch's mean loss,
+  a tensor) fills the history's ``loss`` and is checked for finiteness at the boundary.
+* ``begin_step() -> bool``: reads the statistics, checks loss, gradient and statistics for inf/NaN (one host
+  sync), turns ``p.grad`` into the step's mean gradient, unscales it (AMP), clips it (``clip_grad_norm_``) and
+  multiplies every param group's ``lr`` by the LR scale of the realised batch. Returns False when the step must
+  be skipped: the gradients are then dropped (``p.grad = None``) and nothing may be stepped. With
+  ``on_non_finite="raise"`` it raises instead (then ``discard_step()`` drops the step).
+* ``end_step()``: puts back the exact ``lr`` objects, appends the history record, feeds the controller (only
+  for a step that was applied and has statistics) and plans the next step.
+* ``discard_step()``: drops an open (or failed) window: gradients, loss, clip request, LR; the run goes on
+  from the last completed step.
+* ``end_window()``: the data ran out inside a window: the micro-steps done so far form the step (returns
+  True when there is one; then ``begin_step``/``end_step`` as above).
+* ``clip_grad_norm_(max_norm, norm_type)``, ``sync_gradients``, ``state_dict()`` / ``load_state_dict()``.
+
+A door whose user loop calls the optimizer's ``step()`` and ``zero_grad()`` on every micro-batch (the
+``SIMIGRAD=1`` hooks) keeps the window's gradients outside ``p.grad`` between micro-steps, so that those calls
+act on nothing, and folds each fresh gradient back into them in place (``held.add_(p.grad); p.grad = held``)
+before ``micro_step_done``: ``p.grad`` must be the tensor the window saw at its last micro-step.
+``tests/test_core_protocol.py`` has that door in 40 lines, checked against the plain loop.
+
+Statistics, per step. On one process a window of >= 2 micro-steps uses the ``microsteps`` split (the backend's
+``batch`` sinks are read with ``reset=True`` and ignored for that step). A window of one micro-step uses the
+``batch`` statistics of the compiled backward; when it has none (a micro-batch the split pass refused: a tail
+of one sample, a shape Dynamo made dynamic) that step has none, the cause is logged and recorded (``note``),
+and the next step is split again. Only while the model has *never* recorded ``batch`` statistics (not compiled
+with the backend, or every graph refused) the ladder plans >= 2 micro-steps, with a warning naming the cause;
+the first ``batch`` statistics seen undo that. Under data parallelism the statistics are the ``ranks`` split.
+
+Non-finite steps. The skip reasons, in the history's ``skipped`` with ``stepped=False``:
+``non-finite-loss``, ``non-finite-gradient``, ``non-finite-statistics``, ``amp-overflow``. A step that was
+applied can still leave the controller unmoved: ``no-statistics``, ``interval``, ``non-finite-cosine`` (a zero
+half: the cosine is undefined although the gradient is finite).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
-from typing import Any, Optional, Sequence
+from collections import Counter
+from typing import Any, List, Optional, Sequence
 
 import torch
 
 from ..config import SimigradConfig, from_mapping
+from ..stats.gradient_stats import gradient_stats
+from ..stats.microsteps import MicrostepStats
+from .amp import ScalerBridge
+from .checkpoint import validated_state
 from .controller import BatchSizeController
 from .data import AdaptiveLoader
 from .history import History
 from .ladder import Ladder, Plan
-from ..stats.gradient_stats import SplitStats, gradient_stats
-from ..stats.microsteps import MicrostepStats
-from .window import Window
-from .optim import AdaptiveOptimizer
+from .statistics import StatisticsChoice
+from .optim import AdaptiveOptimizer, restore_lr, scale_lr
+from .window import Window, optimizer_params
 
 log = logging.getLogger("simigrad_compile")
 EXTRA_RECOMPILES = 8
+
+
+class NonFiniteStep(FloatingPointError):
+    """A step's loss, gradient or statistics are not finite and ``on_non_finite="raise"``."""
 
 
 def _world() -> tuple:
@@ -45,29 +92,358 @@ def _world() -> tuple:
     return 1, 0
 
 
-class AdaptiveBatching:
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *,
-                 config: Optional[SimigradConfig] = None, **options: Any):
-        self.config = from_mapping(options, base=config)
-        if self.config.batch_size is None:
-            raise ValueError("AdaptiveBatching needs batch_size= (the initial global batch size B0)")
+class StepCore:
+    """Owns one optimizer step at a time; see the module docstring for the protocol."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: SimigradConfig, *,
+                 world_size: int = 1, rank: int = 0, scaler=None):
+        if config.batch_size is None:
+            raise ValueError("simigrad needs batch_size= (the initial global batch size B0)")
+        self.config = config
         self.model = model
-        self.world_size, self.rank = _world()
-        self.controller = BatchSizeController(self.config, self.config.batch_size)
-        one_process_microsteps = self.world_size == 1 and self.config.group_mode == "microsteps"
-        self.ladder = Ladder(self.config, self.world_size, min_accumulation=2 if one_process_microsteps else 1)
+        self.inner = optimizer
+        self.world_size, self.rank = world_size, rank
+        self.controller = BatchSizeController(config, config.batch_size)
+        self._base_accumulation = 2 if world_size == 1 and config.group_mode == "microsteps" else 1
+        self.ladder = Ladder(config, world_size, min_accumulation=self._base_accumulation)
         self.plan: Plan = self.ladder.plan(self.controller.batch_size)
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.microsteps = MicrostepStats(self.params)
-        self.optimizer = AdaptiveOptimizer(optimizer, self)
-        self._history = History(self.config.log_dir)
+        self.microsteps = MicrostepStats()
+        self._history = History(config.log_dir)
         self.similarity = float("nan")
+        self.skipped_steps: Counter = Counter()
+        self.amp = ScalerBridge(scaler, self) if scaler is not None else None
         self._window: Optional[Window] = None
+        self._pending: Optional[dict] = None
         self._epoch = self._position = self._samples = self._steps = 0
+        self._loss: Optional[torch.Tensor] = None
+        self._clip: Optional[tuple] = None
+        self._saved_lr: Optional[list] = None
+        self._sync = self.plan.accumulation == 1
+        self.statistics = StatisticsChoice(model, self.ladder, world_size, self._base_accumulation)
+        self._bucket_views = False
+
+    # --- views ------------------------------------------------------------------------------------------------
+    @property
+    def batch_size(self) -> int:
+        """The global batch size of the next (or current) optimizer step."""
+        return self._window.samples * self.world_size if self._window else self.plan.batch_size
+
+    @property
+    def history(self) -> list:
+        """One dict per optimizer step (keys: :data:`simigrad_compile.runtime.history.KEYS`)."""
+        return self._history.records
+
+    @property
+    def target_batch_size(self) -> int:
+        return self.controller.batch_size
+
+    @property
+    def lr_scale(self) -> float:
+        return self.controller.lr_scale(self.batch_size)
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    @property
+    def window_open(self) -> bool:
+        """True between a window's first micro-step and its boundary."""
+        w = self._window
+        return w is not None and 0 < w.done < w.accumulation
+
+    @property
+    def sync_gradients(self) -> bool:
+        """True on the micro-batch that ends a step (as Accelerate's): set when ``run.dataloader()`` yields it,
+        and by every ``step()`` (True after the one that ended a step). A loop without ``run.dataloader()`` sees,
+        before the first ``step()`` of a window, the value the previous ``step()`` left."""
+        return self._sync
+
+    def _param_name(self, param: torch.nn.Parameter) -> str:
+        for name, p in self.model.named_parameters():
+            if p is param:
+                return repr(name)
+        return f"of shape {tuple(param.shape)}"
+
+    # --- the window -------------------------------------------------------------------------------------------
+    def _new_window(self, sizes: Sequence[int]) -> Window:
+        stats = self.microsteps if self.world_size == 1 else None
+        self._window = Window(sizes, optimizer_params(self.inner), stats, allow_views=self._bucket_views,
+                              name_of=self._param_name, live=lambda: optimizer_params(self.inner))
+        self._sync = len(sizes) == 1
+        return self._window
+
+    def _current_window(self) -> Window:
+        if self._pending is not None or (self._window is not None and self._window.complete):
+            raise RuntimeError("simigrad: the last step's boundary is not finished (begin_step()/end_step()); "
+                               "after an error there, drop it with run.discard_step()")
+        if self._window is None:
+            self._new_window((self.plan.micro_batch_size,) * self.plan.accumulation)
+        return self._window
+
+    def _open_window(self, sizes: Sequence[int]) -> Window:
+        """A loader opens each step's window with the sizes it will yield."""
+        w = self._window
+        if w is not None and (w.done > 0 or self._pending is not None):
+            raise RuntimeError(
+                f"simigrad: a new step started after {w.done} of {w.accumulation} micro-steps of the last one: "
+                "call run.optimizer.step() once per micro-batch, or drop the unfinished step with "
+                "run.discard_step() before starting again")
+        return self._new_window(sizes)
+
+    def next_micro_batch(self, samples: int) -> None:
+        """Announce the size of the micro-batch whose backward comes next (a door that does not follow the
+        plan's micro-batch size, for example a short last batch)."""
+        self._current_window().resize_next(int(samples))
+
+    def log_loss(self, loss) -> None:
+        """Record this micro-step's (mean) loss, before its ``run.optimizer.step()``; the step's record holds the
+        sample-weighted mean, and a non-finite loss skips the step."""
+        w = self._current_window()
+        value = loss.detach().reshape(())
+        value = (value if value.dtype == torch.float64 else value.float()) * w.sizes[w.done]
+        self._loss = value if self._loss is None else self._loss + value
+
+    def micro_step_done(self, samples: Optional[int] = None, loss=None) -> bool:
+        """One micro-step's backward is done; True when it ends the step (then ``begin_step``/``end_step``)."""
+        w = self._current_window()
+        if loss is not None:
+            self.log_loss(loss)
+        w.micro_step_done(samples)
+        self._sync = w.complete
+        return w.complete
+
+    def end_window(self) -> bool:
+        """The data ran out: the micro-steps done so far form the step. True when there is a step to finish."""
+        w = self._window
+        if w is None or w.done == 0:
+            self._window = None
+            return False
+        if not w.complete:
+            w.truncate()
+        self._sync = True
+        return True
+
+    # --- clipping ---------------------------------------------------------------------------------------------
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> Optional[torch.Tensor]:
+        """Clip the step's mean gradient (unscaled) to ``max_norm``, once, at the boundary.
+
+        Call it between ``loss.backward()`` and ``run.optimizer.step()``, on any micro-batch of the step: the
+        request holds for the step it is made in. On the micro-batch that ends the step it returns the total
+        norm of the step's mean gradient (what ``torch.nn.utils.clip_grad_norm_`` would return in the plain
+        loop); before it, None."""
+        max_norm, norm_type = float(max_norm), float(norm_type)
+        if not math.isfinite(max_norm) or max_norm < 0 or not (norm_type > 0):
+            raise ValueError(f"simigrad: clip_grad_norm_ needs a finite max_norm >= 0 and norm_type > 0, got "
+                             f"{max_norm}, {norm_type}")
+        w = self._current_window()
+        self._clip = (max_norm, norm_type)
+        if w.done != w.accumulation - 1:
+            return None
+        factor = (w.divisor / w.samples) / self._amp_scale_now()
+        return self._total_norm(w.grads(), norm_type) * factor
+
+    @staticmethod
+    def _total_norm(grads: List[torch.Tensor], norm_type: float) -> torch.Tensor:
+        if not grads:
+            return torch.zeros((), dtype=torch.float32)
+        return torch.nn.utils.get_total_norm([g.float() if g.dtype in (torch.float16, torch.bfloat16) else g
+                                              for g in grads], norm_type)
+
+    def _amp_scale_now(self) -> float:
+        if self.amp is None or not self.amp.enabled:
+            return 1.0
+        return self.amp.current_scale()
+
+    # --- the boundary -----------------------------------------------------------------------------------------
+    def begin_step(self) -> bool:
+        """Prepare the boundary's optimizer step; False when it must be skipped (module docstring)."""
+        w = self._window
+        if w is None or not w.complete or self._pending is not None:
+            raise RuntimeError("simigrad: begin_step() needs a window whose last micro-step is done "
+                               "(micro_step_done() returned True) and no step in progress")
+        w.check("the boundary")
+        stats, note = self.statistics.read(w, self._steps + 1)
+        grads = w.grads()
+        norm_type = self._clip[1] if self._clip else 2.0
+        raw_norm = self._total_norm(grads, norm_type)
+        checks = [raw_norm, self._loss if self._loss is not None else torch.zeros(())]
+        checks += self.amp.checks() if self.amp is not None else [torch.ones(()), torch.zeros(()), torch.zeros(())]
+        device = raw_norm.device
+        raw, loss_sum, scale, drift, found_inf = torch.stack(
+            [c.to(device, torch.float64).reshape(()) for c in checks]).tolist()  # the boundary's one host sync
+        if drift:
+            raise RuntimeError("simigrad: the GradScaler's scale changed inside an accumulation window (a "
+                               "scaler.update(new_scale) or another optimizer's update mid-window): the micro-"
+                               "batches' gradients no longer share a scale. Drop the step with run.discard_step().")
+        factor = w.mean_factor / scale
+        grad_norm = raw * factor
+        if scale != 1.0 and stats.mode != "none":
+            s2 = scale * scale
+            stats = dataclasses.replace(stats, dot=stats.dot / s2, sq_norm_1=stats.sq_norm_1 / s2,
+                                        sq_norm_2=stats.sq_norm_2 / s2)
+        reason = None
+        if not math.isfinite(loss_sum):
+            reason = "non-finite-loss"
+        elif self.amp is not None and self.amp.enabled and (found_inf or not math.isfinite(raw)):
+            reason = "amp-overflow"
+        elif not math.isfinite(raw):
+            reason = "non-finite-gradient"
+        elif stats.mode != "none" and not stats.finite:
+            reason = "non-finite-statistics"
+        realised = w.samples * self.world_size
+        lr_scale = self.controller.lr_scale(realised)
+        self._pending = {"window": w, "stats": stats, "note": note, "reason": reason, "lr_scale": lr_scale,
+                         "grad_norm": grad_norm if math.isfinite(grad_norm) else float("nan"), "loss": loss_sum}
+        if reason is not None:
+            return self._skip(w, reason)
+        if self._clip is not None:
+            factor *= min(1.0, self._clip[0] / (grad_norm + 1e-6))
+        if factor != 1.0 and grads:
+            torch._foreach_mul_(grads, factor)
+        self._saved_lr = scale_lr(self.inner, lr_scale)
+        return True
+
+    def _skip(self, w: Window, reason: str) -> bool:
+        self.skipped_steps[reason] += 1
+        count = sum(self.skipped_steps.values())
+        if self.config.on_non_finite == "raise" and reason != "amp-overflow":
+            self._pending = None
+            raise NonFiniteStep(f"simigrad: step {self._steps + 1}: {reason} (on_non_finite='raise'). Drop the step "
+                                "with run.discard_step() to go on, or use on_non_finite='skip'.")
+        level = logging.INFO if reason == "amp-overflow" else logging.WARNING
+        log.log(level, "simigrad: step %d skipped (%s): parameters, optimizer state and LR schedule untouched; "
+                "%d skipped step(s) so far", self._steps + 1, reason, count)
+        for p in w.params:
+            p.grad = None
+        return False
+
+    def restore_lr(self) -> None:
+        """Put back the exact ``lr`` objects after ``begin_step`` (``end_step`` and ``discard_step`` do it)."""
+        if self._saved_lr is not None:
+            restore_lr(self.inner, self._saved_lr)
+            self._saved_lr = None
+
+    def end_step(self) -> None:
+        """Finish the boundary: LR restored, one history record, the controller fed, the next step planned."""
+        pending = self._pending
+        if pending is None:
+            raise RuntimeError("simigrad: end_step() without begin_step()")
+        self.restore_lr()
+        w, stats = pending["window"], pending["stats"]
+        applied = pending["reason"] is None
+        cosine = stats.cosine
+        target = self.controller.batch_size
+        skipped = pending["reason"]
+        if applied:
+            skipped = "no-statistics" if stats.mode == "none" else self.controller.update(cosine).skipped
+        realised = w.samples * self.world_size
+        self._steps += 1
+        self._samples += realised
+        self._position += w.samples
+        self.similarity = cosine
+        loss = pending["loss"] / w.samples if self._loss is not None else None
+        self._history.append({
+            "step": self._steps, "samples": self._samples, "target_batch_size": target, "batch_size": realised,
+            "micro_batch_size": w.sizes[0], "accumulation": w.accumulation, "statistics": stats.mode,
+            "cosine": cosine if math.isfinite(cosine) else float("nan"), "lr_scale": pending["lr_scale"],
+            "stepped": applied, "skipped": skipped, "grad_norm": pending["grad_norm"], "loss": loss,
+            "note": pending["note"],
+        })
+        self._reset_step()
+        self.plan = self.ladder.plan(self.controller.batch_size)
+
+    def _reset_step(self) -> None:
+        self._window = None
+        self._pending = None
         self._loss = None
+        self._clip = None
+        if self.amp is not None:
+            self.amp.reset()
+
+    def discard_step(self) -> None:
+        """Drop the open (or failed) step: its gradients, loss, clip request and statistics. The run goes on
+        from the last completed step: a new ``for batch in loader`` starts at that step's position."""
+        w = self._window
+        self.restore_lr()
+        if w is None:
+            return
+        for p in optimizer_params(self.inner) + w.params:
+            p.grad = None
+        gradient_stats(self.model, reset=True)
+        log.info("simigrad: discarded a step after %d of %d micro-steps", w.done, w.accumulation)
+        self._reset_step()
+        self._sync = self.plan.accumulation == 1
+
+    def _sync_gradients(self, sync: bool) -> None:
+        """Called by the loader before each micro-batch: True for the one that ends the step."""
+        self._sync = sync
+
+    def _end_epoch(self) -> None:
+        self._epoch += 1
+        self._position = 0
+
+    # --- checkpoint -------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        if self._window is not None and (self._window.done or self._pending is not None):
+            raise RuntimeError("simigrad: state_dict() inside an accumulation window; save after the step's last "
+                               "run.optimizer.step() (run.sync_gradients is True), or drop the unfinished step "
+                               "with run.discard_step() first")
+        return {
+            "version": 2,
+            "controller": self.controller.state_dict(),
+            "ladder": self.ladder.state_dict(),
+            "plan": [self.plan.micro_batch_size, self.plan.accumulation],
+            "epoch": self._epoch, "position": self._position, "samples": self._samples, "steps": self._steps,
+            "similarity": self.similarity,
+            "history": self._history.state_dict(),
+            "skipped_steps": dict(self.skipped_steps),
+            "batch_stats_seen": self.statistics.batch_seen,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Validate everything, then change everything: a bad checkpoint raises and leaves the run untouched.
+        The new config's bounds win over the checkpoint's plan (clamped, logged)."""
+        if self.window_open or self._pending is not None:
+            raise RuntimeError("simigrad: load_state_dict() inside an accumulation window; call run.discard_step() "
+                               "first")
+        staged = validated_state(state, self.config, self.world_size, self._base_accumulation)
+        self.controller, self.ladder, self.plan = staged["controller"], staged["ladder"], staged["plan"]
+        self.statistics.ladder = self.ladder
+        self._epoch, self._position = staged["epoch"], staged["position"]
+        self._samples, self._steps = staged["samples"], staged["steps"]
+        self.similarity = staged["similarity"]
+        self._history.load_state_dict(staged["history"])
+        self.skipped_steps = Counter(staged["skipped_steps"])
+        self.statistics.batch_seen = staged["batch_stats_seen"]
+        self._window = None
+        self._reset_step()
+        self._sync = self.plan.accumulation == 1
+
+
+class AdaptiveBatching(StepCore):
+    """Adaptive batching for a hand-written loop: ``run.optimizer``, ``run.dataloader()``, compile settings.
+
+    Compilation. Rungs compile lazily, on their first micro-batch; :meth:`warm_up` compiles every rung up front.
+    Dynamo keeps one graph per rung only if it may hold that many: while the run is open, the runtime raises
+    ``torch._dynamo.config.recompile_limit`` to ``len(rungs) + 8`` if it is lower (logged), and :meth:`close`
+    (or leaving ``with run:``) puts the old value back.
+    """
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *,
+                 config: Optional[SimigradConfig] = None, scaler=None, **options: Any):
+        config = from_mapping(options, base=config)
+        world_size, rank = _world()
+        super().__init__(model, optimizer, config, world_size=world_size, rank=rank, scaler=scaler)
+        self.optimizer = AdaptiveOptimizer(optimizer, self)
         self._dynamo_saved = self._raise_recompile_limit()
         self._ddp = self._install_ranks_reduction()
+        self._bucket_views = bool(getattr(self._ddp, "gradient_as_bucket_view", False))
         log.info("simigrad: %r, initial plan %s (target %d)", self.ladder, self.plan, self.controller.batch_size)
+
+    @property
+    def params(self) -> List[torch.nn.Parameter]:
+        """The parameters the optimizer steps that require a gradient (read live from its param_groups)."""
+        return optimizer_params(self.inner)
 
     # --- compile settings -------------------------------------------------------------------------------------
     def _raise_recompile_limit(self) -> Optional[int]:
@@ -100,6 +476,7 @@ class AdaptiveBatching:
     def _sync_gradients(self, sync: bool) -> None:
         """Called by the loader before each micro-batch: DDP reduces (and the statistics are taken) only at the
         window's last micro-step, as under ``no_sync``."""
+        self._sync = sync
         if self._ddp is not None:
             self._ddp.require_backward_grad_sync = sync
 
@@ -107,6 +484,8 @@ class AdaptiveBatching:
         if self._dynamo_saved is not None:
             torch._dynamo.config.recompile_limit = self._dynamo_saved
             self._dynamo_saved = None
+        if self.amp is not None:
+            self.amp.close()
         self._history.close()
 
     def __enter__(self) -> "AdaptiveBatching":
@@ -115,39 +494,9 @@ class AdaptiveBatching:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    # --- public views -----------------------------------------------------------------------------------------
-    @property
-    def batch_size(self) -> int:
-        """The global batch size of the next (or current) optimizer step."""
-        return self._window.samples * self.world_size if self._window else self.plan.batch_size
-
-    @property
-    def history(self) -> list:
-        """One dict per optimizer step (keys: :data:`simigrad_compile.runtime.history.KEYS`)."""
-        return self._history.records
-
-    @property
-    def target_batch_size(self) -> int:
-        return self.controller.batch_size
-
-    @property
-    def lr_scale(self) -> float:
-        return self.controller.lr_scale(self.batch_size)
-
-    @property
-    def epoch(self) -> int:
-        return self._epoch
-
     def dataloader(self, dataset, **kwargs) -> AdaptiveLoader:
         """Micro-batches of the current rung; ``DataLoader`` keyword arguments plus ``seed``/``device``."""
         return AdaptiveLoader(self, dataset, **kwargs)
-
-    def log_loss(self, loss) -> None:
-        """Record this micro-step's (mean) loss; the step's record holds the sample-weighted mean."""
-        w = self._window
-        size = w.sizes[w.done] if w is not None and not w.complete else self.plan.micro_batch_size
-        value = loss.detach().float() * size
-        self._loss = value if self._loss is None else self._loss + value
 
     def plot(self, path: str) -> None:
         self._history.plot(path)
@@ -177,91 +526,5 @@ class AdaptiveBatching:
             return (m,) * k
         return () if drop_last else (m,) * self.ladder.tail(remaining, m)
 
-    def _open_window(self, sizes: Sequence[int]) -> Window:
-        if self._window is not None and not self._window.complete:
-            raise RuntimeError("simigrad: a new step started before the last one's micro-steps were all stepped")
-        stats = self.microsteps if self.world_size == 1 else None
-        self._window = Window(sizes, self.params, stats)
-        return self._window
 
-    def _micro_step_done(self) -> bool:
-        if self._window is None or self._window.complete:
-            self._open_window((self.plan.micro_batch_size,) * self.plan.accumulation)
-        self._window.micro_step_done()
-        if not self._window.complete:
-            return False
-        self._boundary(self._window)
-        return True
-
-    def _read_stats(self, window: Window) -> SplitStats:
-        if window.stats is not None:
-            ignored = gradient_stats(self.model, reset=True)
-            if ignored.mode != "none":
-                log.debug("simigrad: accumulation %d: microsteps statistics replace the %s ones",
-                          window.accumulation, ignored.mode)
-            return window.split_stats()
-        stats = gradient_stats(self.model, reset=True)
-        if stats.mode == "none" and self.world_size == 1 and self.ladder.min_accumulation < 2:
-            log.warning("simigrad: no split statistics were recorded for this model (compiled with "
-                        "backend='simigrad'?); switching to group mode microsteps: accumulation >= 2 from now on")
-            self.ladder.require_accumulation(2)
-        return stats
-
-    def _boundary(self, window: Window) -> None:
-        stats = self._read_stats(window)
-        window.finish()
-        realised = window.samples * self.world_size
-        lr_scale = self.controller.lr_scale(realised)
-        self.optimizer.scaled_step(lr_scale)
-        cosine = stats.cosine
-        target = self.controller.batch_size
-        if stats.mode == "none":
-            skipped = "no-statistics"
-        else:
-            skipped = self.controller.update(cosine).skipped
-        self._steps += 1
-        self._samples += realised
-        self._position += window.samples
-        loss = None
-        if self._loss is not None:
-            loss = float(self._loss) / window.samples
-            self._loss = None
-        self.similarity = cosine
-        self._history.append({
-            "step": self._steps, "samples": self._samples, "target_batch_size": target, "batch_size": realised,
-            "micro_batch_size": window.sizes[0], "accumulation": window.accumulation,
-            "cosine": cosine if math.isfinite(cosine) else float("nan"), "lr_scale": lr_scale, "skipped": skipped,
-            "loss": loss,
-        })
-        self.plan = self.ladder.plan(self.controller.batch_size)
-
-    def _end_epoch(self) -> None:
-        self._epoch += 1
-        self._position = 0
-
-    # --- checkpoint -------------------------------------------------------------------------------------------
-    def state_dict(self) -> dict:
-        if self._window is not None and not self._window.complete:
-            raise RuntimeError("simigrad: state_dict() inside an accumulation window; save after run.optimizer.step() "
-                               "completes a step (run.optimizer.stepped)")
-        return {
-            "controller": self.controller.state_dict(),
-            "ladder": self.ladder.state_dict(),
-            "plan": [self.plan.micro_batch_size, self.plan.accumulation],
-            "epoch": self._epoch, "position": self._position, "samples": self._samples, "steps": self._steps,
-            "similarity": self.similarity,
-            "history": self._history.state_dict(),
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        self.controller.load_state_dict(state["controller"])
-        self.ladder.load_state_dict(state["ladder"])
-        self.plan = Plan(int(state["plan"][0]), int(state["plan"][1]), self.world_size)
-        self._epoch, self._position = int(state["epoch"]), int(state["position"])
-        self._samples, self._steps = int(state["samples"]), int(state["steps"])
-        self.similarity = float(state["similarity"])
-        self._history.load_state_dict(state["history"])
-        self._window = None
-
-
-__all__ = ["AdaptiveBatching"]
+__all__ = ["AdaptiveBatching", "NonFiniteStep", "StepCore"]

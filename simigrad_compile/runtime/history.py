@@ -1,6 +1,19 @@
 """Per-optimizer-step records: ``run.history`` (plain dicts), a CSV file, TensorBoard, and ``plot()``.
 
-A record has the keys of :data:`KEYS`; ``loss`` is None unless the loop passes it to ``run.log_loss``.
+A record has the keys of :data:`KEYS`:
+
+* ``step`` (1-based, skipped steps included), ``samples`` (seen so far), ``target_batch_size`` (the controller's),
+  ``batch_size`` (realised, global), ``micro_batch_size``, ``accumulation``;
+* ``statistics``: where the split came from (``batch``, ``microsteps``, ``ranks``, ``none``), ``cosine``;
+* ``lr_scale``: the LR multiplier of the realised batch;
+* ``stepped``: whether the optimizer applied the step; ``skipped``: why it did not (``non-finite-loss``,
+  ``non-finite-gradient``, ``non-finite-statistics``, ``amp-overflow``) or, for an applied step, why the
+  controller did not move (``no-statistics``, ``interval``, ``non-finite-cosine``), else None;
+* ``grad_norm``: the total norm of the step's mean gradient (unscaled, before clipping; in the clip's norm
+  type when ``run.clip_grad_norm_`` was called, else the 2-norm);
+* ``loss``: the sample-weighted mean loss when the loop passes it (``run.log_loss``), else None;
+* ``note``: why the step has no statistics, when it has none.
+
 With ``log_dir`` set, every record is appended to ``<log_dir>/simigrad.csv`` (flushed per row) and, when the
 ``tensorboard`` package is installed, written through ``torch.utils.tensorboard.SummaryWriter`` (tag
 ``simigrad/<key>``, x = samples).
@@ -16,8 +29,8 @@ from typing import List, Optional
 
 log = logging.getLogger("simigrad_compile")
 
-KEYS = ("step", "samples", "target_batch_size", "batch_size", "micro_batch_size", "accumulation", "cosine",
-        "lr_scale", "skipped", "loss")
+KEYS = ("step", "samples", "target_batch_size", "batch_size", "micro_batch_size", "accumulation", "statistics",
+        "cosine", "lr_scale", "stepped", "skipped", "grad_norm", "loss", "note")
 CSV_NAME = "simigrad.csv"
 
 
@@ -58,7 +71,7 @@ class History:
         self._file.flush()
         if self._writer is not None:
             for key in ("cosine", "batch_size", "target_batch_size", "micro_batch_size", "accumulation",
-                        "lr_scale", "loss"):
+                        "lr_scale", "grad_norm", "loss"):
                 value = record[key]
                 if value is not None and math.isfinite(value):
                     self._writer.add_scalar(f"simigrad/{key}", value, record["samples"])

@@ -9,21 +9,34 @@ Rungs
 Rounding rule (:meth:`Ladder.plan`)
     A plan ``(micro, accumulation)`` realises ``R = world * micro * accumulation``. Candidates are the plans
     with ``R`` within ``[min_batch_size, max_batch_size]`` that give two groups (on one process a global batch
-    of one sample has no second half) and at least ``min_accumulation`` micro-steps.
+    of one sample has no second half) and at least ``min_accumulation`` micro-steps. Let
+    ``reach = ceil(target / (world * top rung))`` (the fewest micro-steps that reach the target), ``k0`` the
+    same without passing ``max_batch_size`` (``reach``, or ``floor(max_batch_size / (world * top rung))`` when
+    that is smaller and >= 1), and ``cap = max(min_accumulation, ACCUMULATION_SLACK * reach)``.
 
-    1. Fewest micro-steps within the resolution: counting up from ``k0 = ceil(target / (world * top rung))``
-       (the fewest micro-steps that can reach the target), the first ``accumulation`` for which some rung
-       realises the target within ``RESOLUTION`` (10 %, about one controller step); on it the nearest ``R``,
-       ties to the larger micro. Starting at ``k0`` keeps large targets from being rounded down by up to 10 %.
-    2. Otherwise the nearest ``R`` over all candidates; ties to fewer micro-steps, then the larger micro.
-    3. When no plan lies within the bounds at all (for example an odd ``min == max`` on two ranks), the bounds
+    1. Fewest micro-steps within the resolution: counting up from ``max(k0, min_accumulation)`` to ``cap``, the
+       first accumulation for which some rung realises the target within ``RESOLUTION`` (10 %, about one
+       controller step); on it the nearest ``R``, ties to the larger micro. Starting at ``k0`` keeps large
+       targets from being rounded down by up to 10 % (5000 on a top rung of 256 is 256 x 20 = 5120, not
+       256 x 18), and a target at the upper bound that is no multiple of the top rung takes the top rung
+       (8000 is 256 x 31, not 128 x 57).
+    2. Otherwise the nearest ``R`` over the candidates with at most ``cap`` micro-steps; ties to fewer
+       micro-steps, then the larger micro. The cap is what keeps small targets off many tiny micro-batches:
+       no rung realises 9 within 10 % in four micro-steps, so 9 is 8 x 1, not 1 x 9.
+    3. When no candidate has at most ``cap`` micro-steps (bounds that only small rungs realise, such as
+       ``min_batch_size = max_batch_size = 1000`` on powers of two up to 256: 8 x 125), the nearest over all
+       accumulations, with the same ties.
+    4. When no plan lies within the bounds at all (for example an odd ``min == max`` on two ranks), the bounds
        are dropped for that target and a warning names the target and the plan.
+
+    Every tier is computed per rung in closed form (no enumeration of accumulations), so any batch size is cheap.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import math
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple
 
@@ -33,6 +46,9 @@ log = logging.getLogger("simigrad_compile")
 
 RESOLUTION = 0.10
 """Relative error below which fewer micro-steps win over a nearer batch."""
+ACCUMULATION_SLACK = 4
+"""A plan takes at most this many times the fewest micro-steps that reach the target, unless only more can
+realise a batch inside the bounds (tier 3 of the rounding rule)."""
 
 
 @dataclass(frozen=True)
@@ -77,47 +93,67 @@ class Ladder:
         return f"Ladder(rungs={self.rungs}, world={self.world_size}, min_accumulation={self.min_accumulation})"
 
     def require_accumulation(self, n: int) -> None:
+        """Plans from now on have at least ``n`` micro-steps."""
+        if n < 1:
+            raise ValueError(f"min_accumulation must be >= 1, got {n}")
         self.min_accumulation = n
         self.plan.cache_clear()
 
-    def _two_groups(self, micro: int, acc: int) -> bool:
-        return self.world_size * micro * acc >= 2
+    def _k_range(self, m: int, lo: int, hi: Optional[int], bounded: bool) -> Tuple[int, Optional[int]]:
+        """Accumulations ``k`` in ``[lo, hi]`` for which rung ``m`` gives two groups (and lies in the bounds)."""
+        wm = self.world_size * m
+        lo = max(lo, -(-2 // wm))
+        if bounded:
+            lo = max(lo, -(-self.lower // wm))
+            hi = self.upper // wm if hi is None else min(hi, self.upper // wm)
+        return lo, hi
 
-    def _candidates(self, target: int, bounded: bool):
-        w, lo = self.world_size, self.min_accumulation
-        k0 = max(lo, -(-target // (w * self.rungs[-1])))
-        k_max = max(k0, -(-target // (w * self.rungs[0])))
-        for k in list(range(k0, k_max + 1)) + list(range(lo, k0)):
-            row = []
-            for m in self.rungs:
-                r = w * m * k
-                if not self._two_groups(m, k) or (bounded and not self.lower <= r <= self.upper):
-                    continue
-                row.append((abs(r - target), -m, k))
-            yield k, row
+    def _nearest(self, target: int, lo: int, hi: Optional[int], bounded: bool):
+        """The key ``(|R - target|, k, -m)`` of the nearest plan with ``lo <= k <= hi``, or None."""
+        best = None
+        for m in self.rungs:
+            k_lo, k_hi = self._k_range(m, lo, hi, bounded)
+            if k_hi is not None and k_lo > k_hi:
+                continue
+            wm = self.world_size * m
+            for k in {target // wm, target // wm + 1}:
+                k = max(k, k_lo) if k_hi is None else min(max(k, k_lo), k_hi)
+                key = (abs(wm * k - target), k, -m)
+                best = key if best is None or key < best else best
+        return best
+
+    def _within(self, target: int, k0: int, cap: int):
+        """Tier 1: the fewest micro-steps in ``[k0, cap]`` realising ``target`` within the resolution."""
+        tol = RESOLUTION * target
+        ranges = {}
+        for m in self.rungs:
+            wm = self.world_size * m
+            k_lo, k_hi = self._k_range(m, k0, cap, True)
+            k_lo = max(k_lo, math.ceil((target - tol) / wm))
+            k_hi = min(k_hi, math.floor((target + tol) / wm))
+            if k_lo <= k_hi:
+                ranges[m] = (k_lo, k_hi)
+        if not ranges:
+            return None
+        k = min(lo for lo, _ in ranges.values())
+        return min((abs(self.world_size * m * k - target), k, -m) for m, (lo, hi) in ranges.items() if lo <= k <= hi)
 
     def _plan(self, target: int) -> Plan:
         """The plan realising ``target`` (a global batch size) by the rounding rule of the module docstring."""
         target = min(max(int(target), self.lower), self.upper)
-        for bounded in (True, False):
-            best = None
-            for _, row in self._candidates(target, bounded):
-                if not row:
-                    continue
-                near = min(row)
-                if near[0] <= RESOLUTION * target:
-                    best = near
-                    break
-                if best is None or (near[0], near[2], near[1]) < (best[0], best[2], best[1]):
-                    best = near
-            if best is not None:
-                plan = Plan(-best[1], best[2], self.world_size)
-                if not bounded:
-                    log.warning("simigrad: no plan of %r realises a batch in [%d, %d] near target %d; using %s "
-                                "(batch %d) outside the bounds", self, self.lower, self.upper, target, plan,
-                                plan.batch_size)
-                return plan
-        raise ValueError(f"{self!r} cannot realise any batch (target {target})")
+        w, top, lo = self.world_size, self.rungs[-1], self.min_accumulation
+        reach = -(-target // (w * top))
+        k0 = min(reach, self.upper // (w * top)) if self.upper // (w * top) >= 1 else reach
+        cap = max(lo, ACCUMULATION_SLACK * reach)
+        best = self._within(target, max(lo, k0), cap) or self._nearest(target, lo, cap, True) \
+            or self._nearest(target, lo, None, True)
+        if best is None:
+            best = self._nearest(target, lo, cap, False)
+            plan = Plan(-best[2], best[1], w)
+            log.warning("simigrad: no plan of %r realises a batch in [%d, %d] near target %d; using %s (batch %d) "
+                        "outside the bounds", self, self.lower, self.upper, target, plan, plan.batch_size)
+            return plan
+        return Plan(-best[2], best[1], w)
 
     def tail(self, remaining: int, micro: int) -> int:
         """How many micro-batches of ``micro`` (the current rung) the last step of an epoch runs for its last
@@ -128,10 +164,20 @@ class Ladder:
     def state_dict(self) -> dict:
         return {"rungs": list(self.rungs), "world_size": self.world_size, "min_accumulation": self.min_accumulation}
 
+    def mismatch(self, state: dict) -> Optional[str]:
+        """What differs between a checkpoint's ladder state and this ladder, or None."""
+        diffs = []
+        if tuple(state["rungs"]) != self.rungs:
+            diffs.append(f"rungs {tuple(state['rungs'])} in the checkpoint, {self.rungs} now")
+        if int(state["world_size"]) != self.world_size:
+            diffs.append(f"world size {int(state['world_size'])} in the checkpoint, {self.world_size} now")
+        return "; ".join(diffs) or None
+
     def load_state_dict(self, state: dict) -> None:
-        if tuple(state["rungs"]) != self.rungs or int(state["world_size"]) != self.world_size:
-            raise ValueError(f"checkpoint ladder {state} does not match {self!r}")
+        diff = self.mismatch(state)
+        if diff:
+            raise ValueError(f"simigrad: the checkpoint's ladder differs: {diff}")
         self.require_accumulation(int(state["min_accumulation"]))
 
 
-__all__ = ["Ladder", "Plan", "RESOLUTION", "default_rungs"]
+__all__ = ["Ladder", "Plan", "RESOLUTION", "ACCUMULATION_SLACK", "default_rungs"]

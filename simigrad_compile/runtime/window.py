@@ -1,31 +1,44 @@
-"""The ``microsteps`` group mode and the gradient arithmetic of one accumulation window.
+"""One accumulation window: its micro-steps, the live parameter set, and the gradient arithmetic.
 
 A window runs micro-steps of ``n_1 .. n_k`` samples (per rank). The user's loss is a mean over its micro-batch,
 so each backward adds that micro-batch's mean gradient ``G_i / n_i`` (``G_i``: the sum of its per-sample
-gradients) to ``p.grad``. The window keeps ``p.grad = W_i / n_i`` with ``W_i = G_1 + .. + G_i``: when the next
-micro-batch has another size it rescales ``p.grad`` by ``n_i / n_(i+1)`` (only at an epoch's tail; equal sizes
-cost nothing). At the boundary :meth:`Window.finish` scales ``p.grad`` by ``n_k / N`` to the mean gradient of
-all ``N`` samples, which is what the optimizer steps on.
+gradients) to ``p.grad``. The window keeps ``p.grad = W_i / d`` with ``W_i = G_1 + .. + G_i`` and ``d`` the size
+of the micro-batch whose backward comes next: when that size differs from the last one, ``p.grad`` is rescaled
+by ``n_i / n_(i+1)`` before the next backward (only at an epoch's tail or when a door announces another size;
+equal sizes cost nothing). At the boundary :attr:`Window.mean_factor` ``= d / N`` turns ``p.grad`` into the mean
+gradient of all ``N`` samples, which is what the optimizer steps on.
 
-Halves. The first half is the first ``h`` micro-steps, ``h`` the split whose sample counts are nearest equal
-(ties to the smaller ``h``; ``h = floor(k/2)`` for equal sizes). With ``N1``, ``N2`` samples per half:
+Halves. The first half is the first ``h`` micro-steps, ``h`` the split whose planned sample counts are nearest
+equal (ties to the smaller ``h``; ``h = floor(k/2)`` for equal sizes). With ``N1``, ``N2`` samples per half:
 
     g1 = W_h / N1,   g2 = (W_k - W_h) / N2         (the mean gradients over each half's samples)
 
 so odd ``k`` weights each half by its own sample count. ``d = g1.g2``, ``a = |g1|^2``, ``b = |g2|^2`` come from
 one ``pair_stats`` pass at the boundary over ``(p.grad at the midpoint, p.grad)``.
 
-Extra memory: one copy of every gradient (in the gradient's dtype), taken at the midpoint and held until the
-boundary; the buffers are reused across windows.
+Parameters. The window's parameters are the optimizer's, read from its ``param_groups`` when the window opens
+(those with ``requires_grad``): freezing, unfreezing and ``add_param_group`` between steps are seen by the next
+window. Inside a window the set must not change, and each gradient tensor must stay the one the backward
+accumulates into: :meth:`Window.check` names the parameter otherwise (``model.zero_grad()``, ``p.grad = None``,
+``p.grad = tensor``, or ``requires_grad_`` inside a window all silently lose earlier micro-batches in an
+accumulating loop).
+
+Extra memory for the statistics: one copy of every gradient (in the gradient's dtype), taken at the midpoint and
+held until the boundary; the buffers are reused across windows.
 """
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import torch
 
+from ..stats.gradient_stats import SplitStats
 from ..stats.microsteps import MicrostepStats
+
+
+class WindowMisuse(RuntimeError):
+    """The loop changed the gradients or the parameter set inside an accumulation window."""
 
 
 def midpoint(sizes: Sequence[int]) -> int:
@@ -38,18 +51,36 @@ def midpoint(sizes: Sequence[int]) -> int:
     return best[1]
 
 
+def optimizer_params(optimizer: torch.optim.Optimizer) -> List[torch.nn.Parameter]:
+    """The parameters ``optimizer`` steps that require a gradient, in order, without duplicates."""
+    seen, out = set(), []
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                out.append(p)
+    return out
+
+
 class Window:
-    """One optimizer step's micro-steps: tracks progress and keeps ``p.grad`` in the ``W_i / n_i`` form."""
+    """One optimizer step's micro-steps: tracks progress and keeps ``p.grad`` in the ``W_i / d`` form."""
 
     def __init__(self, sizes: Sequence[int], params: Sequence[torch.nn.Parameter],
-                 stats: Optional[MicrostepStats] = None):
-        if not sizes:
-            raise ValueError("an accumulation window needs at least one micro-step")
-        self.sizes = tuple(int(s) for s in sizes)
+                 stats: Optional[MicrostepStats] = None, allow_views: bool = False,
+                 name_of: Callable[[torch.nn.Parameter], str] = lambda p: f"of shape {tuple(p.shape)}",
+                 live: Optional[Callable[[], List[torch.nn.Parameter]]] = None):
+        if not sizes or any(int(s) < 1 for s in sizes):
+            raise ValueError(f"an accumulation window needs micro-steps of >= 1 sample, got {tuple(sizes)}")
+        self.sizes = [int(s) for s in sizes]
         self.params = [p for p in params if p.requires_grad]
         self.done = 0
+        self.divisor = self.sizes[0]
         self.stats = stats if len(self.sizes) >= 2 else None
         self.half = midpoint(self.sizes) if len(self.sizes) >= 2 else 0
+        self.allow_views = allow_views  # DDP(gradient_as_bucket_view=True) swaps p.grad for a bucket view once
+        self._grads: List[Optional[torch.Tensor]] = [None] * len(self.params)
+        self.name_of = name_of
+        self.live = live
 
     @property
     def accumulation(self) -> int:
@@ -63,30 +94,106 @@ class Window:
     def complete(self) -> bool:
         return self.done == len(self.sizes)
 
-    def _scale(self, factor: float) -> None:
-        if factor == 1.0:
-            return
-        grads = [p.grad for p in self.params if p.grad is not None]
-        if grads:
-            torch._foreach_mul_(grads, factor)
+    @property
+    def mean_factor(self) -> float:
+        """What turns ``p.grad`` into the mean gradient of the window's samples at the boundary."""
+        return self.divisor / self.samples
 
-    def micro_step_done(self) -> None:
-        """Call after each micro-step's backward."""
+    def grads(self) -> List[torch.Tensor]:
+        return [p.grad for p in self.params if p.grad is not None]
+
+    def _scale(self, factor: float) -> None:
+        if factor != 1.0:
+            grads = self.grads()
+            if grads:
+                torch._foreach_mul_(grads, factor)
+
+    def _prepare(self, size: int) -> None:
+        """Make ``p.grad = W / size`` for a backward over ``size`` samples."""
+        self._scale(self.divisor / size)
+        self.divisor = size
+
+    def resize_next(self, size: int) -> None:
+        """The next micro-batch has ``size`` samples (announced before its backward)."""
         if self.complete:
-            raise RuntimeError(f"accumulation window of {self.accumulation} micro-steps is already complete")
+            raise RuntimeError("simigrad: the accumulation window is complete; no micro-batch is pending")
+        self.sizes[self.done] = int(size)
+        if self.done == 0:
+            self.divisor = int(size)
+        else:
+            self._prepare(int(size))
+
+    def truncate(self) -> None:
+        """End the window after the micro-steps done so far (the data ran out)."""
+        if self.done == 0:
+            raise RuntimeError("simigrad: cannot end a window before its first micro-step")
+        self.sizes = self.sizes[: self.done]
+        if self.stats is not None and self.half >= self.done:
+            self.stats = None
+
+    def check(self, where: str) -> None:
+        """Raise :class:`WindowMisuse` when the parameter set or a gradient tensor changed since the last
+        micro-step of this window."""
+        if self.done == 0:
+            return
+        for p, g in zip(self.params, self._grads):
+            if not p.requires_grad:
+                raise WindowMisuse(
+                    f"simigrad: parameter {self.name_of(p)} stopped requiring grad inside an accumulation "
+                    f"window (at {where}): the window's earlier micro-batches would be lost for it. Freeze or "
+                    "unfreeze parameters between optimizer steps (when run.sync_gradients is True), or drop this "
+                    "step with run.discard_step().")
+            if g is None or p.grad is g:
+                continue
+            if p.grad is not None and (p.grad.requires_grad or (self.allow_views and p.grad._base is not None)):
+                continue  # backward(create_graph=True) and DDP's bucket views replace the tensor, keeping the sum
+            raise WindowMisuse(
+                f"simigrad: the gradient of parameter {self.name_of(p)} was zeroed or replaced inside an accumulation "
+                f"window (model.zero_grad(), p.grad = None or p.grad = <tensor>; found at {where}, after "
+                f"{self.done} of {self.accumulation} micro-steps): the earlier "
+                "micro-batches of this step would be lost. Zero gradients only through run.optimizer.zero_grad() "
+                "(a no-op inside a window), or drop this step with run.discard_step().")
+        if self.live is not None:
+            own = {id(p) for p in self.params}
+            added = [p for p in self.live() if id(p) not in own]
+            if added:
+                raise WindowMisuse(
+                    f"simigrad: parameter {self.name_of(added[0])} joined the step inside an accumulation window "
+                    f"(requires_grad_(True) or add_param_group; found at {where}): its gradient would miss the "
+                    "window's earlier micro-batches and the averaging. Change the parameter set between optimizer "
+                    "steps (when run.sync_gradients is True), or drop this step with run.discard_step().")
+
+    def _remember(self) -> None:
+        self._grads = [p.grad for p in self.params]
+
+    def micro_step_done(self, samples: Optional[int] = None) -> None:
+        """Call after each micro-step's backward; ``samples`` is checked against the size it was planned with."""
+        if self.complete:
+            raise RuntimeError(f"simigrad: the accumulation window of {self.accumulation} micro-steps is already "
+                               "complete")
+        j = self.done
+        if samples is not None and int(samples) != self.sizes[j]:
+            if j:
+                raise RuntimeError(
+                    f"simigrad: micro-batch {j + 1} of this step had {samples} samples, but the gradient was "
+                    f"prepared for {self.sizes[j]}: the step's mean gradient would be mis-weighted. A door that "
+                    "knows the size announces it before the backward (core.next_micro_batch(samples)).")
+            self.resize_next(int(samples))
+        self.check(f"micro-step {j + 1}")
         self.done += 1
         if self.stats is not None and self.done == self.half:
-            self.stats.snapshot()
-        if not self.complete and self.sizes[self.done] != self.sizes[self.done - 1]:
-            self._scale(self.sizes[self.done - 1] / self.sizes[self.done])
+            self.stats.snapshot(self.params)
+        if not self.complete:
+            self._prepare(self.sizes[self.done])
+        self._remember()
 
     def split_stats(self) -> SplitStats:
         n1 = sum(self.sizes[: self.half])
-        return self.stats.stats(self.sizes[self.half - 1], self.sizes[-1], n1, self.samples - n1)
+        return self.stats.stats(self.params, self.sizes[self.half - 1], self.divisor, n1, self.samples - n1)
 
     def finish(self) -> None:
         """Turn ``p.grad`` into the mean gradient over the window's samples."""
-        self._scale(self.sizes[-1] / self.samples)
+        self._scale(self.mean_factor)
 
 
-__all__ = ["Window", "midpoint"]
+__all__ = ["Window", "WindowMisuse", "midpoint", "optimizer_params"]
