@@ -217,6 +217,47 @@ def test_one_odd_batch_affects_one_read():
     _assert_matches_halves(simigrad_compile.gradient_stats(model, reset=True), model, x)
 
 
+@pytest.mark.parametrize("dynamic", [None, False])
+def test_a_short_batch_in_a_plain_loop(dynamic):
+    """A short last batch (5 after 8s): Dynamo's default makes the batch dynamic from then on, which cannot be
+    split; every such read says so. With dynamic=False the short batch gets its own static graph (split into 2
+    and 3 samples) and the 8s split again."""
+    torch.manual_seed(9)
+    model = MLP()
+    compiled = torch.compile(model, backend="simigrad", dynamic=dynamic, options={"compiler": "aot_eager"})
+    for i, n in enumerate((8, 5, 8)):
+        x = torch.randn(n, 12)
+        model.zero_grad()
+        compiled(x).pow(2).mean().backward()
+        stats = simigrad_compile.gradient_stats(model, reset=True)
+        if dynamic is False or i == 0:
+            _assert_matches_halves(stats, model, x)
+        else:  # Dynamo runs the dynamic-batch graph from now on, for the later 8s too
+            assert stats.mode == "none" and "dynamic shapes" in stats.reason
+
+
+class _Regularised(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 4)
+        self.free = torch.nn.Parameter(torch.ones(3))
+
+    def forward(self, x):
+        return self.fc(x).pow(2).mean() + self.free.pow(2).sum()  # free's gradient does not scale with the batch
+
+
+def test_blocks_compiled_one_by_one_are_named_as_in_the_model():
+    """Two blocks of one class, each compiled in place: refusals per block, named by their place in the model."""
+    model = torch.nn.ModuleList([_Regularised(), _Regularised()])
+    for block in model:
+        block.compile(backend="simigrad", options={"compiler": "aot_eager"})
+    x = torch.randn(6, 4)
+    (model[0](x) + model[1](x)).backward()
+    stats = simigrad_compile.gradient_stats(model, reset=True)
+    assert set(stats.unsplit) == {"0.free", "1.free"} and "does not scale with the batch" in stats.reason
+    assert set(stats.missing) == {n for n, _ in model.named_parameters()}
+
+
 def test_reason_when_nothing_is_compiled():
     model = MLP()
     model(torch.randn(4, 12)).sum().backward()

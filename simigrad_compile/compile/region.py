@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import operator
 import weakref
 from typing import Dict, Sequence, Tuple
 
@@ -57,6 +58,8 @@ class Region:
         self.indices = [index for index, _ in params]
         self.names = [name for _, name in params]
         self.rows = {index: r for r, index in enumerate(self.indices)}
+        many = operator.itemgetter(*self.indices) if len(self.indices) > 1 else None
+        self._gather = many or (lambda inputs: tuple(inputs[i] for i in self.indices))
         self._recorders: Dict[Tuple[int, ...], Recorder] = {}
 
     def wrap(self, compiled):
@@ -73,15 +76,17 @@ class Region:
         return run
 
     def recorder_for(self, inputs: Sequence) -> Recorder:
-        params = [inputs[i] for i in self.indices]
+        """The recorder of exactly these parameter tensors. A key of ids is enough: each parameter's death
+        removes its key (finalizers run before an id can be reused), so a key found holds live, same tensors."""
+        params = self._gather(inputs)
         key = tuple(map(id, params))
         recorder = self._recorders.get(key)
-        if recorder is not None and recorder.sink.holds(params):
+        if recorder is not None:
             return recorder
         recorder = Recorder(self.rows, Sink("batch", [[(n, p)] for n, p in zip(self.names, params)]))
         self._recorders[key] = recorder
-        if params:
-            weakref.finalize(params[0], self._forget, key, recorder)
+        for p in params:
+            weakref.finalize(p, self._forget, key, recorder)
         if len(self._recorders) > 1:
             log.info("simigrad: one compiled graph serves %d sets of parameters (instances of one class); "
                      "each keeps its own statistics", len(self._recorders))

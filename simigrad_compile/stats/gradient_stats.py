@@ -52,11 +52,6 @@ class Sink:
     def mark_unsplit(self, reasons: Dict[str, str]) -> None:
         self.unsplit.update(reasons)
 
-    def holds(self, params: Sequence[torch.Tensor]) -> bool:
-        """Whether the groups' parameters, in order, are exactly ``params`` (the same live tensors)."""
-        refs = [r for group in self._params for r in group]
-        return len(refs) == len(params) and all(r() is p for r, p in zip(refs, params))
-
     def groups(self) -> Iterable[Tuple[int, Tuple[str, ...], Tuple[Optional[torch.nn.Parameter], ...]]]:
         for i, (names, refs) in enumerate(zip(self.names, self._params)):
             yield i, names, tuple(r() for r in refs)
@@ -191,7 +186,7 @@ def gradient_stats(model, reset: bool = False, per_parameter: bool = False) -> S
         if not mine:
             continue
         sinks += 1
-        unsplit.update(sink.unsplit)
+        unsplit.update(_model_names(sink, owned))
         if sink.count == 0 or sink.acc is None:
             if reset:
                 sink.reset()
@@ -216,6 +211,15 @@ def gradient_stats(model, reset: bool = False, per_parameter: bool = False) -> S
         float(total[0]), float(total[1]), float(total[2]), mode,
         breakdown if per_parameter else None, missing, unsplit, reason,
     )
+
+
+def _model_names(sink: Sink, owned: Dict[int, str]) -> Dict[str, str]:
+    """``sink.unsplit`` named as in the model: a graph names its parameters relative to the compiled module,
+    which is not unique when blocks of one class are compiled one by one."""
+    if not sink.unsplit:
+        return {}
+    tensors = {names[0]: params[0] for _, names, params in sink.groups() if len(names) == 1}
+    return {owned.get(id(tensors.get(name)), name): why for name, why in sink.unsplit.items()}
 
 
 def _reason(modes, sinks: int, unsplit: Dict[str, str], missing: Tuple[str, ...]) -> str:
