@@ -280,3 +280,5 @@ def test_compiling_a_compiled_module_is_named():
         check_compiled_once(torch.compile(nested, backend="simigrad"))
     assert check_compiled_once(_compile(model)) is model
     assert simigrad_compile.gradient_stats(in_place).mode == "none"  # compiled once, in place: fine
+    with pytest.raises(RuntimeError, match="compiled more than once"):  # also once the inner one was read
+        simigrad_compile.gradient_stats(torch.compile(in_place, backend="inductor"))

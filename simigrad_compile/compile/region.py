@@ -6,18 +6,24 @@ their rows go is decided per call, not per graph:
 * **Per parameters.** Dynamo may run one compiled graph for several modules (two instances of one class share
   it), and with inlined ``nn.Module`` s the parameters are graph inputs. So each forward call looks at the
   parameters it was actually called with and picks (or makes) the :class:`~..stats.gradient_stats.Sink` of
-  exactly those tensors. Sinks hold the parameters weakly, and a sink is dropped when its first parameter
+  exactly those tensors. Sinks hold the parameters weakly, and a sink is dropped when one of its parameters
   dies, so a sweep (compile, train, delete, compile another) keeps nothing of the deleted models.
-* **Per backward node.** The forward tags its ``CompiledFunctionBackward`` node with that sink; the ops look up
-  the node the autograd engine is running (``torch._C._current_autograd_node()``). There is no stack to push
-  and pop, so a backward that raises leaves nothing behind, and concurrent backwards on other threads (one
-  per device) do not see each other's regions.
+* **Per backward node.** The forward tags its ``CompiledFunctionBackward`` node with that sink's
+  :class:`Recorder`; the ops look up the node the autograd engine is running
+  (``torch._C._current_autograd_node()``). There is no stack to push and pop, so a backward that raises leaves
+  nothing behind, and concurrent backwards on other threads (one per device) do not see each other's regions.
 
 Every backward through the node records: a second ``backward(retain_graph=True)`` or a
 ``torch.autograd.grad`` adds its ``(d, a, b)`` to the sink like a second backward adds to ``.grad``.
 
 A graph loaded from a warm cache in another process records into that process's sinks (the graph holds only
-primal indices).
+primal indices). Under compiled autograd the ops run outside any node and their rows are dropped, with a
+warning.
+
+Private torch state used here (for a future ``compat`` module): ``torch._C._current_autograd_node``,
+``torch._C._autograd._get_current_graph_task_keep_graph``, and AOTAutograd's ``CompiledFunction.compiled_bw`` and
+``.metadata.bw_donated_idxs`` (read with defaults: if they move, the retain_graph guard turns off and torch's own
+check remains).
 """
 
 from __future__ import annotations

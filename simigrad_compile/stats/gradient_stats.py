@@ -117,7 +117,7 @@ def _compiled(module: torch.nn.Module) -> bool:
     return is_wrapper or getattr(module, "_compiled_call_impl", None) is not None
 
 
-_COMPILED_ONCE: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
+_SUBMODULES_CHECKED: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
 
 
 def check_compiled_once(model) -> torch.nn.Module:
@@ -145,16 +145,15 @@ def check_compiled_once(model) -> torch.nn.Module:
         if not isinstance(inner, torch.nn.Module):
             break
         m = inner
-    if m in _COMPILED_ONCE:
-        return m
-    if layers:
+    if layers and m not in _SUBMODULES_CHECKED:
         layers += [f"{type(sub).__name__} {name!r}" for name, sub in m.named_modules() if name and _compiled(sub)]
+        if len(layers) == 1:
+            _SUBMODULES_CHECKED.add(m)
     if len(layers) > 1:
         raise RuntimeError(
             f"simigrad: {type(m).__name__} is compiled more than once ({', '.join(layers)}): torch.compile was "
             "applied to a module that was already compiled. Only one of the backends runs, so statistics may "
             "silently be missing. " + fix)
-    _COMPILED_ONCE.add(m)
     return m
 
 
