@@ -179,7 +179,7 @@ def test_unsplittable_parameter_falls_back_by_name():
     assert torch.allclose(got, flat_grads(model), rtol=1e-6, atol=1e-7)
     stats = simigrad_compile.gradient_stats(compiled, reset=True)
     assert set(stats.unsplit) == {"free"} and "does not scale with the batch" in stats.unsplit["free"]
-    assert stats.mode == "none" and math.isnan(stats.cosine)
+    assert stats.mode == "none" and math.isnan(stats.cosine) and "does not scale with the batch" in stats.reason
     assert set(stats.missing) == {"fc.weight", "fc.bias", "free"}
 
 
@@ -195,6 +195,7 @@ def test_dynamic_batch_is_refused_by_name_and_gradients_stay_exact():
     model(x).pow(2).mean().backward()
     assert (got - flat_grads(model)).norm() / flat_grads(model).norm() < 1e-6
     assert stats.mode == "none" and all("dynamic shapes" in why for why in stats.unsplit.values())
+    assert "dynamic shapes" in stats.reason
     assert set(stats.unsplit) == {n for n, _ in model.named_parameters()}
 
 

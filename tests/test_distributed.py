@@ -9,8 +9,12 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
+from simigrad_compile.distributed.hook import bucket_row, unscale
 from simigrad_compile.distributed.layout import check_counts, make_layout, make_weights
+from simigrad_compile.kernels import torch_stats
+from simigrad_compile.stats.gradient_stats import Sink
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -58,6 +62,35 @@ def test_bad_counts_raise():
         check_counts([1, 2], 3)
     with pytest.raises(ValueError, match="sum to 0"):
         check_counts([0, 0], 2)
+
+
+@pytest.mark.parametrize("counted", [[True], [False], [True, False]])
+def test_hook_statistics_stay_on_the_gradients_device(counted):
+    """The hook's per-bucket and fold arithmetic on a non-CPU device type ('meta'): a CPU tensor anywhere in it
+    (zeros for a rank that counts no segment, the unscaling divisor) raises, as it would under NCCL."""
+    device = torch.device("meta")
+    parts = [torch.empty(10, device=device) for _ in counted]
+    others = [torch.empty(10, device=device) for _ in counted]
+    row = bucket_row(torch_stats.shard_stats_mean, parts, others, counted, device)
+    folded = unscale(torch.stack([row, row]), make_weights(make_layout(3, 0), [1, 2, 3]).stats_scale)
+    sink = Sink("ranks", [[("w", torch.nn.Parameter(torch.empty(1)))], [("b", torch.nn.Parameter(torch.empty(1)))]])
+    sink.add(folded)
+    assert {row.device, folded.device, sink.acc.device} == {device}
+    assert row.shape == (3,) and folded.dtype == torch.float32
+
+
+def test_hook_bucket_arithmetic_against_fp64():
+    g = torch.Generator().manual_seed(0)
+    mine = [torch.randn(7, generator=g), torch.randn(5, generator=g)]
+    theirs = [torch.randn(7, generator=g), torch.randn(5, generator=g)]
+    a, b = [t.double() for t in mine], [t.double() for t in theirs]
+    row = bucket_row(torch_stats.shard_stats_mean, mine, theirs, [True, False], torch.device("cpu"))
+    want = torch.stack([a[0] @ b[0], a[0] @ a[0], b[0] @ b[0]])
+    assert torch.allclose(row.double(), want, rtol=1e-5)
+    assert all(torch.allclose(m.double(), (x + y) / 2) for m, x, y in zip(mine, a, b))
+    scale = (0.5, 0.25, 4.0)
+    assert torch.allclose(unscale(row[None], scale)[0].double(), want / torch.tensor(scale, dtype=torch.float64),
+                          rtol=1e-5)
 
 
 LAUNCHES = {

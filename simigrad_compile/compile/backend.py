@@ -35,7 +35,7 @@ def simigrad_backend(gm: torch.fx.GraphModule, example_inputs, options: Optional
     config = from_mapping(options)
     plan = plan_region(gm, example_inputs, config, _split_mode(config.group_mode))
     manager = SimigradPassManager(plan)
-    region = Region(plan.params, example_inputs) if manager.passes else None
+    region = Region(plan.params) if manager.passes and plan.params else None
     if config.compiler == "aot_eager":
         compiled = _aot_eager(gm, example_inputs, manager)
     else:

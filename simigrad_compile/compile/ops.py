@@ -1,28 +1,37 @@
 """The ``simigrad::`` graph ops that a rewritten backward graph calls (schemas, fakes, side effects).
 
-Each records into "the region whose backward is running" (:func:`.region.current`); passes import this module,
-never the region's run-time state.
+Each records into the region whose backward is running, for the parameters it was called with
+(:func:`.region.current`); passes import this module, never the region's run-time state.
+
+They are tagged ``cudagraph_unsafe``: their Python side (finding the running region, accumulating into its
+sink) must run at every backward, so under ``cuda_graphs=True`` Inductor partitions them out of the CUDA
+graph instead of capturing one call and replaying its memory writes (which would record into the first
+caller's sink at every replay, and count nothing).
 """
 
 from __future__ import annotations
 
+import functools
 import json
-from typing import List
+from typing import Dict, List
 
 import torch
 
 from . import region as _regions
 
 
-@torch.library.custom_op("simigrad::split_grads", mutates_args=())
+_UNSAFE = (torch.Tag.cudagraph_unsafe,)
+
+
+@torch.library.custom_op("simigrad::split_grads", mutates_args=(), tags=_UNSAFE)
 def split_grads(g1: List[torch.Tensor], g2: List[torch.Tensor], primal_indices: List[int]) -> List[torch.Tensor]:
     """``g = g1 + g2`` per parameter; records ``(g1.g2, |g1|^2, |g2|^2)`` into the active region."""
     from ..kernels import split_stats_sum
 
     grads, stats = split_stats_sum(list(g1), list(g2))
-    region = _regions.current("split_grads")
-    if region is not None:
-        region.record(stats, primal_indices)
+    recorder = _regions.current("split_grads")
+    if recorder is not None:
+        recorder.record(stats, primal_indices)
     return list(grads)
 
 
@@ -31,12 +40,12 @@ def _(g1, g2, primal_indices):
     return [torch.empty_like(t, memory_format=torch.contiguous_format) for t in g1]
 
 
-@torch.library.custom_op("simigrad::record_stats", mutates_args=())
+@torch.library.custom_op("simigrad::record_stats", mutates_args=(), tags=_UNSAFE)
 def record_stats(stats: torch.Tensor, primal_indices: List[int]) -> None:
     """Records ``stats`` rows ``(d, a, b)`` of the parameters ``primal_indices`` into the active region."""
-    region = _regions.current("record_stats")
-    if region is not None:
-        region.record(stats, primal_indices)
+    recorder = _regions.current("record_stats")
+    if recorder is not None:
+        recorder.record(stats, primal_indices)
 
 
 @record_stats.register_fake
@@ -44,13 +53,18 @@ def _(stats, primal_indices):
     return None
 
 
-@torch.library.custom_op("simigrad::mark_unsplit", mutates_args=())
+@torch.library.custom_op("simigrad::mark_unsplit", mutates_args=(), tags=_UNSAFE)
 def mark_unsplit(grad: torch.Tensor, reasons: str) -> torch.Tensor:
-    """Passes ``grad`` through and tells the active region which parameters were left whole, and why."""
-    region = _regions.current("mark_unsplit")
-    if region is not None:
-        region.sink.mark_unsplit(json.loads(reasons))
+    """Passes ``grad`` through and tells the running region which parameters were left whole, and why."""
+    recorder = _regions.current("mark_unsplit")
+    if recorder is not None:
+        recorder.mark_unsplit(_parsed(reasons))
     return grad.clone()
+
+
+@functools.lru_cache(maxsize=64)
+def _parsed(reasons: str) -> Dict[str, str]:
+    return json.loads(reasons)
 
 
 @mark_unsplit.register_fake

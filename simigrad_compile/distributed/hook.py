@@ -199,12 +199,10 @@ class SplitReduction:
 
     def _kernel(self, job: _Bucket) -> None:
         self._mark(job.index, "kernel_start")
-        kernel, rows = self.kernel or _shard_stats_mean(), []
-        for (seg, _, part), other in zip(self._parts(job), job.others):
-            _, stats = kernel(part, other, out=part)
-            if self.layout.rank == seg.a_rank:  # (part, other) = (A's sum, B's sum): count each element once
-                rows.append(stats.reshape(3))
-        self._step.rows[job.index] = torch.stack(rows).sum(0) if rows else torch.zeros(3, dtype=torch.float32)
+        parts = [part for _, _, part in self._parts(job)]
+        counted = [self.layout.rank == seg.a_rank for seg, _, _ in self._parts(job)]
+        kernel = self.kernel or _shard_stats_mean()
+        self._step.rows[job.index] = bucket_row(kernel, parts, job.others, counted, job.shard.device)
         job.others = []
         self._mark(job.index, "kernel")
 
@@ -218,10 +216,9 @@ class SplitReduction:
     def _fold(self, job: _Bucket) -> None:
         """One all-reduce of every bucket's statistics, after the step's last bucket is reduced."""
         step = self._step
-        rows = torch.stack([step.rows[i] for i in range(job.index + 1)]).to(torch.float32)
+        rows = torch.stack([step.rows[i] for i in range(job.index + 1)])
         dist.all_reduce(rows, group=self.stats_group)
-        rows /= torch.tensor(self.weights.stats_scale, dtype=torch.float32)
-        self._sink_for(step).add(rows)
+        self._sink_for(step).add(unscale(rows, self.weights.stats_scale))
         self._mark(job.index, "fold")
         self.last_trace = step.trace
         self.last_buckets = [step.buckets[i] for i in range(job.index + 1)]
@@ -235,6 +232,26 @@ class SplitReduction:
             self._sink_key = key
             log.info("simigrad ddp: statistics sink with %d bucket(s)", len(groups))
         return self._sinks[-1]
+
+
+def bucket_row(kernel: Callable, parts: Sequence[torch.Tensor], others: Sequence[torch.Tensor],
+               counted: Sequence[bool], device: torch.device) -> torch.Tensor:
+    """One bucket on this rank: ``part = (part + other) / 2`` in place for each exchanged segment, and the fp32
+    ``(d, a, b)`` of the segments this rank counts (the A side of each pair, so every element counts once in
+    the world-wide sum). Zeros when it counts none. On the bucket's ``device``: NCCL all-reduces device tensors."""
+    rows = []
+    for part, other, count in zip(parts, others, counted):
+        _, stats = kernel(part, other, out=part)
+        if count:
+            rows.append(stats.reshape(3).to(torch.float32))
+    if not rows:
+        return torch.zeros(3, dtype=torch.float32, device=device)
+    return torch.stack(rows).sum(0)
+
+
+def unscale(rows: torch.Tensor, stats_scale: Sequence[float]) -> torch.Tensor:
+    """The folded ``[buckets, 3]`` rows of the shard pairs -> those of ``(g1, g2)`` (divided on ``rows``' device)."""
+    return rows / torch.tensor(stats_scale, dtype=rows.dtype, device=rows.device)
 
 
 def ddp_hook(state: SplitReduction, bucket: dist.GradBucket) -> Future:
