@@ -66,7 +66,7 @@ from typing import Any, List, Optional, Sequence
 import torch
 
 from ..config import SimigradConfig, from_mapping
-from ..stats.gradient_stats import gradient_stats
+from ..stats.gradient_stats import check_compiled_once, gradient_stats
 from ..stats.microsteps import MicrostepStats
 from .amp import ScalerBridge
 from .checkpoint import validated_state
@@ -432,6 +432,7 @@ class AdaptiveBatching(StepCore):
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *,
                  config: Optional[SimigradConfig] = None, scaler=None, **options: Any):
         config = from_mapping(options, base=config)
+        check_compiled_once(model)
         world_size, rank = _world()
         super().__init__(model, optimizer, config, world_size=world_size, rank=rank, scaler=scaler)
         self.optimizer = AdaptiveOptimizer(optimizer, self)

@@ -21,12 +21,8 @@ log = logging.getLogger("simigrad_compile")
 
 
 def no_stats_cause(stats: SplitStats) -> str:
-    if stats.unsplit:
-        reasons = sorted(set(stats.unsplit.values()))
-        more = f" and {len(reasons) - 1} other reason(s)" if len(reasons) > 1 else ""
-        return f"the split pass refused {len(stats.unsplit)} parameter(s): {reasons[0]}{more}"
-    return ("no compiled backward recorded any: the model is not compiled with "
-            "torch.compile(model, backend='simigrad')")
+    """Why a read has no split statistics: the cause :func:`gradient_stats` names for that read."""
+    return stats.reason or "no split statistics were recorded since the last step"
 
 
 class StatisticsChoice:
