@@ -48,11 +48,11 @@ def make_optimizer(params, kind="sgd", lr=0.1):
 class Reference:
     """The plain fp64 loop on a copy of ``model``."""
 
-    def __init__(self, model, kind="sgd", lr=0.1, b0=8, scaling="sqrt"):
+    def __init__(self, model, kind="sgd", lr=0.1, b0=8, scaling="sqrt", schedule=True):
         self.model = copy.deepcopy(model).double()
         self.opt = make_optimizer(self.model.parameters(), kind, lr)
         self.b0, self.scaling = b0, scaling
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: 1.0 / (1 + 0.1 * s))
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: 1.0 / (1 + 0.1 * s) if schedule else 1.0)
 
     def lr_scale(self, batch):
         r = batch / self.b0
@@ -67,7 +67,9 @@ class Reference:
     def grad_norm(self, x, y, norm_type=2.0):
         grads = [g for g in self.mean_grad(x, y) if g is not None]
         flat_g = torch.cat([g.flatten() for g in grads])
-        return float(flat_g.abs().max() if math.isinf(norm_type) else flat_g.abs().pow(norm_type).sum() ** (1 / norm_type))
+        if math.isinf(norm_type):
+            return float(flat_g.abs().max())
+        return float(flat_g.abs().pow(norm_type).sum() ** (1 / norm_type))
 
     def cosine(self, halves):
         """fp64 cosine of the mean gradients of two sample sets."""

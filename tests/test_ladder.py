@@ -24,6 +24,12 @@ def brute(lad, target):
     return out
 
 
+def test_default_rungs():
+    assert default_rungs(SimigradConfig(max_micro_batch_size=256)) == (1, 2, 4, 8, 16, 32, 64, 128, 256)
+    assert default_rungs(SimigradConfig(max_micro_batch_size=100)) == (1, 2, 4, 8, 16, 32, 64, 100)
+    assert default_rungs(SimigradConfig(micro_batch_sizes=(24, 8, 40))) == (8, 24, 40)
+
+
 def rule_by_enumeration(lad, target):
     """The module docstring's rounding rule, evaluated over the enumerated candidates."""
     target = min(max(target, lad.lower), lad.upper)

@@ -27,7 +27,7 @@ mean gradient at the boundary.
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List
 
 import torch
 

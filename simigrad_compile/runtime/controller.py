@@ -56,7 +56,7 @@ class BatchSizeController:
         self.steps += 1
         if not math.isfinite(cosine):
             self.non_finite += 1
-            log.warning("simigrad: undefined cosine %s at step %d (a zero gradient in one half?): batch size kept at "
+            log.warning("simigrad: non-finite cosine %s at step %d (a zero gradient in one half?): batch size kept at "
                         "%d; %d such step(s) so far", cosine, self.steps, self.batch_size, self.non_finite)
             return Decision(self.batch_size, self.lr_scale(), "non-finite-cosine")
         ema = self.config.ema

@@ -35,9 +35,11 @@ Protocol (for a door that owns the call to the wrapped optimizer's ``step``)::
   True when there is one; then ``begin_step``/``end_step`` as above).
 * ``clip_grad_norm_(max_norm, norm_type)``, ``sync_gradients``, ``state_dict()`` / ``load_state_dict()``.
 
-A door whose own loop calls the optimizer's ``step()`` on every micro-batch (the ``SIMIGRAD=1`` hooks) makes
-that call a no-op inside a window by moving ``p.grad`` aside in a step pre-hook and back in the post-hook; the
-window keeps accumulating in ``p.grad``, which must stay the tensor the backward accumulates into.
+A door whose user loop calls the optimizer's ``step()`` and ``zero_grad()`` on every micro-batch (the
+``SIMIGRAD=1`` hooks) keeps the window's gradients outside ``p.grad`` between micro-steps, so that those calls
+act on nothing, and folds each fresh gradient back into them in place (``held.add_(p.grad); p.grad = held``)
+before ``micro_step_done``: ``p.grad`` must be the tensor the window saw at its last micro-step.
+``tests/test_core_protocol.py`` has that door in 40 lines, checked against the plain loop.
 
 Statistics, per step. On one process a window of >= 2 micro-steps uses the ``microsteps`` split (the backend's
 ``batch`` sinks are read with ``reset=True`` and ignored for that step). A window of one micro-step uses the
@@ -64,19 +66,20 @@ from typing import Any, List, Optional, Sequence
 import torch
 
 from ..config import SimigradConfig, from_mapping
-from ..stats.gradient_stats import SplitStats, gradient_stats
+from ..stats.gradient_stats import gradient_stats
 from ..stats.microsteps import MicrostepStats
 from .amp import ScalerBridge
+from .checkpoint import validated_state
 from .controller import BatchSizeController
 from .data import AdaptiveLoader
 from .history import History
 from .ladder import Ladder, Plan
+from .statistics import StatisticsChoice
 from .optim import AdaptiveOptimizer, restore_lr, scale_lr
 from .window import Window, optimizer_params
 
 log = logging.getLogger("simigrad_compile")
 EXTRA_RECOMPILES = 8
-STATE_KEYS = ("controller", "ladder", "plan", "epoch", "position", "samples", "steps", "similarity", "history")
 
 
 class NonFiniteStep(FloatingPointError):
@@ -87,15 +90,6 @@ def _world() -> tuple:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_world_size(), torch.distributed.get_rank()
     return 1, 0
-
-
-def _no_stats_cause(stats: SplitStats) -> str:
-    if stats.unsplit:
-        reasons = sorted(set(stats.unsplit.values()))
-        more = f" and {len(reasons) - 1} other reason(s)" if len(reasons) > 1 else ""
-        return f"the split pass refused {len(stats.unsplit)} parameter(s): {reasons[0]}{more}"
-    return ("no compiled backward recorded any: the model is not compiled with "
-            "torch.compile(model, backend='simigrad')")
 
 
 class StepCore:
@@ -125,8 +119,7 @@ class StepCore:
         self._clip: Optional[tuple] = None
         self._saved_lr: Optional[list] = None
         self._sync = self.plan.accumulation == 1
-        self._batch_stats_seen = False
-        self._one_step_no_stats = 0
+        self.statistics = StatisticsChoice(model, self.ladder, world_size, self._base_accumulation)
         self._bucket_views = False
 
     # --- views ------------------------------------------------------------------------------------------------
@@ -175,7 +168,7 @@ class StepCore:
     def _new_window(self, sizes: Sequence[int]) -> Window:
         stats = self.microsteps if self.world_size == 1 else None
         self._window = Window(sizes, optimizer_params(self.inner), stats, allow_views=self._bucket_views,
-                              name_of=self._param_name)
+                              name_of=self._param_name, live=lambda: optimizer_params(self.inner))
         self._sync = len(sizes) == 1
         return self._window
 
@@ -203,10 +196,11 @@ class StepCore:
         self._current_window().resize_next(int(samples))
 
     def log_loss(self, loss) -> None:
-        """Record this micro-step's (mean) loss; the step's record holds the sample-weighted mean, and a
-        non-finite loss skips the step."""
+        """Record this micro-step's (mean) loss, before its ``run.optimizer.step()``; the step's record holds the
+        sample-weighted mean, and a non-finite loss skips the step."""
         w = self._current_window()
-        value = loss.detach().float().reshape(()) * w.sizes[w.done]
+        value = loss.detach().reshape(())
+        value = (value if value.dtype == torch.float64 else value.float()) * w.sizes[w.done]
         self._loss = value if self._loss is None else self._loss + value
 
     def micro_step_done(self, samples: Optional[int] = None, loss=None) -> bool:
@@ -261,39 +255,6 @@ class StepCore:
         return self.amp.current_scale()
 
     # --- the boundary -----------------------------------------------------------------------------------------
-    def _read_stats(self, w: Window) -> tuple:
-        """The step's statistics and, when it has none, why."""
-        if self.world_size > 1:
-            stats = gradient_stats(self.model, reset=True)
-            return stats, (None if stats.mode != "none" else _no_stats_cause(stats))
-        batch = gradient_stats(self.model, reset=True)
-        if "batch" in batch.mode:
-            self._saw_batch_stats()
-        if w.stats is not None:
-            if batch.mode != "none":
-                log.debug("simigrad: accumulation %d: microsteps statistics replace the %s ones", w.accumulation,
-                          batch.mode)
-            return w.split_stats(), None
-        if batch.mode != "none":
-            return batch, None
-        cause = _no_stats_cause(batch)
-        if not self._batch_stats_seen and self.ladder.min_accumulation < 2:
-            log.warning("simigrad: no split statistics for this model (%s); planning >= 2 micro-steps per step "
-                        "from now on so that the microsteps statistics exist (undone as soon as the model records "
-                        "batch statistics)", cause)
-            self.ladder.require_accumulation(2)
-        elif self._batch_stats_seen:
-            self._one_step_no_stats += 1
-            log.warning("simigrad: step %d has no split statistics (%s): this step only, the next one is split "
-                        "again (%d such step(s) so far)", self._steps + 1, cause, self._one_step_no_stats)
-        return batch, cause
-
-    def _saw_batch_stats(self) -> None:
-        self._batch_stats_seen = True
-        if self.ladder.min_accumulation > self._base_accumulation:
-            log.info("simigrad: the model records batch statistics: one micro-step per step is allowed again")
-            self.ladder.require_accumulation(self._base_accumulation)
-
     def begin_step(self) -> bool:
         """Prepare the boundary's optimizer step; False when it must be skipped (module docstring)."""
         w = self._window
@@ -301,7 +262,7 @@ class StepCore:
             raise RuntimeError("simigrad: begin_step() needs a window whose last micro-step is done "
                                "(micro_step_done() returned True) and no step in progress")
         w.check("the boundary")
-        stats, note = self._read_stats(w)
+        stats, note = self.statistics.read(w, self._steps + 1)
         grads = w.grads()
         norm_type = self._clip[1] if self._clip else 2.0
         raw_norm = self._total_norm(grads, norm_type)
@@ -436,7 +397,7 @@ class StepCore:
             "similarity": self.similarity,
             "history": self._history.state_dict(),
             "skipped_steps": dict(self.skipped_steps),
-            "batch_stats_seen": self._batch_stats_seen,
+            "batch_stats_seen": self.statistics.batch_seen,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -445,76 +406,18 @@ class StepCore:
         if self.window_open or self._pending is not None:
             raise RuntimeError("simigrad: load_state_dict() inside an accumulation window; call run.discard_step() "
                                "first")
-        staged = self._staged(state)
+        staged = validated_state(state, self.config, self.world_size, self._base_accumulation)
         self.controller, self.ladder, self.plan = staged["controller"], staged["ladder"], staged["plan"]
+        self.statistics.ladder = self.ladder
         self._epoch, self._position = staged["epoch"], staged["position"]
         self._samples, self._steps = staged["samples"], staged["steps"]
         self.similarity = staged["similarity"]
         self._history.load_state_dict(staged["history"])
         self.skipped_steps = Counter(staged["skipped_steps"])
-        self._batch_stats_seen = staged["batch_stats_seen"]
+        self.statistics.batch_seen = staged["batch_stats_seen"]
         self._window = None
         self._reset_step()
         self._sync = self.plan.accumulation == 1
-
-    def _staged(self, state: dict) -> dict:
-        if not isinstance(state, dict):
-            raise TypeError(f"simigrad: load_state_dict expects the dict of run.state_dict(), got "
-                            f"{type(state).__name__}")
-        missing = [k for k in STATE_KEYS if k not in state]
-        if missing:
-            raise KeyError(f"simigrad: the checkpoint lacks {', '.join(missing)}; it is not a run.state_dict()")
-
-        def number(key, value, kind=int, minimum=0):
-            try:
-                out = kind(value)
-            except (TypeError, ValueError):
-                raise ValueError(f"simigrad: checkpoint {key!r} is {value!r}, not a number") from None
-            if kind is int and out < minimum:
-                raise ValueError(f"simigrad: checkpoint {key!r} is {out}, expected >= {minimum}")
-            return out
-
-        ladder = Ladder(self.config, self.world_size, self._base_accumulation)
-        diff = ladder.mismatch(state["ladder"])
-        if diff:
-            raise ValueError(f"simigrad: the checkpoint comes from another ladder or world size: {diff}. Resume "
-                             "with the same micro_batch_sizes / max_micro_batch_size and world size.")
-        ladder.require_accumulation(max(self._base_accumulation,
-                                        number("ladder.min_accumulation", state["ladder"]["min_accumulation"],
-                                               minimum=1)))
-        controller = BatchSizeController(self.config, self.config.batch_size)
-        controller.load_state_dict(state["controller"])
-        plan_state = state["plan"]
-        if not isinstance(plan_state, (list, tuple)) or len(plan_state) != 2:
-            raise ValueError(f"simigrad: checkpoint 'plan' is {plan_state!r}, expected [micro_batch_size, "
-                             "accumulation]")
-        micro = number("plan[0]", plan_state[0], minimum=1)
-        acc = number("plan[1]", plan_state[1], minimum=1)
-        if micro not in ladder.rungs:
-            raise ValueError(f"simigrad: checkpoint plan micro-batch {micro} is not a rung of {ladder.rungs}")
-        plan = Plan(micro, acc, self.world_size)
-        lo, hi = self.config.min_batch_size, self.config.max_batch_size
-        clamped = min(max(controller.batch_size, lo), hi)
-        if clamped != controller.batch_size or not lo <= plan.batch_size <= hi:
-            new_plan = ladder.plan(clamped)
-            log.warning("simigrad: the checkpoint's target %d (plan %dx%d, batch %d) lies outside the configured "
-                        "bounds [%d, %d]: target clamped to %d, plan %s", controller.batch_size, micro, acc,
-                        plan.batch_size, lo, hi, clamped, new_plan)
-            controller.batch_size, plan = clamped, new_plan
-        history = state["history"]
-        if not isinstance(history, list) or not all(isinstance(r, dict) for r in history):
-            raise ValueError("simigrad: checkpoint 'history' is not a list of records")
-        skipped = state.get("skipped_steps", {})
-        if not isinstance(skipped, dict):
-            raise ValueError("simigrad: checkpoint 'skipped_steps' is not a dict")
-        return {
-            "controller": controller, "ladder": ladder, "plan": plan,
-            "epoch": number("epoch", state["epoch"]), "position": number("position", state["position"]),
-            "samples": number("samples", state["samples"]), "steps": number("steps", state["steps"]),
-            "similarity": number("similarity", state["similarity"], float),
-            "history": history, "skipped_steps": {str(k): int(v) for k, v in skipped.items()},
-            "batch_stats_seen": bool(state.get("batch_stats_seen", False)),
-        }
 
 
 class AdaptiveBatching(StepCore):

@@ -17,8 +17,9 @@ Rounding rule (:meth:`Ladder.plan`)
     1. Fewest micro-steps within the resolution: counting up from ``max(k0, min_accumulation)`` to ``cap``, the
        first accumulation for which some rung realises the target within ``RESOLUTION`` (10 %, about one
        controller step); on it the nearest ``R``, ties to the larger micro. Starting at ``k0`` keeps large
-       targets from being rounded down by up to 10 % (5000 on a top rung of 256 is 256 x 20 = 5120, not 256 x 18), and a target at the upper
-       bound that is no multiple of the top rung takes the top rung (8000 is 256 x 31, not 128 x 57).
+       targets from being rounded down by up to 10 % (5000 on a top rung of 256 is 256 x 20 = 5120, not
+       256 x 18), and a target at the upper bound that is no multiple of the top rung takes the top rung
+       (8000 is 256 x 31, not 128 x 57).
     2. Otherwise the nearest ``R`` over the candidates with at most ``cap`` micro-steps; ties to fewer
        micro-steps, then the larger micro. The cap is what keeps small targets off many tiny micro-batches:
        no rung realises 9 within 10 % in four micro-steps, so 9 is 8 x 1, not 1 x 9.

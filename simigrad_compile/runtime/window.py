@@ -67,7 +67,8 @@ class Window:
 
     def __init__(self, sizes: Sequence[int], params: Sequence[torch.nn.Parameter],
                  stats: Optional[MicrostepStats] = None, allow_views: bool = False,
-                 name_of: Callable[[torch.nn.Parameter], str] = lambda p: f"of shape {tuple(p.shape)}"):
+                 name_of: Callable[[torch.nn.Parameter], str] = lambda p: f"of shape {tuple(p.shape)}",
+                 live: Optional[Callable[[], List[torch.nn.Parameter]]] = None):
         if not sizes or any(int(s) < 1 for s in sizes):
             raise ValueError(f"an accumulation window needs micro-steps of >= 1 sample, got {tuple(sizes)}")
         self.sizes = [int(s) for s in sizes]
@@ -79,6 +80,7 @@ class Window:
         self.allow_views = allow_views  # DDP(gradient_as_bucket_view=True) swaps p.grad for a bucket view once
         self._grads: List[Optional[torch.Tensor]] = [None] * len(self.params)
         self.name_of = name_of
+        self.live = live
 
     @property
     def accumulation(self) -> int:
@@ -151,6 +153,15 @@ class Window:
                 f"{self.done} of {self.accumulation} micro-steps): the earlier "
                 "micro-batches of this step would be lost. Zero gradients only through run.optimizer.zero_grad() "
                 "(a no-op inside a window), or drop this step with run.discard_step().")
+        if self.live is not None:
+            own = {id(p) for p in self.params}
+            added = [p for p in self.live() if id(p) not in own]
+            if added:
+                raise WindowMisuse(
+                    f"simigrad: parameter {self.name_of(added[0])} joined the step inside an accumulation window "
+                    f"(requires_grad_(True) or add_param_group; found at {where}): its gradient would miss the "
+                    "window's earlier micro-batches and the averaging. Change the parameter set between optimizer "
+                    "steps (when run.sync_gradients is True), or drop this step with run.discard_step().")
 
     def _remember(self) -> None:
         self._grads = [p.grad for p in self.params]

@@ -51,9 +51,25 @@ class MicrostepStats:
             total.append(p.grad)
         if not own:  # no gradient at all: no statistics
             return SplitStats(float("nan"), float("nan"), float("nan"), "none")
-        rows = pair_stats(own, total, n_last / n_mid, -1.0).detach().to("cpu", torch.float64).sum(0)
+        rows = _pair_rows(own, total, n_last / n_mid, -1.0)
         s1, s2 = n_mid / n1, n_mid / n2
         return SplitStats(float(rows[0]) * s1 * s2, float(rows[1]) * s1 * s1, float(rows[2]) * s2 * s2, "microsteps")
+
+
+def _pair_rows(own: List[torch.Tensor], total: List[torch.Tensor], alpha: float, beta: float) -> torch.Tensor:
+    """``pair_stats`` summed over parameters, in fp64 on the host. The kernels take fp32/bf16/fp16 gradients;
+    fp64 gradients (an fp64 model) are summed here in fp64 with plain torch ops."""
+    rows = torch.zeros(3, dtype=torch.float64)
+    wide = [i for i, g in enumerate(own) if g.dtype == torch.float64]
+    narrow = [i for i in range(len(own)) if own[i].dtype != torch.float64]
+    if narrow:
+        rows += pair_stats([own[i] for i in narrow], [total[i] for i in narrow], alpha, beta).detach().to(
+            "cpu", torch.float64).sum(0)
+    for i in wide:
+        x, t = own[i].detach().flatten(), total[i].detach().flatten().double()
+        other = alpha * t + beta * x
+        rows += torch.stack([x @ other, x @ x, other @ other]).cpu()
+    return rows
 
 
 __all__ = ["MicrostepStats"]

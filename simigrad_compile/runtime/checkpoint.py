@@ -1,0 +1,80 @@
+"""Checking a ``run.state_dict()`` before the core takes any of it: every key, type and range, the ladder, and
+the new config's bounds (which win over the checkpoint's plan). :func:`validated_state` builds fresh objects and
+changes nothing, so a bad checkpoint leaves the run untouched."""
+
+from __future__ import annotations
+
+import logging
+
+from ..config import SimigradConfig
+from .controller import BatchSizeController
+from .ladder import Ladder, Plan
+
+log = logging.getLogger("simigrad_compile")
+STATE_KEYS = ("controller", "ladder", "plan", "epoch", "position", "samples", "steps", "similarity", "history")
+
+
+def _number(key, value, kind=int, minimum=0):
+    try:
+        out = kind(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"simigrad: checkpoint {key!r} is {value!r}, not a number") from None
+    if kind is int and out < minimum:
+        raise ValueError(f"simigrad: checkpoint {key!r} is {out}, expected >= {minimum}")
+    return out
+
+
+def validated_state(state: dict, config: SimigradConfig, world_size: int, base_accumulation: int) -> dict:
+    """The checkpoint's parts, as new objects (controller, ladder, plan) and checked values."""
+    if not isinstance(state, dict):
+        raise TypeError(f"simigrad: load_state_dict expects the dict of run.state_dict(), got "
+                        f"{type(state).__name__}")
+    missing = [k for k in STATE_KEYS if k not in state]
+    if missing:
+        raise KeyError(f"simigrad: the checkpoint lacks {', '.join(missing)}; it is not a run.state_dict()")
+    ladder_keys = {"rungs", "world_size", "min_accumulation"}
+    if not isinstance(state["ladder"], dict) or not ladder_keys <= state["ladder"].keys():
+        raise ValueError(f"simigrad: checkpoint 'ladder' is {state['ladder']!r}, not a ladder state")
+    ladder = Ladder(config, world_size, base_accumulation)
+    diff = ladder.mismatch(state["ladder"])
+    if diff:
+        raise ValueError(f"simigrad: the checkpoint comes from another ladder or world size: {diff}. Resume "
+                         "with the same micro_batch_sizes / max_micro_batch_size and world size.")
+    min_accumulation = _number("ladder.min_accumulation", state["ladder"]["min_accumulation"], minimum=1)
+    ladder.require_accumulation(max(base_accumulation, min_accumulation))
+    controller = BatchSizeController(config, config.batch_size)
+    controller.load_state_dict(state["controller"])
+    plan_state = state["plan"]
+    if not isinstance(plan_state, (list, tuple)) or len(plan_state) != 2:
+        raise ValueError(f"simigrad: checkpoint 'plan' is {plan_state!r}, expected [micro_batch_size, "
+                         "accumulation]")
+    micro = _number("plan[0]", plan_state[0], minimum=1)
+    acc = _number("plan[1]", plan_state[1], minimum=1)
+    if micro not in ladder.rungs:
+        raise ValueError(f"simigrad: checkpoint plan micro-batch {micro} is not a rung of {ladder.rungs}")
+    plan = Plan(micro, acc, world_size)
+    lo, hi = config.min_batch_size, config.max_batch_size
+    clamped = min(max(controller.batch_size, lo), hi)
+    if clamped != controller.batch_size or not lo <= plan.batch_size <= hi:
+        new_plan = ladder.plan(clamped)
+        log.warning("simigrad: the checkpoint's target %d (plan %dx%d, batch %d) lies outside the configured "
+                    "bounds [%d, %d]: target clamped to %d, plan %s", controller.batch_size, micro, acc,
+                    plan.batch_size, lo, hi, clamped, new_plan)
+        controller.batch_size, plan = clamped, new_plan
+    history = state["history"]
+    if not isinstance(history, list) or not all(isinstance(r, dict) for r in history):
+        raise ValueError("simigrad: checkpoint 'history' is not a list of records")
+    skipped = state.get("skipped_steps", {})
+    if not isinstance(skipped, dict):
+        raise ValueError("simigrad: checkpoint 'skipped_steps' is not a dict")
+    return {
+        "controller": controller, "ladder": ladder, "plan": plan,
+        "epoch": _number("epoch", state["epoch"]), "position": _number("position", state["position"]),
+        "samples": _number("samples", state["samples"]), "steps": _number("steps", state["steps"]),
+        "similarity": _number("similarity", state["similarity"], float),
+        "history": history, "skipped_steps": {str(k): int(v) for k, v in skipped.items()},
+        "batch_stats_seen": bool(state.get("batch_stats_seen", False)),
+    }
+
+
+__all__ = ["STATE_KEYS", "validated_state"]

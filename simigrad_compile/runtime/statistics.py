@@ -1,0 +1,72 @@
+"""Which statistics a step uses, decided per step (the rule is in :mod:`simigrad_compile.runtime.core`).
+
+A window of >= 2 micro-steps on one process uses the ``microsteps`` split; a window of one uses the compiled
+backward's ``batch`` split; under data parallelism the ``ranks`` split. A one-micro-step step without statistics
+affects that step only, unless the model has never recorded ``batch`` statistics: then the ladder plans >= 2
+micro-steps (warning with the cause) until it does.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional, Tuple
+
+import torch
+
+from ..stats.gradient_stats import SplitStats, gradient_stats
+from .ladder import Ladder
+from .window import Window
+
+log = logging.getLogger("simigrad_compile")
+
+
+def no_stats_cause(stats: SplitStats) -> str:
+    if stats.unsplit:
+        reasons = sorted(set(stats.unsplit.values()))
+        more = f" and {len(reasons) - 1} other reason(s)" if len(reasons) > 1 else ""
+        return f"the split pass refused {len(stats.unsplit)} parameter(s): {reasons[0]}{more}"
+    return ("no compiled backward recorded any: the model is not compiled with "
+            "torch.compile(model, backend='simigrad')")
+
+
+class StatisticsChoice:
+    def __init__(self, model: torch.nn.Module, ladder: Ladder, world_size: int, base_accumulation: int):
+        self.model, self.ladder = model, ladder
+        self.world_size, self.base_accumulation = world_size, base_accumulation
+        self.batch_seen = False
+        self.one_step_without = 0
+
+    def read(self, w: Window, step: int) -> Tuple[SplitStats, Optional[str]]:
+        """The step's statistics (sinks read and reset) and, when it has none, why."""
+        batch = gradient_stats(self.model, reset=True)
+        if self.world_size > 1:
+            return batch, (None if batch.mode != "none" else no_stats_cause(batch))
+        if "batch" in batch.mode:
+            self._saw_batch()
+        if w.stats is not None:
+            if batch.mode != "none":
+                log.debug("simigrad: accumulation %d: microsteps statistics replace the %s ones", w.accumulation,
+                          batch.mode)
+            return w.split_stats(), None
+        if batch.mode != "none":
+            return batch, None
+        cause = no_stats_cause(batch)
+        if not self.batch_seen and self.ladder.min_accumulation < 2:
+            log.warning("simigrad: no split statistics for this model (%s); planning >= 2 micro-steps per step "
+                        "from now on so that the microsteps statistics exist (undone as soon as the model records "
+                        "batch statistics)", cause)
+            self.ladder.require_accumulation(2)
+        elif self.batch_seen:
+            self.one_step_without += 1
+            log.warning("simigrad: step %d has no split statistics (%s): this step only, the next one is split "
+                        "again (%d such step(s) so far)", step, cause, self.one_step_without)
+        return batch, cause
+
+    def _saw_batch(self) -> None:
+        self.batch_seen = True
+        if self.ladder.min_accumulation > self.base_accumulation:
+            log.info("simigrad: the model records batch statistics: one micro-step per step is allowed again")
+            self.ladder.require_accumulation(self.base_accumulation)
+
+
+__all__ = ["StatisticsChoice", "no_stats_cause"]
