@@ -310,6 +310,36 @@ def test_a_validation_loader_does_not_size_the_step(hooks):
     assert all(torch.equal(p, q) for p, q in zip(models[0].parameters(), models[1].parameters()))
 
 
+def test_grad_scaler_overflow_leaves_its_micro_batch_out(hooks):
+    """The standard GradScaler recipe under SIMIGRAD=1: ``scaler.step`` unscales each micro-batch's fresh gradient;
+    a micro-batch with an inf loss never reaches ``optimizer.step()`` and is left out of the step; the history's
+    loss is the unscaled one."""
+    x, y = _data(24)
+    model = _net()
+    ref = copy.deepcopy(model).double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    hooks(batch_size=8, group_mode="microsteps")
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4)
+    for i, (xb, yb) in enumerate(loader):
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(xb), yb) * (float("inf") if i == 2 else 1.0)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+    records = auto_loop.history(opt)
+    steps = [(0, 8), (12, 20), (20, 24)]            # samples 8..11 overflowed; the epoch ends one micro-batch in
+    assert [r["batch_size"] for r in records] == [8, 8, 4] and scaler.get_scale() == 512.0
+    for record, (a, b) in zip(records, steps):
+        grads, loss = _mean_grad(ref, x[a:b], y[a:b])
+        assert record["loss"] == pytest.approx(loss, rel=1e-5)
+        with torch.no_grad():
+            for p, g in zip(ref.parameters(), grads):
+                p -= 0.1 * math.sqrt((b - a) / 8) * g
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p.detach().double(), q.detach(), atol=1e-6, rtol=1e-5)
+
+
 def test_accumulation_one_is_bit_identical(hooks):
     x, y = _data(16)
     models = []

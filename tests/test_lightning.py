@@ -101,3 +101,47 @@ def test_manual_accumulation_is_refused_by_name():
     torch.manual_seed(0)
     with pytest.raises(NotImplementedError, match="accumulate_grad_batches=2"):
         fit(Net(), dataset(8), SimigradCallback(**OPTIONS), accumulate_grad_batches=2)
+
+
+def test_accumulation_one_reads_the_backend_statistics_and_checkpoints_resume(tmp_path):
+    """A module compiled with ``backend="simigrad"`` (the passes without Inductor's code generation) and B0 = the
+    loader's batch: each step is one micro-batch with the ``batch`` statistics of the compiled backward, whose
+    cosine is that of the two half-batch gradients (fp64 reference). The checkpoint Lightning writes at the
+    epoch's end holds the core's state, and a resumed fit continues its steps."""
+    data = dataset(24)
+    torch.manual_seed(0)
+    net = Net()
+    x, y = data.tensors
+    start = copy.deepcopy(net).double()
+    halves = []
+    for sl in (slice(0, 4), slice(4, 8)):
+        start.zero_grad()
+        loss_of(start, x[sl].double(), y[sl].double()).backward()
+        halves.append(torch.cat([p.grad.flatten() for p in start.parameters()]))
+    expected = torch.nn.functional.cosine_similarity(*halves, dim=0).item()
+
+    class Compiled(Module):
+        def __init__(self, net):
+            super().__init__(net)
+            self.compiled = torch.compile(net, backend="simigrad", options={"compiler": "aot_eager"})
+
+        def training_step(self, batch, batch_idx):
+            return torch.nn.functional.mse_loss(self.compiled(batch[0]), batch[1])
+
+    options = dict(batch_size=8, min_batch_size=8, max_batch_size=8)
+    callback = SimigradCallback(**options)
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, default_root_dir=tmp_path,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[callback])
+    module = Compiled(net)
+    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=8))
+    history = callback.run.history
+    assert [(r["accumulation"], r["statistics"]) for r in history] == [(1, "batch")] * 3
+    assert history[0]["cosine"] == pytest.approx(expected, abs=1e-5)
+
+    (checkpoint,) = tmp_path.glob("**/*.ckpt")
+    resumed = SimigradCallback(**options)
+    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", devices=1, logger=False, default_root_dir=tmp_path,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[resumed])
+    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=8), ckpt_path=checkpoint)
+    assert [r["step"] for r in resumed.run.history] == [1, 2, 3, 4, 5, 6]
+    assert resumed.run.history[:3] == history

@@ -277,12 +277,6 @@ def history(optimizer: torch.optim.Optimizer) -> List[dict]:
     return list(door.run.history) if door else []
 
 
-def run_of(optimizer: torch.optim.Optimizer):
-    """The core (``AdaptiveBatching``) that drives ``optimizer``, or None before its first ``step()``."""
-    door = _doors.get(optimizer)
-    return door.run if door else None
-
-
 # --- the observers ----------------------------------------------------------------------------------------------
 def _next_recording(self):
     try:
@@ -397,4 +391,4 @@ def _at_exit() -> None:
         door.close()
 
 
-__all__ = ["install", "uninstall", "exclude", "history", "run_of", "PLOT_NAME"]
+__all__ = ["install", "uninstall", "exclude", "history", "PLOT_NAME"]
