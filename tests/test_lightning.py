@@ -64,7 +64,8 @@ def fit(net, data, callback, epochs=1, **trainer_args):
 
 def test_callback_steps_equal_a_plain_fp64_loop():
     """38 samples in batches of 4 (the last of 2), one NaN sample (index 13), clipping at 0.5, a per-step LR
-    schedule, two epochs: the window holding the NaN is skipped whole (in each epoch), each epoch's last window ends early."""
+    schedule, two epochs: the window holding the NaN is skipped whole (in each epoch), each epoch's last window
+    ends early."""
     data = dataset(38)
     data.tensors[0][13, 0] = float("nan")
     torch.manual_seed(0)

@@ -12,7 +12,8 @@ What the door observes (installed by :func:`install` at ``import torch`` when ``
   ``batch_size``) and measured size (dim ``batch_dim`` of its first tensor).
 * ``torch.Tensor.backward``: which fetched batch a backward consumed (the last one fetched), and the loss
   (a scalar that is backpropagated; for ``GradScaler.scale(loss)`` the unscaled loss). The **training loader**
-  is the one whose batches feed backward passes: a validation loop (no backward) never sizes a step.
+  is the one whose batches feed backward passes: a validation loop (no backward) never sizes a step. A loop
+  that fetches ahead of its backward passes (``list(loader)``, a prefetching wrapper) is sized by the last fetch.
 * ``GradScaler.update``: a micro-batch whose ``scaler.step`` found inf/NaN gradients never reached
   ``optimizer.step()``; it is left out of the step, as plain ``GradScaler`` drops it.
 * optimizer step pre/post hooks (``torch.optim.optimizer.register_optimizer_step_{pre,post}_hook``).
@@ -74,43 +75,58 @@ class _Fetch:
     """The DataLoader iterator that produced the batch."""
     declared: Optional[int]
     measured: Optional[int]
+    consumed: bool = False
 
     @property
     def samples(self) -> Optional[int]:
         return self.measured or self.declared
 
 
+@dataclass
 class _Fed:
-    """What the loop fed since the last ``step()``: the batches that backward passes consumed, their losses."""
+    """What the loop fed since the last ``step()``: the batches that backward passes consumed and the sum of their
+    losses (constant memory, whether or not a step ever comes)."""
 
-    def __init__(self):
-        self.clear()
-
-    def clear(self) -> None:
-        self.last: Optional[_Fetch] = None
-        self.consumed: Dict[int, _Fetch] = {}
-        self.losses: List[torch.Tensor] = []
-        self.in_backward = False
-        self.own_step = False
+    last: Optional[_Fetch] = None
+    fetches: int = 0
+    samples: Optional[int] = 0      # None once a consumed batch had no size
+    declared: Optional[int] = 0
+    source: Optional["weakref.ref"] = None
+    loss: Optional[torch.Tensor] = None
+    in_backward: bool = False
+    own_step: bool = False
 
     def backward(self, tensor: torch.Tensor) -> None:
-        if self.last is not None:
-            self.consumed[id(self.last)] = self.last
+        fetch = self.last
+        if fetch is not None and not fetch.consumed:  # a second backward on the same batch counts it once
+            fetch.consumed = True
+            self.fetches += 1
+            self.source = fetch.source
+            self.samples = None if self.samples is None or not fetch.samples else self.samples + fetch.samples
+            self.declared = None if self.declared is None or not fetch.samples else \
+                self.declared + (fetch.declared or fetch.samples)
         loss = getattr(tensor, "_simigrad_loss", tensor)
         if loss.numel() == 1:
-            self.losses.append(loss.detach().reshape(()))
+            value = loss.detach().reshape(())
+            value = value if value.dtype == torch.float64 else value.float()
+            self.loss = value if self.loss is None else self.loss + value
+
+    def peek(self):
+        """The consumed batches' count, samples, declared size and source; without a backward, the last batch."""
+        if self.fetches == 0 and self.last is not None:  # torch.autograd.backward, autograd.grad: no backward seen
+            f = self.last
+            return 1, f.samples, f.declared or f.samples, f.source
+        return self.fetches, self.samples or None, self.declared or None, self.source
 
     def take(self):
-        """The samples and the loss of the micro-step that ``step()`` ends, and the iterator that fed it."""
-        fetches = list(self.consumed.values())
-        if not fetches and self.last is not None:
-            fetches = [self.last]  # no backward seen (torch.autograd.backward, autograd.grad): the last batch
-        losses, self.consumed, self.losses = self.losses, {}, []
-        samples = sum(f.samples for f in fetches) if fetches and all(f.samples for f in fetches) else None
-        loss = None
-        if losses:
-            loss = losses[0] if len(losses) == 1 else torch.stack([x.float() for x in losses]).sum()
-        return fetches, samples, loss
+        """What ``step()`` ends: (batches, samples, source, loss); the record starts again."""
+        fetches, samples, _, source = self.peek()
+        loss = self.loss
+        self.drop()
+        return fetches, samples, source, loss
+
+    def drop(self) -> None:
+        self.fetches, self.samples, self.declared, self.source, self.loss = 0, 0, 0, None, None
 
 
 _fed = _Fed()
@@ -157,7 +173,7 @@ class _Door:
             self.boundary = False
             run.discard_step()
             self.aside = None
-        fetches, samples, loss = _fed.take()
+        fetches, samples, source, loss = _fed.take()
         samples = samples or run.plan.micro_batch_size
         fresh = [p.grad for p in run.params]
         params = self._restore()
@@ -172,7 +188,7 @@ class _Door:
             self.aside = {id(p): p.grad for p in params if p.grad is not None}
             for p in params:
                 p.grad = None
-            self.source = fetches[-1].source if fetches else None
+            self.source = source
             self.open_micro_steps += 1
             self.open_samples += samples
             return
@@ -263,7 +279,8 @@ def uninstall() -> None:
     for door in list(_doors.values()):
         door.close(plot=False)
     _doors.clear()
-    _fed.clear()
+    _fed.last = None
+    _fed.drop()
 
 
 def exclude(optimizer: torch.optim.Optimizer) -> None:
@@ -310,10 +327,10 @@ def _scale_marking(self, outputs):
 
 
 def _update_dropping(self, *args, **kwargs):
-    if _fed.consumed or _fed.losses:  # scaler.step() found inf/NaN and never called optimizer.step()
+    if _fed.fetches or _fed.loss is not None:  # scaler.step() found inf/NaN and never called optimizer.step()
         log.info("simigrad: GradScaler skipped an optimizer.step() (inf/NaN gradients): that micro-batch is left "
                  "out of the step")
-        _fed.consumed, _fed.losses = {}, []
+        _fed.drop()
     return _originals["update"](self, *args, **kwargs)
 
 
@@ -322,7 +339,8 @@ def _pre_step(optimizer, args, kwargs) -> None:
         return
     door = _doors.get(optimizer)
     if door is None:
-        if optimizer in _excluded:
+        if optimizer in _excluded:  # another door drives it; what the loop fed belongs to that door's step
+            _fed.drop()
             return
         if kwargs.get("closure") is not None or len(args) > 1:  # args[0] is the optimizer
             raise RuntimeError(
@@ -347,9 +365,8 @@ def _open(optimizer: torch.optim.Optimizer) -> _Door:
             "simigrad: SIMIGRAD=1 adapts the batch of one process only (ranks would have to agree on every "
             "decision, and DDP would all-reduce every micro-batch); use simigrad_compile.AdaptiveBatching with "
             "enable_ddp, or SIMIGRAD_AUTO_LOOP=false")
-    fetches = list(_fed.consumed.values()) or ([_fed.last] if _fed.last else [])
-    declared = [f.declared or f.samples for f in fetches]
-    micro = sum(declared) if fetches and all(declared) else _config.batch_size
+    fetches, _, declared, _ = _fed.peek()
+    micro = declared or _config.batch_size
     if micro is None:
         raise RuntimeError(
             "simigrad: SIMIGRAD=1 needs the micro-batch size: no DataLoader batch fed a backward before the first "

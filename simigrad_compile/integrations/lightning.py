@@ -1,4 +1,4 @@
-"""Lightning door: :class:`SimigradCallback`, a ``lightning.pytorch.Callback`` that adapts the batch every optimizer step.
+"""Lightning door: :class:`SimigradCallback`, a ``lightning.pytorch.Callback``: the batch adapts every optimizer step.
 
 The user's ``DataLoader`` batch is the micro-batch (the ladder's one rung); the step's batch is
 ``accumulation x micro-batch``, realised through Lightning's own gradient accumulation. The runtime core
