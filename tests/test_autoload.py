@@ -1,5 +1,6 @@
 """``SIMIGRAD=1`` in scripts that never import simigrad_compile (subprocesses), and the auto loop's arithmetic."""
 
+import copy
 import json
 import math
 import os
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import simigrad_compile as sc
 from simigrad_compile.integrations import auto_loop
 from simigrad_compile.config import SimigradConfig
 
@@ -128,14 +130,18 @@ def test_unmodified_loop_grows_batch_under_simigrad():
     out = loop(False, 6, {"SIMIGRAD": "1", "SIMIGRAD_TARGET_SIMILARITY": "0.99", "SIMIGRAD_BATCH_SIZE": "32"})
     steps = [STEP_LINE.search(line).groups() for line in out.stderr.splitlines() if STEP_LINE.search(line)]
     assert steps, out.stderr
-    batches = [int(s[3]) for s in steps]
     assert all(int(s[3]) == int(s[4]) * int(s[5]) and int(s[5]) == 16 for s in steps)
-    assert all(s[2] == "microsteps" and math.isfinite(float(s[1])) for s in steps)
-    assert batches[0] == 32 and batches[-1] > 32 and batches == sorted(batches)
     for s in steps:
         assert float(s[6]) == pytest.approx(math.sqrt(int(s[3]) / 32), abs=1e-4)
+    # An epoch (96 samples) ends inside a window: that step is cut short and, when its planned first half is not
+    # complete, has no statistics (the controller holds). Every other step is split and grows the batch.
+    full = [s for s in steps if s[2] == "microsteps"]
+    assert all(math.isfinite(float(s[1])) for s in full) and len(full) >= len(steps) // 2
+    assert all(s[2] == "none" and int(s[4]) <= 2 for s in steps if s not in full)
+    batches = [int(s[3]) for s in full]
+    assert batches[0] == 32 and batches[-1] > 32 and batches == sorted(batches)
+    assert sum(int(s[3]) for s in steps) == 6 * 96                 # every sample once per epoch
     assert json.loads(out.stdout)["lr"] == 0.05          # the user's LR, untouched between steps
-    assert sum(int(s[4]) for s in steps) <= 6 * 96 // 16
 
 
 def test_compiled_loop_uses_backend_statistics_at_accumulation_one():
@@ -178,8 +184,8 @@ def test_accumulation_one_reads_and_resets_backend_sinks(hooks):
         model(xb).sum().backward()
         opt.step()
     (record,) = auto_loop.history(opt)
-    assert (record["mode"], record["accumulation"], record["cosine"]) == ("batch", 1, pytest.approx(1.0))
-    assert (record["dot"], record["sq_norm_1"], record["sq_norm_2"]) == (2.0, 1.0, 4.0)
+    # d = 2, a = 1, b = 4: cosine 2 / (1 * 2) = 1
+    assert (record["statistics"], record["accumulation"], record["cosine"]) == ("batch", 1, pytest.approx(1.0))
     assert mine.count == 0 and foreign.count == 1
 
 
@@ -204,7 +210,7 @@ def test_both_install_modes_register_the_hook(tmp_path):
     assert out.stdout.split() == [str(target / "simigrad_compile" / "__init__.py"), "True"]
 
 
-# ---- the auto loop's arithmetic, in process, against full-batch references -------------------------------
+# ---- the door's arithmetic, in process, against a hand-written fp64 plain loop ---------------------------
 
 def _data(n: int):
     torch.manual_seed(1)
@@ -212,10 +218,17 @@ def _data(n: int):
     return x, x @ torch.randn(5, 2) + 0.5 * torch.randn(n, 2)
 
 
-def _grads(model, x, y):
+def _net():
+    torch.manual_seed(2)
+    return torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 2))
+
+
+def _mean_grad(model, x, y):
+    """The plain loop's gradient: one backward of the mean loss over the step's samples, in fp64."""
     model.zero_grad()
-    torch.nn.functional.mse_loss(model(x), y).backward()
-    return [p.grad.detach().double().clone() for p in model.parameters()]
+    loss = torch.nn.functional.mse_loss(model(x.double()), y.double())
+    loss.backward()
+    return [p.grad.detach().clone() for p in model.parameters()], loss.item()
 
 
 @pytest.fixture
@@ -224,35 +237,146 @@ def hooks():
     auto_loop.uninstall()
 
 
-@pytest.mark.parametrize("n, b0, accumulation", [(40, 48, 3), (32, 24, 2)])
-def test_window_is_full_batch_step_with_scaled_lr(hooks, n, b0, accumulation):
-    """Loader batch 16. (40, 48): micro-batches 16, 16, 8 in one window of 3; halves 16 | 24 samples.
-    (32, 24): target 24 rounds to 2 x 16 = 32, so the LR is scaled by sqrt(32/24)."""
-    x, y = _data(n)
-    torch.manual_seed(2)
-    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 2))
-    full = _grads(model, x, y)
-    first = _grads(model, x[:16], y[:16])
-    rest = _grads(model, x[16:], y[16:])
-    before = [p.detach().clone() for p in model.parameters()]
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    hooks(batch_size=b0)
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
+def _plain_loop(model, opt, loader, validation=None, zero_first=True):
+    """The user's unmodified loop; ``validation``: a loader run between ``backward`` and ``step``."""
     for i, (xb, yb) in enumerate(loader):
-        opt.zero_grad(set_to_none=i % 2 == 0)
+        if zero_first:
+            opt.zero_grad(set_to_none=i % 2 == 0)
         torch.nn.functional.mse_loss(model(xb), yb).backward()
+        if validation is not None:
+            with torch.no_grad():
+                for xv, _ in validation:
+                    model(xv)
         opt.step()
-        if i + 1 < accumulation:
-            assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+        if not zero_first:
+            model.zero_grad()
+
+
+@pytest.mark.parametrize("n, b0, steps", [
+    (40, 48, [(0, 40)]),                # micro-batches 16, 16, 8 in one window of 3; halves 16 | 24 samples
+    (32, 40, [(0, 32)]),                # target 40 rounds to 2 x 16 (ties to fewer micro-steps): lr x sqrt(32/40)
+    (56, 48, [(0, 48), (48, 56)]),      # the epoch ends after 8 samples of the second window: a step of 8
+])
+def test_each_step_is_the_plain_loops_step_on_its_samples(hooks, n, b0, steps):
+    x, y = _data(n)
+    model = _net()
+    ref = copy.deepcopy(model).double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    hooks(batch_size=b0, group_mode="microsteps")
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
+    _plain_loop(model, opt, loader, zero_first=n != 56)
+    records = auto_loop.history(opt)
+    assert [r["batch_size"] for r in records] == [b - a for a, b in steps]
+    assert opt.param_groups[0]["lr"] == 0.1
+    if n == 56:  # the door took the epoch's last step itself, and left p.grad as the loop's zero_grad would
+        assert all(p.grad is None for p in model.parameters())
+    for record, (a, b) in zip(records, steps):
+        grads, loss = _mean_grad(ref, x[a:b], y[a:b])
+        scale = math.sqrt((b - a) / b0)
+        assert record["lr_scale"] == pytest.approx(scale) and record["loss"] == pytest.approx(loss, rel=1e-5)
+        with torch.no_grad():
+            for p, g in zip(ref.parameters(), grads):
+                p -= 0.1 * scale * g
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p.detach().double(), q.detach(), atol=1e-6, rtol=1e-5)
+    if n == 40:  # the cosine of the microsteps halves (first micro-batch | the rest), fp64 reference
+        start = _net().double()
+        first, rest = _mean_grad(start, x[:16], y[:16])[0], _mean_grad(start, x[16:], y[16:])[0]
+        flat = lambda gs: torch.cat([g.flatten() for g in gs])  # noqa: E731
+        cosine = torch.nn.functional.cosine_similarity(flat(first), flat(rest), dim=0).item()
+        assert records[0]["cosine"] == pytest.approx(cosine, abs=1e-5)
+
+
+def test_a_validation_loader_does_not_size_the_step(hooks):
+    """A validation loop before the first step and between every backward and step (batch 50, no backward) leaves
+    every parameter bit-identical to the same loop without it."""
+    x, y = _data(96)
+    val = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x[:60], y[:60]), batch_size=50)
+    models, records = [], []
+    for validation in (None, val):
+        model = _net()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        hooks(batch_size=32, target_similarity=0.9)
+        if validation is not None:
+            with torch.no_grad():
+                for xv, _ in validation:
+                    model(xv)
+        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
+        for _ in range(2):
+            _plain_loop(model, opt, loader, validation)
+        models.append(model)
+        records.append(auto_loop.history(opt))
+        auto_loop.uninstall()
+    assert json.dumps(records[0]) == json.dumps(records[1])        # (NaN-safe)
+    assert {r["micro_batch_size"] for r in records[1]} == {16}
+    assert all(torch.equal(p, q) for p, q in zip(models[0].parameters(), models[1].parameters()))
+
+
+def test_grad_scaler_overflow_leaves_its_micro_batch_out(hooks):
+    """The standard GradScaler recipe under SIMIGRAD=1: ``scaler.step`` unscales each micro-batch's fresh gradient;
+    a micro-batch with an inf loss never reaches ``optimizer.step()`` and is left out of the step; the history's
+    loss is the unscaled one."""
+    x, y = _data(24)
+    model = _net()
+    ref = copy.deepcopy(model).double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    hooks(batch_size=8, group_mode="microsteps")
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4)
+    for i, (xb, yb) in enumerate(loader):
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(xb), yb) * (float("inf") if i == 2 else 1.0)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+    records = auto_loop.history(opt)
+    steps = [(0, 8), (12, 20), (20, 24)]            # samples 8..11 overflowed; the epoch ends one micro-batch in
+    assert [r["batch_size"] for r in records] == [8, 8, 4] and scaler.get_scale() == 512.0
+    for record, (a, b) in zip(records, steps):
+        grads, loss = _mean_grad(ref, x[a:b], y[a:b])
+        assert record["loss"] == pytest.approx(loss, rel=1e-5)
+        with torch.no_grad():
+            for p, g in zip(ref.parameters(), grads):
+                p -= 0.1 * math.sqrt((b - a) / 8) * g
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p.detach().double(), q.detach(), atol=1e-6, rtol=1e-5)
+
+
+def test_a_loop_that_accumulates_by_itself_and_an_adaptive_batching_run_beside_it(hooks):
+    """Two backward passes (halved losses) per ``step()``: one micro-step of both batches, 32 samples. An
+    ``AdaptiveBatching`` run in the same process is left to its own door, and its updates are unchanged."""
+    x, y = _data(64)
+    model = _net()
+    ref = copy.deepcopy(model).double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    hooks(batch_size=64, group_mode="microsteps")
+    batches = iter(torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16))
+    for _ in range(2):
+        opt.zero_grad()
+        for _ in range(2):
+            xb, yb = next(batches)
+            (torch.nn.functional.mse_loss(model(xb), yb) / 2).backward()
+        opt.step()
     (record,) = auto_loop.history(opt)
-    scale = math.sqrt(16 * accumulation / b0)
-    assert record["accumulation"] == accumulation and record["lr_scale"] == pytest.approx(scale)
-    assert record["samples"] == n and opt.param_groups[0]["lr"] == 0.1
-    for p, q, g in zip(model.parameters(), before, full):
-        torch.testing.assert_close(p.detach().double(), q.double() - 0.1 * scale * g, atol=1e-6, rtol=1e-5)
-    flat = lambda gs: torch.cat([g.flatten() for g in gs])  # noqa: E731
-    cosine = torch.nn.functional.cosine_similarity(flat(first), flat(rest), dim=0).item()
-    assert record["cosine"] == pytest.approx(cosine, abs=1e-5)
+    assert (record["micro_batch_size"], record["accumulation"], record["batch_size"]) == (32, 2, 64)
+    grads, loss = _mean_grad(ref, x, y)
+    assert record["loss"] == pytest.approx(loss, rel=1e-5)   # the halved losses of a micro-step sum to its mean
+    for p, q, g in zip(model.parameters(), ref.parameters(), grads):
+        torch.testing.assert_close(p.detach().double(), q.detach() - 0.1 * g, atol=1e-6, rtol=1e-5)
+
+    runs = []
+    for _ in range(2):
+        net = _net()
+        run = sc.AdaptiveBatching(net, torch.optim.SGD(net.parameters(), lr=0.1), batch_size=32,
+                                  group_mode="microsteps", max_micro_batch_size=16)
+        for xb, yb in run.dataloader(torch.utils.data.TensorDataset(x, y)):
+            torch.nn.functional.mse_loss(net(xb), yb).backward()
+            run.optimizer.step()
+            run.optimizer.zero_grad()
+        runs.append((net, run.history))
+        auto_loop.uninstall()
+    assert json.dumps(runs[0][1]) == json.dumps(runs[1][1])            # (NaN-safe)
+    assert all(torch.equal(p, q) for p, q in zip(runs[0][0].parameters(), runs[1][0].parameters()))
 
 
 def test_accumulation_one_is_bit_identical(hooks):

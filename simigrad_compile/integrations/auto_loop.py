@@ -1,107 +1,252 @@
-"""Adaptive batching of an unmodified training loop under ``SIMIGRAD=1``, through global optimizer hooks.
+"""``SIMIGRAD=1``: adaptive batching of an unmodified training loop, as a thin door over the runtime core.
 
-The loop stays as the user wrote it: ``zero_grad``, forward, ``backward``, ``step``, with its own DataLoader.
-Its loader's batch becomes the micro-batch; the effective batch grows by gradient accumulation, with the LR
-scaled. :func:`install` is called by :mod:`simigrad_compile.integrations.autoload` at ``import torch`` when ``SIMIGRAD=1``.
+The loop stays as the user wrote it: ``zero_grad``, forward, ``backward``, ``step``, with its own DataLoader. Each
+optimizer gets one :class:`~simigrad_compile.runtime.core.AdaptiveBatching` (the step core), and every
+``optimizer.step()`` of the loop is one micro-step of it. The core owns every rule of the step: the window, the
+plan, the statistics, the LR scaling, the skip rules, the history and its log files (``docs/doors.md`` lists
+what that means for this door). This module only translates the loop's calls into the core's protocol.
 
-How it works
-------------
-* **Micro-batch size.** ``DataLoader`` iterators' ``__next__`` is wrapped to record each fetched batch's
-  declared size (its batch sampler's ``batch_size``) and measured size (dim ``batch_dim``, default 0, of the
-  first tensor in the batch). The declared size of the batch before the first ``step()`` is the micro-batch.
-  A loop without a DataLoader must set ``SIMIGRAD_BATCH_SIZE`` to its batch; otherwise the first ``step()``
-  raises.
-* **Every ``optimizer.step()`` is a micro-step.** ``torch.optim.optimizer.register_optimizer_step_pre_hook``
-  and ``..._post_hook`` act on every optimizer in the process.
+What the door observes (installed by :func:`install` at ``import torch`` when ``SIMIGRAD=1``):
 
-  - Inside an accumulation window the pre-hook moves each parameter's ``.grad`` into a side buffer (weighted by
-    its micro-batch's sample count) and sets ``.grad = None``. torch's optimizers skip a parameter whose grad is
-    None without touching its state (checked on torch 2.13 for SGD, Adam, AdamW, NAdam, RAdam, RMSprop, Adagrad,
-    Adadelta, Adamax, ASGD, Rprop, Adafactor; for-loop, foreach and fused), so that step changes nothing, and
-    whatever ``zero_grad`` form follows (``set_to_none`` or not, ``model.zero_grad()``) has nothing to lose.
-  - At the window's last micro-step the pre-hook sets ``.grad`` to the sample-weighted mean gradient of the
-    window, computes the statistics, feeds the controller, and multiplies each param group's ``lr`` by the LR
-    multiplier of the realised batch. The optimizer takes one real step. The post-hook puts back the exact
-    ``lr`` objects the user had.
-  - With accumulation 1 nothing is buffered: the gradients and the step are bit-identical to the plain loop's
-    (the LR multiplier is then exactly 1 when the batch is ``B0``).
-* **Statistics.** With accumulation >= 2: ``microsteps``, the mean gradient of the first ``floor(k/2)``
-  micro-steps against that of the rest (each half weighted by its own sample count). With accumulation 1: the
-  ``batch`` statistics that the ``simigrad`` backend recorded in the compiled backward for the optimizer's
-  parameters (``SIMIGRAD=1`` makes a plain ``torch.compile(model)`` use that backend). An eager model records
-  none: its first step at accumulation 1 has a NaN cosine (the controller skips it), a warning is logged, and
-  from then on that optimizer accumulates at least 2 micro-batches per step (realised batch >= 2 x micro,
-  whatever the target) so that the ``microsteps`` signal exists.
-* **Controller.** :class:`~simigrad_compile.runtime.controller.BatchSizeController` with ``B0 = SIMIGRAD_BATCH_SIZE``
-  or else the micro-batch. The next window's accumulation is the controller's target divided by the
-  micro-batch, rounded to the nearest integer (>= 1) and moved inside ``[min_batch_size, max_batch_size]``
-  when a multiple of the micro-batch fits there.
-* **Logging.** Each real step logs one INFO line on ``simigrad_compile`` and appends one record to
-  :func:`history`.
+* ``DataLoader`` iterators' ``__next__``: each fetched batch's declared size (its batch sampler's
+  ``batch_size``) and measured size (dim ``batch_dim`` of its first tensor).
+* ``torch.Tensor.backward``: which fetched batch a backward consumed (the last one fetched), and the loss
+  (a scalar that is backpropagated; for ``GradScaler.scale(loss)`` the unscaled loss). The **training loader**
+  is the one whose batches feed backward passes: a validation loop (no backward) never sizes a step. A loop
+  that fetches ahead of its backward passes (``list(loader)``, a prefetching wrapper) is sized by the last fetch.
+* ``GradScaler.update``: a micro-batch whose ``scaler.step`` found inf/NaN gradients never reached
+  ``optimizer.step()``; it is left out of the step, as plain ``GradScaler`` drops it.
+* optimizer step pre/post hooks (``torch.optim.optimizer.register_optimizer_step_{pre,post}_hook``).
 
-Limits
-------
-* **LR schedulers** step once per user ``step()``, that is per micro-batch, so a schedule in steps is a
-  schedule in micro-batches (samples), whatever the batch size. The multiplier applies on top of it.
-* **Gradient clipping** before ``step()`` clips each micro-batch's gradient, not the window's mean.
-* **AMP GradScaler**: ``scaler.step`` unscales before it calls ``optimizer.step``, so the buffers hold unscaled
-  gradients. A micro-step with inf/NaN gradients never reaches the optimizer and is left out of the window,
-  as plain GradScaler drops that step.
-* **Weight decay and momentum** act once per real step: fewer, larger steps.
-* **Extra memory** while a window is open: up to two gradient-sized buffers (the halves' sums) beside the live
-  ``.grad``. None at accumulation 1.
-* ``optimizer.step(closure)`` (LBFGS) raises: the closure recomputes gradients inside the step.
-* **Data parallel** (``torch.distributed`` world size > 1) raises at the first step: ranks would have to agree
-  on every decision, and DDP would all-reduce at every micro-step. Use ``AdaptiveBatching`` there.
-* Every optimizer gets its own controller and windows; an optimizer that ``AdaptiveBatching`` drives is left
-  alone through :func:`exclude`.
+The micro-step (step pre-hook). The samples of the batches consumed since the last ``step()`` are the
+micro-batch (a loop that accumulates by itself, with several backward passes per ``step()``, gives one
+micro-step of all of them). The core keeps the window's running gradient in ``p.grad`` (module docstring of
+:mod:`simigrad_compile.runtime.core`); the loop zeroes ``p.grad`` before every backward, so between micro-steps
+the door holds the running gradient aside and ``p.grad`` is None: the loop's ``zero_grad`` (any form) has
+nothing to lose, and the in-window ``step()`` is a no-op (torch's optimizers skip a parameter whose grad is None
+without touching its state). At the next ``step()`` the door puts the running gradient back, announces the
+micro-batch's size to the core (``next_micro_batch``), adds the fresh gradient and calls ``micro_step_done``.
+On the micro-step that ends the window, ``begin_step`` makes ``p.grad`` the step's mean gradient and scales the
+LR, the optimizer takes the one real step, and the post-hook calls ``end_step``.
+
+The ladder has one rung, the training loader's batch: the step's batch is ``accumulation x micro-batch``. B0 is
+``SIMIGRAD_BATCH_SIZE``, else the micro-batch. A loop without a DataLoader must set ``SIMIGRAD_BATCH_SIZE``.
+
+Epoch end. When the training loader's iterator is exhausted inside a window, the micro-steps so far form the
+step (``end_window``): the door takes that step itself and leaves ``p.grad`` None, as the loop's last
+``zero_grad`` would. A loop that stops early leaves its last window unapplied; at exit the door says so.
+
+Output. One line on stderr when the door takes effect (the first ``step()`` of an optimizer), naming the config
+and where the log goes; one INFO record per step on the ``simigrad_compile`` logger. ``SIMIGRAD_LOG_DIR``: the
+core's CSV (and TensorBoard events when the ``tensorboard`` package is installed), and ``simigrad.png`` written
+at exit (``atexit``; needs matplotlib). A second adapted optimizer logs to ``<log dir>/optimizer1`` and so on.
 """
 
 from __future__ import annotations
 
+import atexit
+import importlib.util
 import logging
-import math
+import os
+import sys
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 import torch
-from torch.utils._pytree import tree_leaves
 
 from ..config import SimigradConfig
-from ..runtime.controller import BatchSizeController
-from ..kernels import pair_stats
-from ..stats.gradient_stats import SplitStats, gradient_stats
+from .batches import samples_in
 
 log = logging.getLogger("simigrad_compile")
+PLOT_NAME = "simigrad.png"
 
 _config: Optional[SimigradConfig] = None
 _handles: list = []
-_windows: "weakref.WeakKeyDictionary[torch.optim.Optimizer, _Window]" = weakref.WeakKeyDictionary()
+_originals: dict = {}
+_doors: "weakref.WeakKeyDictionary[torch.optim.Optimizer, _Door]" = weakref.WeakKeyDictionary()
 _excluded: "weakref.WeakSet[torch.optim.Optimizer]" = weakref.WeakSet()
-_fetched: Dict[str, Optional[int]] = {"declared": None, "measured": None}
-_original_next = None
+_exit_registered = False
 
 
 @dataclass
-class _Window:
-    controller: BatchSizeController
-    micro: int
-    accumulation: int
-    seen: int = 0
-    weights: List[float] = field(default_factory=lambda: [0.0, 0.0])
-    halves: List[Dict[torch.nn.Parameter, torch.Tensor]] = field(default_factory=lambda: [{}, {}])
-    window_samples: int = 0
-    samples: int = 0
-    steps: int = 0
-    saved_lrs: Optional[list] = None
-    min_accumulation: int = 1
-    history: List[dict] = field(default_factory=list)
+class _Fetch:
+    source: "weakref.ref"
+    """The DataLoader iterator that produced the batch."""
+    declared: Optional[int]
+    measured: Optional[int]
+    consumed: bool = False
+
+    @property
+    def samples(self) -> Optional[int]:
+        return self.measured or self.declared
+
+
+@dataclass
+class _Fed:
+    """What the loop fed since the last ``step()``: the batches that backward passes consumed and the sum of their
+    losses (constant memory, whether or not a step ever comes)."""
+
+    last: Optional[_Fetch] = None
+    fetches: int = 0
+    samples: Optional[int] = 0      # None once a consumed batch had no size
+    declared: Optional[int] = 0
+    source: Optional["weakref.ref"] = None
+    loss: Optional[torch.Tensor] = None
+    in_backward: bool = False
+    own_step: bool = False
+
+    def backward(self, tensor: torch.Tensor) -> None:
+        fetch = self.last
+        if fetch is not None and not fetch.consumed:  # a second backward on the same batch counts it once
+            fetch.consumed = True
+            self.fetches += 1
+            self.source = fetch.source
+            self.samples = None if self.samples is None or not fetch.samples else self.samples + fetch.samples
+            self.declared = None if self.declared is None or not fetch.samples else \
+                self.declared + (fetch.declared or fetch.samples)
+        loss = getattr(tensor, "_simigrad_loss", tensor)
+        if loss.numel() == 1:
+            value = loss.detach().reshape(())
+            value = value if value.dtype == torch.float64 else value.float()
+            self.loss = value if self.loss is None else self.loss + value
+
+    def peek(self):
+        """The consumed batches' count, samples, declared size and source; without a backward, the last batch."""
+        if self.fetches == 0 and self.last is not None:  # torch.autograd.backward, autograd.grad: no backward seen
+            f = self.last
+            return 1, f.samples, f.declared or f.samples, f.source
+        return self.fetches, self.samples or None, self.declared or None, self.source
+
+    def take(self):
+        """What ``step()`` ends: (batches, samples, source, loss); the record starts again."""
+        fetches, samples, _, source = self.peek()
+        loss = self.loss
+        self.drop()
+        return fetches, samples, source, loss
+
+    def drop(self) -> None:
+        self.fetches, self.samples, self.declared, self.source, self.loss = 0, 0, 0, None, None
+
+
+_fed = _Fed()
+
+
+class _OptimizerParams:
+    """The optimizer's parameters, read live: the core's "model" (this door never sees the model itself)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        self.optimizer = optimizer
+
+    def named_parameters(self):
+        for g, group in enumerate(self.optimizer.param_groups):
+            for i, p in enumerate(group["params"]):
+                yield f"group{g}.param{i}", p
+
+    def __iter__(self):
+        return (p for _, p in self.named_parameters())
+
+
+class _Door:
+    """One optimizer's adaptive batching: the core, and the running gradient held aside between micro-steps."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, run, log_dir: Optional[str]):
+        self.optimizer, self.run, self.log_dir = optimizer, run, log_dir
+        self.aside: Optional[Dict[int, torch.Tensor]] = None
+        self.source = None
+        self.boundary = False
+        self.reported = 0
+        self.open_micro_steps = self.open_samples = 0
+
+    def _restore(self) -> List[torch.nn.Parameter]:
+        params = self.run.params
+        aside, self.aside = self.aside or {}, None
+        for p in params:
+            p.grad = aside.get(id(p))
+        return params
+
+    def micro_step(self) -> None:
+        """The loop's ``step()`` (pre-hook): one micro-step of the core; at the boundary, the real step's setup."""
+        run = self.run
+        if self.boundary:  # the last real step raised between its hooks
+            log.warning("simigrad: the optimizer's step raised at a step boundary; that step is dropped")
+            self.boundary = False
+            run.discard_step()
+            self.aside = None
+        fetches, samples, source, loss = _fed.take()
+        samples = samples or run.plan.micro_batch_size
+        fresh = [p.grad for p in run.params]
+        params = self._restore()
+        run.next_micro_batch(samples)
+        for p, g in zip(params, fresh):
+            if g is not None:
+                if p.grad is None:
+                    p.grad = g
+                elif p.grad is not g:
+                    p.grad.add_(g)
+        if not run.micro_step_done(samples=samples, loss=loss):
+            self.aside = {id(p): p.grad for p in params if p.grad is not None}
+            for p in params:
+                p.grad = None
+            self.source = source
+            self.open_micro_steps += 1
+            self.open_samples += samples
+            return
+        self.open_micro_steps = self.open_samples = 0
+        self.boundary = True
+        run.begin_step()  # False: the gradients are dropped and the optimizer's step is a no-op
+
+    def end_step(self) -> None:
+        """The real step ran (post-hook)."""
+        self.boundary = False
+        self.run.end_step()
+        self.report()
+
+    def flush(self) -> None:
+        """The training loader ran out inside a window: its micro-steps form the step, taken here."""
+        params = self._restore()
+        self.source = None
+        self.open_micro_steps = self.open_samples = 0
+        if self.run.end_window():
+            _fed.own_step = True
+            try:
+                if self.run.begin_step():
+                    self.optimizer.step()
+            except BaseException:
+                self.run.discard_step()
+                raise
+            finally:
+                _fed.own_step = False
+            self.run.end_step()
+            self.report()
+        for p in params:
+            p.grad = None
+
+    def report(self) -> None:
+        for r in self.run.history[self.reported:]:
+            why = f", {'skipped' if not r['stepped'] else 'controller unmoved'} ({r['skipped']})" \
+                if r["skipped"] else ""
+            log.info("simigrad step %d: cos %.4f (%s) batch %d = %d x %d, lr x%.4f%s; next target %d", r["step"],
+                     r["cosine"], r["statistics"], r["batch_size"], r["accumulation"], r["micro_batch_size"],
+                     r["lr_scale"], why, self.run.target_batch_size)
+        self.reported = len(self.run.history)
+
+    def close(self, plot: bool = True) -> None:
+        if self.open_micro_steps:
+            log.warning("simigrad: %s: the loop ended inside a step; its last %d micro-batch(es) (%d samples) were "
+                        "not applied", type(self.optimizer).__name__, self.open_micro_steps, self.open_samples)
+        if plot and self.log_dir is not None and self.run.history:
+            path = os.path.join(self.log_dir, PLOT_NAME)
+            try:
+                self.run.plot(path)
+            except ImportError as exc:
+                log.warning("simigrad: no plot at %s: %s", path, exc)
+        self.run.close()
 
 
 def install(config: SimigradConfig) -> None:
-    """Hook every optimizer's ``step`` and every DataLoader iterator (idempotent)."""
-    global _config, _original_next
+    """Hook every optimizer's ``step``, every DataLoader iterator and ``Tensor.backward`` (idempotent)."""
+    global _config
     _config = config
     if _handles:
         return
@@ -110,177 +255,157 @@ def install(config: SimigradConfig) -> None:
 
     _handles.append(register_optimizer_step_pre_hook(_pre_step))
     _handles.append(register_optimizer_step_post_hook(_post_step))
-    _original_next = _BaseDataLoaderIter.__next__
+    _originals.update(next=_BaseDataLoaderIter.__next__, backward=torch.Tensor.backward,
+                      scale=torch.amp.GradScaler.scale, update=torch.amp.GradScaler.update)
     _BaseDataLoaderIter.__next__ = _next_recording
-    log.info("simigrad: SIMIGRAD=1, adaptive batching of every optimizer's step (simigrad_compile.integrations.auto_loop)")
+    torch.Tensor.backward = _backward_recording
+    torch.amp.GradScaler.scale = _scale_marking
+    torch.amp.GradScaler.update = _update_dropping
+    log.info("simigrad: SIMIGRAD=1: adaptive batching of every optimizer's step (simigrad_compile.integrations."
+             "auto_loop)")
 
 
 def uninstall() -> None:
-    global _original_next
+    """Remove the hooks; close every door (without plotting)."""
     from torch.utils.data.dataloader import _BaseDataLoaderIter
 
     while _handles:
         _handles.pop().remove()
-    if _original_next is not None:
-        _BaseDataLoaderIter.__next__ = _original_next
-        _original_next = None
-    _windows.clear()
-    _fetched.update(declared=None, measured=None)
+    if _originals:
+        _BaseDataLoaderIter.__next__ = _originals.pop("next")
+        torch.Tensor.backward = _originals.pop("backward")
+        torch.amp.GradScaler.scale = _originals.pop("scale")
+        torch.amp.GradScaler.update = _originals.pop("update")
+    for door in list(_doors.values()):
+        door.close(plot=False)
+    _doors.clear()
+    _fed.last = None
+    _fed.drop()
 
 
 def exclude(optimizer: torch.optim.Optimizer) -> None:
-    """Leave ``optimizer`` alone (for optimizers that ``AdaptiveBatching`` already drives)."""
+    """Leave ``optimizer`` alone (an optimizer that another door, such as ``AdaptiveBatching``, drives)."""
     _excluded.add(optimizer)
 
 
 def history(optimizer: torch.optim.Optimizer) -> List[dict]:
-    """One record per real optimizer step of ``optimizer``."""
-    window = _windows.get(optimizer)
-    return list(window.history) if window else []
+    """The core's records for ``optimizer`` (one per optimizer step; keys in ``runtime/history.py``)."""
+    door = _doors.get(optimizer)
+    return list(door.run.history) if door else []
 
 
+# --- the observers ----------------------------------------------------------------------------------------------
 def _next_recording(self):
-    batch = _original_next(self)
+    try:
+        batch = _originals["next"](self)
+    except StopIteration:
+        for door in list(_doors.values()):
+            if door.aside is not None and door.source is not None and door.source() is self:
+                door.flush()
+        raise
     sampler = self._index_sampler if self._auto_collation else None
-    _fetched["declared"] = getattr(sampler, "batch_size", None)
-    _fetched["measured"] = _measure(batch)
+    _fed.last = _Fetch(weakref.ref(self), getattr(sampler, "batch_size", None), samples_in(batch, _config.batch_dim))
     return batch
 
 
-def _measure(batch) -> Optional[int]:
-    dim = _config.batch_dim if isinstance(_config.batch_dim, int) else 0
-    for leaf in tree_leaves(batch):
-        if isinstance(leaf, torch.Tensor):
-            return int(leaf.shape[dim]) if leaf.dim() > dim else None
-    return None
+def _backward_recording(self, *args, **kwargs):
+    if _fed.in_backward:
+        return _originals["backward"](self, *args, **kwargs)
+    _fed.backward(self)
+    _fed.in_backward = True
+    try:
+        return _originals["backward"](self, *args, **kwargs)
+    finally:
+        _fed.in_backward = False
 
 
-def _start(optimizer: torch.optim.Optimizer) -> _Window:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        if torch.distributed.get_world_size() > 1:
-            raise RuntimeError(
-                "simigrad: SIMIGRAD=1 adaptive batching of a plain training loop supports one process only "
-                "(ranks would have to agree on every decision); use simigrad_compile.AdaptiveBatching, or unset SIMIGRAD"
-            )
-    micro = _fetched["declared"] or _fetched["measured"] or _config.batch_size
-    if micro is None:
-        raise RuntimeError(
-            "simigrad: SIMIGRAD=1 needs the micro-batch size: no DataLoader batch was fetched before the first "
-            "optimizer.step(); set SIMIGRAD_BATCH_SIZE to the batch size your loop feeds"
-        )
-    controller = BatchSizeController(_config, _config.batch_size or micro)
-    window = _Window(controller, micro, _plan(controller.batch_size, micro))
-    log.info("simigrad: %s: micro-batch %d, B0 %d, first window %d x %d", type(optimizer).__name__, micro,
-             controller.initial_batch_size, window.accumulation, micro)
-    return window
+def _scale_marking(self, outputs):
+    scaled = _originals["scale"](self, outputs)
+    if isinstance(outputs, torch.Tensor) and scaled is not outputs:
+        scaled._simigrad_loss = outputs
+    return scaled
 
 
-def _plan(target: int, micro: int) -> int:
-    """Accumulation count nearest ``target / micro``, moved inside the bounds when a multiple fits."""
-    k = max(1, math.floor(target / micro + 0.5))
-    while k > 1 and k * micro > _config.max_batch_size:
-        k -= 1
-    while k * micro < _config.min_batch_size and (k + 1) * micro <= _config.max_batch_size:
-        k += 1
-    return k
-
-
-def _params(optimizer: torch.optim.Optimizer) -> List[torch.nn.Parameter]:
-    return [p for group in optimizer.param_groups for p in group["params"]]
+def _update_dropping(self, *args, **kwargs):
+    if _fed.fetches or _fed.loss is not None:  # scaler.step() found inf/NaN and never called optimizer.step()
+        log.info("simigrad: GradScaler skipped an optimizer.step() (inf/NaN gradients): that micro-batch is left "
+                 "out of the step")
+        _fed.drop()
+    return _originals["update"](self, *args, **kwargs)
 
 
 def _pre_step(optimizer, args, kwargs) -> None:
-    if optimizer in _excluded:
+    if _fed.own_step:
         return
-    if kwargs.get("closure") is not None or len(args) > 1:
-        raise RuntimeError(
-            f"simigrad: SIMIGRAD=1 cannot accumulate {type(optimizer).__name__}.step(closure): the closure "
-            "recomputes gradients inside the step; unset SIMIGRAD for this script"
-        )
-    window = _windows.get(optimizer)
-    if window is None:
-        window = _windows[optimizer] = _start(optimizer)
-    n = _fetched["measured"] or _fetched["declared"] or window.micro
-    weight = n / window.micro
-    half = 0 if window.seen < window.accumulation // 2 else 1
-    window.seen += 1
-    window.window_samples += n
-    if window.accumulation > 1:
-        _stash(_params(optimizer), window, half, weight)
-    if window.seen == window.accumulation:
-        _finish(optimizer, window)
-
-
-def _stash(params, window: _Window, half: int, weight: float) -> None:
-    buffers = window.halves[half]
-    window.weights[half] += weight
-    for p in params:
-        g = p.grad
-        if g is None:
-            continue
-        if p in buffers:
-            buffers[p].add_(g, alpha=weight)
-        else:
-            buffers[p] = g.mul_(weight) if weight != 1.0 else g
-        p.grad = None
-
-
-def _finish(optimizer, window: _Window) -> None:
-    params = _params(optimizer)
-    backend = gradient_stats(params, reset=True)
-    stats = _microstep_stats(params, window) if window.accumulation > 1 else backend
-    d, a, b, mode, cosine = stats.dot, stats.sq_norm_1, stats.sq_norm_2, stats.mode, stats.cosine
-    if window.accumulation == 1 and mode == "none" and window.min_accumulation == 1:
-        window.min_accumulation = 2
-        log.warning("simigrad: no split statistics from a compiled backward for %s's parameters (is the model "
-                    "compiled? torch.compile(model) under SIMIGRAD=1 does it); from now on every step accumulates "
-                    ">= 2 micro-batches so that the microsteps statistics exist", type(optimizer).__name__)
-    realised = window.accumulation * window.micro
-    target = window.controller.batch_size
-    lr_scale = window.controller.lr_scale(realised)
-    decision = window.controller.update(cosine)
-    window.steps += 1
-    window.samples += window.window_samples
-    record = {
-        "step": window.steps, "samples": window.samples, "target_batch_size": target, "batch_size": realised,
-        "micro_batch_size": window.micro, "accumulation": window.accumulation, "cosine": cosine,
-        "lr_scale": lr_scale, "skipped": decision.skipped, "mode": mode,
-        "next_target_batch_size": decision.batch_size, "dot": d, "sq_norm_1": a, "sq_norm_2": b,
-    }
-    window.history.append(record)
-    log.info("simigrad step %d: cos %.4f (%s) batch %d = %d x %d, lr x%.4f%s; next target %d", window.steps,
-             cosine, mode, realised, window.accumulation, window.micro, lr_scale,
-             f", skipped ({decision.skipped})" if decision.skipped else "", decision.batch_size)
-    if lr_scale != 1.0:
-        window.saved_lrs = [group["lr"] for group in optimizer.param_groups]
-        for group in optimizer.param_groups:
-            group["lr"] = group["lr"] * lr_scale
-    window.accumulation = max(window.min_accumulation, _plan(decision.batch_size, window.micro))
-    window.seen, window.window_samples, window.weights = 0, 0, [0.0, 0.0]
-    window.halves = [{}, {}]
+    door = _doors.get(optimizer)
+    if door is None:
+        if optimizer in _excluded:  # another door drives it; what the loop fed belongs to that door's step
+            _fed.drop()
+            return
+        if kwargs.get("closure") is not None or len(args) > 1:  # args[0] is the optimizer
+            raise RuntimeError(
+                f"simigrad: SIMIGRAD=1 cannot accumulate {type(optimizer).__name__}.step(closure): the closure "
+                "recomputes gradients inside the step; unset SIMIGRAD for this script")
+        door = _doors[optimizer] = _open(optimizer)
+    door.micro_step()
 
 
 def _post_step(optimizer, args, kwargs) -> None:
-    window = _windows.get(optimizer)
-    if window is None or window.saved_lrs is None:
-        return
-    for group, lr in zip(optimizer.param_groups, window.saved_lrs):
-        group["lr"] = lr
-    window.saved_lrs = None
+    door = _doors.get(optimizer)
+    if door is not None and door.boundary and not _fed.own_step:
+        door.end_step()
 
 
-def _microstep_stats(params, window: _Window):
-    """Sets each ``.grad`` to the window's mean gradient; returns the statistics of the halves' mean gradients."""
-    first, second = window.halves
-    w1, w2 = window.weights
-    touched = [p for p in params if p in first or p in second]
-    own = [first[p] if p in first else torch.zeros_like(second[p]) for p in touched]
-    other = [second[p] if p in second else torch.zeros_like(first[p]) for p in touched]
-    if own:
-        rows = pair_stats(own, other, 1.0, 0.0).detach().to("cpu", torch.float64).sum(0)
-        d, a, b = float(rows[0]) / (w1 * w2), float(rows[1]) / (w1 * w1), float(rows[2]) / (w2 * w2)
-    else:
-        d = a = b = float("nan")
-    for p, g1, g2 in zip(touched, own, other):
-        p.grad = g2.add_(g1).div_(w1 + w2)
-    return SplitStats(d, a, b, "microsteps")
+# --- opening a door -------------------------------------------------------------------------------------------
+def _open(optimizer: torch.optim.Optimizer) -> _Door:
+    global _exit_registered
+    if torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and torch.distributed.get_world_size() > 1:
+        raise RuntimeError(
+            "simigrad: SIMIGRAD=1 adapts the batch of one process only (ranks would have to agree on every "
+            "decision, and DDP would all-reduce every micro-batch); use simigrad_compile.AdaptiveBatching with "
+            "enable_ddp, or SIMIGRAD_AUTO_LOOP=false")
+    fetches, _, declared, _ = _fed.peek()
+    micro = declared or _config.batch_size
+    if micro is None:
+        raise RuntimeError(
+            "simigrad: SIMIGRAD=1 needs the micro-batch size: no DataLoader batch fed a backward before the first "
+            "optimizer.step(); set SIMIGRAD_BATCH_SIZE to the batch your loop feeds")
+    from ..runtime.core import AdaptiveBatching
+
+    log_dir = _config.log_dir
+    if log_dir is not None and _doors:
+        log_dir = os.path.join(log_dir, f"optimizer{len(_doors)}")
+    config = _config.replace(micro_batch_sizes=(micro,), batch_size=_config.batch_size or micro, log_dir=log_dir)
+    run = AdaptiveBatching(_OptimizerParams(optimizer), optimizer, config=config)
+    door = _Door(optimizer, run, log_dir)
+    print(_effect_line(optimizer, config, micro, fetches), file=sys.stderr, flush=True)
+    if not _exit_registered:
+        atexit.register(_at_exit)
+        _exit_registered = True
+    return door
+
+
+def _effect_line(optimizer, config: SimigradConfig, micro: int, fetches) -> str:
+    source = "the training DataLoader's batch" if fetches else "SIMIGRAD_BATCH_SIZE"
+    defaults = SimigradConfig()
+    shown = {"micro_batch_sizes", "batch_size", "log_dir", "auto_loop", "min_batch_size", "max_batch_size",
+             "target_similarity", "lr_scaling"}
+    extra = [f"{k}={v!r}" for k, v in config.as_dict().items() if k not in shown and v != getattr(defaults, k)]
+    text = (f"simigrad: SIMIGRAD=1 adapts the batch of {type(optimizer).__name__}: micro-batch {micro} ({source}), "
+            f"B0 {config.batch_size}, batch = accumulation x {micro} in [{config.min_batch_size}, "
+            f"{config.max_batch_size}], target_similarity {config.target_similarity}, lr_scaling "
+            f"{config.lr_scaling}" + (f", {', '.join(extra)}" if extra else ""))
+    if config.log_dir is None:
+        return text + "; no log files (SIMIGRAD_LOG_DIR=<folder> writes a CSV and a plot)"
+    board = ", TensorBoard events" if importlib.util.find_spec("tensorboard") else ""
+    return (text + f"; log: {os.path.join(config.log_dir, 'simigrad.csv')}{board}, plot "
+            f"{os.path.join(config.log_dir, PLOT_NAME)} at exit")
+
+
+def _at_exit() -> None:
+    for door in list(_doors.values()):
+        door.close()
+
+
+__all__ = ["install", "uninstall", "exclude", "history", "PLOT_NAME"]

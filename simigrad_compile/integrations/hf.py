@@ -1,0 +1,239 @@
+"""Hugging Face ``Trainer`` door: :class:`SimigradTrainer`, a ``Trainer`` whose batch adapts every optimizer step.
+
+Why a subclass and not a ``TrainerCallback``: a callback cannot change the batch. The Trainer (checked on
+transformers 5.24) fetches ``gradient_accumulation_steps`` loader batches per optimizer step and finds the step
+boundary from ``(step + 1) % gradient_accumulation_steps`` over a count fixed at the start of the epoch; the loader's
+batch size is fixed when the loader is built. So the subclass overrides the documented extension points
+(``get_train_dataloader``, ``get_batch_samples``, ``training_step``, ``create_optimizer``, ``log``,
+``floating_point_ops``) and keeps the Trainer's own loop, clipping, optimizer step, scheduler and logging:
+
+* **One loader item per optimizer step.** ``get_train_dataloader`` yields one item per optimizer step; when the
+  Trainer fetches it, the runtime's loader (``run.dataloader``: micro-batches of the current plan's rung, every
+  sample once per epoch, ``seed``/``train_sampling_strategy`` honoured) cuts the step's first micro-batch. The
+  Trainer itself runs with ``gradient_accumulation_steps=1``.
+* **The micro-steps.** ``training_step`` runs the Trainer's own ``training_step`` (forward, loss, backward) on
+  each micro-batch of the step and tells the core (``micro_step_done``, with the loss: the history's loss needs no
+  extra call). After the last one, ``begin_step`` turns ``p.grad`` into the step's mean gradient and scales the
+  LR; so the Trainer's ``max_grad_norm`` clips, and its ``grad_norm`` measures, the step's mean gradient, as in the
+  plain loop. ``optimizer.step()`` takes the one real step; ``end_step`` follows in ``on_optimizer_step``.
+* **A skipped step** (non-finite loss, gradient or statistics: the core drops the gradients, the optimizer's step
+  changes nothing) keeps the LR scheduler where it was (the scheduler's state is restored after the Trainer steps
+  it).
+* **Logging.** Every Trainer log of the training loss also carries ``cosine``, ``batch_size`` and ``lr_scale`` of
+  the last step (``Trainer.log``: TensorBoard, W&B, ... and ``state.log_history``); ``trainer.simigrad.history``
+  has every step, and ``log_dir`` the CSV.
+
+Configuration: ``SimigradTrainer(..., simigrad={...})`` (config fields, or a ``SimigradConfig``) on top of the
+``SIMIGRAD_*`` environment. Unless set there, ``batch_size`` (B0) and ``max_micro_batch_size`` (the largest rung)
+are ``per_device_train_batch_size``.
+
+Steps and epochs. ``max_steps`` counts optimizer steps, as always. With ``num_train_epochs`` the number of steps
+per epoch is not known in advance: the loader reports the most an epoch can take (every step at
+``max(min_batch_size, 2)`` samples), which is the horizon the Trainer gives its LR scheduler; set ``max_steps`` for
+a schedule that ends where training ends.
+
+Refused by name (``train()`` raises): ``gradient_accumulation_steps != 1``, more than one process, DeepSpeed/FSDP,
+``fp16`` (GradScaler; ``bf16`` works), ``auto_find_batch_size``, ``include_num_input_tokens_seen``,
+``train_sampling_strategy`` other than ``random``/``sequential``, an ``IterableDataset``, ``resume_from_checkpoint``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from typing import Any, Mapping, Optional, Union
+
+import torch
+from transformers import Trainer, TrainerCallback
+
+from .. import envvars
+from ..config import SimigradConfig, from_mapping
+from ..runtime.core import AdaptiveBatching
+from .batches import samples_in
+from .schedule import ScheduleHold
+
+log = logging.getLogger("simigrad_compile")
+LOGGED = ("cosine", "batch_size", "lr_scale")
+
+
+class _Step:
+    """One optimizer step's micro-batches: the first, cut when the Trainer fetched the step, and the rest."""
+
+    def __init__(self, first: Any, rest):
+        self.first, self.rest, self.flops = first, rest, 0.0
+
+
+class _StepLoader:
+    """The Trainer's training "loader": one :class:`_Step` per optimizer step."""
+
+    def __init__(self, trainer: "SimigradTrainer", dataset, collate_fn):
+        self.trainer, self.dataset, self.collate_fn = trainer, dataset, collate_fn
+        self.endless = trainer.args.max_steps > 0
+
+    def __len__(self) -> int:
+        if self.endless:  # the Trainer then counts max_steps and treats the data as one long epoch
+            raise TypeError("SimigradTrainer's loader has no fixed number of steps per epoch")
+        lo = max(2, self.trainer.simigrad_config().min_batch_size)
+        return max(1, math.ceil(len(self.dataset) / lo))
+
+    def __iter__(self):
+        trainer = self.trainer
+        run, args = trainer.simigrad, trainer.args
+        if run is None:
+            raise RuntimeError("simigrad: the Trainer asked for training data before create_optimizer()")
+        loader = run.dataloader(self.dataset, shuffle=args.train_sampling_strategy == "random",
+                                seed=args.data_seed if args.data_seed is not None else args.seed,
+                                collate_fn=self.collate_fn, device=args.device,
+                                num_workers=args.dataloader_num_workers, pin_memory=args.dataloader_pin_memory)
+        while True:
+            micro = iter(loader)
+            stepped = False
+            for first in micro:  # the Trainer pulls the rest of the step's micro-batches in training_step
+                stepped = True
+                yield _Step(first, micro)
+            if not self.endless or not stepped:
+                return
+
+
+class _Boundary(TrainerCallback):
+    """Ends the core's step after the Trainer's optimizer step; holds the LR schedule over a skipped step."""
+
+    def __init__(self, trainer: "SimigradTrainer"):
+        self.trainer = trainer
+        self.hold: Optional[ScheduleHold] = None
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        run = self.trainer.simigrad
+        run.end_step()
+        if not run.history[-1]["stepped"]:
+            self.hold = ScheduleHold([self.trainer.lr_scheduler], run.inner)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.hold is not None:
+            self.hold.restore()
+            self.hold = None
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.trainer.simigrad is not None:
+            self.trainer.simigrad.close()
+
+
+class SimigradTrainer(Trainer):
+    """A ``transformers.Trainer`` whose global batch adapts at every optimizer step (SimiGrad); module docstring.
+
+    ``trainer.simigrad`` is the runtime core (:class:`~simigrad_compile.AdaptiveBatching`) once training starts.
+    """
+
+    def __init__(self, *args, simigrad: Optional[Union[Mapping[str, Any], SimigradConfig]] = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.simigrad_options = simigrad
+        self.simigrad: Optional[AdaptiveBatching] = None
+        self._simigrad_logged = 0
+        self.add_callback(_Boundary(self))
+
+    def simigrad_config(self) -> SimigradConfig:
+        """The run's config: ``simigrad=`` over the environment, with the Trainer's batch where neither sets it."""
+        options = self.simigrad_options
+        if isinstance(options, SimigradConfig):
+            return options
+        options = dict(options or {})
+        per_device = self.args.per_device_train_batch_size
+        for key in ("batch_size", "max_micro_batch_size"):
+            if key not in options and envvars.PREFIX + key.upper() not in os.environ:
+                options[key] = per_device
+        return from_mapping(options)
+
+    # --- refusals ---------------------------------------------------------------------------------------------
+    def _check_supported(self, resume_from_checkpoint) -> None:
+        args = self.args
+        problems = []
+        if args.gradient_accumulation_steps != 1:
+            problems.append(f"gradient_accumulation_steps={args.gradient_accumulation_steps}: the run chooses the "
+                            "accumulation; leave it at 1")
+        if args.world_size > 1:
+            problems.append(f"world size {args.world_size}: one process only for now (use AdaptiveBatching with "
+                            "enable_ddp)")
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            problems.append("DeepSpeed/FSDP")
+        if args.fp16:
+            problems.append("fp16 (its GradScaler would change the scale inside an accumulation window); use bf16")
+        if args.auto_find_batch_size:
+            problems.append("auto_find_batch_size (the run chooses the batch)")
+        if getattr(args, "include_num_input_tokens_seen", "no") not in ("no", False):
+            problems.append("include_num_input_tokens_seen")
+        if args.train_sampling_strategy not in ("random", "sequential"):
+            problems.append(f"train_sampling_strategy={args.train_sampling_strategy!r} (random or sequential)")
+        if isinstance(self.train_dataset, torch.utils.data.IterableDataset):
+            problems.append("an IterableDataset (the run's loader needs the dataset's length)")
+        if resume_from_checkpoint:
+            problems.append("resume_from_checkpoint (the run's state is not in the Trainer's checkpoints yet)")
+        if problems:
+            raise NotImplementedError("simigrad: SimigradTrainer does not support " + "; ".join(problems))
+
+    def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        self._check_supported(resume_from_checkpoint)
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial,
+                             ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
+
+    # --- the core ---------------------------------------------------------------------------------------------
+    def create_optimizer(self, model=None) -> torch.optim.Optimizer:
+        optimizer = super().create_optimizer(model)
+        if self.simigrad is not None:
+            self.simigrad.close()
+        self.simigrad = AdaptiveBatching(self.model, optimizer, config=self.simigrad_config())
+        self._simigrad_logged = 0
+        return optimizer
+
+    def get_train_dataloader(self):
+        if self.train_dataset is None:
+            raise ValueError("Trainer: training requires a train_dataset.")
+        dataset, collate_fn = self.train_dataset, self.data_collator
+        try:
+            import datasets
+
+            if isinstance(dataset, datasets.Dataset):
+                dataset = self._remove_unused_columns(dataset, description="training")
+            else:
+                collate_fn = self._get_collator_with_removed_columns(collate_fn, description="training")
+        except ImportError:
+            collate_fn = self._get_collator_with_removed_columns(collate_fn, description="training")
+        return _StepLoader(self, dataset, collate_fn)
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        try:
+            return [next(epoch_iterator)], None
+        except StopIteration:
+            self.control.should_epoch_stop = True  # the epoch's samples are used up
+            return [], None
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if not isinstance(inputs, _Step):
+            raise TypeError("simigrad: SimigradTrainer.training_step takes the steps of its own train loader")
+        run, dim = self.simigrad, self.simigrad.config.batch_dim
+        micro, total, samples = inputs.first, None, 0
+        while True:
+            n = samples_in(micro, dim)
+            inputs.flops += float(super().floating_point_ops(micro))
+            loss = super().training_step(model, micro)
+            total = loss * n if total is None else total + loss * n
+            samples += n
+            if run.micro_step_done(loss=loss):
+                break
+            micro = next(inputs.rest)
+        run.begin_step()  # False: gradients dropped; the optimizer's step and the clipping then change nothing
+        return total / samples
+
+    def floating_point_ops(self, inputs) -> float:
+        return inputs.flops if isinstance(inputs, _Step) else super().floating_point_ops(inputs)
+
+    def log(self, logs: dict, start_time: Optional[float] = None) -> None:
+        run = self.simigrad
+        if run is not None and "loss" in logs and len(run.history) > self._simigrad_logged:
+            record = run.history[-1]
+            logs = {**logs, **{key: record[key] for key in LOGGED}}
+            self._simigrad_logged = len(run.history)
+        super().log(logs, start_time)
+
+
+__all__ = ["SimigradTrainer"]

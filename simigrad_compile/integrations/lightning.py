@@ -1,0 +1,204 @@
+"""Lightning door: :class:`SimigradCallback`, a ``lightning.pytorch.Callback``: the batch adapts every optimizer step.
+
+The user's ``DataLoader`` batch is the micro-batch (the ladder's one rung); the step's batch is
+``accumulation x micro-batch``, realised through Lightning's own gradient accumulation. The runtime core
+(:class:`~simigrad_compile.AdaptiveBatching`) owns the step: plan, statistics (``batch`` from a model compiled with
+``backend="simigrad"`` at accumulation 1, else ``microsteps``), LR scaling, skip rules, history.
+
+How it drives Lightning (checked on Lightning 2.6): the automatic-optimization loop reads
+``trainer.accumulate_grad_batches`` on every batch, after ``on_train_batch_start``:
+
+* it steps when ``(batch_idx + 1) % accumulate_grad_batches == 0`` (or on the epoch's last batch);
+* it zeroes the gradients before the backward when ``batch_idx % accumulate_grad_batches == 0``;
+* it divides the loss by ``accumulate_grad_batches``.
+
+So at each batch's start the callback sets ``accumulate_grad_batches`` to ``1`` for a one-micro-step window, to
+``batch_idx + 1`` on a window's last micro-batch (step, no zeroing) and to ``batch_idx + 2`` before it (neither), and
+zeroes the gradients itself when a window opens. A hook on the loss (``on_before_backward``) multiplies its
+gradient back by the same number, exactly (an integer times the seed 1, then the division's backward), so each
+backward adds its micro-batch's mean gradient, as the core expects.
+
+At the step (``on_before_optimizer_step``, after the closure's backward, before Lightning's gradient clipping) the
+core makes ``p.grad`` the step's mean gradient and scales the LR: ``gradient_clip_val`` then clips the step's mean
+gradient, as in the plain loop. An optimizer step post-hook puts the LR back and records the step before the
+schedulers run; a skipped step (non-finite loss, gradient or statistics) changes nothing and keeps the step-interval
+schedulers where they were. The epoch's last batch ends a window early (the core's ``end_window``).
+
+Logging: ``cosine``, ``batch_size`` and ``lr_scale`` through ``pl_module.log`` on every step;
+``callback.run.history`` has every record (its loss filled from the backward's loss), ``log_dir`` the CSV.
+
+Refused by name: manual optimization, more than one optimizer, more than one process, a precision plugin with a
+GradScaler (``16-mixed``; ``bf16-mixed`` works), ``accumulate_grad_batches != 1`` or a
+``GradientAccumulationScheduler``, strategies that accumulate themselves (DeepSpeed). Lightning counts
+``max_steps`` in optimizer steps; ``trainer.estimated_stepping_batches`` (read at setup) counts micro-batches.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional
+
+import torch
+from lightning.pytorch import Callback
+from lightning.pytorch.callbacks import GradientAccumulationScheduler
+
+from ..config import SimigradConfig, from_mapping
+from ..runtime.core import AdaptiveBatching
+from .batches import samples_in
+from .schedule import ScheduleHold
+
+log = logging.getLogger("simigrad_compile")
+LOGGED = ("cosine", "batch_size", "lr_scale")
+
+
+class SimigradCallback(Callback):
+    """Adaptive batching for ``lightning.pytorch.Trainer`` (module docstring). Options are config fields (or
+    ``config=SimigradConfig``) over the ``SIMIGRAD_*`` environment; B0 defaults to the loader's batch."""
+
+    def __init__(self, config: Optional[SimigradConfig] = None, **options: Any):
+        self.config = from_mapping(options, base=config)
+        self.run: Optional[AdaptiveBatching] = None
+        self._optimizer = None
+        self._hook = None
+        self._state: Optional[dict] = None
+        self._trainer = None
+        self._reset_window()
+
+    def _reset_window(self) -> None:
+        self._done = 0          # micro-steps of the open window
+        self._planned = 1       # its planned micro-steps
+        self._divisor = 1       # this batch's accumulate_grad_batches
+        self._loss = None
+        self._boundary = False  # this batch ran the core's begin_step
+        self._hold: Optional[ScheduleHold] = None
+
+    # --- setup ------------------------------------------------------------------------------------------------
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage != "fit":
+            return
+        problems = []
+        if trainer.accumulate_grad_batches != 1:
+            problems.append(f"accumulate_grad_batches={trainer.accumulate_grad_batches} (the callback sets it; "
+                            "leave it at 1)")
+        if any(isinstance(c, GradientAccumulationScheduler) for c in trainer.callbacks):
+            problems.append("a GradientAccumulationScheduler (the callback sets accumulate_grad_batches)")
+        if trainer.world_size > 1:
+            problems.append(f"world size {trainer.world_size} (one process only for now)")
+        if problems:
+            raise NotImplementedError("simigrad: SimigradCallback does not support " + "; ".join(problems))
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        problems = []
+        if not pl_module.automatic_optimization:
+            problems.append("manual optimization")
+        if len(trainer.optimizers) != 1:
+            problems.append(f"{len(trainer.optimizers)} optimizers (one)")
+        if getattr(trainer.precision_plugin, "scaler", None) is not None:
+            problems.append("a GradScaler (precision '16-mixed'; use 'bf16-mixed' or '32-true')")
+        if trainer.strategy.handles_gradient_accumulation:
+            problems.append(f"{type(trainer.strategy).__name__}, which accumulates by itself")
+        if problems:
+            raise NotImplementedError("simigrad: SimigradCallback does not support " + "; ".join(problems))
+        self._optimizer = trainer.optimizers[0]
+
+    def _open(self, trainer, pl_module, batch) -> AdaptiveBatching:
+        loader = trainer.train_dataloader
+        micro = getattr(loader, "batch_size", None) or samples_in(batch, self.config.batch_dim)
+        if not micro:
+            raise RuntimeError("simigrad: SimigradCallback cannot tell the training loader's batch size; give "
+                               "the DataLoader a batch_size")
+        config = self.config.replace(micro_batch_sizes=(micro,), batch_size=self.config.batch_size or micro)
+        run = AdaptiveBatching(pl_module, self._optimizer, config=config)
+        if self._state is not None:
+            run.load_state_dict(self._state)
+            self._state = None
+        self._hook = self._optimizer.register_step_post_hook(self._after_step)
+        return run
+
+    # --- every batch ------------------------------------------------------------------------------------------
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        if self.run is None:
+            self.run = self._open(trainer, pl_module, batch)
+        run = self.run
+        if self._done == 0:
+            self._planned = run.plan.accumulation
+            pl_module.optimizer_zero_grad(trainer.current_epoch, batch_idx, self._optimizer)
+        samples = samples_in(batch, run.config.batch_dim)
+        if samples:
+            run.next_micro_batch(samples)
+        last = self._done == self._planned - 1
+        self._divisor = 1 if self._planned == 1 else (batch_idx + 1 if last else batch_idx + 2)
+        trainer.accumulate_grad_batches = self._divisor
+        self._boundary = False
+
+    def on_before_backward(self, trainer, pl_module, loss: torch.Tensor) -> None:
+        divisor = self._divisor
+        self._loss = loss.detach() * divisor
+        if divisor != 1 and loss.requires_grad:
+            loss.register_hook(lambda grad: grad * divisor)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        run = self.run
+        if not run.micro_step_done(loss=self._loss):
+            run.end_window()  # the epoch's last batch: Lightning steps, the window ends here
+        self._loss = None
+        self._done = 0
+        self._boundary = True
+        run.begin_step()  # False: the gradients are dropped, the optimizer's step and the clipping change nothing
+
+    def _after_step(self, optimizer, args, kwargs) -> None:
+        if not self._boundary:
+            return
+        run = self.run
+        run.end_step()
+        if not run.history[-1]["stepped"]:
+            trainer = self._trainer
+            self._hold = ScheduleHold([c.scheduler for c in trainer.lr_scheduler_configs
+                                       if c.interval == "step" and not c.reduce_on_plateau], optimizer)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        run = self.run
+        if not self._boundary:
+            if run.micro_step_done(loss=self._loss):
+                raise RuntimeError("simigrad: Lightning did not step at the end of the core's window; "
+                                   "accumulate_grad_batches was changed by someone else")
+            self._loss = None
+            self._done += 1
+            return
+        if self._hold is not None:
+            self._hold.restore()
+            self._hold = None
+        record = run.history[-1]
+        pl_module.log_dict({key: float(record[key]) for key in LOGGED}, on_step=True, on_epoch=False)
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self._trainer = trainer
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        self._close(trainer)
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self._close(trainer)
+
+    def _close(self, trainer) -> None:
+        trainer.accumulate_grad_batches = 1
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        if self.run is not None:
+            if self._done:
+                log.warning("simigrad: training ended inside a step; its last %d micro-batch(es) were not applied",
+                            self._done)
+                self.run.discard_step()
+            self.run.close()
+
+    # --- checkpoints ------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {} if self.run is None else self.run.state_dict()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if state_dict:
+            self._state = state_dict
+
+
+__all__ = ["SimigradCallback"]
