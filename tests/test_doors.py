@@ -169,11 +169,11 @@ def plain_fp64(history, clip):
     x, y = scripted_data().tensors
     position, rows = 0, []
     for record in history:
-        a, b = position, position + record["batch_size"]
-        position = b
+        rows_of_step = torch.arange(position, position + record["batch_size"]) % N  # a padded tail wraps around
+        position += record["batch_size"]
         if record["stepped"]:
             net.zero_grad()
-            loss_of(net, x[a:b].double(), y[a:b].double()).backward()
+            loss_of(net, x[rows_of_step].double(), y[rows_of_step].double()).backward()
             grads = [p.grad for p in net.parameters()]
             if clip:
                 norm = torch.cat([g.flatten() for g in grads]).norm().item()
@@ -183,7 +183,7 @@ def plain_fp64(history, clip):
                 group["lr"] = LR * math.sqrt(record["batch_size"] / B0)
             opt.step()
         rows.append(flat(net))
-    assert position == N
+    assert position >= N
     return rows
 
 
@@ -200,16 +200,21 @@ def test_one_scripted_sequence_through_every_door(clip, tmp_path):
         doors["SIMIGRAD=1"] = simigrad_env_loop()
     history, rows = doors["hand loop"]
     assert [r["stepped"] for r in history].count(False) == 1 and history[0]["accumulation"] == 2
-    assert len({r["batch_size"] for r in history}) > 1 and sum(r["batch_size"] for r in history) == N
+    assert len({r["target_batch_size"] for r in history}) > 1
     if clip:
         assert any(r["grad_norm"] > clip for r in history if r["stepped"])
-    reference = plain_fp64(history, clip)
     for name, (door_history, door_rows) in doors.items():
-        assert [[r[k] for k in PLAN] for r in door_history] == [[r[k] for k in PLAN] for r in history], name
-        assert len(door_rows) == len(reference), name
+        # The epoch's last step: the loader doors (hand loop, Hugging Face) complete it from the next epoch's
+        # order; the doors that iterate the user's own loader (SIMIGRAD=1, Lightning) cut it short (docs/doors.md).
+        padded = name in ("hand loop", "Hugging Face")
+        assert sum(r["batch_size"] for r in door_history) == (math.ceil(N / B0) * B0 if padded else N), name
+        assert [[r[k] for k in PLAN] for r in door_history[:-1]] == [[r[k] for k in PLAN] for r in history[:-1]], name
+        reference = plain_fp64(door_history, clip)
+        assert len(door_rows) == len(reference) == len(rows), name
         for step, (got, want, ref) in enumerate(zip(door_rows, rows, reference), 1):
-            torch.testing.assert_close(got.double(), want.double(), rtol=1e-6, atol=1e-6,
-                                       msg=lambda m: f"{name}, step {step}: {m}")
+            if step < len(rows):
+                torch.testing.assert_close(got.double(), want.double(), rtol=1e-6, atol=1e-6,
+                                           msg=lambda m: f"{name}, step {step}: {m}")
             torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5,
                                        msg=lambda m: f"{name} against fp64, step {step}: {m}")
         for mine, theirs in zip(door_history[:-1], history[:-1]):  # the epoch's cut-short step: see docs

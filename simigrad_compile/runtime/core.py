@@ -432,7 +432,8 @@ class AdaptiveBatching(StepCore):
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *,
                  config: Optional[SimigradConfig] = None, scaler=None, **options: Any):
         config = from_mapping(options, base=config)
-        check_compiled_once(model)
+        if isinstance(model, torch.nn.Module):
+            check_compiled_once(model)
         world_size, rank = _world()
         super().__init__(model, optimizer, config, world_size=world_size, rank=rank, scaler=scaler)
         self.optimizer = AdaptiveOptimizer(optimizer, self)
