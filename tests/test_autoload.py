@@ -169,6 +169,17 @@ def test_compiled_loop_uses_backend_statistics_at_accumulation_one():
     assert all(s[4] == "1" and s[2] == "batch" for s in steps)      # target -1: never grows
 
 
+def test_a_short_last_batch_does_not_stop_the_split():
+    """SIMIGRAD=1 marks the loader's batch dim static: an epoch's short last batch (10 of 16) gets a graph of its
+    own instead of making Dynamo's batch dim dynamic, so the next epoch's steps are split again."""
+    code = LOOP.replace("COMPILE", "True").replace("EPOCHS", "2").replace("randn(96,", "randn(90,")
+    out = run(code, {"SIMIGRAD": "1", "SIMIGRAD_TARGET_SIMILARITY": "-1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    steps = [STEP_LINE.search(line).groups() for line in out.stderr.splitlines() if STEP_LINE.search(line)]
+    assert [s[3] for s in steps] == ["16"] * 5 + ["10"] + ["16"] * 5 + ["10"], out.stderr[-3000:]
+    assert all(s[2] == "batch" for s in steps), out.stderr[-3000:]
+
+
 def test_accumulation_one_reads_and_resets_backend_sinks(hooks):
     from simigrad_compile.stats.gradient_stats import Sink
 

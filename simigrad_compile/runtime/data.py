@@ -145,7 +145,7 @@ class _Issuer:
             yield orders.slice(p.epoch, start, size)
 
 
-def _mark_static(dim: int, device: Any) -> Callable[[Any], Any]:
+def mark_static(dim: int, device: Any) -> Callable[[Any], Any]:
     def mark(t):
         if isinstance(t, torch.Tensor):
             if device is not None:
@@ -175,7 +175,7 @@ class AdaptiveLoader:
         self.discarded = 0
         """Micro-batches prefetched in a size the plan no longer wanted (their samples were handed out again)."""
         dim = run.config.batch_dim if isinstance(run.config.batch_dim, int) else 0
-        self._mark = _mark_static(dim, device)
+        self._mark = mark_static(dim, device)
         self.iterable = isinstance(dataset, tud.IterableDataset)
         if self.iterable:
             self._check_iterable()
