@@ -481,3 +481,36 @@ def test_a_model_that_never_records_batch_statistics_accumulates(caplog):
         sink.add(torch.ones(len(sink.names), 3))
         run.optimizer.step()
     assert run.history[-1]["statistics"] == "microsteps" and run.ladder.min_accumulation == 1
+
+
+def test_limit_next_step_cuts_a_budgets_last_step_to_the_same_rung():
+    """A sample budget's last step: fewer micro-steps of the same rung, and the update is the plain loop's on
+    exactly those samples (fp64 reference: mean gradient of samples 0-15, then of 16-23 with LR x sqrt(8/16))."""
+    torch.manual_seed(0)
+    net = Net()
+    ref = copy.deepcopy(net).double()
+    data = dataset(40)
+    run = sc.AdaptiveBatching(net, torch.optim.SGD(net.parameters(), lr=0.1), batch_size=16, min_batch_size=16,
+                              max_batch_size=16, micro_batch_sizes=(4,), group_mode="microsteps")
+    budget, seen = 24, 0
+    for x, y in run.dataloader(data):
+        loss_of(net, x, y).backward()
+        run.optimizer.step()
+        run.optimizer.zero_grad()
+        if run.sync_gradients:
+            seen = run.history[-1]["samples"]
+            if seen >= budget:
+                break
+            if budget - seen < run.batch_size:
+                run.limit_next_step(budget - seen)
+    assert [(r["batch_size"], r["accumulation"], r["micro_batch_size"]) for r in run.history] == [(16, 4, 4), (8, 2, 4)]
+    x, y = data.tensors
+    for (a, b), scale in (((0, 16), 1.0), ((16, 24), math.sqrt(0.5))):
+        ref.zero_grad()
+        loss_of(ref, x[a:b].double(), y[a:b].double()).backward()
+        with torch.no_grad():
+            for p in ref.parameters():
+                p -= 0.1 * scale * p.grad
+    torch.testing.assert_close(flat(net), flat(ref), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="below one micro-batch"):
+        run.limit_next_step(3)

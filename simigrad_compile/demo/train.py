@@ -100,7 +100,7 @@ def train_run(name: str, settings: DemoSettings, train_set, val_batches: list, s
                 run.log_loss(loss)
                 run.optimizer.step()
                 run.optimizer.zero_grad()
-                if not run.optimizer.stepped:
+                if not run.sync_gradients:  # inside a step (a skipped step ends one too)
                     continue
                 record = run.history[-1]
                 samples = record["samples"]
@@ -118,6 +118,8 @@ def train_run(name: str, settings: DemoSettings, train_set, val_batches: list, s
                     next_eval += s.samples / s.eval_points
                 if samples >= s.samples:
                     break
+                if s.samples - samples < run.batch_size:  # every run trains on exactly s.samples sequences
+                    run.limit_next_step(s.samples - samples)
     bar.close()
     result.wall_s = time.perf_counter() - start - result.eval_s
     result.compile_s = compile_seconds() - compile_start

@@ -360,6 +360,21 @@ class StepCore:
         if self.amp is not None:
             self.amp.reset()
 
+    def limit_next_step(self, samples: int) -> None:
+        """Cut the next step to at most ``samples`` samples (global) by fewer micro-steps of the same rung: the
+        last step of a sample budget, so that runs compared on a budget see the same samples. No new graph."""
+        if self.window_open:
+            raise RuntimeError("simigrad: limit_next_step() inside a step; call it after the step's last micro-batch")
+        per_micro = self.plan.micro_batch_size * self.world_size
+        if samples < per_micro:
+            raise ValueError(f"simigrad: limit_next_step({samples}) is below one micro-batch of the current rung "
+                             f"({per_micro} samples)")
+        accumulation = min(self.plan.accumulation, samples // per_micro)
+        if accumulation < self.plan.accumulation:
+            log.info("simigrad: next step cut to %d x %d micro-batches (at most %d samples)",
+                     accumulation, self.plan.micro_batch_size, samples)
+            self.plan = Plan(self.plan.micro_batch_size, accumulation, self.world_size)
+
     def discard_step(self) -> None:
         """Drop the open (or failed) step: its gradients, loss, clip request and statistics. The run goes on
         from the last completed step: a new ``for batch in loader`` starts at that step's position."""
