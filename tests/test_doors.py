@@ -222,8 +222,9 @@ def test_one_scripted_sequence_through_every_door(clip, tmp_path):
             assert mine["loss"] == pytest.approx(theirs["loss"], rel=1e-5, nan_ok=True), name
 
 
-# --- docs/doors.md, run as written -------------------------------------------------------------------------------
-BLOCKS = re.findall(r"```(python|bash)\n(.*?)```", (REPO / "docs" / "doors.md").read_text(), re.S)
+# --- the README's four doors, run as written -------------------------------------------------------------------------------
+FOUR_DOORS = re.search(r"\n## Four doors\n(.*?)\nThe statistics alone", (REPO / "README.md").read_text(), re.S).group(1)
+BLOCKS = re.findall(r"```(python|bash)\n(.*?)```", FOUR_DOORS, re.S)
 RUNNER = "import sys; sys.path.insert(0, {tests!r}); import third_party; third_party.hide_broken_torchvision(); " \
          "exec(compile(open({path!r}).read(), {path!r}, 'exec'))"
 
@@ -254,7 +255,7 @@ def test_doc_snippet_runs_as_written(index, tmp_path):
 
 
 def test_simigrad_1_train_py_prints_its_line_and_writes_csv_and_plot(tmp_path):
-    """``SIMIGRAD=1 ... python train.py`` exactly as docs/doors.md shows it, in a subprocess."""
+    """``SIMIGRAD=1 ... python train.py`` exactly as the README shows it, in a subprocess."""
     (tmp_path / "train.py").write_text(BLOCKS[1][1])
     command = BLOCKS[2][1].strip()
     out = subprocess.run(["bash", "-c", command], env=_env(), capture_output=True, text=True, timeout=300,
