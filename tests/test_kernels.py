@@ -15,7 +15,7 @@ PATHS = [pytest.param(torch_stats, id="torch"), pytest.param(inductor_stats, id=
          pytest.param(triton_stats, id="triton", marks=needs_interpreter)]
 # (dtype, atol, rtol) for the stats (relative to sqrt(a*b)) and the elementwise result.
 DTYPES = [(torch.float32, 1e-6, 1e-5), (torch.bfloat16, 1e-5, 1e-2), (torch.float16, 1e-5, 2e-3)]
-SIZES = [0, 1, 7, 769, 5125]
+SIZES = [0, 1, 7, 769, 5125, 8163]  # 8163: the smallest size on the CPU Inductor path
 BIG = 2**20 + 3
 
 

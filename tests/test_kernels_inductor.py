@@ -11,7 +11,7 @@ from torch._dynamo.utils import counters
 
 from simigrad_compile.kernels import inductor_stats
 
-N = 5125  # above inductor_stats.SMALL: the compiled path
+N = 9001  # above inductor_stats.SMALL: the compiled path
 
 
 def ref(x, y):
@@ -31,7 +31,7 @@ def randn(*sizes, seed=0):
 
 
 def test_inductor_cpu_path_never_recompiles_across_sizes():
-    sizes = [N, 9000, 2**20 + 3, 3 * 2**20 + 1]
+    sizes = [N, 3 * inductor_stats.ROW + 2, 2**20 + 3, 3 * 2**20 + 1]
     xs, ys = randn(*sizes), randn(*sizes, seed=1)
     inductor_stats.pair_stats([xs[0]], [ys[0]], 2.0, -1.0)  # compiles (or loads) each op once
     inductor_stats.split_stats_sum([xs[0]], [ys[0]])
@@ -54,24 +54,31 @@ def test_inductor_cpu_path_never_recompiles_across_sizes():
     assert sum(inductor_stats.FALLBACKS.values()) == fallbacks, dict(inductor_stats.FALLBACKS)
 
 
-@pytest.mark.parametrize("op", ["sum", "mean", "pair"])
-def test_each_op_is_one_parallel_loop(op):
-    """The StoresFirst pass is what puts the store into the reductions' loop: without it Inductor emits two."""
+@pytest.mark.parametrize("op", ["sum", "sum_in_place", "pair"])
+def test_each_op_is_one_pass_over_rows(op):
+    """Inductor's code writes each row's result inside the loop over rows, before the row sums are added up, and
+    needs no cascade-summation helper. Without the StoresFirst pass the sum's store is a loop of its own."""
     from torch._inductor.utils import run_and_get_code
 
-    x, y, o = *randn(N, N), torch.empty(N)
-    args = (x, y, 2.0, -1.0) if op == "pair" else (x, y, o)
-    codes = {}
-    for name, options in [("with", {"post_grad_custom_post_pass": inductor_stats.StoresFirst()}),
-                          ("without", {})]:
-        fn = torch.compile(inductor_stats._BODIES[op], dynamic=True, fullgraph=True, options=options)
+    row = inductor_stats.ROW
+    n = 5 * row + 7
+    flats = randn(*[n] * inductor_stats._ARITY[op][0])
+    extra = torch.tensor([2.0, -1.0]) if op == "pair" else 0.5
+    store = re.compile(r"\.store\(out_ptr\d+ \+ static_cast<int64_t>\(x1 \+ \w+\*x0\)")
+    x, y = flats[0].clone(), flats[1].clone()  # sum_in_place overwrites flats[0]
+    found = {}
+    for name in ["with", "without"] if op == "sum" else ["with"]:
+        fn = inductor_stats.compile_body(op, stores_first=name == "with")
         with torch.no_grad():
-            stats, (code,) = run_and_get_code(fn, *args)
-        codes[name] = len(re.findall(r"#pragma omp parallel", code))
+            stats, (code,) = run_and_get_code(fn, *inductor_stats._args(op, tuple(flats), extra))
+        first_row_loop = code.index("for(int64_t x1=")
+        rows_added = code.index("static_cast<double>(tmp_acc0)")
+        found[name] = bool(store.search(code, first_row_loop, rows_added))
+        assert "CascadeSumHelper" not in code
         assert_rows(stats, ref(x, 2 * y.double() - x.double()) if op == "pair" else ref(x, y))
-    assert codes["with"] == 1, codes
-    if op != "pair":  # pair writes nothing: one loop either way
-        assert codes["without"] == 2, codes
+    assert found["with"] == (op != "pair"), found
+    if op == "sum":
+        assert not found["without"], "the pass is no longer needed: simplify inductor_stats"
 
 
 def test_from_a_thread():
