@@ -14,7 +14,9 @@ Per op and size (fp32 unless --dtype, flat tensors), each repeat runs every vari
            graph ops, fused by Inductor into one loop that allocates g; compared with ``alloc_floor``,
            ``torch.add(a, b)`` allocating its output.
 Reported: medians with min/max, ratios ours/floor and naive/ours (median, and min in brackets), GB/s of ours
-(bytes the op must move / time). On CUDA also the copy bandwidth (dst.copy_(src)) and ours as a fraction of it.
+(bytes the op must move / time). On CUDA also the copy bandwidth (dst.copy_(src)) and ours as a fraction of it,
+per call from the host, and as kernels alone: each op captured in a CUDA graph and replayed (goal >= 85% of the
+copy's GB/s, measured the same way).
 The load average is recorded before and after each size: the machine may be shared.
 
     python bench/kernels.py                     # cpu, sizes 1M,4M,16M,64M
@@ -102,6 +104,16 @@ def variants(a: torch.Tensor, b: torch.Tensor, o: torch.Tensor, device: str) -> 
     }
 
 
+def graph_kernel_times(a: torch.Tensor, b: torch.Tensor, o: torch.Tensor, repeats: int) -> dict:
+    """op -> {"ours", "copy"} summaries of CUDA-graph replay times (interleaved with a copy of ``a``)."""
+    fns = {"copy": lambda: o.copy_(a),
+           "split_stats_sum": lambda: ops.split_stats_sum([a], [b]),
+           "pair_stats": lambda: ops.pair_stats([a], [b], 2.0, -1.0),
+           "shard_stats_mean": lambda: ops.shard_stats_mean(a, b, out=o)}
+    times = {k: summarise(v) for k, v in graph_times(fns, repeats).items()}
+    return {op: {"ours": times[op], "copy": times["copy"]} for op in fns if op != "copy"}
+
+
 def time_interleaved(fns: dict, repeats: int, sync) -> dict[str, list[float]]:
     for fn in fns.values():  # warm-up
         fn()
@@ -119,6 +131,33 @@ def time_interleaved(fns: dict, repeats: int, sync) -> dict[str, list[float]]:
 
 
 
+def graph_times(fns: dict, repeats: int, replays: int = 20) -> dict[str, list[float]]:
+    """CUDA: each callable captured once in a CUDA graph; per repeat (interleaved), ``replays`` replays between two
+    events. Seconds per call, without the host's launch overhead: the kernels' own time."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for fn in fns.values():
+            fn(), fn()  # Triton compiles, tables are built
+    torch.cuda.current_stream().wait_stream(side)
+    graphs = {}
+    for name, fn in fns.items():
+        graphs[name] = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graphs[name]):
+            fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for name, graph in graphs.items():
+            start.record()
+            for _ in range(replays):
+                graph.replay()
+            end.record()
+            end.synchronize()
+            times[name].append(start.elapsed_time(end) / 1e3 / replays)
+    return times
+
+
 def run(sizes: list[int], repeats: int, device: str, dtype: torch.dtype = torch.float32) -> dict:
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     rows = []
@@ -131,6 +170,7 @@ def run(sizes: list[int], repeats: int, device: str, dtype: torch.dtype = torch.
         if device == "cuda":
             copy = summarise(time_interleaved({"copy": lambda: o.copy_(a)}, repeats, sync)["copy"])
             copy_gbs = 2 * n * a.element_size() / copy["median_s"] / 1e9
+            kernel_only = graph_kernel_times(a, b, o, repeats)
         for op, spec in variants(a, b, o, device).items():
             traffic = spec.pop("bytes")
             load_before = os.getloadavg()
@@ -159,6 +199,11 @@ def run(sizes: list[int], repeats: int, device: str, dtype: torch.dtype = torch.
             if copy_gbs is not None:
                 row["copy_gbs"] = copy_gbs
                 row["ours_over_copy_bw"] = row["ours_gbs"] / copy_gbs
+                graph = kernel_only[op]
+                row["graph"] = graph
+                row["graph_ours_gbs"] = traffic / graph["ours"]["median_s"] / 1e9
+                row["graph_copy_gbs"] = 2 * n * a.element_size() / graph["copy"]["median_s"] / 1e9
+                row["graph_ours_over_copy_bw"] = row["graph_ours_gbs"] / row["graph_copy_gbs"]
             rows.append(row)
             print(format_row(row), flush=True)
     return {
@@ -189,6 +234,8 @@ def format_row(r: dict) -> str:
                 f" -> {r['loadavg_1_5_15_after'][0]:.1f})"
     if "copy_gbs" in r:
         line += f"  copy {r['copy_gbs']:.0f} GB/s, ours {100 * r['ours_over_copy_bw']:.0f}%"
+        line += f"\n{'':<27}CUDA graph (kernels only): ours {r['graph_ours_gbs']:.0f} GB/s, copy " \
+                f"{r['graph_copy_gbs']:.0f} GB/s, ours {100 * r['graph_ours_over_copy_bw']:.0f}% (goal >= 85%)"
     return line
 
 

@@ -167,6 +167,25 @@ def test_pair_stats_avoids_the_identitys_cancellation(mod, case):
         assert theirs > 1e-3 and theirs > 1000 * ours, f"identity rel err {theirs} vs ours {ours}"
 
 
+@needs_interpreter
+def test_triton_tables_are_built_once_per_signature(monkeypatch):
+    """The launch path reuses a tensor list's tables (a CUDA graph replays fixed addresses); new addresses build
+    new ones (split_stats_sum allocates its outputs, so each call's outputs are new addresses here)."""
+    monkeypatch.setattr(triton_stats, "TABLES", triton_stats._TableCache(limit=2))
+    xs, ys = pairs([769, 5125], torch.float32)
+    want = torch.stack([ref_stats(x, y.double() - x.double()) for x, y in zip(xs, ys)])
+    for _ in range(3):
+        assert_stats(triton_stats.pair_stats(xs, ys, 1.0, -1.0), want, 1e-5)
+    assert triton_stats.TABLES.builds == 1
+    out = torch.empty_like(xs[1])
+    for _ in range(2):
+        mean, stats = triton_stats.shard_stats_mean(xs[1], ys[1], out=out)
+        assert_close(mean, (xs[1] + ys[1]) / 2, 1e-6, 1e-6)
+    assert triton_stats.TABLES.builds == 2
+    assert_stats(triton_stats.pair_stats([x.clone() for x in xs], ys, 1.0, -1.0), want, 1e-5)
+    assert triton_stats.TABLES.builds == 3 and len(triton_stats.TABLES._lru) == 2  # the oldest was evicted
+
+
 def test_validation_errors():
     x = torch.randn(4)
     with pytest.raises(ValueError, match="length"):
