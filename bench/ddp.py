@@ -4,6 +4,7 @@ or NCCL with one GPU per rank).
     python bench/ddp.py                       # worlds 2 and 4, widths 512 and 1024; table + bench/results/ddp_*.json
     python bench/ddp.py --worlds 2 --widths 256 --repeats 5
     python bench/ddp.py --backend nccl --worlds 2 --widths 2048 4096 --batch 64 --bucket-mb 25   # one GPU per rank
+    python bench/ddp.py --collectives 2 8 --repeats 21   # one bucket's communication: p2p rings vs gloo native
 
 Schemes, all on the same model and data, interleaved step by step in one process per rank:
 
@@ -246,16 +247,92 @@ def run_world(widths, repeats: int, warmup: int, batch: int, bucket_mb: float) -
     return rows
 
 
+COLLECTIVE_VARIANTS = ("plain", "p2p_rings", "native_rs_ag", "native_ar_swap")
+
+
+def collective_bytes(variant: str, size: int, n: int) -> float:
+    """Bytes each rank sends for one bucket of ``size`` bytes (gloo: reduce_scatter_tensor is an all-reduce)."""
+    h = n // 2
+    return {"plain": 2 * size * (n - 1) / n,
+            "p2p_rings": 2 * size * (n - 1) / n,
+            "native_rs_ag": 2 * size * (h - 1) / h + 2 * size / n + size * (h - 1) / h,
+            "native_ar_swap": 2 * size * (h - 1) / h + size}[variant]
+
+
+def run_collectives(sizes_mb, repeats: int) -> list:
+    """One bucket's communication, without the backward: plain all-reduce against three ways to do the split-group
+    reduction on gloo (the kernel apart): the point-to-point rings the hook uses (Python, one thread), gloo's
+    native reduce-scatter and all-gather on the half groups, and a native all-reduce in the half followed by a
+    swap of the whole half sum (no all-gather; more bytes). Each repeat runs every variant once, in turn."""
+    from simigrad_compile.distributed.collectives import all_gather, reduce_scatter, swap
+    from simigrad_compile.kernels import shard_stats_mean
+
+    rank, n = dist.get_rank(), dist.get_world_size()
+    h = n // 2
+    halves = [dist.new_group(list(range(h))), dist.new_group(list(range(h, n)))]
+    half = halves[rank // h]
+    pairs = [dist.new_group([r, r + h]) for r in range(h)]
+    pair, peer = pairs[rank % h], (rank + h) % n
+    rows = []
+    for mb in sizes_mb:
+        numel = int(mb * 2**20 / 4) // n * n
+        buf, out = torch.randn(numel), torch.empty(numel)
+        shard, other = torch.empty(numel // h), torch.empty(numel // h)
+        whole_other = torch.empty(numel)
+
+        def p2p():
+            reduce_scatter(shard, buf, half)
+            swap(shard, other, peer, pair)
+            all_gather(out, shard, half)
+
+        def native_rs_ag():
+            if h > 1:
+                dist.reduce_scatter_tensor(shard, buf, group=half)
+            swap(shard if h > 1 else buf, other if h > 1 else whole_other, peer, pair)
+            if h > 1:
+                dist.all_gather_into_tensor(out, shard, group=half)
+
+        def native_ar_swap():
+            if h > 1:
+                dist.all_reduce(buf, group=half)
+            swap(buf, whole_other, peer, pair)
+
+        fns = {"plain": lambda: dist.all_reduce(buf), "p2p_rings": p2p, "native_rs_ag": native_rs_ag,
+               "native_ar_swap": native_ar_swap,
+               "kernel_shard": lambda: shard_stats_mean(shard, other, out=shard),
+               "kernel_whole": lambda: shard_stats_mean(buf, whole_other, out=buf)}
+        times = {k: [] for k in fns}
+        for rep in range(repeats + 2):
+            for name, fn in fns.items():
+                dist.barrier()
+                t0 = time.perf_counter()
+                fn()
+                dt = _max_over_ranks(time.perf_counter() - t0)
+                if rep >= 2:
+                    times[name].append(dt)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        rows.append({"world": n, "bucket_mb": mb, "loadavg_1_5_15": os.getloadavg(),
+                     "seconds": {k: {"median": med[k], "min": min(v), "max": max(v)} for k, v in times.items()},
+                     "bytes": {k: collective_bytes(k, numel * 4, n) for k in COLLECTIVE_VARIANTS},
+                     "over_plain": {k: med[k] / med["plain"] for k in COLLECTIVE_VARIANTS}})
+    return rows
+
+
 def worker(args) -> None:
     global DEVICE
     torch.set_num_threads(args.threads)
+    if args.switch_interval:
+        sys.setswitchinterval(args.switch_interval)
     if args.backend == "nccl":
         DEVICE = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(DEVICE)
         dist.init_process_group("nccl", device_id=DEVICE)
     else:
         dist.init_process_group("gloo")
-    rows = run_world(args.widths, args.repeats, args.warmup, args.batch, args.bucket_mb)
+    if args.collectives:
+        rows = run_collectives(args.collectives, args.repeats)
+    else:
+        rows = run_world(args.widths, args.repeats, args.warmup, args.batch, args.bucket_mb)
     if dist.get_rank() == 0:
         with open(args.out, "w") as f:
             json.dump(rows, f)
@@ -281,6 +358,20 @@ def _table(rows) -> str:
     return "\n".join(lines)
 
 
+def _collectives_table(rows) -> str:
+    head = (f"{'N':>2} {'MiB':>5} | {'plain ms':>8} " + " ".join(f"{v:>14}" for v in COLLECTIVE_VARIANTS[1:])
+            + f" | {'kernel shard':>12} {'kernel whole':>12} | bytes / plain: "
+            + " ".join(f"{v[:9]:>9}" for v in COLLECTIVE_VARIANTS[1:]))
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        sec, o, b = r["seconds"], r["over_plain"], r["bytes"]
+        lines.append(f"{r['world']:>2} {r['bucket_mb']:>5g} | {sec['plain']['median'] * 1e3:>8.2f} "
+                     + " ".join(f"{sec[v]['median'] * 1e3:>7.2f} ({o[v]:.2f})" for v in COLLECTIVE_VARIANTS[1:])
+                     + f" | {sec['kernel_shard']['median'] * 1e3:>10.2f}ms {sec['kernel_whole']['median'] * 1e3:>10.2f}ms"
+                     + " | " + " ".join(f"{b[v] / b['plain']:>9.2f}" for v in COLLECTIVE_VARIANTS[1:]))
+    return "\n".join(lines)
+
+
 def _hardware(backend: str) -> dict:
     cpu = platform.processor()
     try:
@@ -301,17 +392,19 @@ def launch(args) -> None:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}", __file__,
                "--worker", "--out", out, "--widths", *map(str, args.widths), "--repeats", str(args.repeats),
                "--warmup", str(args.warmup), "--batch", str(args.batch), "--bucket-mb", str(args.bucket_mb),
-               "--threads", str(args.threads), "--backend", args.backend]
+               "--threads", str(args.threads), "--backend", args.backend,
+               *(["--switch-interval", str(args.switch_interval)] if args.switch_interval else []),
+               *(["--collectives", *map(str, args.collectives)] if args.collectives else [])]
         subprocess.run(cmd, check=True, env=dict(os.environ, OMP_NUM_THREADS=str(args.threads)))
         with open(out) as f:
             rows += json.load(f)
         os.unlink(out)
-    print(_table(rows))
+    print(_collectives_table(rows) if args.collectives else _table(rows))
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     result = {"timestamp": stamp, "hardware": _hardware(args.backend), "args": vars(args), "rows": rows,
               "goals": {"bytes_ratio_max": 1.02, "time_ratio_max": 1.10}}
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-    path = os.path.join(HERE, "results", f"ddp_{stamp}.json")
+    path = os.path.join(HERE, "results", f"ddp_{'collectives_' if args.collectives else ''}{stamp}.json")
     with open(path, "w") as f:
         json.dump(result, f, indent=1)
     print(f"saved {path}")
@@ -327,6 +420,10 @@ def main() -> None:
     p.add_argument("--bucket-mb", type=float, default=2.0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--backend", default="gloo", choices=["gloo", "nccl"], help="nccl: one GPU per rank")
+    p.add_argument("--collectives", type=float, nargs="+", metavar="MB",
+                   help="instead of training steps: one bucket's communication of these sizes, four ways")
+    p.add_argument("--switch-interval", type=float, default=None,
+                   help="sys.setswitchinterval in every rank (Python's GIL hand-over period, default 0.005 s)")
     p.add_argument("--worker", action="store_true")
     p.add_argument("--out")
     args = p.parse_args()

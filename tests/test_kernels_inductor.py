@@ -54,28 +54,38 @@ def test_inductor_cpu_path_never_recompiles_across_sizes():
     assert sum(inductor_stats.FALLBACKS.values()) == fallbacks, dict(inductor_stats.FALLBACKS)
 
 
+def _loop_body(code: str, head: str) -> str:
+    """The C++ text of the first loop whose header contains ``head``, braces matched."""
+    start = code.index("{", code.index(head))
+    depth = 0
+    for i in range(start, len(code)):
+        depth += {"{": 1, "}": -1}.get(code[i], 0)
+        if depth == 0:
+            return code[start:i]
+    raise AssertionError("unbalanced braces")
+
+
 @pytest.mark.parametrize("op", ["sum", "sum_in_place", "pair"])
 def test_each_op_is_one_pass_over_rows(op):
-    """Inductor's code writes each row's result inside the loop over rows, before the row sums are added up, and
-    needs no cascade-summation helper. Without the StoresFirst pass the sum's store is a loop of its own."""
+    """Inductor's code writes each row's result inside the loop over rows, has no cascade-summation helper and no
+    ``omp single`` barrier. Without the StoresFirst pass the sum's store is a loop of its own."""
     from torch._inductor.utils import run_and_get_code
 
-    row = inductor_stats.ROW
-    n = 5 * row + 7
-    flats = randn(*[n] * inductor_stats._ARITY[op][0])
+    n = 5 * inductor_stats.ROW + 7
+    flats = randn(*[n] * inductor_stats._ARITY[op])
     extra = torch.tensor([2.0, -1.0]) if op == "pair" else 0.5
     store = re.compile(r"\.store\(out_ptr\d+ \+ static_cast<int64_t>\(x1 \+ \w+\*x0\)")
     x, y = flats[0].clone(), flats[1].clone()  # sum_in_place overwrites flats[0]
+    rows = inductor_stats.ROW * ((n - 2) // inductor_stats.ROW)
     found = {}
     for name in ["with", "without"] if op == "sum" else ["with"]:
         fn = inductor_stats.compile_body(op, stores_first=name == "with")
         with torch.no_grad():
-            stats, (code,) = run_and_get_code(fn, *inductor_stats._args(op, tuple(flats), extra))
-        first_row_loop = code.index("for(int64_t x1=")
-        rows_added = code.index("static_cast<double>(tmp_acc0)")
-        found[name] = bool(store.search(code, first_row_loop, rows_added))
-        assert "CascadeSumHelper" not in code
-        assert_rows(stats, ref(x, 2 * y.double() - x.double()) if op == "pair" else ref(x, y))
+            sums, (code,) = run_and_get_code(fn, *inductor_stats._args(op, tuple(flats), extra))
+        found[name] = bool(store.search(_loop_body(code, "for(int64_t x0=")))
+        assert "CascadeSumHelper" not in code and "omp single" not in code
+        want = ref(x[:rows], 2 * y[:rows].double() - x[:rows].double()) if op == "pair" else ref(x[:rows], y[:rows])
+        assert_rows(torch.stack([s.double().sum() for s in sums]), want)
     assert found["with"] == (op != "pair"), found
     if op == "sum":
         assert not found["without"], "the pass is no longer needed: simplify inductor_stats"

@@ -2,25 +2,31 @@
 
 Each op body below is compiled once per dtype (combination), with dynamic lengths, so that every size shares one
 graph. Inductor's C++ backend emits the elementwise result and the three reductions of a pair as one OpenMP loop
-that streams each input once. Three details make that true, and fast:
+that streams each input once. Four details make that true, and fast:
 
 * **Rows.** A flat tensor of n elements is viewed as ``[m, ROW]`` rows plus a tail of ``2..ROW+1`` elements
-  (:func:`rows`). Each row is summed in fp32 with plain vector accumulators (Inductor adds a slower cascade-summation
-  helper to any fp32 sum over more than 4096 elements: 2.2x a BLAS dot at 16M, measured here), and the row sums
-  are added in fp64. The elementwise result is scaled by a per-row factor (all rows equal: 1 for the sum, 0.5 for
-  the mean), which keeps its loop two-dimensional, so that Inductor can fuse it with the per-row reductions. The
-  row and tail lengths never reach 0, 1 or 4096, the values Inductor specialises on, so there is one graph.
+  (:func:`rows`). The compiled body sums each row in fp32 with plain vector accumulators (Inductor adds a slower
+  cascade-summation helper to any fp32 sum over more than 4096 elements: 2.2x a BLAS dot at 16M, measured here)
+  and returns the row sums; they are added in fp64 outside, with the tail's statistics (torch ops, fp64).
+* **One parallel loop.** The body holds nothing but the loop over rows. Scalar results or small loops inside the
+  graph become ``#pragma omp single`` blocks, each ending in a barrier; on a machine with more runnable threads
+  than cores every barrier waits for a descheduled thread (measured here with 2 threads under load: 80 ms
+  against 30 ms for 16M elements, with nine such barriers).
+* **A per-row scale.** The elementwise result is scaled by a per-row factor (all rows equal: 1 for the sum, 0.5
+  for the mean), which keeps its loop two-dimensional, so that Inductor can fuse it with the per-row reductions.
 * **Stores first.** AOTAutograd puts the write into ``out`` (a ``copy_`` into a graph input) at the end of the graph,
   and Inductor fuses a pointwise node into a reduction's loop only when the pointwise node comes first. The
   :class:`StoresFirst` pass (installed per compile through ``options``, with a uuid for the caches) moves each such
   ``copy_`` to just after the value it copies, where nothing else reads the destination. An ``out`` that is one
   of the inputs (the DDP hook's ``shard_stats_mean(a, b, out=a)``) cannot move (the reductions read what it
   overwrites): there each row is reduced, then written, while it is still in cache.
-* **One compiled region per op and dtypes.** Each is its own ``torch.compile(isolate_recompiles=True)``, first
-  called on a small made-up size (so that Dynamo's duck sizing cannot tie the row count to the tail length), so
-  its cache entries count only Dynamo's global state: grad mode is fixed here; the intra-op thread count is baked
-  into the generated code, so a ``torch.set_num_threads`` change compiles once more. With ``fullgraph=True`` a
-  region past the recompile limit raises rather than running eagerly, and :func:`_run` reports it.
+
+Each (op, dtypes) is its own ``torch.compile(isolate_recompiles=True)``, first called on a small made-up size (so
+that Dynamo's duck sizing cannot tie the row count to another size), so its cache entries count only Dynamo's
+global state: grad mode is fixed here; the intra-op thread count is baked into the generated code, so a
+``torch.set_num_threads`` change compiles once more. The row and tail lengths never reach 0 or 1, which Dynamo
+specialises on. With ``fullgraph=True`` a region past the recompile limit raises rather than running eagerly,
+and :func:`_run` reports it.
 
 Results are deterministic for a given thread count. Nothing of ``simigrad_compile`` is imported here.
 """
@@ -64,50 +70,49 @@ class StoresFirst(CustomGraphPass):
         return get_hash_for_files((__file__,))
 
 
-def _totals(x: Tensor, y: Tensor, xt: Tensor, yt: Tensor) -> Tensor:
-    """``(x.y, |x|^2, |y|^2)`` over rows ``x, y`` and tails ``xt, yt``: fp32 within a row, fp64 across rows."""
-
-    def dot(p, q, pt, qt):
-        return (p * q).sum(1).double().sum() + (pt * qt).sum().double()
-
-    return torch.stack([dot(x, y, xt, yt), dot(x, x, xt, xt), dot(y, y, yt, yt)]).float()
-
-
-def _sum_stats(x: Tensor, y: Tensor, o: Tensor, scale: Tensor, xt: Tensor, yt: Tensor, ot: Tensor) -> Tensor:
-    """``o = (x + y) * scale`` row by row (and the tails); the three statistics of ``(x, y)``."""
-    xf, yf, xtf, ytf = x.float(), y.float(), xt.float(), yt.float()
+def _sum_rows(x: Tensor, y: Tensor, o: Tensor, scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``o = (x + y) * scale`` row by row; per row, the fp32 sums ``x.y, |x|^2, |y|^2``."""
+    xf, yf = x.float(), y.float()
     o.copy_((xf + yf) * scale[:, None])
-    ot.copy_((xtf + ytf) * scale[0])
-    return _totals(xf, yf, xtf, ytf)
+    return (xf * yf).sum(1), (xf * xf).sum(1), (yf * yf).sum(1)
 
 
-def _sum_stats_in_place(x: Tensor, y: Tensor, scale: Tensor, xt: Tensor, yt: Tensor) -> Tensor:
-    """:func:`_sum_stats` with ``o`` = ``x``."""
-    xf, yf, xtf, ytf = x.float(), y.float(), xt.float(), yt.float()
-    stats = _totals(xf, yf, xtf, ytf)
+def _sum_rows_in_place(x: Tensor, y: Tensor, scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`_sum_rows` with ``o`` = ``x``."""
+    xf, yf = x.float(), y.float()
+    sums = (xf * yf).sum(1), (xf * xf).sum(1), (yf * yf).sum(1)
     x.copy_((xf + yf) * scale[:, None])
-    xt.copy_((xtf + ytf) * scale[0])
+    return sums
+
+
+def _pair_rows(x: Tensor, t: Tensor, coef: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per row, the fp32 sums ``x.other, |x|^2, |other|^2`` with ``other = coef[0] * t + coef[1] * x`` (fp32)."""
+    xf = x.float()
+    other = coef[0] * t.float() + coef[1] * xf
+    return (xf * other).sum(1), (xf * xf).sum(1), (other * other).sum(1)
+
+
+def _tail(x: Tensor, y: Tensor, out: Tensor | None, scale: float) -> Tensor:
+    """The tail (at most ROW + 1 elements), with torch ops: fp64 ``(x.y, |x|^2, |y|^2)``, then, if ``out`` is
+    given (it may be ``x``), ``out = (x + y) * scale`` computed in fp32."""
+    xf, yf = x.float(), y.float()
+    xd, yd = xf.double(), yf.double()
+    stats = torch.stack([xd @ yd, xd @ xd, yd @ yd])
+    if out is not None:
+        out.copy_(torch.add(xf, yf).mul_(scale))
     return stats
 
 
-def _pair_stats(x: Tensor, t: Tensor, coef: Tensor, xt: Tensor, tt: Tensor) -> Tensor:
-    """The statistics of ``(x, other)`` with ``other = coef[0] * t + coef[1] * x`` per element, in fp32."""
-    xf, xtf = x.float(), xt.float()
-    other = coef[0] * t.float() + coef[1] * xf
-    other_t = coef[0] * tt.float() + coef[1] * xtf
-    return _totals(xf, other, xtf, other_t)
-
-
-_BODIES = {"sum": _sum_stats, "sum_in_place": _sum_stats_in_place, "pair": _pair_stats}
-_ARITY = {"sum": (3, 1), "sum_in_place": (2, 1), "pair": (2, 2)}
-"""op -> (flat tensors it views as rows, trailing 1-D fp32 tensors: the scale rows or the coefficients)."""
+_BODIES = {"sum": _sum_rows, "sum_in_place": _sum_rows_in_place, "pair": _pair_rows}
+_ARITY = {"sum": 3, "sum_in_place": 2, "pair": 2}
+"""op -> how many flat tensors it views as rows (then one fp32 tensor: the scale per row, or the coefficients)."""
 _compiled: dict[tuple, Callable] = {}
 _lock = threading.Lock()
 
 
 def rows(t: Tensor) -> tuple[Tensor, Tensor]:
     """Views of flat ``t`` (more than :data:`SMALL` elements): rows ``[m, ROW]`` (m >= 2, dynamic) and the tail
-    (2 to ROW + 1 elements, dynamic)."""
+    (2 to ROW + 1 elements)."""
     m = (t.numel() - 2) // ROW
     return t[: m * ROW].view(m, ROW), t[m * ROW :]
 
@@ -124,11 +129,9 @@ def _per_row(scale: float, m: int) -> Tensor:
 
 
 def _args(op: str, flats: tuple, extra: float | Tensor) -> tuple:
-    """The body's arguments: the rows of each flat tensor, the scale rows (or the coefficients), the tails."""
-    views = [rows(t) for t in flats]
-    if op != "pair":
-        extra = _per_row(extra, views[0][0].shape[0])
-    return (*(v[0] for v in views), extra, *(v[1] for v in views))
+    """The body's arguments: the rows of each flat tensor, then the scale per row (or the coefficients)."""
+    body = [rows(t)[0] for t in flats]
+    return (*body, _per_row(extra, body[0].shape[0]) if op != "pair" else extra)
 
 
 def compile_body(op: str, stores_first: bool = True) -> Callable:
@@ -148,7 +151,7 @@ def compiled(op: str, *dtypes: torch.dtype) -> Callable:
             if fn is None:
                 log.debug("simigrad kernels: compiling the CPU %s statistics for %s", op, dtypes)
                 fn = compile_body(op)
-                flats = [torch.zeros(3 * ROW + 5, dtype=d) for d in (dtypes * 3)[: _ARITY[op][0]]]
+                flats = [torch.zeros(3 * ROW + 5, dtype=d) for d in (dtypes * 3)[: _ARITY[op]]]
                 with torch.no_grad():
                     fn(*_args(op, tuple(flats), torch.ones(2) if op == "pair" else 1.0))
                 _compiled[key] = fn
@@ -161,13 +164,21 @@ _broken: dict[tuple, str] = {}
 
 
 def _run(op: str, flats: tuple, extra: float | Tensor, slow: Callable[[], Tensor]) -> Tensor:
-    """``op``'s compiled body on flat tensors ``flats``; ``slow()`` (the torch-op path) where Inductor failed."""
+    """fp32 stats ``[3]`` of ``op`` on flat tensors ``flats``: the compiled body on the rows (then their sums added
+    in fp64), torch ops on the tail; ``slow()`` (the torch-op path) where Inductor failed."""
     key = (op, *(t.dtype for t in flats[: len(flats) if op == "pair" else 1]))
     if key not in _broken:
         try:
             fn = compiled(*key)
             with torch.no_grad():
-                return fn(*_args(op, flats, extra))
+                d, a, b = fn(*_args(op, flats, extra))
+                tails = [rows(t)[1] for t in flats]
+                if op == "pair":
+                    x, t = tails
+                    tail = _tail(x, extra[0] * t.float() + extra[1] * x.float(), None, 1.0)
+                else:
+                    tail = _tail(tails[0], tails[1], tails[2] if op == "sum" else tails[0], extra)
+                return (torch.stack([d, a, b]).sum(1, dtype=torch.float64) + tail).float()
         except Exception as e:  # noqa: BLE001 - a missing C++ toolchain, an Inductor bug: reported, then the slow path
             _broken[key] = f"{type(e).__name__}: {e}"
             log.warning("simigrad kernels: Inductor could not compile the CPU %s statistics for %s (%s); this op "
