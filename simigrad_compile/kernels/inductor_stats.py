@@ -21,12 +21,11 @@ that streams each input once. Four details make that true, and fast:
   of the inputs (the DDP hook's ``shard_stats_mean(a, b, out=a)``) cannot move (the reductions read what it
   overwrites): there each row is reduced, then written, while it is still in cache.
 
-Each (op, dtypes) is its own ``torch.compile(isolate_recompiles=True)``, first called on a small made-up size (so
-that Dynamo's duck sizing cannot tie the row count to another size), so its cache entries count only Dynamo's
-global state: grad mode is fixed here; the intra-op thread count is baked into the generated code, so a
-``torch.set_num_threads`` change compiles once more. The row and tail lengths never reach 0 or 1, which Dynamo
-specialises on. With ``fullgraph=True`` a region past the recompile limit raises rather than running eagerly,
-and :func:`_run` reports it.
+Each (op, dtypes) is its own ``torch.compile(isolate_recompiles=True)``. Only the row count is dynamic (marked on
+every call; it is never 0 or 1, which Dynamo specialises on, and no other size can be duck-sized with it), so the
+region's cache entries count only Dynamo's global state: grad mode is fixed here; the intra-op thread count is
+baked into the generated code, so a ``torch.set_num_threads`` change compiles once more. With ``fullgraph=True``
+a region past the recompile limit raises rather than running eagerly, and :func:`_run` reports it.
 
 Results are deterministic for a given thread count. Nothing of ``simigrad_compile`` is imported here.
 """
@@ -129,20 +128,25 @@ def _per_row(scale: float, m: int) -> Tensor:
 
 
 def _args(op: str, flats: tuple, extra: float | Tensor) -> tuple:
-    """The body's arguments: the rows of each flat tensor, then the scale per row (or the coefficients)."""
-    body = [rows(t)[0] for t in flats]
-    return (*body, _per_row(extra, body[0].shape[0]) if op != "pair" else extra)
+    """The body's arguments: the rows of each flat tensor, then the scale per row (or the coefficients). The row
+    count is marked dynamic (on every call: Dynamo guards on the marks); everything else is static."""
+    args = [rows(t)[0] for t in flats]
+    if op != "pair":
+        args.append(_per_row(extra, args[0].shape[0]))
+    for t in args:
+        torch._dynamo.mark_dynamic(t, 0)
+    return (*args, extra) if op == "pair" else tuple(args)
 
 
 def compile_body(op: str, stores_first: bool = True) -> Callable:
     """A fresh ``torch.compile`` of ``op``'s body (``stores_first=False``: without the pass, for tests)."""
     options = {"post_grad_custom_post_pass": StoresFirst()} if stores_first else {}
-    return torch.compile(_BODIES[op], dynamic=True, fullgraph=True, isolate_recompiles=True, options=options)
+    return torch.compile(_BODIES[op], fullgraph=True, isolate_recompiles=True, options=options)
 
 
 def compiled(op: str, *dtypes: torch.dtype) -> Callable:
-    """The compiled body of ``op`` for these input dtypes, built on first use (and first run on a made-up size
-    of 3 rows and a 5-element tail), then shared by every thread."""
+    """The compiled body of ``op`` for these input dtypes (Dynamo compiles it at its first call), shared by every
+    thread."""
     key = (op, *dtypes)
     fn = _compiled.get(key)
     if fn is None:
@@ -150,11 +154,7 @@ def compiled(op: str, *dtypes: torch.dtype) -> Callable:
             fn = _compiled.get(key)
             if fn is None:
                 log.debug("simigrad kernels: compiling the CPU %s statistics for %s", op, dtypes)
-                fn = compile_body(op)
-                flats = [torch.zeros(3 * ROW + 5, dtype=d) for d in (dtypes * 3)[: _ARITY[op]]]
-                with torch.no_grad():
-                    fn(*_args(op, tuple(flats), torch.ones(2) if op == "pair" else 1.0))
-                _compiled[key] = fn
+                fn = _compiled[key] = compile_body(op)
     return fn
 
 
