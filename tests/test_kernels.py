@@ -1,19 +1,21 @@
-"""Kernels: Triton launchers (under TRITON_INTERPRET=1) and the CPU torch path against an fp64 torch reference."""
+"""Kernels: Triton launchers (under TRITON_INTERPRET=1), the CPU Inductor path and the CPU torch-op path against an
+fp64 torch reference."""
 
 import math
 
 import pytest
 import torch
 
-from simigrad_compile.kernels import pair_stats, shard_stats_mean, split_stats_sum, torch_stats
+from simigrad_compile.kernels import inductor_stats, pair_stats, shard_stats_mean, split_stats_sum, torch_stats
 
 triton_stats = pytest.importorskip("simigrad_compile.kernels.triton_stats")
 needs_interpreter = pytest.mark.skipif(not triton_stats.INTERPRET, reason="Triton on CPU needs TRITON_INTERPRET=1")
 
-PATHS = [pytest.param(torch_stats, id="torch"), pytest.param(triton_stats, id="triton", marks=needs_interpreter)]
+PATHS = [pytest.param(torch_stats, id="torch"), pytest.param(inductor_stats, id="inductor"),
+         pytest.param(triton_stats, id="triton", marks=needs_interpreter)]
 # (dtype, atol, rtol) for the stats (relative to sqrt(a*b)) and the elementwise result.
 DTYPES = [(torch.float32, 1e-6, 1e-5), (torch.bfloat16, 1e-5, 1e-2), (torch.float16, 1e-5, 2e-3)]
-SIZES = [0, 1, 7, 769, 5125]
+SIZES = [0, 1, 7, 769, 5125, 8163]  # 8163: the smallest size on the CPU Inductor path
 BIG = 2**20 + 3
 
 
@@ -69,13 +71,15 @@ def test_pair_stats(mod, dtype, atol, rtol, n):
 @pytest.mark.parametrize("mod", PATHS)
 @pytest.mark.parametrize("dtype,atol,rtol", DTYPES)
 @pytest.mark.parametrize("n", SIZES)
-@pytest.mark.parametrize("in_place", [False, True])
-def test_shard_stats_mean(mod, dtype, atol, rtol, n, in_place):
+@pytest.mark.parametrize("into", [None, "a", "b"])
+def test_shard_stats_mean(mod, dtype, atol, rtol, n, into):
     (a,), (b,) = pairs([n], dtype)
     want_mean, want_stats = ((a.float() + b.float()) / 2).to(dtype), ref_stats(a, b)[None]
-    mean, stats = mod.shard_stats_mean(a, b, out=a if in_place else None)
+    out = {"a": a, "b": b}.get(into)
+    mean, stats = mod.shard_stats_mean(a, b, out=out)
     if n:
-        assert (mean.data_ptr() == a.data_ptr()) == in_place
+        assert mean.data_ptr() == (out.data_ptr() if into else mean.data_ptr())
+        assert into or (mean.data_ptr() != a.data_ptr() and mean.data_ptr() != b.data_ptr())
     assert_close(mean, want_mean, atol, rtol)
     assert_stats(stats, want_stats, rtol)
 
@@ -89,10 +93,16 @@ def test_big_tensor_fp32(mod):
     assert_stats(mod.pair_stats([x], [y], 1.0, -1.0), ref_stats(x, y.double() - x.double())[None], 1e-5)
 
 
+@pytest.mark.parametrize("mod", [torch_stats, inductor_stats], ids=["torch", "inductor"])
 @pytest.mark.parametrize("dtype,atol,rtol", DTYPES)
-def test_big_tensor_torch_path_low_precision(dtype, atol, rtol):
+def test_big_tensor_cpu_paths_low_precision(mod, dtype, atol, rtol):
     (x,), (y,) = pairs([BIG], dtype)
-    mean, stats = torch_stats.shard_stats_mean(x, y)
+    (g,), stats = mod.split_stats_sum([x], [y])
+    assert_close(g, (x.float() + y.float()).to(dtype), atol, rtol)
+    assert_stats(stats, ref_stats(x, y)[None], rtol)
+    want = ref_stats(x, 2 * y.double() - x.double())[None]
+    assert_stats(mod.pair_stats([x], [y], 2.0, -1.0), want, rtol)
+    mean, stats = mod.shard_stats_mean(x, y)
     assert_close(mean, ((x.float() + y.float()) / 2).to(dtype), atol, rtol)
     assert_stats(stats, ref_stats(x, y)[None], rtol)
 
@@ -155,6 +165,25 @@ def test_pair_stats_avoids_the_identitys_cancellation(mod, case):
     assert ours < 1e-5, f"pair_stats b rel err {ours} (identity: {theirs})"
     if case == "small_other_group":
         assert theirs > 1e-3 and theirs > 1000 * ours, f"identity rel err {theirs} vs ours {ours}"
+
+
+@needs_interpreter
+def test_triton_tables_are_built_once_per_signature(monkeypatch):
+    """The launch path reuses a tensor list's tables (a CUDA graph replays fixed addresses); new addresses build
+    new ones (split_stats_sum allocates its outputs, so each call's outputs are new addresses here)."""
+    monkeypatch.setattr(triton_stats, "TABLES", triton_stats._TableCache(limit=2))
+    xs, ys = pairs([769, 5125], torch.float32)
+    want = torch.stack([ref_stats(x, y.double() - x.double()) for x, y in zip(xs, ys)])
+    for _ in range(3):
+        assert_stats(triton_stats.pair_stats(xs, ys, 1.0, -1.0), want, 1e-5)
+    assert triton_stats.TABLES.builds == 1
+    out = torch.empty_like(xs[1])
+    for _ in range(2):
+        mean, stats = triton_stats.shard_stats_mean(xs[1], ys[1], out=out)
+        assert_close(mean, (xs[1] + ys[1]) / 2, 1e-6, 1e-6)
+    assert triton_stats.TABLES.builds == 2
+    assert_stats(triton_stats.pair_stats([x.clone() for x in xs], ys, 1.0, -1.0), want, 1e-5)
+    assert triton_stats.TABLES.builds == 3 and len(triton_stats.TABLES._lru) == 2  # the oldest was evicted
 
 
 def test_validation_errors():

@@ -1,6 +1,7 @@
 """The statistics ops the rest of the code calls: ``torch.library`` custom ops (+ fakes) and eager functions.
 
-Dispatch by device: Triton launchers on CUDA, the torch path on CPU. The custom ops stay opaque in Inductor
+Dispatch by device: Triton launchers on CUDA, Inductor-generated loops on CPU (``inductor_stats``, which hands
+tensors of at most 4096 elements to the torch-op path ``torch_stats``). The custom ops stay opaque in Inductor
 graphs. ``shard_stats_mean`` is eager only (the DDP comm hook calls it on flat shards).
 """
 
@@ -13,7 +14,7 @@ import logging
 import torch
 from torch import Tensor
 
-from . import torch_stats
+from . import inductor_stats, torch_stats
 
 log = logging.getLogger("simigrad_compile")
 
@@ -24,7 +25,7 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None
 def _path(device_type: str):
     """The module that implements the ops for ``device_type``."""
     if device_type == "cpu":
-        return torch_stats
+        return inductor_stats
     if device_type == "cuda":
         if HAS_TRITON:
             from . import triton_stats

@@ -1,4 +1,7 @@
-"""CPU paths of the three statistics ops, built from torch ops (never the Triton interpreter); device-agnostic.
+"""The three statistics ops built from torch ops (never the Triton interpreter); device-agnostic.
+
+On CPU this path serves tensors of at most ``inductor_stats.SMALL`` elements, and any op and dtype that Inductor
+could not compile (logged and counted by ``inductor_stats``); on CUDA, a machine without triton.
 
 Each flat tensor pair is walked in chunks of ``CHUNK`` elements. The three fp32 dot products of a chunk are taken
 and then its elementwise result is written, while the chunk is still in L2, so memory is streamed about once.

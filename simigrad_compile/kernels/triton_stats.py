@@ -5,12 +5,17 @@ first tensor of its role (x, y or out) and ``offset`` its element distance from 
 The work is cut into tiles of ``BLOCK`` elements; a tile table gives each program its tensor and start. Stage 1
 writes per-tile partial sums, stage 2 adds each tensor's partials in a fixed order: deterministic, no atomics.
 Tensors of different dtypes go to separate launches (one per dtype combination).
+
+The launch path never waits for the device: the tables are cached per tensor-list signature (:class:`_TableCache`)
+and a new one is copied asynchronously from pinned memory, so the launches can be captured in a CUDA graph.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
+import threading
 
 import torch
 import triton
@@ -23,7 +28,6 @@ log = logging.getLogger("simigrad_compile")
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Tensor table columns: x offset, y offset, out offset, numel, first tile, tile count, stats row.
-_TCOLS = 7
 
 
 @triton.jit
@@ -102,8 +106,52 @@ def _offsets(ts: list[Tensor]) -> list[int]:
     return [(t.data_ptr() - base.data_ptr()) // t.element_size() for t in ts]
 
 
-def _tables(roles: list[list[Tensor]], rows: list[int], block: int, device) -> tuple[Tensor, Tensor]:
-    """The tensor table ``[T, 7]`` and the tile table ``[tiles, 2]`` (tensor, start), on ``device``."""
+class _TableCache:
+    """Device-resident tensor and tile tables, built once per tensor-list signature: the data pointers and lengths
+    of every role, the stats rows and the tile size.
+
+    A miss builds both tables on the host (pinned memory on CUDA) and copies them with ``non_blocking=True``: no
+    host synchronisation, and the copy is capturable in a CUDA graph. A hit (the steady state: a CUDA graph
+    replays with fixed addresses, and the caching allocator usually hands a training step the same addresses as
+    the step before) launches straight away. Entries used while a CUDA graph is being captured are kept for the
+    life of the process, since the graph reads them at every replay; other entries are evicted least recently
+    used first, beyond :attr:`limit`.
+    """
+
+    def __init__(self, limit: int = 256) -> None:
+        self.limit = limit
+        self.builds = 0
+        self._lru: collections.OrderedDict = collections.OrderedDict()
+        self._kept: dict = {}
+        self._lock = threading.Lock()
+
+    def get(self, roles: list[list[Tensor]], rows: list[int], block: int, device: torch.device):
+        key = (device, block, tuple(rows), tuple(tuple((t.data_ptr(), t.numel()) for t in r) for r in roles))
+        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        with self._lock:
+            entry = self._kept.get(key) or self._lru.get(key)
+            if entry is None:
+                entry = _build_tables(roles, rows, block, device)
+                self.builds += 1
+            if capturing:
+                self._kept[key] = entry
+                self._lru.pop(key, None)
+            elif key not in self._kept:
+                self._lru[key] = entry
+                self._lru.move_to_end(key)
+                while len(self._lru) > self.limit:
+                    self._lru.popitem(last=False)
+        return entry[0], entry[1]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._lru.clear()
+            self._kept.clear()
+
+
+def _build_tables(roles: list[list[Tensor]], rows: list[int], block: int, device: torch.device) -> tuple:
+    """The tensor table ``[T, 7]`` and the tile table ``[tiles, 2]`` (tensor, start) on ``device``, plus the host
+    buffer they were copied from (kept with them: an asynchronous copy reads it later)."""
     numels = [t.numel() for t in roles[0]]
     counts = [-(-n // block) for n in numels]
     offsets = [_offsets(r) for r in roles] + [[0] * len(numels)] * (3 - len(roles))
@@ -111,12 +159,15 @@ def _tables(roles: list[list[Tensor]], rows: list[int], block: int, device) -> t
     for c in counts:
         firsts.append(total)
         total += c
-    tensors = torch.tensor(list(zip(*offsets, numels, firsts, counts, rows)), dtype=torch.int64).view(-1, _TCOLS)
-    owner = torch.repeat_interleave(torch.arange(len(numels)), torch.tensor(counts, dtype=torch.int64))
-    starts = (torch.arange(total) - tensors[owner, 4]) * block
-    tiles = torch.stack([owner, starts], dim=1)
-    packed = torch.cat([tensors.view(-1), tiles.view(-1)]).to(device)
-    return packed[: tensors.numel()], packed[tensors.numel() :]
+    flat_table = [v for row in zip(*offsets, numels, firsts, counts, rows) for v in row]
+    tiles = [v for t, (first, count) in enumerate(zip(firsts, counts)) for k in range(count) for v in (t, k * block)]
+    pinned = device.type == "cuda"
+    host = torch.tensor(flat_table + tiles, dtype=torch.int64, pin_memory=pinned)
+    packed = host.to(device, non_blocking=True) if pinned else host.to(device)
+    return packed[: len(flat_table)], packed[len(flat_table) :], host
+
+
+TABLES = _TableCache()
 
 
 def _groups(dtypes: list[tuple]) -> dict[tuple, list[int]]:
@@ -128,7 +179,7 @@ def _groups(dtypes: list[tuple]) -> dict[tuple, list[int]]:
 
 def _launch(kernel, roles: list[list[Tensor]], rows: list[int], stats: Tensor, *scalars) -> None:
     block, num_warps = _block()
-    tensors, tiles = _tables(roles, rows, block, stats.device)
+    tensors, tiles = TABLES.get(roles, rows, block, stats.device)
     n_tiles = tiles.numel() // 2
     partials = torch.empty(n_tiles, 3, dtype=torch.float32, device=stats.device)
     if n_tiles:
