@@ -222,10 +222,7 @@ def pair_stats(own: list[Tensor], total: list[Tensor], alpha: float, beta: float
 def shard_stats_mean(a: Tensor, b: Tensor, out: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """``mean = (a + b)/2`` in ``a``'s dtype (into ``out``, which may be ``a`` or ``b``); stats ``[[a.b, |a|^2, |b|^2]]``."""
     check_pairs("shard_stats_mean", [a], [b])
-    if out is None:
-        out = torch.empty_like(a, memory_format=torch.contiguous_format)
-    elif out.shape != a.shape or out.dtype != a.dtype or not out.is_contiguous():
-        raise ValueError("shard_stats_mean: out must be contiguous and match a in shape and dtype")
+    out = torch_stats.mean_out(a, out)
     x, y, o = flat(a), flat(b), out.view(-1)
 
     def slow():

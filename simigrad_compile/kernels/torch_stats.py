@@ -131,13 +131,19 @@ def pair_stats(own: list[Tensor], total: list[Tensor], alpha: float, beta: float
     return stats
 
 
+def mean_out(a: Tensor, out: Tensor | None) -> Tensor:
+    """``shard_stats_mean``'s output: a new contiguous tensor like ``a``, or ``out`` once checked."""
+    if out is None:
+        return torch.empty_like(a, memory_format=torch.contiguous_format)
+    if out.shape != a.shape or out.dtype != a.dtype or not out.is_contiguous():
+        raise ValueError("shard_stats_mean: out must be contiguous and match a in shape and dtype")
+    return out
+
+
 def shard_stats_mean(a: Tensor, b: Tensor, out: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """``mean = (a + b)/2`` in ``a``'s dtype (into ``out``, which may be ``a``); stats ``[[a.b, |a|^2, |b|^2]]``."""
     check_pairs("shard_stats_mean", [a], [b])
-    if out is None:
-        out = torch.empty_like(a, memory_format=torch.contiguous_format)
-    elif out.shape != a.shape or out.dtype != a.dtype or not out.is_contiguous():
-        raise ValueError("shard_stats_mean: out must be contiguous and match a in shape and dtype")
+    out = mean_out(a, out)
     stats = torch.empty(1, 3, dtype=torch.float32, device=a.device)
     _sum_stats_into(flat(a), flat(b), out.view(-1), 0.5, stats[0], _Scratch(a.numel(), 2, a.device))
     return out, stats

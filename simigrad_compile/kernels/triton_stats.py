@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .torch_stats import check_pairs, flat
+from .torch_stats import check_pairs, flat, mean_out
 
 log = logging.getLogger("simigrad_compile")
 
@@ -221,10 +221,7 @@ def shard_stats_mean(a: Tensor, b: Tensor, out: Tensor | None = None) -> tuple[T
     """``mean = (a + b)/2`` in ``a``'s dtype (into ``out``, which may be ``a``); stats ``[[a.b, |a|^2, |b|^2]]``."""
     check_pairs("shard_stats_mean", [a], [b])
     _check_device("shard_stats_mean", [a])
-    if out is None:
-        out = torch.empty_like(a, memory_format=torch.contiguous_format)
-    elif out.shape != a.shape or out.dtype != a.dtype or not out.is_contiguous():
-        raise ValueError("shard_stats_mean: out must be contiguous and match a in shape and dtype")
+    out = mean_out(a, out)
     stats = torch.empty(1, 3, dtype=torch.float32, device=a.device)
     _launch(_sum_stats_kernel, [[flat(a)], [flat(b)], [out.view(-1)]], [0], stats, 0.5)
     return out, stats
