@@ -33,6 +33,9 @@ from torch.utils._pytree import tree_map
 
 from .. import ops as _ops  # noqa: F401  (registers the simigrad:: graph ops)
 from .batch_dims import UNKNOWN, BatchDim, BatchDimPropagation
+from .batch_lattice import batch_size, is_static, same, shape_of, size
+from .index_layout import IndexLayout
+from .leaf_operands import NoCut, cuts_for
 from .linear_gradients import LinearGradients, Refuse
 from .plan import RegionPlan
 
@@ -59,15 +62,28 @@ class SplitBackwardPass:
             return
         if len(primals) != len(self.plan.roles):
             return self._give_up(graph, output, {n: "inputs do not line up with Dynamo's" for _, n in params})
-        if any(_symbolic(p) for p in primals + tangents):
-            why = ("the graph has dynamic shapes; the split needs a static batch: torch._dynamo.mark_static(x, 0) "
-                   "on the inputs, as AdaptiveBatching's loader does")
-            return self._give_up(graph, output, {n: why for _, n in params})
+        try:
+            wanted, reasons, slots = self._analyse(graph, output, outs, primals, tangents)
+        except Exception as error:  # a bug in a rule must not fail the user's compile
+            log.warning("simigrad: the split analysis failed on this graph", exc_info=True)
+            why = f"the split analysis failed ({type(error).__name__}: {error}); please report this graph"
+            return self._give_up(graph, output, {name: why for _, name in params})
+        if reasons:
+            return self._give_up(graph, output, reasons)
+        try:
+            self._rewrite(graph, output, outs, slots, wanted)
+        except Exception as error:  # a rewrite that fails must not fail the user's compile
+            self._revert(graph, output)
+            log.warning("simigrad: the split rewrite failed on this graph and was undone", exc_info=True)
+            why = f"the split rewrite failed ({type(error).__name__}: {error}); please report this graph"
+            return self._give_up(graph, output, {name: why for _, name, _ in wanted})
+
+    def _analyse(self, graph, output, outs, primals, tangents):
         slots, tangent_outputs = _output_slots(output, outs, primals, tangents)
         prop = _propagate(graph, primals, tangents, tangent_outputs, self.plan)
-        self.prop, self.linear = prop, LinearGradients(graph, prop, tangents)
+        self.prop, self.linear = prop, LinearGradients(graph, prop, tangents, tangent_outputs)
         wanted, reasons = [], {}
-        for index, name in params:
+        for index, name in self.plan.params:
             grad = outs[slots[index]] if index in slots else None
             if not isinstance(grad, fx.Node):
                 continue
@@ -78,32 +94,55 @@ class SplitBackwardPass:
                     raise Refuse(f"batch of {prop.batch} cannot be halved" if prop.batch else "no batched input")
                 if not self.linear.leaves(grad):
                     raise Refuse("its gradient does not scale with the batch (a term computed from parameters only)")
+                for leaf in self.linear.leaves(grad):
+                    if leaf.target is not operator.getitem:
+                        cuts_for(leaf, prop.get)
                 wanted.append((index, name, grad))
-            except Refuse as why:
+            except (Refuse, NoCut) as why:
                 reasons[name] = str(why)
-        if reasons:
-            return self._give_up(graph, output, reasons)
-        self._rewrite(graph, output, outs, slots, wanted)
+        return wanted, reasons, slots
 
     # --- rewrite ---
     def _rewrite(self, graph, output, outs, slots, wanted) -> None:
-        fake_mode = next(n.meta["val"].fake_mode for n in graph.nodes if isinstance(n.meta.get("val"), torch.Tensor)
-                         and hasattr(n.meta["val"], "fake_mode"))
-        self.fake_mode, self.graph = fake_mode, graph
+        """Emits the halves next to the whole, checks them, and only then rewires the outputs and drops the
+        whole contractions; :meth:`_revert` undoes everything before that point."""
+        self.fake_mode, self.graph = self.prop.fake_mode, graph
         self.halves: Tuple[Dict, Dict] = ({}, {})
+        self.created, self.original_outputs = [], output.args
         pairs = []
         for index, name, grad in wanted:
             pairs.append((index, grad, self._emit(grad, 0), self._emit(grad, 1)))
+        self._validate()
+        outs = list(outs)
         on_cpu = pairs and pairs[0][1].meta["val"].device.type == "cpu"
         if self.plan.stats_sum == "graph" or (self.plan.stats_sum == "auto" and on_cpu):
             launches = self._sum_in_graph(graph, output, pairs, outs, slots)
         else:
             launches = self._sum_in_kernel(graph, pairs, outs, slots)
         output.args = (outs,)
+        graph.lint()
         graph.eliminate_dead_code()
         _trim_convolution_backward(graph, self._fake)
-        graph.lint()
         log.info("simigrad: split %d parameter gradients into half-batch pairs (%s)", len(pairs), launches)
+
+    def _revert(self, graph: fx.Graph, output: fx.Node) -> None:
+        output.args = getattr(self, "original_outputs", output.args)
+        for node in reversed(getattr(self, "created", [])):
+            if node.graph is graph and not node.users:
+                graph.erase_node(node)
+
+    def _validate(self) -> None:
+        """Each half has the shape of its whole; each index operand still lines up with its values."""
+        for memo in self.halves:
+            for whole, half in memo.items():
+                if not isinstance(whole, fx.Node) or not isinstance(half, fx.Node) or whole is half:
+                    continue
+                a, b = whole.meta.get("val"), half.meta.get("val")
+                if isinstance(a, torch.Tensor) and not (
+                        isinstance(b, torch.Tensor) and len(a.shape) == len(b.shape)
+                        and all(same(size(x), size(y)) for x, y in zip(a.shape, b.shape))):
+                    raise AssertionError(f"half of {whole.name} has shape {getattr(b, 'shape', b)}, not {a.shape}")
+                _check_index_put(half)
 
     def _sum_in_kernel(self, graph, pairs, outs, slots) -> str:
         """GPU: one ``simigrad::split_grads`` launch per bucket of at most ``bucket_bytes`` of halves."""
@@ -153,59 +192,127 @@ class SplitBackwardPass:
         memo = self.halves[half]
         if node in memo:
             return memo[node]
-        if self.linear.is_contraction(node):
-            make = lambda a: self._slice(a, half, node) if isinstance(a, fx.Node) else a  # noqa: E731
+        if node.target is operator.getitem and node.args[0].target is aten.convolution_backward.default:
+            conv = self._emit_conv(node.args[0], half)
+            with node.graph.inserting_after(conv):
+                copy = self._call(operator.getitem, conv, node.args[1])
+        elif self.linear.is_contraction(node):
+            copy = self._emit_contraction(node, half)
         else:
-            make = lambda a: self._emit(a, half)  # noqa: E731
-        with node.graph.inserting_after(node):
-            copy = node.graph.node_copy(node, make)
-        self._fake(copy)
+            with node.graph.inserting_after(node):
+                copy = node.graph.node_copy(node, lambda a: self._emit(a, half))
+            self._fake(copy)
+            self.created.append(copy)
         memo[node] = copy
         return copy
 
-    def _slice(self, node: fx.Node, half: int, consumer: fx.Node):
-        """``node`` restricted to the samples of ``half`` along its batch dim, computed just before
+    def _emit_contraction(self, node: fx.Node, half: int) -> fx.Node:
+        """The contraction over the ``half``'s samples only: its operands cut (or its gradient masked)."""
+        how, cuts = cuts_for(node, self.prop.get)
+        cut = self._slice if how == "slice" else self._mask
+
+        def each(value, path):
+            if isinstance(value, (list, tuple)):
+                return type(value)(each(v, path + (j,)) for j, v in enumerate(value))
+            if isinstance(value, fx.Node) and path in cuts:
+                return cut(value, half, node, cuts[path])
+            return value
+
+        args = tuple(each(a, (i,)) for i, a in enumerate(node.args))
+        with node.graph.inserting_after(node):
+            copy = self._call(node.target, *args, **node.kwargs)
+        return copy
+
+    def _bounds(self, node: fx.Node, half: int, info: BatchDim, consumer: fx.Node):
+        """``(start, end)`` of the half's entries along ``info.dim`` of ``node`` (when ``info.outer`` is 1);
+        symbolic sizes become graph nodes."""
+        n, batch = size(node.meta["val"].shape[info.dim]), self.prop.batch
+        if not same(n, batch_size(info, batch)):
+            raise AssertionError(f"{node.name}: dim {info.dim} has {n} != {info.outer} x {batch} x {info.inner}")
+        if is_static(n):
+            cut = (batch // 2) * (n // batch)
+        else:
+            with self.graph.inserting_before(consumer):
+                length = self._call(aten.sym_size.int, node, info.dim)
+                cut = self._call(operator.floordiv, self._call(operator.mul, length, batch // 2), batch)
+        return (0, cut) if half == 0 else (cut, 2**63 - 1)
+
+    def _slice(self, node: fx.Node, half: int, consumer: fx.Node, info: BatchDim):
+        """``node`` restricted to the samples of ``half`` along ``info``'s dim, computed just before
         ``consumer`` (so it lands in the backward graph, not among the saved activations)."""
-        info = self.prop.info.get(node)
-        if node.target is aten.convolution_backward.default:
-            return self._emit_conv(node, half)
-        if not isinstance(info, BatchDim):
-            return node
         memo = self.halves[half]
-        key = ("slice", node, consumer)
+        key = ("slice", node, consumer, info)
         if key in memo:
             return memo[key]
-        shape, d, batch = list(node.meta["val"].shape), info.dim, self.prop.batch
+        if not same(info.outer, 1):
+            if not all(is_static(s) for s in shape_of(node)):
+                memo[key] = self._mask(node, half, consumer, info)
+                return memo[key]
+            memo[key] = self._slice_grouped(node, half, consumer, info)
+            return memo[key]
+        start, end = self._bounds(node, half, info, consumer)
+        with self.graph.inserting_before(consumer):
+            memo[key] = self._call(aten.slice.Tensor, node, info.dim, start, end)
+        return memo[key]
+
+    def _slice_grouped(self, node: fx.Node, half: int, consumer: fx.Node, info: BatchDim):
+        """The half's entries when the batch repeats ``outer`` times along the dim (``[T, B] -> [T*B]``)."""
+        shape, d, batch = list(shape_of(node)), info.dim, self.prop.batch
         if shape[d] != info.outer * batch * info.inner:
             raise AssertionError(f"{node.name}: dim {d} has {shape[d]} != {info.outer} x {batch} x {info.inner}")
         cut = (batch // 2) * info.inner
         start, end = (0, cut) if half == 0 else (cut, batch * info.inner)
-        with node.graph.inserting_before(consumer):
-            if info.outer == 1:
-                memo[key] = self._call(aten.slice.Tensor, node, d, start, end)
-            else:
-                contiguous = {"memory_format": torch.contiguous_format}
-                grouped = self._call(aten.clone.default, node, **contiguous)
-                grouped = self._call(aten.view.default, grouped, shape[:d] + [info.outer, batch * info.inner] + shape[d + 1 :])
-                part = self._call(aten.slice.Tensor, grouped, d + 1, start, end)
-                part = self._call(aten.clone.default, part, **contiguous)
-                memo[key] = self._call(aten.view.default, part, shape[:d] + [info.outer * (end - start)] + shape[d + 1 :])
+        contiguous = {"memory_format": torch.contiguous_format}
+        with self.graph.inserting_before(consumer):
+            grouped = self._call(aten.clone.default, node, **contiguous)
+            grouped = self._call(aten.view.default, grouped, shape[:d] + [info.outer, batch * info.inner] + shape[d + 1:])
+            part = self._call(aten.slice.Tensor, grouped, d + 1, start, end)
+            part = self._call(aten.clone.default, part, **contiguous)
+            return self._call(aten.view.default, part, shape[:d] + [info.outer * (end - start)] + shape[d + 1:])
+
+    def _mask(self, node: fx.Node, half: int, consumer: fx.Node, info: BatchDim):
+        """``node`` with the other half's entries along ``info``'s dim zeroed (same shape)."""
+        memo = self.halves[half]
+        key = ("mask", node, consumer, info)
+        if key in memo:
+            return memo[key]
+        val, batch = node.meta["val"], self.prop.batch
+        n = size(val.shape[info.dim])
+        if not (is_static(info.outer) and is_static(n // batch if is_static(n) else 1)):
+            raise AssertionError(f"{node.name}: cannot mask a batch repeated a symbolic number of times")
+        if not same(n, batch_size(info, batch)):
+            raise AssertionError(f"{node.name}: dim {info.dim} has {n} != {info.outer} x {batch} x {info.inner}")
+        with self.graph.inserting_before(consumer):
+            length = n if is_static(n) else self._call(aten.sym_size.int, node, info.dim)
+            period = length // info.outer if is_static(n) else self._call(operator.floordiv, length, info.outer)
+            cut = (batch // 2) * (period // batch) if is_static(n) else self._call(
+                operator.floordiv, self._call(operator.mul, period, batch // 2), batch)
+            position = self._call(torch.ops.prims.iota.default, length, start=0, step=1, dtype=torch.int64,
+                                  device=val.device, requires_grad=False)
+            if not same(info.outer, 1):
+                position = self._call(aten.remainder.Scalar, position, period)
+            keep = self._call(aten.lt.Scalar if half == 0 else aten.ge.Scalar, position, cut)
+            keep = self._call(torch.ops.prims.convert_element_type.default, keep, val.dtype)
+            shape = [1] * val.dim()
+            shape[info.dim] = -1
+            memo[key] = self._call(aten.mul.Tensor, node, self._call(aten.view.default, keep, shape))
         return memo[key]
 
     def _call(self, target, *args, **kwargs) -> fx.Node:
         node = self.graph.call_function(target, args, kwargs)
         self._fake(node)
+        self.created.append(node)
         return node
 
     def _emit_conv(self, conv: fx.Node, half: int):
         memo = self.halves[half]
         if conv not in memo:
+            info = next(i for i in (self.prop.get(conv.args[0]), self.prop.get(conv.args[1])) if isinstance(i, BatchDim))
+            args = [self._slice(a, half, conv, info) if k in (0, 1) else a for k, a in enumerate(conv.args)]
+            mask = list(args[10])
+            args[10] = [False, mask[1], mask[2]]
             with conv.graph.inserting_after(conv):
-                copy = conv.graph.node_copy(conv, lambda a: self._slice(a, half, conv) if isinstance(a, fx.Node) else a)
-            mask = list(copy.args[10])
-            copy.args = copy.args[:10] + ([False, mask[1], mask[2]],) + copy.args[11:]
-            self._fake(copy)
-            memo[conv] = copy
+                memo[conv] = self._call(conv.target, *args, **conv.kwargs)
         return memo[conv]
 
     def _fake(self, node: fx.Node) -> None:
@@ -235,11 +342,6 @@ class SplitBackwardPass:
         output.args = (outs,)
 
 
-def _symbolic(node: fx.Node) -> bool:
-    val = node.meta.get("val")
-    return isinstance(val, torch.Tensor) and any(isinstance(d, torch.SymInt) for d in val.shape)
-
-
 def _output_slots(output: fx.Node, outs, primals, tangents):
     """Which output slot holds each primal's gradient, and which forward output each tangent belongs to.
 
@@ -265,6 +367,35 @@ def _propagate(graph, primals, tangents, tangent_outputs, plan: RegionPlan) -> B
     first = BatchDimPropagation(graph, inputs, {t: UNKNOWN for t in tangents})
     tangent_dims = {t: first.info.get(tangent_outputs.get(t), UNKNOWN) for t in tangents}
     return BatchDimPropagation(graph, inputs, tangent_dims)
+
+
+def _check_index_put(node: fx.Node) -> None:
+    """Fake kernels let ``index_put`` values that do not broadcast to the indexed shape through (Inductor
+    then fails); check it here."""
+    if node.target not in (aten.index_put.default, aten._unsafe_index_put.default,
+                           aten._unsafe_masked_index_put_accumulate.default):
+        return
+    masked = node.target is aten._unsafe_masked_index_put_accumulate.default
+    base, indices = node.args[0], list(node.args[2] if masked else node.args[1])
+    values = node.args[3] if masked else node.args[2]
+    block = _broadcast([tuple(shape_of(t)) for t in indices if isinstance(t, fx.Node)], node)
+    layout = IndexLayout(len(shape_of(base)), [() if isinstance(t, fx.Node) else None for t in indices])
+    rest = [n for d, n in enumerate(shape_of(base)) if layout.of_self(d) is not None]
+    indexed = rest[: layout.offset] + list(block) + rest[layout.offset:]
+    for fitted in [values] + ([node.args[1]] if masked else []):
+        if tuple(_broadcast([tuple(indexed), shape_of(fitted)], node)) != tuple(indexed):
+            raise AssertionError(f"{node.name}: {fitted.name} {shape_of(fitted)} does not fit {tuple(indexed)}")
+
+
+def _broadcast(shapes, node):
+    out = []
+    for k in range(max(len(s) for s in shapes)):
+        sizes = [s[len(s) - 1 - k] for s in shapes if k < len(s)]
+        big = [n for n in sizes if not same(n, 1)]
+        if any(not same(n, big[0]) for n in big):
+            raise AssertionError(f"{node.name}: shapes {shapes} do not broadcast")
+        out.append(big[0] if big else 1)
+    return tuple(reversed(out))
 
 
 def _is_float(node: fx.Node) -> bool:
