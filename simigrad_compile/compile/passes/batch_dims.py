@@ -255,7 +255,7 @@ def _iota(p: BatchDimPropagation, node: fx.Node) -> Optional[Iota]:
         return Iota(0, size(kw.get("start", 0)), size(kw.get("step", 1)), size(args[0]))
     if target in (aten.arange.default, aten.arange.start, aten.arange.start_step):
         start, step = (0, 1) if target is aten.arange.default else (args[0], args[2] if len(args) > 2 else 1)
-        if not all(isinstance(x, (int, torch.SymInt)) for x in (start, step)):
+        if not all(isinstance(x, (int, torch.SymInt, fx.Node)) for x in (start, step)):
             return None
         return Iota(0, size(start), size(step), shape_of(node)[0])
     src = args[0] if args and isinstance(args[0], fx.Node) else None

@@ -58,6 +58,9 @@ class Iota:
 
 
 def size(x) -> Size:
+    """An int, or the sympy expression of a symbolic size (a SymInt, or a graph node computing one)."""
+    if isinstance(x, fx.Node):
+        x = x.meta.get("val")
     if isinstance(x, torch.SymInt):
         constant = x.node.maybe_as_int()
         return int(constant) if constant is not None else x.node.expr

@@ -156,7 +156,7 @@ def unbind(p, node) -> Info:
 def repeat(p, node) -> Info:
     i, reps = p.get(node.args[0]), list(node.args[1])
     d = i.dim + len(reps) - len(shape_of(node.args[0]))
-    r = reps[d]
+    r = size(reps[d])
     return i.at(d) if same(r, 1) else BatchDim(d, i.inner, i.outer * r)
 
 
@@ -169,7 +169,7 @@ def constant_pad(p, node) -> Info:
     i, pad = p.get(node.args[0]), list(node.args[1])
     n = len(shape_of(node.args[0]))
     k = n - 1 - i.dim
-    if 2 * k + 1 < len(pad) and (pad[2 * k] != 0 or pad[2 * k + 1] != 0):
+    if 2 * k + 1 < len(pad) and not (same(size(pad[2 * k]), 0) and same(size(pad[2 * k + 1]), 0)):
         return p.unknown("pads the batch dim")
     return i
 
