@@ -1,0 +1,210 @@
+"""The split pass on the constructs real models use (issue 8): each small module's statistics against two
+separate half-batch eager passes in fp64, its gradient against their sum; ops that mix samples are refused."""
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import simigrad_compile
+from models import flat_grads
+from split_cases import (Attention, Bag, ChannelsLastHead, ClassToken, Conv, HFPaddingMask, LearnedBias, Linear,
+                         OffsetBag, PaddedLabels, PositionIds, ShiftRight, half_gradients, loss_of)
+
+B = 5
+
+
+def compile_and_step(model, inputs, compiler="aot_eager", loss=loss_of, **options):
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="simigrad", options={"compiler": compiler, **options})
+    model.zero_grad(set_to_none=True)
+    loss(compiled(*inputs)).backward()
+    return flat_grads(model), simigrad_compile.gradient_stats(model, reset=True)
+
+
+def assert_split_like_halves(got, stats, g1, g2):
+    g = g1 + g2
+    assert stats.mode == "batch" and not stats.unsplit and stats.missing == (), stats.unsplit
+    assert (got - g).norm() / g.norm() < 1e-5, "compiled gradient differs from the sum of the halves"
+    assert abs(stats.dot - (g1 @ g2).item()) <= 1e-4 * (g1.norm() * g2.norm()).item()
+    assert stats.sq_norm_1 == pytest.approx((g1 @ g1).item(), rel=1e-4)
+    assert stats.sq_norm_2 == pytest.approx((g2 @ g2).item(), rel=1e-4)
+    assert stats.cosine == pytest.approx(F.cosine_similarity(g1, g2, dim=0).item(), abs=1e-4)
+
+
+def check(model, inputs, compiler="aot_eager"):
+    got, stats = compile_and_step(model, inputs, compiler)
+    assert_split_like_halves(got, stats, *half_gradients(model, inputs))
+
+
+def _image(c=3, size=8):
+    return torch.randn(B, c, size, size)
+
+
+def _tokens(t=7, d=6):
+    return torch.randn(B, t, d)
+
+
+def _keep():
+    keep = torch.ones(B, 6)
+    keep[1, 4:], keep[3, 2:] = 0, 0
+    return keep
+
+
+INDEX = torch.randint(0, 6, (B, 7, 3))
+CASES = {
+    # the issue's table
+    "hf_padding_mask": lambda: (HFPaddingMask(), (torch.randn(B, 6, 8), _keep())),
+    "class_token_cat": lambda: (ClassToken(), (torch.randn(B, 6, 8),)),
+    "max_pool_stem": lambda: (Conv(lambda h: F.max_pool2d(h, 3, 2, 1)), (_image(),)),
+    "constant_pad_labels": lambda: (PaddedLabels(), (torch.randn(B, 6, 4), torch.randint(0, 6, (B, 6)))),
+    "slice_assignment_copy": lambda: (ShiftRight(), (torch.randn(B, 6, 4),)),
+    "channels_last_adaptive_pool": lambda: (ChannelsLastHead(), (_image(size=7),)),
+    "where_learned_bias": lambda: (LearnedBias(), (torch.randn(B, 5, 4),)),
+    "position_ids_repeat": lambda: (PositionIds(), (torch.randn(B, 5, 4),)),
+    # pooling and their backwards
+    "max_pool_indices": lambda: (Conv(lambda h: F.max_pool2d(h, 2, return_indices=True)[0]), (_image(),)),
+    "max_pool_ceil_3d": lambda: (Conv(lambda h: F.max_pool3d(h, 2, ceil_mode=True), 2, 3), (torch.randn(B, 2, 5, 5, 5),)),
+    "avg_pool": lambda: (Conv(lambda h: F.avg_pool2d(h, 3, 2, 1)), (_image(),)),
+    "avg_pool_1d": lambda: (Conv(lambda h: F.avg_pool1d(h, 3, 2), 3, 1), (torch.randn(B, 3, 9),)),
+    "adaptive_avg_pool": lambda: (Conv(lambda h: F.adaptive_avg_pool2d(h, 3)), (_image(),)),
+    "adaptive_max_pool": lambda: (Conv(lambda h: F.adaptive_max_pool2d(h, 3)), (_image(),)),
+    # resampling, padding, patches, shuffles
+    "interpolate_nearest": lambda: (Conv(lambda h: F.interpolate(h, scale_factor=2)), (_image(),)),
+    "interpolate_bilinear": lambda: (Conv(lambda h: F.interpolate(h, size=(11, 11), mode="bilinear")), (_image(),)),
+    "interpolate_bicubic_area": lambda: (Conv(lambda h: F.interpolate(F.interpolate(h, scale_factor=1.5, mode="bicubic"),
+                                                                      size=(4, 4), mode="area")), (_image(),)),
+    "pad_reflect_replicate_circular": lambda: (Conv(lambda h: F.pad(F.pad(F.pad(h, (1, 2, 1, 0), mode="reflect"), (0, 1, 1, 0),
+                                                                          mode="replicate"), (1, 1, 2, 0), mode="circular")),
+                                               (_image(),)),
+    "unfold_fold": lambda: (Conv(lambda h: torch.cat([F.fold(F.unfold(h, 2, stride=2) * 2, (8, 8), 2, stride=2).flatten(1),
+                                                      F.unfold(h, 3).flatten(1)], 1)), (_image(),)),
+    "pixel_shuffle_unshuffle": lambda: (Conv(lambda h: F.pixel_unshuffle(F.pixel_shuffle(h, 2) ** 2, 2)), (_image(),)),
+    "roll_flip_tensor_unfold": lambda: (Conv(lambda h: torch.roll(h, (1, -2), (2, 3)).flip(1, 3).unfold(3, 3, 2) * 1.5),
+                                        (_image(),)),
+    # along non-batch dims
+    "gather": lambda: (Linear(lambda h, i: h.gather(2, i)), (_tokens(), INDEX)),
+    "scatter_and_scatter_add": lambda: (Linear(lambda h, i: torch.zeros_like(h).scatter(2, i, h[..., :3])
+                                               + torch.zeros_like(h).scatter_add(2, i, h[..., 3:] ** 2)), (_tokens(), INDEX)),
+    "cumsum": lambda: (Linear(lambda h: h.cumsum(1)), (_tokens(),)),
+    "index_select": lambda: (Linear(lambda h: h.index_select(2, torch.tensor([0, 2, 5]))), (_tokens(),)),
+    "where": lambda: (Linear(lambda h: torch.where(h > 0, h, h * 0.1)), (_tokens(),)),
+    "masked_fill_broadcast_mask": lambda: (Linear(lambda h: h.masked_fill(torch.arange(7)[None, :, None] % 3 == 0, -1.0)),
+                                           (_tokens(),)),
+    "masked_fill_per_sample_mask": lambda: (Linear(lambda h, m: h.masked_fill(m, 0.0)), (_tokens(), torch.rand(B, 7, 1) > 0.5)),
+    # embedding bags: one bag per sample (2-D input)
+    "embedding_bag_sum": lambda: (Bag("sum"), (torch.randint(0, 20, (B, 4)), torch.rand(B, 4))),
+    "embedding_bag_mean_padding": lambda: (Bag("mean", padding_idx=0), (torch.randint(0, 4, (B, 4)) * 5, torch.rand(B, 4))),
+    "embedding_bag_max": lambda: (Bag("max"), (torch.randint(0, 20, (B, 4)), torch.rand(B, 4))),
+    "embedding_bag_per_sample_weights": lambda: (Bag("sum", weighted=True), (torch.randint(0, 20, (B, 4)), torch.rand(B, 4))),
+    # attention
+    **{f"sdpa_{kind}": (lambda kind=kind: (Attention(kind), (torch.randn(B, 6, 8), _keep())))
+       for kind in ("causal", "bool_broadcast", "additive_broadcast", "bool_per_sample", "additive_per_sample",
+                    "expanded", "learned_bias")},
+    **{f"sdpa_math_{kind}": (lambda kind=kind: (Attention(kind, math=True), (torch.randn(B, 6, 8), _keep())))
+       for kind in ("none", "bool_per_sample", "additive_broadcast")},
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_construct_splits_like_two_half_batches(name):
+    torch.manual_seed(0)
+    model, inputs = CASES[name]()
+    check(model, inputs)
+
+
+@pytest.mark.parametrize("mode", ["sum", "mean", "max"])
+def test_embedding_bag_offsets_as_the_batched_input(mode):
+    """1-D indices cut into bags by offsets: the offsets carry the batch (``batch_dim={"offsets": 0, ...}``)."""
+    torch.manual_seed(1)
+    model, flat, offsets = OffsetBag(mode), torch.randint(0, 20, (17,)), torch.tensor([0, 3, 4, 9, 12])
+    got, stats = compile_and_step(model, (offsets, flat), batch_dim={"offsets": 0, "flat": None})
+    halves = []
+    for bags, (start, end) in ((slice(0, 2), (0, 4)), (slice(2, 5), (4, 17))):
+        ref = OffsetBag(mode).double()
+        ref.load_state_dict(model.state_dict())
+        (loss_of(ref(offsets[bags] - start, flat[start:end])) * ((bags.stop - bags.start) / 5)).backward()
+        halves.append(flat_grads(ref))
+    assert_split_like_halves(got, stats, *halves)
+
+
+def test_inductor_compiles_the_rewritten_constructs():
+    """One Inductor compile over the constructs whose rewrites touch indices and strides: position ids (which
+    used to fail in Inductor with ``Broadcast failed in ExpandView``), the HF mask, the class token, max-pool."""
+
+    class Mixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.positions, self.mask, self.cls = PositionIds(t=6, d=8), HFPaddingMask(), ClassToken()
+
+        def forward(self, x, keep):
+            h = self.cls(self.mask(self.positions(x), keep))
+            return F.max_pool1d(h.transpose(1, 2), 3, 2, 1)
+
+    torch.manual_seed(2)
+    model, inputs = Mixed(), (torch.randn(B, 6, 8), _keep())
+    check(model, inputs, compiler="inductor")
+
+
+MIXING = {
+    "cumsum": lambda h: h.cumsum(0),
+    "sort": lambda h: h.sort(0).values,
+    "topk": lambda h: h.topk(2, 0).values,
+    "flip": lambda h: h.flip(0),
+    "roll": lambda h: h.roll(1, 0),
+    "roll_flattened": lambda h: h.roll(1),
+    "cummax": lambda h: h.cummax(0).values,
+    "amax": lambda h: h * h.amax(0),
+    "max": lambda h: h.max(0).values,
+    "global_max": lambda h: h - h.max(),
+    "logsumexp": lambda h: h - h.logsumexp(0),
+    "prod": lambda h: h.prod(0),
+    "softmax": lambda h: h * h.softmax(0),
+    "median": lambda h: h.median(0).values,
+    "gather": lambda h: h.gather(0, torch.tensor([1, 0, 3, 2, 5, 4])[:, None].expand(6, 4)),
+    "index_permutation": lambda h: h[torch.tensor([1, 0, 3, 2, 5, 4])],
+    "cross_sample_matmul": lambda h: h @ h.T,
+    "diff": lambda h: torch.diff(h, dim=0),
+    "pdist": lambda h: F.pdist(h),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MIXING))
+def test_ops_that_mix_samples_are_refused(name):
+    """Sorting, scanning, permuting or max-reducing along the batch mixes samples: no split, every parameter
+    named with the op, and the gradient stays exact."""
+    torch.manual_seed(3)
+    model, x = Linear(MIXING[name], d=4), torch.randn(6, 4)
+    got, stats = compile_and_step(model, (x,))
+    model.zero_grad()
+    loss_of(model(x)).backward()
+    assert (got - flat_grads(model)).norm() / flat_grads(model).norm() < 1e-5
+    assert stats.mode == "none" and set(stats.unsplit) == {"fc.weight", "fc.bias"}
+    why = stats.unsplit["fc.weight"]
+    assert "depends on" in why and ("batch" in why or "samples" in why or "whole tensor" in why), why
+
+
+def test_a_failing_rewrite_becomes_a_named_refusal(monkeypatch):
+    """Reintroduce the position-ids bug (the index side left whole): the pass's own check catches it, undoes the
+    rewrite and names the refusal; the compile and the gradient are unaffected."""
+    from simigrad_compile.compile.passes import leaf_operands, split_backward
+
+    original = leaf_operands.cuts_for
+
+    def index_left_whole(node, info_of):
+        how, cuts = original(node, info_of)
+        return how, {path: info for path, info in cuts.items() if len(path) == 1}  # drops cuts inside the index list
+
+    monkeypatch.setattr(split_backward, "cuts_for", index_left_whole)
+    torch.manual_seed(4)
+    model, x = PositionIds(), torch.randn(B, 5, 4)
+    got, stats = compile_and_step(model, (x,))
+    model.zero_grad()
+    loss_of(model(x)).backward()
+    assert (got - flat_grads(model)).norm() / flat_grads(model).norm() < 1e-6
+    assert stats.mode == "none" and set(stats.unsplit) == {n for n, _ in model.named_parameters()}
+    assert all("split rewrite failed" in why and "_unsafe_masked_index_put_accumulate" in why
+               for why in stats.unsplit.values())
+    assert math.isnan(stats.cosine)
