@@ -208,3 +208,33 @@ def test_a_failing_rewrite_becomes_a_named_refusal(monkeypatch):
     assert all("split rewrite failed" in why and "_unsafe_masked_index_put_accumulate" in why
                for why in stats.unsplit.values())
     assert math.isnan(stats.cosine)
+
+
+def test_dynamic_sequence_length_keeps_batch_statistics_without_extra_graphs():
+    """Batches of varying length make Dynamo compile one static graph, then one with a symbolic length; the
+    batch stays static, so every step splits, and the simigrad backend compiles no more graphs than a plain
+    backend does on the same steps."""
+    from torch._dynamo.utils import counters
+
+    from models import TinyGPT
+
+    lengths, batch = [8, 11, 13], 4
+    torch.manual_seed(5)
+    steps = [(torch.randint(0, 40, (batch, t)), torch.randint(0, 40, (batch, t))) for t in lengths]
+
+    def graphs(backend, **kwargs):
+        torch._dynamo.reset()
+        counters.clear()
+        compiled = torch.compile(model, backend=backend, **kwargs)
+        for step, (idx, tgt) in enumerate(steps):
+            model.zero_grad(set_to_none=True)
+            compiled(idx, tgt).backward()
+            if backend == "simigrad":
+                got, stats = flat_grads(model), simigrad_compile.gradient_stats(model, reset=True)
+                g1, g2 = half_gradients(model, (idx, tgt), loss=lambda loss: loss)
+                assert_split_like_halves(got, stats, g1, g2)
+        return counters["stats"]["unique_graphs"]
+
+    model = TinyGPT(t=16, pos_embedding=True)
+    plain = graphs("aot_eager")
+    assert graphs("simigrad", options={"compiler": "aot_eager"}) == plain == 2
