@@ -16,15 +16,17 @@ def loss_of(out):
     return (flat * weights).sum(1).mean()
 
 
-def half_gradients(model, inputs, loss=loss_of, batch_size=None):
-    """g1, g2 from two separate eager fp64 passes on the halves, each scaled by its share of the samples."""
+def half_gradients(model, inputs, loss=loss_of, dims=None):
+    """g1, g2 from two separate eager fp64 passes on the halves (inputs cut along ``dims``, default 0), each
+    scaled by its share of the samples."""
     ref = copy.deepcopy(model).double()
     xs = [t.double() if t.is_floating_point() else t for t in inputs]
-    batch = batch_size or xs[0].shape[0]
+    dims = dims or [0] * len(xs)
+    batch = xs[0].shape[dims[0]]
     halves = []
-    for rows in (slice(0, batch // 2), slice(batch // 2, batch)):
+    for start, end in ((0, batch // 2), (batch // 2, batch)):
         ref.zero_grad(set_to_none=True)
-        (loss(ref(*[x[rows] for x in xs])) * ((rows.stop - rows.start) / batch)).backward()
+        (loss(ref(*[x.narrow(d, start, end - start) for x, d in zip(xs, dims)])) * ((end - start) / batch)).backward()
         halves.append(flat_grads(ref))
     return halves
 
@@ -199,3 +201,34 @@ class OffsetBag(nn.Module):
 
     def forward(self, offsets, flat):
         return self.fc(self.bag(flat, offsets))
+
+
+class Recurrent(nn.Module):
+    """``nn.GRU``/``nn.LSTM`` (``h0`` given: the initial state carries the batch in dim 1) and a linear head."""
+
+    def __init__(self, kind, batch_first=True, layers=1, bidirectional=False):
+        super().__init__()
+        self.rnn = getattr(nn, kind)(3, 6, num_layers=layers, bidirectional=bidirectional, batch_first=batch_first)
+        self.fc = nn.Linear(6 * (1 + bidirectional), 2)
+        self.batch_first = batch_first
+
+    def forward(self, x, h0=None):
+        state = h0 if h0 is None or isinstance(self.rnn, nn.GRU) else (h0, torch.tanh(h0))
+        y, _ = self.rnn(x, state)
+        return self.fc(y if self.batch_first else y.transpose(0, 1))
+
+
+class CellLoop(nn.Module):
+    """An RNN cell stepped over the sequence in Python (unrolled by Dynamo)."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.cell, self.fc = getattr(nn, kind)(3, 6), nn.Linear(6, 2)
+
+    def forward(self, x, h):
+        state = (h, torch.tanh(h)) if isinstance(self.cell, nn.LSTMCell) else h
+        outs = []
+        for t in range(x.shape[1]):
+            state = self.cell(x[:, t], state)
+            outs.append(state[0] if isinstance(state, tuple) else state)
+        return self.fc(torch.stack(outs, 1))

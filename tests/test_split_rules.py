@@ -10,8 +10,8 @@ import torch.nn.functional as F
 
 import simigrad_compile
 from models import flat_grads
-from split_cases import (Attention, Bag, ChannelsLastHead, ClassToken, Conv, HFPaddingMask, LearnedBias, Linear,
-                         OffsetBag, PaddedLabels, PositionIds, ShiftRight, half_gradients, loss_of)
+from split_cases import (Attention, Bag, CellLoop, ChannelsLastHead, ClassToken, Conv, HFPaddingMask, LearnedBias,
+                         Linear, OffsetBag, PaddedLabels, PositionIds, Recurrent, ShiftRight, half_gradients, loss_of)
 
 B = 5
 
@@ -238,3 +238,35 @@ def test_dynamic_sequence_length_keeps_batch_statistics_without_extra_graphs():
     model = TinyGPT(t=16, pos_embedding=True)
     plain = graphs("aot_eager")
     assert graphs("simigrad", options={"compiler": "aot_eager"}) == plain == 2
+
+
+RECURRENT = {
+    "gru_batch_first": lambda: (Recurrent("GRU"), (torch.randn(4, 3, 3),), (0,), {}),
+    "gru_h0_batch_in_dim_1": lambda: (Recurrent("GRU"), (torch.randn(4, 3, 3), torch.randn(1, 4, 6)), (0, 1),
+                                      {"batch_dim": {"x": 0, "h0": 1}}),
+    "gru_seq_first_two_layers_bidirectional": lambda: (Recurrent("GRU", False, 2, True), (torch.randn(3, 4, 3), torch.randn(4, 4, 6)),
+                                                       (1, 1), {"batch_dim": 1}),
+    "lstm_h0_without_mkldnn": lambda: (Recurrent("LSTM"), (torch.randn(4, 3, 3), torch.randn(1, 4, 6)), (0, 1),
+                                       {"batch_dim": {"x": 0, "h0": 1}}),
+    "lstm_cell": lambda: (CellLoop("LSTMCell"), (torch.randn(4, 3, 3), torch.randn(4, 6)), (0, 0), {}),
+    "gru_cell": lambda: (CellLoop("GRUCell"), (torch.randn(4, 3, 3), torch.randn(4, 6)), (0, 0), {}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(RECURRENT))
+def test_recurrent_layers_split(name):
+    """GRU and LSTM under ``allow_rnn`` with the initial state carrying the batch, and RNN cells. Torch 2.13 fails
+    to compile ``nn.LSTM`` on CPU with mkldnn enabled (with any backend), so the LSTM case turns mkldnn off."""
+    torch.manual_seed(6)
+    model, inputs, dims, options = RECURRENT[name]()
+    with torch._dynamo.config.patch(allow_rnn=True), torch.backends.mkldnn.flags(enabled=False):
+        got, stats = compile_and_step(model, inputs, **options)
+    assert_split_like_halves(got, stats, *half_gradients(model, inputs, dims=dims))
+
+
+def test_an_initial_state_without_its_batch_dim_is_refused_by_name():
+    model, inputs = Recurrent("GRU"), (torch.randn(4, 3, 3), torch.randn(1, 4, 6))
+    with torch._dynamo.config.patch(allow_rnn=True):
+        got, stats = compile_and_step(model, inputs)
+    assert stats.mode == "none"
+    assert all("'h0'" in why and "batch_dim" in why for why in stats.unsplit.values()), stats.unsplit

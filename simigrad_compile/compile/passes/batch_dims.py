@@ -51,7 +51,8 @@ def _pointwise(target) -> bool:
 class BatchDimPropagation:
     """Computes ``info[node]`` for every node of ``graph``; ``batch`` is the (global, static) batch size B."""
 
-    def __init__(self, graph: fx.Graph, input_dims: Dict[fx.Node, Optional[int]], tangent_dims: Dict[fx.Node, Info]):
+    def __init__(self, graph: fx.Graph, input_dims: Dict[fx.Node, Optional[int]], tangent_dims: Dict[fx.Node, Info],
+                 names: Optional[Dict[fx.Node, str]] = None):
         self.info: Dict[fx.Node, Info] = {}
         self.why: Dict[fx.Node, str] = {}
         self.iota: Dict[fx.Node, Iota] = {}
@@ -59,8 +60,8 @@ class BatchDimPropagation:
         self.problems: List[str] = []
         self.fake_mode = next((n.meta["val"].fake_mode for n in graph.nodes
                                if hasattr(n.meta.get("val"), "fake_mode")), None)
-        for node, dim in input_dims.items():
-            self.info[node] = self._input(node, dim)
+        self.names = names or {}
+        self._inputs(input_dims)
         self.info.update(tangent_dims)
         for node in graph.nodes:
             if node not in self.info:
@@ -68,26 +69,37 @@ class BatchDimPropagation:
                 self.info[node] = self._rule(node)
             self._track_iota(node)
 
-    def _input(self, node: fx.Node, dim: Optional[int]) -> Info:
-        shape = shape_of(node)
-        if dim is None or shape is None:
-            return None
-        if dim < 0:
-            dim += len(shape)
-        if not 0 <= dim < len(shape):
-            self.problems.append(f"input {node.name} has no dim {dim}")
-            return UNKNOWN
-        if not isinstance(shape[dim], int):
-            self.problems.append(f"the batch dim of input {node.name} is dynamic ({shape[dim]}); dynamic shapes are split "
-                                 "only with a static batch: torch._dynamo.mark_static(x, 0) on the inputs, as "
-                                 "AdaptiveBatching's loader does")
-            return UNKNOWN
-        if self.batch is None:
-            self.batch = shape[dim]
-        elif shape[dim] != self.batch:
-            self.problems.append(f"input {node.name} has batch {shape[dim]} != {self.batch}")
-            return UNKNOWN
-        return BatchDim(dim)
+    def _inputs(self, input_dims: Dict[fx.Node, Optional[int]]) -> None:
+        """The user's tensors: the batch is the size most of them have along their ``batch_dim``."""
+        found = {}
+        for node, dim in input_dims.items():
+            shape = shape_of(node)
+            self.info[node] = None
+            if dim is None or shape is None:
+                continue
+            dim = dim + len(shape) if dim < 0 else dim
+            if not 0 <= dim < len(shape):
+                self.problems.append(f"input '{self.names.get(node, node.name)}' has no dim {dim}")
+                self.info[node] = UNKNOWN
+            elif not isinstance(shape[dim], int):
+                self.problems.append(
+                    f"the batch dim of input {node.name} is dynamic ({shape[dim]}); dynamic shapes are split only with a "
+                    "static batch: torch._dynamo.mark_static(x, 0) on the inputs, as AdaptiveBatching's loader does")
+                self.info[node] = UNKNOWN
+            else:
+                found[node] = (dim, shape[dim])
+        sizes = [n for _, n in found.values()]
+        if not sizes:
+            return
+        self.batch = max(sizes, key=sizes.count)
+        for node, (dim, n) in found.items():
+            self.info[node] = BatchDim(dim) if n == self.batch else UNKNOWN
+        if len(set(sizes)) > 1:
+            listed = ", ".join(f"'{self.names.get(node, node.name)}' has {n} along dim {dim}"
+                               for node, (dim, n) in found.items())
+            self.problems.append(f"the inputs disagree on the batch size ({listed}): give each input its own "
+                                 "batch_dim (e.g. batch_dim={'x': 0, 'h0': 1} for an RNN's initial state, None for an "
+                                 "input without a batch)")
 
     def get(self, arg) -> Info:
         return self.info.get(arg) if isinstance(arg, fx.Node) else None

@@ -364,9 +364,10 @@ def _output_slots(output: fx.Node, outs, primals, tangents):
 
 def _propagate(graph, primals, tangents, tangent_outputs, plan: RegionPlan) -> BatchDimPropagation:
     inputs = {p: (r.batch_dim if r.kind == "input" else None) for p, r in zip(primals, plan.roles)}
-    first = BatchDimPropagation(graph, inputs, {t: UNKNOWN for t in tangents})
+    names = {p: r.name for p, r in zip(primals, plan.roles)}
+    first = BatchDimPropagation(graph, inputs, {t: UNKNOWN for t in tangents}, names)
     tangent_dims = {t: first.info.get(tangent_outputs.get(t), UNKNOWN) for t in tangents}
-    return BatchDimPropagation(graph, inputs, tangent_dims)
+    return BatchDimPropagation(graph, inputs, tangent_dims, names)
 
 
 def _check_index_put(node: fx.Node) -> None:
