@@ -201,8 +201,8 @@ class SplitBackwardPass:
         else:
             with node.graph.inserting_after(node):
                 copy = node.graph.node_copy(node, lambda a: self._emit(a, half))
-            self._fake(copy)
             self.created.append(copy)
+            self._fake(copy)
         memo[node] = copy
         return copy
 
@@ -300,8 +300,8 @@ class SplitBackwardPass:
 
     def _call(self, target, *args, **kwargs) -> fx.Node:
         node = self.graph.call_function(target, args, kwargs)
-        self._fake(node)
         self.created.append(node)
+        self._fake(node)
         return node
 
     def _emit_conv(self, conv: fx.Node, half: int):
