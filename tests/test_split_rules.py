@@ -270,3 +270,25 @@ def test_an_initial_state_without_its_batch_dim_is_refused_by_name():
         got, stats = compile_and_step(model, inputs)
     assert stats.mode == "none"
     assert all("'h0'" in why and "batch_dim" in why for why in stats.unsplit.values()), stats.unsplit
+
+
+def test_aot_eager_max_pool_in_a_fresh_process():
+    """Inductor's max-pool decomposition needs ``torch._inductor.lowering`` loaded; a fresh process that only
+    asks for ``compiler="aot_eager"`` used to fail with ``module 'torch._inductor' has no attribute 'lowering'``."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import torch, torch.nn as nn, torch.nn.functional as F\n"
+        "import simigrad_compile\n"
+        "m = nn.Conv2d(3, 4, 3)\n"
+        "c = torch.compile(lambda x: F.max_pool2d(m(x), 3, 2, 1), backend='simigrad', options={'compiler': 'aot_eager'})\n"
+        "c(torch.randn(4, 3, 9, 9)).sum().backward()\n"
+        "print('mode', simigrad_compile.gradient_stats(m).mode)\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "mode batch" in done.stdout

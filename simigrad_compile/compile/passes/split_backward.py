@@ -14,10 +14,17 @@ the dot products are graph ops that Inductor fuses, and ``simigrad.record_stats`
              gs = simigrad.split_grads([permute_8(mm_4a), ...], [permute_8(mm_4b), ...], [4, ...])
              ->  output[..., gs[0], ...]
 
-The two halves replace the whole, so no matmul FLOPs are added. If any parameter cannot be split soundly,
-nothing is rewritten: the pass names every such parameter with its reason, and either raises
-(``group_mode="batch"``) or routes one gradient through ``simigrad.mark_unsplit`` so the region reports the
-fallback at run time, also on a warm cache where this pass does not run.
+Every operand that the contraction lines up with the batch is cut, batch-free ones included (the position ids
+``arange(T).repeat(B, 1)`` that index an embedding's gradient); see :mod:`.leaf_operands`. The two halves replace
+the whole, so no matmul FLOPs are added (contractions that cannot be sliced, such as the embedding-bag
+backward, multiply their gradient by the half's 0/1 mask instead). The halves are checked (shapes, and index
+operands that still fit their values) before anything is rewired.
+
+If any parameter cannot be split soundly, nothing is rewritten: the pass names every such parameter with its
+reason, and either raises (``group_mode="batch"``) or routes one gradient through ``simigrad.mark_unsplit`` so
+the region reports the fallback at run time, also on a warm cache where this pass does not run. An exception
+inside the analysis or the rewrite (a bug of ours) is undone and reported the same way: it never fails the
+user's compile.
 """
 
 from __future__ import annotations
