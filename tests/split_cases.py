@@ -232,3 +232,16 @@ class CellLoop(nn.Module):
             state = self.cell(x[:, t], state)
             outs.append(state[0] if isinstance(state, tuple) else state)
         return self.fc(torch.stack(outs, 1))
+
+
+class WeightNormConv(nn.Module):
+    """wav2vec2's positional conv: a weight-normed conv (``_weight_norm_interface_backward`` is linear in the
+    weight's gradient)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.utils.parametrizations.weight_norm(nn.Conv1d(3, 4, 3, padding=1), dim=2)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(F.gelu(self.conv(x)).mean(2))

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 import simigrad_compile
 from models import flat_grads
 from split_cases import (Attention, Bag, CellLoop, ChannelsLastHead, ClassToken, Conv, HFPaddingMask, LearnedBias,
-                         Linear, OffsetBag, PaddedLabels, PositionIds, Recurrent, ShiftRight, half_gradients, loss_of)
+                         Linear, OffsetBag, PaddedLabels, PositionIds, Recurrent, ShiftRight, WeightNormConv, half_gradients,
+                         loss_of)
 
 B = 5
 
@@ -94,6 +95,7 @@ CASES = {
     "masked_fill_broadcast_mask": lambda: (Linear(lambda h: h.masked_fill(torch.arange(7)[None, :, None] % 3 == 0, -1.0)),
                                            (_tokens(),)),
     "masked_fill_per_sample_mask": lambda: (Linear(lambda h, m: h.masked_fill(m, 0.0)), (_tokens(), torch.rand(B, 7, 1) > 0.5)),
+    "weight_norm": lambda: (WeightNormConv(), (torch.randn(B, 3, 9),)),
     # embedding bags: one bag per sample (2-D input)
     "embedding_bag_sum": lambda: (Bag("sum"), (torch.randint(0, 20, (B, 4)), torch.rand(B, 4))),
     "embedding_bag_mean_padding": lambda: (Bag("mean", padding_idx=0), (torch.randint(0, 4, (B, 4)) * 5, torch.rand(B, 4))),

@@ -37,6 +37,7 @@ _LINEAR_IN_FIRST = {
     aten.roll.default, aten.repeat.default, aten.as_strided.default, aten.index.Tensor, aten._unsafe_index.Tensor,
     aten.index_select.default, aten.gather.default, aten.split.Tensor, aten.split_with_sizes.default,
     aten.unbind.int, aten.unfold.default, operator.getitem, prims.view_of.default,
+    aten._weight_norm_interface_backward.default,  # (grad_v, grad_g) is linear in grad_w for fixed v, g
 }
 _JOIN = {aten.cat.default, aten.stack.default}
 
