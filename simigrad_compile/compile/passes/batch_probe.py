@@ -40,6 +40,8 @@ def derive(prop, node: fx.Node) -> Tuple[Info, Optional[str]]:
         return UNKNOWN, "no batch-dim rule (not an ATen op)"
     if node.target in NOT_PER_SAMPLE:
         return UNKNOWN, "acts on the whole tensor (mixes samples)"
+    if schema.is_mutable:
+        return UNKNOWN, "no batch-dim rule, and it mutates an input"
     batched = [a for a in node.all_input_nodes if isinstance(prop.get(a), BatchDim)]
     touched = _dim_args_touching_batch(prop, node, schema, batched)
     if touched:
