@@ -294,3 +294,31 @@ def test_aot_eager_max_pool_in_a_fresh_process():
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "mode batch" in done.stdout
+
+
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_symbolic_batch_splits_at_floor_half_with_one_graph(compiler):
+    """``dynamic=True`` makes the batch a symbol: the halves are ``floor(B/2)`` and the rest, computed in the
+    graph, so one graph serves batches of 4, 5 and 7, each split like two separate half-batch passes. (Under
+    Inductor a conv's input halves used to be saved by the forward as views, which failed to compile.)"""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(7)
+    model = Conv(lambda h: F.max_pool2d(h, 2)) if compiler == "inductor" else ShiftRight()
+    make = (lambda b: torch.randn(b, 3, 8, 8)) if compiler == "inductor" else (lambda b: torch.randn(b, 6, 4))
+
+    def graphs(backend, options=None):
+        torch._dynamo.reset()
+        counters.clear()
+        compiled = torch.compile(model, backend=backend, dynamic=True, options=options)
+        for batch in (4, 5, 7):
+            x = make(batch)
+            model.zero_grad(set_to_none=True)
+            loss_of(compiled(x)).backward()
+            if backend == "simigrad":
+                got, stats = flat_grads(model), simigrad_compile.gradient_stats(model, reset=True)
+                assert_split_like_halves(got, stats, *half_gradients(model, (x,)))
+        return counters["stats"]["unique_graphs"]
+
+    ours = graphs("simigrad", {"compiler": compiler})
+    assert ours == (1 if compiler == "inductor" else graphs("aot_eager"))  # Dynamo itself specializes B=4 here

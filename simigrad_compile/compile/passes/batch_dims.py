@@ -21,7 +21,7 @@ import torch._prims  # noqa: F401  (defines torch.ops.prims.*)
 import torch.fx as fx
 
 from . import batch_probe
-from .batch_lattice import UNKNOWN, BatchDim, Info, Iota, batch_size, prod, quotient, same, shape_of, size
+from .batch_lattice import UNKNOWN, BatchDim, Info, Iota, Size, batch_size, prod, quotient, same, shape_of, size
 from .batch_rules import RULES
 
 __all__ = ["BatchDim", "BatchDimPropagation", "UNKNOWN", "Info"]
@@ -49,14 +49,15 @@ def _pointwise(target) -> bool:
 
 
 class BatchDimPropagation:
-    """Computes ``info[node]`` for every node of ``graph``; ``batch`` is the (global, static) batch size B."""
+    """Computes ``info[node]`` for every node of ``graph``; ``batch`` is the (global) batch size B."""
 
     def __init__(self, graph: fx.Graph, input_dims: Dict[fx.Node, Optional[int]], tangent_dims: Dict[fx.Node, Info],
                  names: Optional[Dict[fx.Node, str]] = None):
         self.info: Dict[fx.Node, Info] = {}
         self.why: Dict[fx.Node, str] = {}
         self.iota: Dict[fx.Node, Iota] = {}
-        self.batch: Optional[int] = None
+        self.batch: Optional[Size] = None
+        self.batch_symint = None
         self.problems: List[str] = []
         self.fake_mode = next((n.meta["val"].fake_mode for n in graph.nodes
                                if hasattr(n.meta.get("val"), "fake_mode")), None)
@@ -70,7 +71,8 @@ class BatchDimPropagation:
             self._track_iota(node)
 
     def _inputs(self, input_dims: Dict[fx.Node, Optional[int]]) -> None:
-        """The user's tensors: the batch is the size most of them have along their ``batch_dim``."""
+        """The user's tensors: the batch is the size most of them have along their ``batch_dim`` (an int, or a
+        symbol where Dynamo made the batch dynamic; the halves are then ``floor(B/2)`` and the rest)."""
         found = {}
         for node, dim in input_dims.items():
             shape = shape_of(node)
@@ -81,20 +83,23 @@ class BatchDimPropagation:
             if not 0 <= dim < len(shape):
                 self.problems.append(f"input '{self.names.get(node, node.name)}' has no dim {dim}")
                 self.info[node] = UNKNOWN
-            elif not isinstance(shape[dim], int):
-                self.problems.append(
-                    f"the batch dim of input {node.name} is dynamic ({shape[dim]}); dynamic shapes are split only with a "
-                    "static batch: torch._dynamo.mark_static(x, 0) on the inputs, as AdaptiveBatching's loader does")
-                self.info[node] = UNKNOWN
             else:
                 found[node] = (dim, shape[dim])
-        sizes = [n for _, n in found.values()]
-        if not sizes:
-            return
-        self.batch = max(sizes, key=sizes.count)
+        groups: List[list] = []
         for node, (dim, n) in found.items():
-            self.info[node] = BatchDim(dim) if n == self.batch else UNKNOWN
-        if len(set(sizes)) > 1:
+            group = next((g for g in groups if same(g[0][1], n)), None)
+            if group is None:
+                groups.append([(node, n)])
+            else:
+                group.append((node, n))
+        if not groups:
+            return
+        chosen = max(groups, key=len)
+        self.batch = chosen[0][1]
+        self.batch_symint = chosen[0][0].meta["val"].shape[found[chosen[0][0]][0]]
+        for node, (dim, n) in found.items():
+            self.info[node] = BatchDim(dim) if same(n, self.batch) else UNKNOWN
+        if len(groups) > 1:
             listed = ", ".join(f"'{self.names.get(node, node.name)}' has {n} along dim {dim}"
                                for node, (dim, n) in found.items())
             self.problems.append(f"the inputs disagree on the batch size ({listed}): give each input its own "

@@ -18,6 +18,7 @@ from typing import Optional, Sequence, Tuple, Union
 import sympy
 import torch
 import torch.fx as fx
+from torch.utils._sympy.functions import FloorDiv
 
 Size = Union[int, sympy.Expr]
 
@@ -76,11 +77,20 @@ def is_static(x: Size) -> bool:
     return isinstance(x, int)
 
 
+def _canonical(x) -> sympy.Expr:
+    """``x`` with every exact floor division (``(s**2)//s``) replaced by its quotient."""
+    def exact(a, b):
+        q = sympy.cancel(a / b)
+        return q if q.is_integer else FloorDiv(a, b)
+
+    return sympy.sympify(x).replace(FloorDiv, exact)
+
+
 def same(a, b) -> bool:
     if isinstance(a, int) and isinstance(b, int):
         return a == b
     try:
-        return sympy.expand(sympy.sympify(a) - sympy.sympify(b)) == 0
+        return sympy.expand(_canonical(a) - _canonical(b)) == 0
     except (TypeError, sympy.SympifyError):
         return False
 
@@ -89,7 +99,7 @@ def quotient(a: Size, b: Size) -> Optional[Size]:
     """``a / b`` when it is exactly an integer (for every value of the symbols), else None."""
     if isinstance(a, int) and isinstance(b, int):
         return a // b if b and a % b == 0 else None
-    q = sympy.cancel(sympy.sympify(a) / sympy.sympify(b))
+    q = sympy.cancel(_canonical(a) / _canonical(b))
     if q.is_integer is not True:
         return None
     return int(q) if q.is_Integer else q

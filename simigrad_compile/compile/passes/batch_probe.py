@@ -51,7 +51,7 @@ def derive(prop, node: fx.Node) -> Tuple[Info, Optional[str]]:
     original = _outputs(node.meta.get("val"))
     if original is None:
         return UNKNOWN, "no batch-dim rule (output is not tensors)"
-    probes = [_run(prop, node, batched, prop.batch + k) for k in (1, 2)]
+    probes = [_run(prop, node, batched, prop.batch_symint + k) for k in (1, 2)]
     if any(p is None or len(p) != len(original) for p in probes):
         return UNKNOWN, "no batch-dim rule, and its kernel rejects other batch sizes"
     infos = [_follow(prop, batched, out, [p[j] for p in probes]) for j, out in enumerate(original)]

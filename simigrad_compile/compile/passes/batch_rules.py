@@ -76,8 +76,11 @@ def scatter_into(p, node) -> Info:
     if len(found) != 1:
         return p.unknown("writes samples into other samples' rows")
     (i,) = found
-    if i.dim == d or (isinstance(base, BatchDim) and base != i):
+    if isinstance(base, BatchDim) and base != i:
         return p.unknown("writes along the batch dim")
+    if i.dim == d:  # only a write of every row along the batch dim (``y[:, 1:] = ...`` under dynamic shapes)
+        whole = node.target is aten.slice_scatter.default and same(shape_of(node.args[1])[d], shape_of(node)[d])
+        return i if whole and src == i else p.unknown("writes along the batch dim")
     return i
 
 

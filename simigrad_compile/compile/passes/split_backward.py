@@ -34,9 +34,11 @@ import logging
 import operator
 from typing import Dict, Tuple
 
+import sympy
 import torch
 import torch.fx as fx
 from torch.utils._pytree import tree_map
+from torch.utils._sympy.functions import FloorDiv
 
 from .. import ops as _ops  # noqa: F401  (registers the simigrad:: graph ops)
 from .batch_dims import UNKNOWN, BatchDim, BatchDimPropagation
@@ -97,7 +99,7 @@ class SplitBackwardPass:
             try:
                 if prop.problems:
                     raise Refuse("; ".join(prop.problems))
-                if prop.batch is None or prop.batch < 2:
+                if prop.batch is None or (is_static(prop.batch) and prop.batch < 2):
                     raise Refuse(f"batch of {prop.batch} cannot be halved" if prop.batch else "no batched input")
                 if not self.linear.leaves(grad):
                     raise Refuse("its gradient does not scale with the batch (a term computed from parameters only)")
@@ -230,18 +232,57 @@ class SplitBackwardPass:
             copy = self._call(node.target, *args, **node.kwargs)
         return copy
 
-    def _bounds(self, node: fx.Node, half: int, info: BatchDim, consumer: fx.Node):
-        """``(start, end)`` of the half's entries along ``info.dim`` of ``node`` (when ``info.outer`` is 1);
-        symbolic sizes become graph nodes."""
+    def _cut(self, node: fx.Node, info: BatchDim, consumer: fx.Node):
+        """Where the second half starts along ``info.dim`` of ``node`` within each of its ``outer`` groups:
+        ``floor(B/2) * inner`` entries (an int, or graph nodes when a size is symbolic)."""
         n, batch = size(node.meta["val"].shape[info.dim]), self.prop.batch
         if not same(n, batch_size(info, batch)):
             raise AssertionError(f"{node.name}: dim {info.dim} has {n} != {info.outer} x {batch} x {info.inner}")
         if is_static(n):
-            cut = (batch // 2) * (n // batch)
-        else:
-            with self.graph.inserting_before(consumer):
-                length = self._call(aten.sym_size.int, node, info.dim)
-                cut = self._call(operator.floordiv, self._call(operator.mul, length, batch // 2), batch)
+            return (batch // 2) * (n // (batch * info.outer))
+        return self._materialize(FloorDiv(batch, 2) * info.inner, consumer)
+
+    def _materialize(self, expr, consumer: fx.Node):
+        """An int, or graph nodes (inserted before ``consumer``) computing the symbolic size ``expr`` from the
+        graph's SymInt inputs or its inputs' sizes."""
+        expr = sympy.sympify(expr)
+        if expr.is_Integer:
+            return int(expr)
+        if expr.is_Symbol:
+            return self._symbol(expr, consumer)
+        parts = [self._materialize(a, consumer) for a in expr.args]
+        combine = {sympy.Add: operator.add, sympy.Mul: operator.mul, FloorDiv: operator.floordiv}.get(expr.func)
+        if combine is None or (expr.func is FloorDiv and len(parts) != 2):
+            raise AssertionError(f"cannot build the size {expr} in the graph")
+        out = parts[0]
+        with self.graph.inserting_before(consumer):
+            for part in parts[1:]:
+                out = self._call(combine, out, part)
+        return out
+
+    def _symbol(self, symbol, consumer: fx.Node):
+        memo = self.halves[0]
+        if ("symbol", symbol) in memo:
+            return memo[("symbol", symbol)]
+        for node in self.graph.nodes:
+            val = node.meta.get("val")
+            if node.op == "placeholder" and isinstance(val, torch.SymInt) and same(size(val), symbol):
+                memo[("symbol", symbol)] = node
+                return node
+        placeholders = [n for n in self.graph.nodes if n.op == "placeholder"]
+        for node in placeholders:
+            val = node.meta.get("val")
+            if isinstance(val, torch.Tensor):
+                for d, n in enumerate(val.shape):
+                    if same(size(n), symbol):
+                        with self.graph.inserting_after(placeholders[-1]):
+                            memo[("symbol", symbol)] = self._call(aten.sym_size.int, node, d)
+                        return memo[("symbol", symbol)]
+        raise AssertionError(f"no input of the graph carries the size {symbol}")
+
+    def _bounds(self, node: fx.Node, half: int, info: BatchDim, consumer: fx.Node):
+        """``(start, end)`` of the half's entries along ``info.dim`` of ``node`` (when ``info.outer`` is 1)."""
+        cut = self._cut(node, info, consumer)
         return (0, cut) if half == 0 else (cut, 2**63 - 1)
 
     def _slice(self, node: fx.Node, half: int, consumer: fx.Node, info: BatchDim):
@@ -252,7 +293,7 @@ class SplitBackwardPass:
         if key in memo:
             return memo[key]
         if not same(info.outer, 1):
-            if not all(is_static(s) for s in shape_of(node)):
+            if not all(is_static(s) for s in shape_of(node) + (self.prop.batch,)):
                 memo[key] = self._mask(node, half, consumer, info)
                 return memo[key]
             memo[key] = self._slice_grouped(node, half, consumer, info)
@@ -265,7 +306,7 @@ class SplitBackwardPass:
     def _slice_grouped(self, node: fx.Node, half: int, consumer: fx.Node, info: BatchDim):
         """The half's entries when the batch repeats ``outer`` times along the dim (``[T, B] -> [T*B]``)."""
         shape, d, batch = list(shape_of(node)), info.dim, self.prop.batch
-        if shape[d] != info.outer * batch * info.inner:
+        if not is_static(batch) or shape[d] != info.outer * batch * info.inner:
             raise AssertionError(f"{node.name}: dim {d} has {shape[d]} != {info.outer} x {batch} x {info.inner}")
         cut = (batch // 2) * info.inner
         start, end = (0, cut) if half == 0 else (cut, batch * info.inner)
@@ -283,17 +324,11 @@ class SplitBackwardPass:
         key = ("mask", node, consumer, info)
         if key in memo:
             return memo[key]
-        val, batch = node.meta["val"], self.prop.batch
-        n = size(val.shape[info.dim])
-        if not (is_static(info.outer) and is_static(n // batch if is_static(n) else 1)):
-            raise AssertionError(f"{node.name}: cannot mask a batch repeated a symbolic number of times")
-        if not same(n, batch_size(info, batch)):
-            raise AssertionError(f"{node.name}: dim {info.dim} has {n} != {info.outer} x {batch} x {info.inner}")
+        val = node.meta["val"]
+        cut = self._cut(node, info, consumer)
+        length = self._materialize(size(val.shape[info.dim]), consumer)
+        period = self._materialize(batch_size(BatchDim(info.dim, info.inner), self.prop.batch), consumer)
         with self.graph.inserting_before(consumer):
-            length = n if is_static(n) else self._call(aten.sym_size.int, node, info.dim)
-            period = length // info.outer if is_static(n) else self._call(operator.floordiv, length, info.outer)
-            cut = (batch // 2) * (period // batch) if is_static(n) else self._call(
-                operator.floordiv, self._call(operator.mul, period, batch // 2), batch)
             position = self._call(torch.ops.prims.iota.default, length, start=0, step=1, dtype=torch.int64,
                                   device=val.device, requires_grad=False)
             if not same(info.outer, 1):
@@ -326,7 +361,7 @@ class SplitBackwardPass:
         args, kwargs = tree_map(lambda a: a.meta["val"] if isinstance(a, fx.Node) else a, (node.args, node.kwargs))
         with self.fake_mode:
             node.meta["val"] = node.target(*args, **kwargs)
-        node.meta["partitioner_tag"] = "is_backward"
+        node.meta["partitioner_tag"] = "must_be_in_backward"  # never saved: a slice of an activation is cut there
 
     def _give_up(self, graph: fx.Graph, output: fx.Node, reasons: Dict[str, str]) -> None:
         lines = "; ".join(f"{name}: {why}" for name, why in sorted(reasons.items()))
