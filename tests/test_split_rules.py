@@ -322,3 +322,14 @@ def test_symbolic_batch_splits_at_floor_half_with_one_graph(compiler):
 
     ours = graphs("simigrad", {"compiler": compiler})
     assert ours == (1 if compiler == "inductor" else graphs("aot_eager"))  # Dynamo itself specializes B=4 here
+
+
+@pytest.mark.parametrize("layer", [nn.Embedding, nn.EmbeddingBag])
+def test_sparse_embedding_gradients_are_refused_by_name(layer):
+    model = nn.Sequential(layer(20, 4, sparse=True), nn.Flatten(), nn.LazyLinear(2))
+    model(torch.randint(0, 20, (4, 3)))
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="simigrad", options={"compiler": "aot_eager"})
+    compiled(torch.randint(0, 20, (4, 3))).pow(2).mean().backward()
+    stats = simigrad_compile.gradient_stats(model, reset=True)
+    assert stats.mode == "none" and "use sparse=False" in stats.unsplit["0.weight"]

@@ -80,6 +80,9 @@ class LinearGradients:
             return None
         if node in self.memo:
             return self.memo[node]
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor) and val.layout != torch.strided:
+            raise Refuse(f"{node.name} is a sparse gradient (sparse=True embedding): use sparse=False to split it")
         info = self.prop.info.get(node)
         if info is UNKNOWN:
             raise Refuse(f"depends on {culprit(node, self.prop, self.tangent_outputs)}")
