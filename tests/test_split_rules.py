@@ -11,8 +11,8 @@ import torch.nn.functional as F
 import simigrad_compile
 from models import flat_grads
 from split_cases import (Attention, Bag, CellLoop, ChannelsLastHead, ClassToken, Conv, HFPaddingMask, LearnedBias,
-                         Linear, OffsetBag, PaddedLabels, PositionIds, Recurrent, ShiftRight, WeightNormConv, half_gradients,
-                         loss_of)
+                         Linear, OffsetBag, PaddedLabels, PositionIds, Recurrent, ShiftRight, WeightNormConv,
+                         half_gradients, loss_of)
 
 B = 5
 
@@ -55,52 +55,74 @@ def _keep():
 
 
 INDEX = torch.randint(0, 6, (B, 7, 3))
+
+
+def conv(f, x=None, channels=3, dims=2):
+    return lambda: (Conv(f, channels, dims), (_image() if x is None else x(),))
+
+
+def linear(f, *rest):
+    return lambda: (Linear(f), (_tokens(), *[r() for r in rest]))
+
+
+def bag(mode, idx=lambda: torch.randint(0, 20, (B, 4)), **kwargs):
+    return lambda: (Bag(mode, **kwargs), (idx(), torch.rand(B, 4)))
+
+
+def pads(h):
+    h = F.pad(h, (1, 2, 1, 0), mode="reflect")
+    return F.pad(F.pad(h, (0, 1, 1, 0), mode="replicate"), (1, 1, 2, 0), mode="circular")
+
+
+def patches(h):
+    folded = F.fold(F.unfold(h, 2, stride=2) * 2, (8, 8), 2, stride=2)
+    return torch.cat([folded.flatten(1), F.unfold(h, 3).flatten(1)], 1)
+
+
+def scatters(h, i):
+    return torch.zeros_like(h).scatter(2, i, h[..., :3]) + torch.zeros_like(h).scatter_add(2, i, h[..., 3:] ** 2)
+
+
 CASES = {
     # the table
     "hf_padding_mask": lambda: (HFPaddingMask(), (torch.randn(B, 6, 8), _keep())),
     "class_token_cat": lambda: (ClassToken(), (torch.randn(B, 6, 8),)),
-    "max_pool_stem": lambda: (Conv(lambda h: F.max_pool2d(h, 3, 2, 1)), (_image(),)),
+    "max_pool_stem": conv(lambda h: F.max_pool2d(h, 3, 2, 1)),
     "constant_pad_labels": lambda: (PaddedLabels(), (torch.randn(B, 6, 4), torch.randint(0, 6, (B, 6)))),
     "slice_assignment_copy": lambda: (ShiftRight(), (torch.randn(B, 6, 4),)),
     "channels_last_adaptive_pool": lambda: (ChannelsLastHead(), (_image(size=7),)),
     "where_learned_bias": lambda: (LearnedBias(), (torch.randn(B, 5, 4),)),
     "position_ids_repeat": lambda: (PositionIds(), (torch.randn(B, 5, 4),)),
     # pooling and their backwards
-    "max_pool_indices": lambda: (Conv(lambda h: F.max_pool2d(h, 2, return_indices=True)[0]), (_image(),)),
-    "max_pool_ceil_3d": lambda: (Conv(lambda h: F.max_pool3d(h, 2, ceil_mode=True), 2, 3), (torch.randn(B, 2, 5, 5, 5),)),
-    "avg_pool": lambda: (Conv(lambda h: F.avg_pool2d(h, 3, 2, 1)), (_image(),)),
-    "avg_pool_1d": lambda: (Conv(lambda h: F.avg_pool1d(h, 3, 2), 3, 1), (torch.randn(B, 3, 9),)),
-    "adaptive_avg_pool": lambda: (Conv(lambda h: F.adaptive_avg_pool2d(h, 3)), (_image(),)),
-    "adaptive_max_pool": lambda: (Conv(lambda h: F.adaptive_max_pool2d(h, 3)), (_image(),)),
+    "max_pool_indices": conv(lambda h: F.max_pool2d(h, 2, return_indices=True)[0]),
+    "max_pool_ceil_3d": conv(lambda h: F.max_pool3d(h, 2, ceil_mode=True), lambda: torch.randn(B, 2, 5, 5, 5), 2, 3),
+    "avg_pool": conv(lambda h: F.avg_pool2d(h, 3, 2, 1)),
+    "avg_pool_1d": conv(lambda h: F.avg_pool1d(h, 3, 2), lambda: torch.randn(B, 3, 9), 3, 1),
+    "adaptive_avg_pool": conv(lambda h: F.adaptive_avg_pool2d(h, 3)),
+    "adaptive_max_pool": conv(lambda h: F.adaptive_max_pool2d(h, 3)),
     # resampling, padding, patches, shuffles
-    "interpolate_nearest": lambda: (Conv(lambda h: F.interpolate(h, scale_factor=2)), (_image(),)),
-    "interpolate_bilinear": lambda: (Conv(lambda h: F.interpolate(h, size=(11, 11), mode="bilinear")), (_image(),)),
-    "interpolate_bicubic_area": lambda: (Conv(lambda h: F.interpolate(F.interpolate(h, scale_factor=1.5, mode="bicubic"),
-                                                                      size=(4, 4), mode="area")), (_image(),)),
-    "pad_reflect_replicate_circular": lambda: (Conv(lambda h: F.pad(F.pad(F.pad(h, (1, 2, 1, 0), mode="reflect"), (0, 1, 1, 0),
-                                                                          mode="replicate"), (1, 1, 2, 0), mode="circular")),
-                                               (_image(),)),
-    "unfold_fold": lambda: (Conv(lambda h: torch.cat([F.fold(F.unfold(h, 2, stride=2) * 2, (8, 8), 2, stride=2).flatten(1),
-                                                      F.unfold(h, 3).flatten(1)], 1)), (_image(),)),
-    "pixel_shuffle_unshuffle": lambda: (Conv(lambda h: F.pixel_unshuffle(F.pixel_shuffle(h, 2) ** 2, 2)), (_image(),)),
-    "roll_flip_tensor_unfold": lambda: (Conv(lambda h: torch.roll(h, (1, -2), (2, 3)).flip(1, 3).unfold(3, 3, 2) * 1.5),
-                                        (_image(),)),
+    "interpolate_nearest": conv(lambda h: F.interpolate(h, scale_factor=2)),
+    "interpolate_bilinear": conv(lambda h: F.interpolate(h, size=(11, 11), mode="bilinear")),
+    "interpolate_bicubic_area": conv(lambda h: F.interpolate(F.interpolate(h, scale_factor=1.5, mode="bicubic"),
+                                                             size=(4, 4), mode="area")),
+    "pad_reflect_replicate_circular": conv(pads),
+    "unfold_fold": conv(patches),
+    "pixel_shuffle_unshuffle": conv(lambda h: F.pixel_unshuffle(F.pixel_shuffle(h, 2) ** 2, 2)),
+    "roll_flip_tensor_unfold": conv(lambda h: torch.roll(h, (1, -2), (2, 3)).flip(1, 3).unfold(3, 3, 2) * 1.5),
     # along non-batch dims
-    "gather": lambda: (Linear(lambda h, i: h.gather(2, i)), (_tokens(), INDEX)),
-    "scatter_and_scatter_add": lambda: (Linear(lambda h, i: torch.zeros_like(h).scatter(2, i, h[..., :3])
-                                               + torch.zeros_like(h).scatter_add(2, i, h[..., 3:] ** 2)), (_tokens(), INDEX)),
-    "cumsum": lambda: (Linear(lambda h: h.cumsum(1)), (_tokens(),)),
-    "index_select": lambda: (Linear(lambda h: h.index_select(2, torch.tensor([0, 2, 5]))), (_tokens(),)),
-    "where": lambda: (Linear(lambda h: torch.where(h > 0, h, h * 0.1)), (_tokens(),)),
-    "masked_fill_broadcast_mask": lambda: (Linear(lambda h: h.masked_fill(torch.arange(7)[None, :, None] % 3 == 0, -1.0)),
-                                           (_tokens(),)),
-    "masked_fill_per_sample_mask": lambda: (Linear(lambda h, m: h.masked_fill(m, 0.0)), (_tokens(), torch.rand(B, 7, 1) > 0.5)),
+    "gather": linear(lambda h, i: h.gather(2, i), lambda: INDEX),
+    "scatter_and_scatter_add": linear(scatters, lambda: INDEX),
+    "cumsum": linear(lambda h: h.cumsum(1)),
+    "index_select": linear(lambda h: h.index_select(2, torch.tensor([0, 2, 5]))),
+    "where": linear(lambda h: torch.where(h > 0, h, h * 0.1)),
+    "masked_fill_broadcast_mask": linear(lambda h: h.masked_fill(torch.arange(7)[None, :, None] % 3 == 0, -1.0)),
+    "masked_fill_per_sample_mask": linear(lambda h, m: h.masked_fill(m, 0.0), lambda: torch.rand(B, 7, 1) > 0.5),
     "weight_norm": lambda: (WeightNormConv(), (torch.randn(B, 3, 9),)),
     # embedding bags: one bag per sample (2-D input)
-    "embedding_bag_sum": lambda: (Bag("sum"), (torch.randint(0, 20, (B, 4)), torch.rand(B, 4))),
-    "embedding_bag_mean_padding": lambda: (Bag("mean", padding_idx=0), (torch.randint(0, 4, (B, 4)) * 5, torch.rand(B, 4))),
-    "embedding_bag_max": lambda: (Bag("max"), (torch.randint(0, 20, (B, 4)), torch.rand(B, 4))),
-    "embedding_bag_per_sample_weights": lambda: (Bag("sum", weighted=True), (torch.randint(0, 20, (B, 4)), torch.rand(B, 4))),
+    "embedding_bag_sum": bag("sum"),
+    "embedding_bag_mean_padding": bag("mean", lambda: torch.randint(0, 4, (B, 4)) * 5, padding_idx=0),
+    "embedding_bag_max": bag("max"),
+    "embedding_bag_per_sample_weights": bag("sum", weighted=True),
     # attention
     **{f"sdpa_{kind}": (lambda kind=kind: (Attention(kind), (torch.randn(B, 6, 8), _keep())))
        for kind in ("causal", "bool_broadcast", "additive_broadcast", "bool_per_sample", "additive_per_sample",
@@ -246,8 +268,9 @@ RECURRENT = {
     "gru_batch_first": lambda: (Recurrent("GRU"), (torch.randn(4, 3, 3),), (0,), {}),
     "gru_h0_batch_in_dim_1": lambda: (Recurrent("GRU"), (torch.randn(4, 3, 3), torch.randn(1, 4, 6)), (0, 1),
                                       {"batch_dim": {"x": 0, "h0": 1}}),
-    "gru_seq_first_two_layers_bidirectional": lambda: (Recurrent("GRU", False, 2, True), (torch.randn(3, 4, 3), torch.randn(4, 4, 6)),
-                                                       (1, 1), {"batch_dim": 1}),
+    "gru_seq_first_two_layers_bidirectional": lambda: (Recurrent("GRU", False, 2, True),
+                                                       (torch.randn(3, 4, 3), torch.randn(4, 4, 6)), (1, 1),
+                                                       {"batch_dim": 1}),
     "lstm_h0_without_mkldnn": lambda: (Recurrent("LSTM"), (torch.randn(4, 3, 3), torch.randn(1, 4, 6)), (0, 1),
                                        {"batch_dim": {"x": 0, "h0": 1}}),
     "lstm_cell": lambda: (CellLoop("LSTMCell"), (torch.randn(4, 3, 3), torch.randn(4, 6)), (0, 0), {}),
@@ -285,7 +308,8 @@ def test_aot_eager_max_pool_in_a_fresh_process():
         "import torch, torch.nn as nn, torch.nn.functional as F\n"
         "import simigrad_compile\n"
         "m = nn.Conv2d(3, 4, 3)\n"
-        "c = torch.compile(lambda x: F.max_pool2d(m(x), 3, 2, 1), backend='simigrad', options={'compiler': 'aot_eager'})\n"
+        "c = torch.compile(lambda x: F.max_pool2d(m(x), 3, 2, 1), backend='simigrad',\n"
+        "                  options={'compiler': 'aot_eager'})\n"
         "c(torch.randn(4, 3, 9, 9)).sum().backward()\n"
         "print('mode', simigrad_compile.gradient_stats(m).mode)\n"
     )

@@ -21,7 +21,7 @@ import torch._prims  # noqa: F401  (defines torch.ops.prims.*)
 import torch.fx as fx
 
 from . import batch_probe
-from .batch_lattice import UNKNOWN, BatchDim, Info, Iota, Size, batch_size, prod, quotient, same, shape_of, size
+from .batch_lattice import UNKNOWN, BatchDim, Info, Iota, Size, prod, quotient, same, shape_of, size
 from .batch_rules import RULES
 
 __all__ = ["BatchDim", "BatchDimPropagation", "UNKNOWN", "Info"]
@@ -224,7 +224,8 @@ class BatchDimPropagation:
         bval = base.meta.get("val")
         if not all(isinstance(x, int) for x in sizes + strides + [offset]) or not bval.is_contiguous():
             return self.unknown("as_strided_scatter with dynamic sizes or a strided base")
-        if offset != 0 or math.prod(sizes) != bval.numel() or strides != list(torch.empty(sizes, device="meta").stride()):
+        row_major = list(torch.empty(sizes, device="meta").stride())
+        if offset != 0 or math.prod(sizes) != bval.numel() or strides != row_major:
             return self.unknown("as_strided_scatter that keeps part of its base")
         return self.view(src, shape_of(base))
 
@@ -302,5 +303,3 @@ def _iota(p: BatchDimPropagation, node: fx.Node) -> Optional[Iota]:
         return Iota(io.dim, io.start + (c if target is aten.add.Tensor else -c), io.step, io.length)
     return None
 
-
-__all__ += ["batch_size"]

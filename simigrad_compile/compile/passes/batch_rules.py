@@ -102,7 +102,8 @@ def gather_scatter(p, node) -> Info:
         return p.unknown("index_select along the batch dim")
     if any(isinstance(i, BatchDim) and i.dim == d for i in infos):
         return p.unknown(f"{target.__name__} along the batch dim")
-    if target in (aten.index_add.default, aten.index_copy.default, aten.index_fill.int_Scalar, aten.index_fill.int_Tensor):
+    if target in (aten.index_add.default, aten.index_copy.default, aten.index_fill.int_Scalar,
+                  aten.index_fill.int_Tensor):
         if p.get(index) is not None:
             return p.unknown("index tensor of an index_* op varies with the sample")
     found = {i for i in infos if i is not None}
@@ -246,7 +247,8 @@ def embedding_bag(p, node) -> Info:
     if wi is not None:
         return p.unknown("embedding_bag table varies with the sample")
     if isinstance(ii, BatchDim) and ii.dim == 0 and same(ii.outer, 1) and oi is None and not last:
-        fixed = p.iota_of(offsets, lambda io: same(io.start, 0) and same(io.step, ii.inner) and same(io.length, p.batch))
+        fixed = p.iota_of(offsets, lambda io: same(io.start, 0) and same(io.step, ii.inner)
+                          and same(io.length, p.batch))
         if fixed and p.get(psw) in (None, ii):
             bag = BatchDim(0)
             return (bag, ii, bag, bag)
@@ -309,7 +311,8 @@ def index_put(p, node) -> Info:
     candidates, block = [], set()
     bi = p.get(base)
     if isinstance(bi, BatchDim):
-        if layout.of_self(bi.dim) is None and p.iota_of(indices[bi.dim], lambda io: io.is_identity(shape[bi.dim])) is None:
+        on_self = layout.of_self(bi.dim) is not None
+        if not on_self and p.iota_of(indices[bi.dim], lambda io: io.is_identity(shape[bi.dim])) is None:
             return p.unknown("index_put along the batch dim")
         candidates.append(bi)
     for right_aligned in [values] + ([node.args[1]] if masked else []):  # values and mask fit the indexed shape

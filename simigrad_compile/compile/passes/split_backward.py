@@ -313,7 +313,8 @@ class SplitBackwardPass:
         contiguous = {"memory_format": torch.contiguous_format}
         with self.graph.inserting_before(consumer):
             grouped = self._call(aten.clone.default, node, **contiguous)
-            grouped = self._call(aten.view.default, grouped, shape[:d] + [info.outer, batch * info.inner] + shape[d + 1:])
+            grouped = self._call(aten.view.default, grouped,
+                                 shape[:d] + [info.outer, batch * info.inner] + shape[d + 1:])
             part = self._call(aten.slice.Tensor, grouped, d + 1, start, end)
             part = self._call(aten.clone.default, part, **contiguous)
             return self._call(aten.view.default, part, shape[:d] + [info.outer * (end - start)] + shape[d + 1:])
@@ -349,7 +350,7 @@ class SplitBackwardPass:
     def _emit_conv(self, conv: fx.Node, half: int):
         memo = self.halves[half]
         if conv not in memo:
-            info = next(i for i in (self.prop.get(conv.args[0]), self.prop.get(conv.args[1])) if isinstance(i, BatchDim))
+            info = next(i for i in map(self.prop.get, conv.args[:2]) if isinstance(i, BatchDim))
             args = [self._slice(a, half, conv, info) if k in (0, 1) else a for k, a in enumerate(conv.args)]
             mask = list(args[10])
             args[10] = [False, mask[1], mask[2]]
