@@ -11,7 +11,8 @@ import torch.nn.functional as F
 import simigrad_compile
 from models import flat_grads
 from split_cases import (Attention, Bag, CellLoop, ChannelsLastHead, ClassToken, Conv, HFPaddingMask, LearnedBias,
-                         Linear, OffsetBag, PaddedLabels, PositionIds, Recurrent, ShiftRight, WeightNormConv,
+                         Linear, OffsetBag, PaddedLabels, PartlyZeroedBias, PositionIds, Recurrent, ShiftRight,
+                         WeightNormConv,
                          half_gradients, loss_of)
 
 B = 5
@@ -118,6 +119,7 @@ CASES = {
     "masked_fill_broadcast_mask": linear(lambda h: h.masked_fill(torch.arange(7)[None, :, None] % 3 == 0, -1.0)),
     "masked_fill_per_sample_mask": linear(lambda h, m: h.masked_fill(m, 0.0), lambda: torch.rand(B, 7, 1) > 0.5),
     "weight_norm": lambda: (WeightNormConv(), (torch.randn(B, 3, 9),)),
+    "partly_zeroed_bias": lambda: (PartlyZeroedBias(), (_tokens(),)),
     # embedding bags: one bag per sample (2-D input)
     "embedding_bag_sum": bag("sum"),
     "embedding_bag_mean_padding": bag("mean", lambda: torch.randint(0, 4, (B, 4)) * 5, padding_idx=0),

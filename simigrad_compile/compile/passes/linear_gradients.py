@@ -40,6 +40,9 @@ _LINEAR_IN_FIRST = {
     aten._weight_norm_interface_backward.default,  # (grad_v, grad_g) is linear in grad_w for fixed v, g
 }
 _JOIN = {aten.cat.default, aten.stack.default}
+VALUE_FREE = {aten.zeros_like.default, aten.ones_like.default, aten.empty_like.default, aten.full_like.default,
+              aten.new_zeros.default, aten.new_ones.default, aten.new_empty.default, aten.new_full.default,
+              aten.new_empty_strided.default, aten.sym_size.int, aten.sym_stride.int, aten.sym_numel.default}
 
 
 class Refuse(Exception):
@@ -100,6 +103,10 @@ class LinearGradients:
 
     def _combine(self, node: fx.Node) -> Optional[List[fx.Node]]:
         target = node.target
+        if target in VALUE_FREE:  # takes only a shape from its input
+            return None
+        if target is aten.copy.default:  # every value comes from src
+            return self.leaves(node.args[1])
         if not any(self.leaves(a) for a in node.all_input_nodes):
             return None
         if target in _LINEAR_IN_FIRST:
@@ -117,8 +124,6 @@ class LinearGradients:
             return [leaf for p in parts if p for leaf in p]
         if target in (aten.where.self, aten.masked_fill.Scalar, aten.masked_fill.Tensor):
             return self._select(node)
-        if target is aten.copy.default and is_zeros(node.args[0]):
-            return self.leaves(node.args[1])
         parts = [self.leaves(a) for a in node.args[:2]]
         if target in (aten.add.Tensor, aten.sub.Tensor):
             if not all(parts):
@@ -133,9 +138,9 @@ class LinearGradients:
             values = self.leaves(scattered)
             if values and not any(self.leaves(a) for a in node.all_input_nodes if a is not scattered):
                 return values
-        if target in (aten.slice_scatter.default, aten.select_scatter.default) and parts[1]:
-            if parts[0] or is_zeros(node.args[0]):
-                return (parts[0] or []) + parts[1]
+        if target in (aten.slice_scatter.default, aten.select_scatter.default):
+            if all(p or is_zeros(a) for p, a in zip(parts, node.args[:2])):  # a contribution written into zeros,
+                return (parts[0] or []) + (parts[1] or [])                    # or zeros written into one
         raise Refuse(f"gradient passes through {target}, which the split pass does not treat as linear")
 
     def _select(self, node: fx.Node) -> List[fx.Node]:
@@ -186,6 +191,8 @@ def is_zeros(node) -> bool:
     if target in (aten.expand.default, aten.view.default, aten.clone.default, aten._to_copy.default,
                   prims.convert_element_type.default):
         return is_zeros(node.args[0])
+    if target is aten.copy.default:
+        return is_zeros(node.args[1])
     return False
 
 
