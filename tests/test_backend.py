@@ -183,22 +183,6 @@ def test_unsplittable_parameter_falls_back_by_name():
     assert set(stats.missing) == {"fc.weight", "fc.bias", "free"}
 
 
-def test_dynamic_batch_is_refused_by_name_and_gradients_stay_exact():
-    torch.manual_seed(10)
-    model, x = MLP(), torch.randn(6, 12)
-    torch._dynamo.reset()
-    compiled = torch.compile(model, backend="simigrad", dynamic=True, options={"compiler": "aot_eager"})
-    compiled(x).pow(2).mean().backward()
-    got = flat_grads(model)
-    stats = simigrad_compile.gradient_stats(model, reset=True)
-    model.zero_grad()
-    model(x).pow(2).mean().backward()
-    assert (got - flat_grads(model)).norm() / flat_grads(model).norm() < 1e-6
-    assert stats.mode == "none" and all("dynamic shapes" in why for why in stats.unsplit.values())
-    assert "dynamic shapes" in stats.reason
-    assert set(stats.unsplit) == {n for n, _ in model.named_parameters()}
-
-
 def test_forced_batch_mode_raises_with_names():
     model, x = _Regularised(), torch.randn(6, 4)
     with pytest.raises(Exception, match=r"group_mode='batch'.*free: .*does not scale with the batch"):

@@ -54,6 +54,7 @@ def simigrad_backend(gm: torch.fx.GraphModule, example_inputs, options: Optional
 def _aot_eager(gm, example_inputs, manager: SimigradPassManager):
     from torch._dynamo.backends.common import aot_autograd
     from torch._functorch.partitioners import default_partition
+    from torch._inductor import lowering  # noqa: F401  (Inductor's decompositions, max-pool's among them, use it)
     from torch._inductor.decomposition import select_decomp_table
 
     def partition(joint, joint_inputs, **kwargs):

@@ -1,381 +1,305 @@
 """Follow the batch dimension through a joint forward+backward ATen graph.
 
-Every node gets a :class:`BatchDim` ``(dim, inner, outer)``: along ``dim`` the tensor has ``outer * B * inner``
-entries (``inner = T`` after ``[B, T, D] -> [B*T, D]``, ``outer = T`` after ``[T, B, D] -> [T*B, D]``). ``None`` means the
-value does not vary along the batch (parameters, constants, reductions over the batch). :data:`UNKNOWN` means
-an op we have no rule for touched batched data: nothing downstream of it is split.
+Every node gets an info (see :mod:`.batch_lattice`): ``None`` (batch-free), a :class:`BatchDim`, or
+:data:`UNKNOWN` with a reason in ``why``. The dims come from the graph inputs (the user's tensors, ``batch_dim``
+per input) and from the tangents, which carry the batch dim of the forward output they belong to. Nothing is
+inferred from sizes that merely happen to equal ``B``: a batch-free operand counts only where the op itself
+lines it up with a batched one (broadcasting, ``cat``, a matmul's contraction).
 
-The dims come from the graph inputs (the user's tensors, ``batch_dim`` per input) and from the tangents,
-which carry the batch dim of the forward output they belong to. Nothing is inferred from sizes that merely
-happen to equal ``B``.
+Order of the rules: explicit rules (:mod:`.batch_rules`), pointwise ops (``torch.Tag.pointwise``), views,
+reductions, and finally the probe (:mod:`.batch_probe`), which derives what the op does from its fake kernel.
 """
 
 from __future__ import annotations
 
 import math
 import operator
-from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch._prims  # noqa: F401  (defines torch.ops.prims.*)
 import torch.fx as fx
 
-aten = torch.ops.aten
+from . import batch_probe
+from .batch_lattice import UNKNOWN, BatchDim, Info, Iota, Size, prod, quotient, same, shape_of, size
+from .batch_rules import RULES
 
+__all__ = ["BatchDim", "BatchDimPropagation", "UNKNOWN", "Info"]
 
-@dataclass(frozen=True)
-class BatchDim:
-    """Along ``dim`` the tensor has ``outer * B * inner`` entries; entry ``i`` is sample ``(i // inner) % B``."""
+aten, prims = torch.ops.aten, torch.ops.prims
 
-    dim: int
-    inner: int = 1
-    outer: int = 1
-
-    def at(self, dim: int) -> "BatchDim":
-        return BatchDim(dim, self.inner, self.outer)
-
-
-class _Unknown:
-    def __repr__(self) -> str:
-        return "UNKNOWN"
-
-
-UNKNOWN = _Unknown()
-Info = Union[None, BatchDim, _Unknown, tuple]
-
-_VIEWS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default}
-_REDUCTIONS = {
-    aten.sum.dim_IntList, aten.sum.default, aten.mean.dim, aten.mean.default, aten.amax.default,
-    aten.amin.default, aten.var_mean.correction, aten.var.correction, aten.logsumexp.default,
-    aten.prod.dim_int, aten.any.dim, aten.all.dim, aten.argmax.default, aten.argmin.default,
-}
+_VIEWS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default, prims.view_of.default}
+_SUMS = {aten.sum.dim_IntList, aten.sum.default, aten.mean.dim, aten.mean.default, aten.var_mean.correction,
+         aten.var.correction, aten.std.correction}
+_MIXING_REDUCTIONS = {aten.amax.default, aten.amin.default, aten.logsumexp.default, aten.prod.dim_int,
+                      aten.prod.default, aten.any.dim, aten.any.dims, aten.any.default, aten.all.dim, aten.all.dims,
+                      aten.all.default, aten.argmax.default, aten.argmin.default, aten.max.dim, aten.min.dim,
+                      aten.max.default, aten.min.default}
 _CREATION = {
     aten.full.default, aten.zeros.default, aten.ones.default, aten.empty.memory_format, aten.scalar_tensor.default,
-    aten.arange.default, aten.arange.start, aten.arange.start_step, aten.empty_strided.default, torch.ops.prims.iota.default,
+    aten.arange.default, aten.arange.start, aten.arange.start_step, aten.empty_strided.default, prims.iota.default,
+    aten.randn.default, aten.rand.default, aten.randint.low, aten.lift_fresh_copy.default,
 }
-_SAME_AS_INPUT0 = {aten.native_dropout.default}
-
-
-def _shape(node) -> Optional[Sequence[int]]:
-    val = node.meta.get("val") if isinstance(node, fx.Node) else None
-    return tuple(val.shape) if isinstance(val, torch.Tensor) else None
+_SAME_VALUES = {aten.clone.default, aten._to_copy.default, prims.convert_element_type.default, aten.alias.default,
+                aten.lift_fresh_copy.default}
 
 
 def _pointwise(target) -> bool:
-    tags = getattr(target, "tags", ())
-    return torch.Tag.pointwise in tags or target in (aten.clone.default, aten.alias.default, aten.lift_fresh_copy.default)
+    return torch.Tag.pointwise in getattr(target, "tags", ()) or target in _SAME_VALUES
 
 
 class BatchDimPropagation:
     """Computes ``info[node]`` for every node of ``graph``; ``batch`` is the (global) batch size B."""
 
-    def __init__(self, graph: fx.Graph, input_dims: Dict[fx.Node, Optional[int]], tangent_dims: Dict[fx.Node, Info]):
+    def __init__(self, graph: fx.Graph, input_dims: Dict[fx.Node, Optional[int]], tangent_dims: Dict[fx.Node, Info],
+                 names: Optional[Dict[fx.Node, str]] = None):
         self.info: Dict[fx.Node, Info] = {}
-        self.batch: Optional[int] = None
+        self.why: Dict[fx.Node, str] = {}
+        self.iota: Dict[fx.Node, Iota] = {}
+        self.batch: Optional[Size] = None
+        self.batch_symint = None
         self.problems: List[str] = []
-        for node, dim in input_dims.items():
-            self.info[node] = self._input(node, dim)
+        self.fake_mode = next((n.meta["val"].fake_mode for n in graph.nodes
+                               if hasattr(n.meta.get("val"), "fake_mode")), None)
+        self.names = names or {}
+        self._inputs(input_dims)
         self.info.update(tangent_dims)
         for node in graph.nodes:
             if node not in self.info:
+                self.current = node
                 self.info[node] = self._rule(node)
+            self._track_iota(node)
 
-    def _input(self, node: fx.Node, dim: Optional[int]) -> Info:
-        shape = _shape(node)
-        if dim is None or shape is None:
-            return None
-        if dim < 0:
-            dim += len(shape)
-        if not 0 <= dim < len(shape):
-            self.problems.append(f"input {node.name} has no dim {dim}")
-            return UNKNOWN
-        if self.batch is None:
-            self.batch = shape[dim]
-        elif shape[dim] != self.batch:
-            self.problems.append(f"input {node.name} has batch {shape[dim]} != {self.batch}")
-            return UNKNOWN
-        return BatchDim(dim)
+    def _inputs(self, input_dims: Dict[fx.Node, Optional[int]]) -> None:
+        """The user's tensors: the batch is the size most of them have along their ``batch_dim`` (an int, or a
+        symbol where Dynamo made the batch dynamic; the halves are then ``floor(B/2)`` and the rest)."""
+        found = {}
+        for node, dim in input_dims.items():
+            shape = shape_of(node)
+            self.info[node] = None
+            if dim is None or shape is None:
+                continue
+            dim = dim + len(shape) if dim < 0 else dim
+            if not 0 <= dim < len(shape):
+                self.problems.append(f"input '{self.names.get(node, node.name)}' has no dim {dim}")
+                self.info[node] = UNKNOWN
+            else:
+                found[node] = (dim, shape[dim])
+        groups: List[list] = []
+        for node, (dim, n) in found.items():
+            group = next((g for g in groups if same(g[0][1], n)), None)
+            if group is None:
+                groups.append([(node, n)])
+            else:
+                group.append((node, n))
+        if not groups:
+            return
+        chosen = max(groups, key=len)
+        self.batch = chosen[0][1]
+        self.batch_symint = chosen[0][0].meta["val"].shape[found[chosen[0][0]][0]]
+        for node, (dim, n) in found.items():
+            self.info[node] = BatchDim(dim) if same(n, self.batch) else UNKNOWN
+        if len(groups) > 1:
+            listed = ", ".join(f"'{self.names.get(node, node.name)}' has {n} along dim {dim}"
+                               for node, (dim, n) in found.items())
+            self.problems.append(f"the inputs disagree on the batch size ({listed}): give each input its own "
+                                 "batch_dim (e.g. batch_dim={'x': 0, 'h0': 1} for an RNN's initial state, None for an "
+                                 "input without a batch)")
 
     def get(self, arg) -> Info:
         return self.info.get(arg) if isinstance(arg, fx.Node) else None
+
+    def unknown(self, why: str) -> Info:
+        self.why[self.current] = why
+        return UNKNOWN
+
+    def iota_of(self, arg, predicate: Callable[[Iota], bool]) -> Optional[Iota]:
+        io = self.iota.get(arg) if isinstance(arg, fx.Node) else None
+        return io if io is not None and predicate(io) else None
 
     def _rule(self, node: fx.Node) -> Info:
         if node.op != "call_function":
             return None
         target, args = node.target, node.args
-        ins = [a for a in node.all_input_nodes]
-        infos = [self.get(a) for a in ins]
-        if not any(i is not None for i in infos):
+        infos = [self.get(a) for a in node.all_input_nodes]
+        if not any(i is not None for i in infos) or target in _CREATION:
             return None
         if any(i is UNKNOWN for i in infos):
             return UNKNOWN
         if target is operator.getitem:
             parent = self.get(args[0])
-            return parent[args[1]] if isinstance(parent, tuple) else UNKNOWN
-        if target in _CREATION:
-            return None
+            return parent[args[1]] if isinstance(parent, tuple) else self.unknown("getitem of a non-tuple")
+        if any(isinstance(i, tuple) for i in infos):
+            return self.unknown("takes a whole tuple")
+        rule = RULES.get(target)
+        if rule is not None:
+            return rule(self, node)
         if _pointwise(target):
-            return self._broadcast(node)
+            return self.broadcast(node)
         if target in _VIEWS:
-            return self._view(args[0], _shape(node))
+            return self.view(args[0], shape_of(node))
         if target is aten.as_strided.default:
             return self._as_strided(node)
-        if target in _REDUCTIONS:
+        if target is aten.as_strided_scatter.default:
+            return self._as_strided_scatter(node)
+        if target in _SUMS:
             return self._reduce(node)
-        rule = _RULES.get(target)
-        if rule is None:
-            return UNKNOWN
-        return rule(self, node)
+        if target in _MIXING_REDUCTIONS:
+            return self._reduce(node, mixing=True)
+        info, why = batch_probe.derive(self, node)
+        return self.unknown(why) if info is UNKNOWN else info
 
     # --- generic rules ---
-    def _broadcast(self, node: fx.Node) -> Info:
-        out = _shape(node)
+    def broadcast(self, node: fx.Node, operands=None) -> Info:
+        """Pointwise: batched operands agree on the batch dim once right-aligned; batch-free ones broadcast."""
+        out = shape_of(node)
         if out is None:
-            return UNKNOWN
+            return self.unknown("output is not a tensor")
         found = None
-        for a in node.all_input_nodes:
-            i, shape = self.get(a), _shape(a)
+        for a in operands if operands is not None else node.all_input_nodes:
+            i, shape = self.get(a), shape_of(a)
             if i is None:
                 continue
             if not isinstance(i, BatchDim) or shape is None:
-                return UNKNOWN
+                return self.unknown("operand is not a batched tensor")
             d = i.dim + len(out) - len(shape)
-            if shape[i.dim] != out[d]:
-                return UNKNOWN
+            if d < 0 or not same(shape[i.dim], out[d]):
+                return self.unknown("broadcasts the batch dim")
             cand = i.at(d)
             if found is not None and found != cand:
-                return UNKNOWN
+                return self.unknown("operands disagree on the batch dim")
             found = cand
         return found
 
-    def _view(self, src, out: Optional[Sequence[int]]) -> Info:
+    def view(self, src, out) -> Info:
         """A reshape keeps the batch iff the B factor of the logical index lands inside one output dim."""
-        i, shape = self.get(src), _shape(src)
+        i, shape = self.get(src), shape_of(src)
         if i is None:
             return None
         if not isinstance(i, BatchDim) or shape is None or out is None or self.batch is None:
-            return UNKNOWN
-        before = math.prod(shape[: i.dim]) * i.outer
-        after = i.inner * math.prod(shape[i.dim + 1 :])
+            return self.unknown("view of a value without a batch dim")
+        before = prod(list(shape[: i.dim]) + [i.outer])
+        after = prod([i.inner] + list(shape[i.dim + 1:]))
         lead = 1
-        for k, size in enumerate(out):
-            if before % lead == 0 and size % (before // lead * self.batch) == 0:
-                inner = size // (before // lead * self.batch)
-                if after % inner == 0 and math.prod(out[k + 1 :]) == after // inner:
-                    return BatchDim(k, inner, before // lead)
-            lead *= size
-        return UNKNOWN
+        for k, n in enumerate(out):
+            outer = quotient(before, lead)
+            if outer is not None:
+                inner = quotient(n, prod([outer, self.batch]))
+                if inner is not None and same(prod([inner] + list(out[k + 1:])), after):
+                    return BatchDim(k, inner, outer)
+            lead = prod([lead, n])
+        return self.unknown("reshape spreads the batch over several dims")
 
     def _as_strided(self, node: fx.Node) -> Info:
-        src, size, stride = node.args[0], node.args[1], node.args[2]
-        offset = node.args[3] if len(node.args) > 3 else 0
-        val = src.meta.get("val")
-        contiguous = list(torch.empty(size, device="meta").stride())
-        if offset or list(stride) != contiguous or val is None or not val.is_contiguous() or val.numel() != math.prod(size):
-            return UNKNOWN
-        return self._view(src, tuple(size))
+        """A window into dense storage in which each sample owns one contiguous block (the batch dim is the
+        outermost in memory, as with channels-last): an output dim that steps by whole blocks (or by the batch
+        dim's stride, over all its entries), while the other dims stay inside one block, holds the samples."""
+        src = node.args[0]
+        i, val = self.get(src), src.meta.get("val")
+        sizes, strides = [size(s) for s in node.args[1]], [size(s) for s in node.args[2]]
+        offset = size(node.args[3]) if len(node.args) > 3 and node.args[3] is not None else 0
+        if not (isinstance(i, BatchDim) and same(i.outer, 1)):
+            return self.unknown("as_strided of a batch repeated along its dim")
+        if not all(isinstance(x, int) for x in sizes + strides + [offset, i.inner] + list(shape_of(src))):
+            return self.unknown("as_strided with dynamic sizes")
+        step = int(val.stride()[i.dim])
+        if not (_dense(val) and step * val.shape[i.dim] == val.numel()
+                and int(val.storage_offset()) == 0):
+            return self.unknown("as_strided of a tensor whose samples are not contiguous blocks")
+        block, batch = step * i.inner, self.batch
+        found = [(k, BatchDim(k), block) for k, (n, s) in enumerate(zip(sizes, strides)) if s == block and n == batch]
+        found += [(k, BatchDim(k, i.inner), step) for k, (n, s) in enumerate(zip(sizes, strides))
+                  if i.inner != 1 and s == step and n == batch * i.inner]
+        if len(found) != 1:
+            return self.unknown("as_strided does not keep the samples in one dim")
+        k, info, span = found[0]
+        reach = offset + sum((n - 1) * s for j, (n, s) in enumerate(zip(sizes, strides)) if j != k)
+        return info if 0 <= offset and reach < span else self.unknown("as_strided crosses samples")
 
-    def _reduce(self, node: fx.Node) -> Info:
-        i, shape = self.get(node.args[0]), _shape(node.args[0])
+    def _as_strided_scatter(self, node: fx.Node) -> Info:
+        """``as_strided_scatter`` that overwrites all of a contiguous base in row-major order is a reshape."""
+        base, src = node.args[0], node.args[1]
+        sizes, strides = list(node.args[2]), list(node.args[3])
+        offset = node.args[4] if len(node.args) > 4 else 0
+        bval = base.meta.get("val")
+        if not all(isinstance(x, int) for x in sizes + strides + [offset]) or not bval.is_contiguous():
+            return self.unknown("as_strided_scatter with dynamic sizes or a strided base")
+        row_major = list(torch.empty(sizes, device="meta").stride())
+        if offset != 0 or math.prod(sizes) != bval.numel() or strides != row_major:
+            return self.unknown("as_strided_scatter that keeps part of its base")
+        return self.view(src, shape_of(base))
+
+    def _reduce(self, node: fx.Node, mixing: bool = False) -> Info:
+        i, shape = self.get(node.args[0]), shape_of(node.args[0])
         if not isinstance(i, BatchDim) or shape is None:
-            return UNKNOWN
-        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+            return self.unknown("reduces a value without a batch dim")
+        dims = node.args[1] if len(node.args) > 1 and not isinstance(node.args[1], bool) else node.kwargs.get("dim")
         if isinstance(dims, int):
             dims = [dims]
         if dims is None or len(dims) == 0:
             dims = range(len(shape))
         dims = {d % max(len(shape), 1) for d in dims}
-        keepdim = node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 and isinstance(node.args[2], bool) else False)
+        keepdim = node.kwargs.get("keepdim", next((a for a in node.args[2:] if isinstance(a, bool)), False))
+        tupled = node.target in (aten.var_mean.correction, aten.max.dim, aten.min.dim)
         if i.dim in dims:
-            return (None, None) if node.target is aten.var_mean.correction else None
+            if mixing:
+                return self.unknown(f"{node.target} over the batch mixes samples")
+            return (None, None) if tupled else None
         out = i.at(i.dim if keepdim else i.dim - sum(d < i.dim for d in dims))
-        return (out, out) if node.target is aten.var_mean.correction else out
+        return (out, out) if tupled else out
+
+    # --- integer tensors whose values are their positions ---
+    def _track_iota(self, node: fx.Node) -> None:
+        io = _iota(self, node)
+        if io is not None:
+            self.iota[node] = io
 
 
-def _permute(p: BatchDimPropagation, node: fx.Node) -> Info:
-    i = p.get(node.args[0])
-    n = len(_shape(node.args[0]))
-    perm = [d % n for d in node.args[1]]
-    return i.at(perm.index(i.dim))
+def _dense(val: torch.Tensor) -> bool:
+    """Every storage element in ``[0, numel)`` belongs to exactly one entry."""
+    expected = 1
+    for n, s in sorted(((int(n), int(s)) for n, s in zip(val.shape, val.stride()) if n != 1), key=lambda x: x[1]):
+        if s != expected:
+            return False
+        expected *= n
+    return True
 
 
-def _transpose(p: BatchDimPropagation, node: fx.Node) -> Info:
-    i = p.get(node.args[0])
-    n = max(len(_shape(node.args[0])), 1)
-    a, b = (node.args[1] % n, node.args[2] % n) if node.target is not aten.t.default else (0, 1)
-    return i.at({a: b, b: a}.get(i.dim, i.dim))
+def _iota(p: BatchDimPropagation, node: fx.Node) -> Optional[Iota]:
+    target, args, kw = node.target, node.args, node.kwargs
+    if node.op != "call_function":
+        return None
+    if target is prims.iota.default:
+        return Iota(0, size(kw.get("start", 0)), size(kw.get("step", 1)), size(args[0]))
+    if target in (aten.arange.default, aten.arange.start, aten.arange.start_step):
+        start, step = (0, 1) if target is aten.arange.default else (args[0], args[2] if len(args) > 2 else 1)
+        if not all(isinstance(x, (int, torch.SymInt, fx.Node)) for x in (start, step)):
+            return None
+        return Iota(0, size(start), size(step), shape_of(node)[0])
+    src = args[0] if args and isinstance(args[0], fx.Node) else None
+    io = p.iota.get(src)
+    if io is None:
+        return None
+    shape, out = shape_of(src), shape_of(node)
+    if target in _SAME_VALUES:
+        return io
+    if target is aten.unsqueeze.default:
+        d = args[1] % len(out)
+        return Iota(io.dim + (d <= io.dim), io.start, io.step, io.length)
+    if target is aten.expand.default:
+        return Iota(io.dim + len(out) - len(shape), io.start, io.step, io.length)
+    if target is aten.permute.default:
+        return Iota([d % len(out) for d in args[1]].index(io.dim), io.start, io.step, io.length)
+    if target in _VIEWS:
+        kept = [k for k, n in enumerate(shape) if not same(n, 1)]
+        kept_out = [k for k, n in enumerate(out) if not same(n, 1)]
+        if [shape[k] for k in kept] != [out[k] for k in kept_out] or io.dim not in kept:
+            return None
+        return Iota(kept_out[kept.index(io.dim)], io.start, io.step, io.length)
+    if target in (aten.add.Tensor, aten.mul.Tensor, aten.sub.Tensor) and isinstance(args[1], int):
+        c = args[1]
+        if target is aten.mul.Tensor:
+            return Iota(io.dim, io.start * c, io.step * c, io.length)
+        return Iota(io.dim, io.start + (c if target is aten.add.Tensor else -c), io.step, io.length)
+    return None
 
-
-def _unsqueeze(p: BatchDimPropagation, node: fx.Node) -> Info:
-    i = p.get(node.args[0])
-    d = node.args[1] % len(_shape(node))
-    return i.at(i.dim + (d <= i.dim))
-
-
-def _squeeze(p: BatchDimPropagation, node: fx.Node) -> Info:
-    i, shape = p.get(node.args[0]), _shape(node.args[0])
-    dims = node.args[1] if len(node.args) > 1 else range(len(shape))
-    dims = [dims] if isinstance(dims, int) else dims
-    gone = {d % len(shape) for d in dims if shape[d % len(shape)] == 1}
-    if i.dim in gone:
-        return UNKNOWN
-    return i.at(i.dim - sum(d < i.dim for d in gone))
-
-
-def _expand(p: BatchDimPropagation, node: fx.Node) -> Info:
-    return p._broadcast(node)
-
-
-def _along_other_dim(p: BatchDimPropagation, node: fx.Node) -> Info:
-    """slice/select/softmax/cumsum/gather/scatter along ``dim`` (args[1]): fine unless ``dim`` is the batch."""
-    shape = _shape(node.args[0])
-    d = node.args[1] % len(shape)
-    batched = [i for i in (p.get(a) for a in node.all_input_nodes) if i is not None]
-    if any(i.dim == d for i in batched):
-        if node.target is aten.slice.Tensor and _whole(node, shape[d]):
-            return p.get(node.args[0])
-        return UNKNOWN
-    if node.target in (aten.gather.default, aten.scatter.value, aten.scatter.src):
-        return p._broadcast(node)
-    i = p.get(node.args[0])
-    if not isinstance(i, BatchDim):
-        return UNKNOWN
-    return i.at(i.dim - (d < i.dim)) if node.target is aten.select.int else i
-
-
-def _whole(node: fx.Node, size: int) -> bool:
-    start, end, step = (list(node.args[2:5]) + [None, None, None])[:3]
-    return start in (None, 0) and (end is None or end >= size) and step in (None, 1)
-
-
-def _scatter_into(p: BatchDimPropagation, node: fx.Node) -> Info:
-    """select_scatter(base, src, dim, index) / slice_scatter: the base must not vary along the batch."""
-    base, src = p.get(node.args[0]), p.get(node.args[1])
-    if base is not None or not isinstance(src, BatchDim):
-        return UNKNOWN
-    d = node.args[2] % len(_shape(node))
-    if node.target is aten.select_scatter.default:
-        return src.at(src.dim + (d <= src.dim))
-    return UNKNOWN if d == src.dim else src
-
-
-def _cat(p: BatchDimPropagation, node: fx.Node) -> Info:
-    parts = node.args[0]
-    d = (node.args[1] if len(node.args) > 1 else 0) % len(_shape(node))
-    found = {p.get(t) for t in parts}
-    if len(found) != 1 or None in found:
-        return UNKNOWN
-    (i,) = found
-    if i.dim != d:
-        return i
-    sizes = {_shape(t)[d] for t in parts}
-    return BatchDim(d, i.inner, i.outer * len(parts)) if len(sizes) == 1 else UNKNOWN
-
-
-def _split(p: BatchDimPropagation, node: fx.Node) -> Info:
-    i = p.get(node.args[0])
-    d = (node.args[2] if len(node.args) > 2 else 0) % len(_shape(node.args[0]))
-    n = len(node.meta["val"])
-    return UNKNOWN if d == i.dim else tuple([i] * n)
-
-
-def _unbind(p: BatchDimPropagation, node: fx.Node) -> Info:
-    i = p.get(node.args[0])
-    d = (node.args[1] if len(node.args) > 1 else 0) % len(_shape(node.args[0]))
-    return UNKNOWN if d == i.dim else tuple([i.at(i.dim - (d < i.dim))] * len(node.meta["val"]))
-
-
-def _mm(p: BatchDimPropagation, node: fx.Node) -> Info:
-    """mm/addmm/bmm: batch on the kept rows/cols passes through; batch on the contracted dim of both is a
-    contraction over the batch (no batch in the result)."""
-    if node.target is aten.addmm.default and p.get(node.args[0]) is not None:
-        return UNKNOWN
-    a, b = p.get(node.args[-2]), p.get(node.args[-1])
-    off = 1 if node.target is aten.bmm.default else 0
-    if off and any(x is not None and x.dim == 0 for x in (a, b)):
-        same = a is None or b is None or a == b
-        return (a or b) if same and all(x is None or x.dim == 0 for x in (a, b)) else UNKNOWN
-    if a is not None and b is not None:
-        return None if (a.dim == off + 1 and b.dim == off and a.at(0) == b.at(0)) else UNKNOWN
-    if a is not None:
-        return a if a.dim == off else UNKNOWN
-    return b if b.dim == off + 1 else UNKNOWN
-
-
-def _per_sample_outputs(p: BatchDimPropagation, node: fx.Node) -> Info:
-    """Ops that act on each sample separately: batch dim 0 in, batch dim 0 out (or no batch, for weights)."""
-    found = {p.get(a) for a in node.all_input_nodes} - {None}
-    if len(found) != 1:
-        return UNKNOWN
-    (i,) = found
-    if i.dim != 0:
-        return UNKNOWN
-    val = node.meta.get("val")
-    size = _shape(next(a for a in node.all_input_nodes if p.get(a) is not None))[0]
-    per_sample = lambda v: i if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == size else None  # noqa: E731
-    return tuple(per_sample(v) for v in val) if isinstance(val, (tuple, list)) else per_sample(val)
-
-
-def _convolution_backward(p: BatchDimPropagation, node: fx.Node) -> Info:
-    g, x = p.get(node.args[0]), p.get(node.args[1])
-    if g is None or x is None or g != x or g.dim != 0 or p.get(node.args[2]) is not None:
-        return UNKNOWN
-    return (g, None, None)
-
-
-def _embedding(p: BatchDimPropagation, node: fx.Node) -> Info:
-    if p.get(node.args[0]) is not None:
-        return UNKNOWN
-    return p.get(node.args[1])
-
-
-def _index_put_accumulate(p: BatchDimPropagation, node: fx.Node) -> Info:
-    accumulate = node.target is not aten.index_put.default or (len(node.args) > 3 and node.args[3])
-    return None if accumulate and p.get(node.args[0]) is None else UNKNOWN
-
-
-_RULES = {
-    aten.permute.default: _permute,
-    aten.transpose.int: _transpose,
-    aten.t.default: _transpose,
-    aten.unsqueeze.default: _unsqueeze,
-    aten.squeeze.dim: _squeeze,
-    aten.squeeze.dims: _squeeze,
-    aten.squeeze.default: _squeeze,
-    aten.expand.default: _expand,
-    aten.slice.Tensor: _along_other_dim,
-    aten.select.int: _along_other_dim,
-    aten._softmax.default: _along_other_dim,
-    aten._log_softmax.default: _along_other_dim,
-    aten.cumsum.default: _along_other_dim,
-    aten.gather.default: _along_other_dim,
-    aten.scatter.value: _along_other_dim,
-    aten.scatter.src: _along_other_dim,
-    aten.select_scatter.default: _scatter_into,
-    aten.slice_scatter.default: _scatter_into,
-    aten.cat.default: _cat,
-    aten.split.Tensor: _split,
-    aten.split_with_sizes.default: _split,
-    aten.unbind.int: _unbind,
-    aten.mm.default: _mm,
-    aten.addmm.default: _mm,
-    aten.bmm.default: _mm,
-    aten.convolution.default: _per_sample_outputs,
-    aten.convolution_backward.default: _convolution_backward,
-    aten.native_dropout.default: _per_sample_outputs,
-    **{
-        getattr(aten, name).default: _per_sample_outputs
-        for name in (
-            "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention_for_cpu_backward",
-            "_scaled_dot_product_flash_attention", "_scaled_dot_product_flash_attention_backward",
-            "_scaled_dot_product_efficient_attention", "_scaled_dot_product_efficient_attention_backward",
-            "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_cudnn_attention_backward",
-        )
-        if hasattr(aten, name)
-    },
-    aten.embedding.default: _embedding,
-    aten._unsafe_masked_index_put_accumulate.default: _index_put_accumulate,
-    aten.index_put.default: _index_put_accumulate,
-    aten.embedding_dense_backward.default: lambda p, n: None,
-}

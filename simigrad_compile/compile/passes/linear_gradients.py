@@ -1,11 +1,12 @@
 """Which parameter gradients are linear maps of additive contractions over the batch.
 
 A gradient node qualifies when every path from it back to the batched data ends in an additive contraction
-over the batch (``mm``/``bmm`` over batch rows, ``sum`` over batch dims, ``convolution_backward``'s weight and
-bias, ``index_put`` accumulation into zeros, ``embedding_dense_backward``) and everything after the
-contractions is linear in them: views, adds of two contributions, products with a factor that is not itself
-a contribution (BatchNorm's ``rsqrt(var)``, the loss's ``1/count``). :meth:`LinearGradients.leaves` returns the
-contractions, or raises :class:`Refuse` with the reason.
+over the batch (``mm``/``bmm`` over batch rows, ``sum``/``mean`` over batch dims, ``convolution_backward``'s
+weight and bias, ``index_put`` accumulation into zeros, the embedding and embedding-bag backwards) and
+everything after the contractions is linear in them: views, adds of two contributions, products with a factor
+that is not itself a contribution (BatchNorm's ``rsqrt(var)``, the loss's ``1/count``), ``where``/``masked_fill``
+with a zero branch, ``cat`` of contributions. :meth:`LinearGradients.leaves` returns the contractions, or raises
+:class:`Refuse` with the reason.
 """
 
 from __future__ import annotations
@@ -18,20 +19,30 @@ import torch.fx as fx
 
 from .batch_dims import UNKNOWN, BatchDim, BatchDimPropagation
 
-aten = torch.ops.aten
+aten, prims = torch.ops.aten, torch.ops.prims
 
-_ADDITIVE = {
-    aten.sum.dim_IntList, aten.sum.default, aten.mm.default, aten.bmm.default,
-    aten._unsafe_masked_index_put_accumulate.default, aten.index_put.default, aten.embedding_dense_backward.default,
+ADDITIVE = {
+    aten.sum.dim_IntList, aten.sum.default, aten.mean.dim, aten.mean.default, aten.mm.default, aten.bmm.default,
+    aten._unsafe_masked_index_put_accumulate.default, aten.index_put.default, aten._unsafe_index_put.default,
+    aten.embedding_dense_backward.default, aten._embedding_bag_dense_backward.default,
+    aten._embedding_bag_backward.default,
 }
-_LINEAR_UNARY = {
+# Linear in args[0] when no other operand is a gradient contribution.
+_LINEAR_IN_FIRST = {
     aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.permute.default, aten.t.default,
     aten.transpose.int, aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default,
     aten.clone.default, aten.alias.default, aten.neg.default, aten.expand.default, aten.sum.dim_IntList,
-    aten.slice.Tensor, aten.select.int, aten._to_copy.default, torch.ops.prims.convert_element_type.default,
-    aten.mul.Scalar, aten.div.Scalar,
+    aten.sum.default, aten.mean.dim, aten.slice.Tensor, aten.select.int, aten._to_copy.default,
+    prims.convert_element_type.default, aten.mul.Scalar, aten.div.Scalar, prims.rev.default, aten.flip.default,
+    aten.roll.default, aten.repeat.default, aten.as_strided.default, aten.index.Tensor, aten._unsafe_index.Tensor,
+    aten.index_select.default, aten.gather.default, aten.split.Tensor, aten.split_with_sizes.default,
+    aten.unbind.int, aten.unfold.default, operator.getitem, prims.view_of.default,
+    aten._weight_norm_interface_backward.default,  # (grad_v, grad_g) is linear in grad_w for fixed v, g
 }
-
+_JOIN = {aten.cat.default, aten.stack.default}
+VALUE_FREE = {aten.zeros_like.default, aten.ones_like.default, aten.empty_like.default, aten.full_like.default,
+              aten.new_zeros.default, aten.new_ones.default, aten.new_empty.default, aten.new_full.default,
+              aten.new_empty_strided.default, aten.sym_size.int, aten.sym_stride.int, aten.sym_numel.default}
 
 
 class Refuse(Exception):
@@ -39,9 +50,10 @@ class Refuse(Exception):
 
 
 class LinearGradients:
-    def __init__(self, graph: fx.Graph, prop: BatchDimPropagation, tangents):
+    def __init__(self, graph: fx.Graph, prop: BatchDimPropagation, tangents, tangent_outputs=None):
         self.prop = prop
         self.tangent_dep = _tangent_dependent(graph, tangents)
+        self.tangent_outputs = tangent_outputs or {}
         self.memo: Dict[fx.Node, Optional[List[fx.Node]]] = {}
 
     def is_contraction(self, node: fx.Node) -> bool:
@@ -51,13 +63,18 @@ class LinearGradients:
         if node.target is operator.getitem:
             parent = node.args[0]
             return parent.target is aten.convolution_backward.default and node.args[1] in (1, 2)
-        if node.target not in _ADDITIVE:
+        if node.target not in ADDITIVE:
             return False
-        if node.target in (aten._unsafe_masked_index_put_accumulate.default, aten.index_put.default):
-            if not _is_zeros(node.args[0]):
+        if node.target in (aten._unsafe_masked_index_put_accumulate.default, aten.index_put.default,
+                           aten._unsafe_index_put.default):
+            if not is_zeros(node.args[0]):
                 raise Refuse(f"{node.target} accumulates into a non-zero tensor")
         if node.target is aten.embedding_dense_backward.default and node.args[4]:
             raise Refuse("embedding with scale_grad_by_freq mixes the batch's counts")
+        if node.target in (aten._embedding_bag_dense_backward.default, aten._embedding_bag_backward.default):
+            scale = node.args[6] if node.target is aten._embedding_bag_dense_backward.default else node.args[7]
+            if scale:
+                raise Refuse("embedding_bag with scale_grad_by_freq mixes the batch's counts")
         return True
 
     def leaves(self, node) -> Optional[List[fx.Node]]:
@@ -66,15 +83,18 @@ class LinearGradients:
             return None
         if node in self.memo:
             return self.memo[node]
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor) and val.layout != torch.strided:
+            raise Refuse(f"{node.name} is a sparse gradient (sparse=True embedding): use sparse=False to split it")
         info = self.prop.info.get(node)
         if info is UNKNOWN:
-            raise Refuse(f"depends on {_culprit(node, self.prop)}, which has no batch-dim rule")
+            raise Refuse(f"depends on {culprit(node, self.prop, self.tangent_outputs)}")
         if isinstance(info, BatchDim):
             raise Refuse(f"{node.name} still has the batch dim")
         batched_input = any(self.prop.info.get(a) is not None for a in node.all_input_nodes)
-        if batched_input and self._is_leaf(node):
+        if batched_input and info is None and self._is_leaf(node):
             result = [node]
-        elif batched_input:
+        elif batched_input and not isinstance(info, tuple):
             raise Refuse(f"{node.target} reduces over the batch but is not a sum")
         else:
             result = self._combine(node)
@@ -83,14 +103,27 @@ class LinearGradients:
 
     def _combine(self, node: fx.Node) -> Optional[List[fx.Node]]:
         target = node.target
+        if target in VALUE_FREE:  # takes only a shape from its input
+            return None
+        if target is aten.copy.default:  # every value comes from src
+            return self.leaves(node.args[1])
         if not any(self.leaves(a) for a in node.all_input_nodes):
             return None
-        if target in _LINEAR_UNARY:
-            rest = [self.leaves(a) for a in node.all_input_nodes[1:]]
+        if target in _LINEAR_IN_FIRST:
+            rest = [self.leaves(a) for a in node.all_input_nodes if a is not node.args[0]]
             inner = self.leaves(node.args[0])
             if inner is None or any(rest):
                 raise Refuse(f"{target} mixes two gradient contributions")
             return inner
+        if target is aten.constant_pad_nd.default and _value(node, 2, "value", 0) == 0:
+            return self.leaves(node.args[0])
+        if target in _JOIN:
+            parts = [self.leaves(t) for t in node.args[0]]
+            if not all(p or is_zeros(t) for p, t in zip(parts, node.args[0])):
+                raise Refuse(f"{target} joins a term that does not scale with the batch")
+            return [leaf for p in parts if p for leaf in p]
+        if target in (aten.where.self, aten.masked_fill.Scalar, aten.masked_fill.Tensor):
+            return self._select(node)
         parts = [self.leaves(a) for a in node.args[:2]]
         if target in (aten.add.Tensor, aten.sub.Tensor):
             if not all(parts):
@@ -101,14 +134,33 @@ class LinearGradients:
         if target is aten.div.Tensor and parts[0] and parts[1] is None:
             return parts[0]
         scattered, base = _scattered_values(node)
-        if scattered is not None and (base is None or _is_zeros(base)):
+        if scattered is not None and (base is None or is_zeros(base)):
             values = self.leaves(scattered)
             if values and not any(self.leaves(a) for a in node.all_input_nodes if a is not scattered):
                 return values
-        if target in (aten.slice_scatter.default, aten.select_scatter.default) and parts[1]:
-            if parts[0] or _is_zeros(node.args[0]):
-                return (parts[0] or []) + parts[1]
+        if target in (aten.slice_scatter.default, aten.select_scatter.default):
+            if all(p or is_zeros(a) for p, a in zip(parts, node.args[:2])):  # a contribution written into zeros,
+                return (parts[0] or []) + (parts[1] or [])                    # or zeros written into one
         raise Refuse(f"gradient passes through {target}, which the split pass does not treat as linear")
+
+    def _select(self, node: fx.Node) -> List[fx.Node]:
+        """``where(c, x, 0)``, ``where(c, 0, x)``, ``masked_fill(x, c, 0)``: linear in ``x``."""
+        if node.target is aten.where.self:
+            cond, branches = node.args[0], list(node.args[1:3])
+        else:
+            cond, branches = node.args[1], [node.args[0], node.args[2]]
+        if self.leaves(cond):
+            raise Refuse(f"{node.target}'s condition depends on a gradient contribution")
+        parts = [self.leaves(b) for b in branches]
+        live = [p for p in parts if p]
+        others = [b for b, p in zip(branches, parts) if not p]
+        if len(live) == 1 and all(is_zeros(b) for b in others):
+            return live[0]
+        raise Refuse(f"{node.target} mixes a gradient with a non-zero value")
+
+
+def _value(node: fx.Node, position: int, name: str, default):
+    return node.args[position] if len(node.args) > position else node.kwargs.get(name, default)
 
 
 def _scattered_values(node: fx.Node):
@@ -116,17 +168,32 @@ def _scattered_values(node: fx.Node):
     zeros; None for embedding_dense_backward): linear in ``values``. ``(None, None)`` for any other op."""
     if node.target is aten._unsafe_masked_index_put_accumulate.default:
         return node.args[3], node.args[0]
-    if node.target is aten.index_put.default and len(node.args) > 3 and node.args[3]:
+    if node.target in (aten.index_put.default, aten._unsafe_index_put.default) and len(node.args) > 3 and node.args[3]:
         return node.args[2], node.args[0]
     if node.target is aten.embedding_dense_backward.default and not node.args[4]:
         return node.args[0], None
     return None, None
 
 
-def _is_zeros(node) -> bool:
-    return isinstance(node, fx.Node) and node.target in (aten.full.default, aten.zeros.default) and (
-        node.target is aten.zeros.default or node.args[1] == 0
-    )
+def is_zeros(node) -> bool:
+    """A literal 0, or a tensor filled with zeros by construction."""
+    if isinstance(node, (int, float)) and not isinstance(node, bool):
+        return node == 0
+    if not isinstance(node, fx.Node):
+        return False
+    target = node.target
+    if target in (aten.zeros.default, aten.zeros_like.default, aten.new_zeros.default):
+        return True
+    if target in (aten.full.default, aten.new_full.default, aten.full_like.default):
+        return node.args[1] == 0
+    if target is aten.scalar_tensor.default:
+        return node.args[0] == 0
+    if target in (aten.expand.default, aten.view.default, aten.clone.default, aten._to_copy.default,
+                  prims.convert_element_type.default):
+        return is_zeros(node.args[0])
+    if target is aten.copy.default:
+        return is_zeros(node.args[1])
+    return False
 
 
 def _tangent_dependent(graph: fx.Graph, tangents) -> Dict[fx.Node, bool]:
@@ -137,8 +204,10 @@ def _tangent_dependent(graph: fx.Graph, tangents) -> Dict[fx.Node, bool]:
     return dep
 
 
-def _culprit(node: fx.Node, prop: BatchDimPropagation) -> str:
-    """The first op on ``node``'s inputs whose output became UNKNOWN from known inputs."""
+def culprit(node: fx.Node, prop: BatchDimPropagation, tangent_outputs=None) -> str:
+    """The first op on ``node``'s inputs whose output became UNKNOWN from known inputs, with its reason; a
+    tangent leads to the forward output it is the gradient of."""
+    tangent_outputs = tangent_outputs or {}
     seen, stack = set(), [node]
     while stack:
         n = stack.pop()
@@ -146,7 +215,10 @@ def _culprit(node: fx.Node, prop: BatchDimPropagation) -> str:
             continue
         seen.add(n)
         parents = [a for a in n.all_input_nodes if prop.info.get(a) is UNKNOWN]
+        if n.op == "placeholder" and isinstance(tangent_outputs.get(n), fx.Node):
+            parents = [tangent_outputs[n]]
         if not parents:
-            return f"{n.target} ({n.name})"
+            why = prop.why.get(n, "no batch-dim rule")
+            return f"{n.target} ({n.name}): {why}"
         stack.extend(parents)
     return str(node.target)
