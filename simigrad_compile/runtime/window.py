@@ -29,6 +29,7 @@ held until the boundary; the buffers are reused across windows.
 
 from __future__ import annotations
 
+import operator
 from typing import Callable, List, Optional, Sequence
 
 import torch
@@ -69,9 +70,9 @@ class Window:
                  stats: Optional[MicrostepStats] = None, allow_views: bool = False,
                  name_of: Callable[[torch.nn.Parameter], str] = lambda p: f"of shape {tuple(p.shape)}",
                  live: Optional[Callable[[], List[torch.nn.Parameter]]] = None):
-        if not sizes or any(int(s) < 1 for s in sizes):
-            raise ValueError(f"an accumulation window needs micro-steps of >= 1 sample, got {tuple(sizes)}")
         self.sizes = [int(s) for s in sizes]
+        if not self.sizes or min(self.sizes) < 1:
+            raise ValueError(f"an accumulation window needs micro-steps of >= 1 sample, got {tuple(sizes)}")
         self.params = [p for p in params if p.requires_grad]
         self.done = 0
         self.divisor = self.sizes[0]
@@ -154,8 +155,11 @@ class Window:
                 "micro-batches of this step would be lost. Zero gradients only through run.optimizer.zero_grad() "
                 "(a no-op inside a window), or drop this step with run.discard_step().")
         if self.live is not None:
+            live = self.live()
+            if len(live) == len(self.params) and all(map(operator.is_, live, self.params)):
+                return
             own = {id(p) for p in self.params}
-            added = [p for p in self.live() if id(p) not in own]
+            added = [p for p in live if id(p) not in own]
             if added:
                 raise WindowMisuse(
                     f"simigrad: parameter {self.name_of(added[0])} joined the step inside an accumulation window "
