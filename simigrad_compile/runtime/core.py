@@ -58,9 +58,9 @@ half: the cosine is undefined although the gradient is finite).
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import logging
 import math
+import operator
 from collections import Counter
 from typing import Any, List, Optional, Sequence
 
@@ -101,24 +101,26 @@ def _wide(grads: List[torch.Tensor]) -> List[torch.Tensor]:
 def _to_host(scalars: List[torch.Tensor], sums: Optional[torch.Tensor]) -> List[float]:
     """The 0-d ``scalars``, then the 1-d ``sums``, as host floats (fp32 values are exact as floats). On an
     accelerator in one copy (torch promotes to the widest dtype); on the CPU, where nothing waits, directly."""
-    if all(t.is_cpu for t in scalars) and (sums is None or sums.is_cpu):
-        head = [t.item() for t in scalars] if len(scalars) <= 16 else torch.stack(scalars).tolist()
-        return head + (sums.tolist() if sums is not None else [])
+    if sums is None and all(map(_IS_CPU, scalars)):
+        return [t.item() for t in scalars] if len(scalars) <= 16 else torch.stack(scalars).tolist()
     device = (scalars[0] if scalars else sums).device
     parts = [torch.stack([t.to(device) for t in scalars])] if scalars else []
     parts += [sums.to(device)] if sums is not None else []
     return torch.cat(parts).tolist() if len(parts) > 1 else parts[0].tolist()
 
 
+_IS_CPU = operator.attrgetter("is_cpu")
+
+
 def _total(norms: List[float], norm_type: float) -> float:
-    """The ``norm_type``-norm of the gradients from their per-tensor norms, as ``get_total_norm`` combines them
-    (``vector_norm`` of the norms), in fp64 on the host."""
+    """The ``norm_type``-norm of the gradients from their per-tensor norms (``get_total_norm`` takes the
+    ``vector_norm`` of the norms), in fp64 on the host. Not finite exactly when a norm is not."""
     if not norms:
         return 0.0
-    if any(math.isnan(v) for v in norms):
-        return math.nan
     if norm_type == 2.0:
         return math.hypot(*norms)
+    if any(math.isnan(v) for v in norms):
+        return math.nan
     top = max(norms)
     if norm_type == math.inf or top == 0.0 or math.isinf(top):
         return top
@@ -191,6 +193,9 @@ class StepCore:
         before the first ``step()`` of a window, the value the previous ``step()`` left."""
         return self._sync
 
+    def _live_params(self) -> List[torch.nn.Parameter]:
+        return optimizer_params(self.inner)
+
     def _param_name(self, param: torch.nn.Parameter) -> str:
         for name, p in self.model.named_parameters():
             if p is param:
@@ -201,7 +206,7 @@ class StepCore:
     def _new_window(self, sizes: Sequence[int]) -> Window:
         stats = self.microsteps if self.world_size == 1 else None
         self._window = Window(sizes, optimizer_params(self.inner), stats, allow_views=self._bucket_views,
-                              name_of=self._param_name, live=lambda: optimizer_params(self.inner))
+                              name_of=self._param_name, live=self._live_params)
         self._sync = len(sizes) == 1
         return self._window
 
@@ -242,8 +247,8 @@ class StepCore:
         if loss is not None:
             self.log_loss(loss)
         w.micro_step_done(samples)
-        self._sync = w.complete
-        return w.complete
+        self._sync = complete = w.complete
+        return complete
 
     def end_window(self) -> bool:
         """The data ran out: the micro-steps done so far form the step. True when there is a step to finish."""
@@ -297,14 +302,15 @@ class StepCore:
         read, note = self.statistics.read(w, self._steps + 1)
         grads = w.grads()
         norm_type = self._clip[1] if self._clip else 2.0
-        norms = torch._foreach_norm(_wide(grads), norm_type) if grads else []
+        norms = torch._foreach_norm(_wide(grads), norm_type) if grads else ()
         sums = read.sums if isinstance(read, StatsRead) else None  # the statistics' sums, still on the device
         scalars = [self._loss] + (self.amp.checks() if self.amp is not None else [None] * 3)
-        values = iter(_to_host(list(norms) + [c for c in scalars if c is not None], sums))  # the one host sync
-        raw = _total(list(itertools.islice(values, len(norms))), norm_type)
-        loss_sum, scale, drift, found_inf = [next(values) if c is not None else default
+        values = _to_host([*norms, *(c for c in scalars if c is not None)], sums)  # the boundary's one host sync
+        raw = _total(values[:len(norms)], norm_type)
+        rest = iter(values[len(norms):])
+        loss_sum, scale, drift, found_inf = [next(rest) if c is not None else default
                                              for c, default in zip(scalars, (0.0, 1.0, 0.0, 0.0))]
-        stats = read.result(list(values) if sums is not None else None) if isinstance(read, StatsRead) else read
+        stats = read.result(list(rest) if sums is not None else None) if isinstance(read, StatsRead) else read
         if drift:
             raise RuntimeError("simigrad: the GradScaler's scale changed inside an accumulation window (a "
                                "scaler.update(new_scale) or another optimizer's update mid-window): the micro-"

@@ -174,13 +174,8 @@ def check_compiled_once(model) -> torch.nn.Module:
                 "backend's graphs never run), and returns a function without .parameters(). " + fix)
         raise TypeError(f"simigrad: expected a module or an iterable of parameters, got {type(model).__name__}")
     known = _CHAINS.get(model)
-    if known is not None:  # a module of the chain compiled in place since (module.compile()) checks it again
-        for ref, in_place in known:
-            m = ref()
-            if m is None or (_attr(m, "_compiled_call_impl") is not None) is not in_place:
-                break
-        else:
-            return m
+    if known is not None and _chain_unchanged(known):
+        return known[-1][0]()
     layers, m, chain = [], model, [model]
     while True:
         if _compiled(m):
@@ -201,6 +196,15 @@ def check_compiled_once(model) -> torch.nn.Module:
             "silently be missing. " + fix)
     _CHAINS[model] = tuple((weakref.ref(c), _attr(c, "_compiled_call_impl") is not None) for c in chain)
     return m
+
+
+def _chain_unchanged(chain) -> bool:
+    """No module of a checked wrapper chain was compiled in place (``module.compile()``) or died since."""
+    for ref, in_place in chain:
+        m = ref()
+        if m is None or (_attr(m, "_compiled_call_impl") is not None) is not in_place:
+            return False
+    return True
 
 
 class _Entry:
@@ -225,10 +229,13 @@ class _Plan:
     dies. The plan holds nothing strongly: a hook of a parameter that refers back to its module must not keep
     the model alive."""
 
-    __slots__ = ("sinks_key", "tree", "named", "owned", "entries", "uncovered", "dead", "__weakref__")
+    __slots__ = ("sinks_key", "tree", "watchers", "chain", "named", "owned", "entries", "uncovered", "dead",
+                 "__weakref__")
 
     def __init__(self, named: List[Tuple[str, torch.nn.Parameter]], module: Optional[torch.nn.Module]):
         self.dead = False
+        self.watchers: List[weakref.ref] = []
+        self.chain = ()
         self.sinks_key = (_created, len(_SINKS))
         self.tree = self._tree(module) if module is not None else None
         self.named = [(n, weakref.ref(p)) for n, p in named]
@@ -247,9 +254,11 @@ class _Plan:
         void = weakref.WeakMethod(self._void)
         tree = []
         for m in module.modules():
-            watched = [m] + [v for v in m._parameters.values() if v is not None]
-            tree.append((weakref.ref(m), [weakref.ref(v, lambda _: _call(void)) for v in watched],
-                         _layout(m._parameters), _layout(m._modules)))
+            p, c = m._parameters, m._modules
+            watched = [m] + [v for v in p.values() if v is not None]
+            self.watchers += [weakref.ref(v, lambda _: _call(void)) for v in watched]
+            tree.append((weakref.ref(m), tuple(p) if p else None, tuple(map(id, p.values())) if p else None,
+                         tuple(c) if c else None, tuple(map(id, c.values())) if c else None))
         return tree
 
     def _void(self) -> None:
@@ -258,19 +267,23 @@ class _Plan:
     def valid(self) -> bool:
         if self.dead or self.sinks_key != (_created, len(_SINKS)):
             return False
-        for ref, _, params, children in self.tree:
+        for ref, p_names, p_ids, c_names, c_ids in self.tree:
             m = ref()
             if m is None:
                 return False
-            p, c = m._parameters, m._modules
-            if (p if params is None else _layout(p) != params) or (c if children is None else _layout(c) != children):
+            p = m._parameters
+            if p_ids is None:
+                if p:
+                    return False
+            elif tuple(map(id, p.values())) != p_ids or tuple(p) != p_names:
+                return False
+            c = m._modules
+            if c_ids is None:
+                if c:
+                    return False
+            elif tuple(map(id, c.values())) != c_ids or tuple(c) != c_names:
                 return False
         return True
-
-
-def _layout(registry: Dict[str, object]) -> Optional[Tuple[Tuple[str, ...], Tuple[int, ...]]]:
-    """The names and object ids of a module's ``_parameters`` or ``_modules``; None when empty."""
-    return (tuple(registry), tuple(map(id, registry.values()))) if registry else None
 
 
 def _call(method: weakref.WeakMethod) -> None:
@@ -279,16 +292,23 @@ def _call(method: weakref.WeakMethod) -> None:
         fn()
 
 
-_PLANS: "weakref.WeakKeyDictionary[torch.nn.Module, _Plan]" = weakref.WeakKeyDictionary()
+_PLANS: Dict[int, Tuple[weakref.ref, _Plan]] = {}
+"""id(model) -> (a weak reference to the model, its plan); the entry goes with the model."""
 
 
 def _plan(model) -> _Plan:
     if not (isinstance(model, torch.nn.Module) or callable(model)):
         return _Plan([(f"param{i}", p) for i, p in enumerate(model)], None)
+    key = id(model)
+    known = _PLANS.get(key)
+    if known is not None and known[0]() is model:
+        plan = known[1]
+        if plan.valid() and _chain_unchanged(plan.chain):
+            return plan
     module = check_compiled_once(model)
-    plan = _PLANS.get(module)
-    if plan is None or not plan.valid():
-        plan = _PLANS[module] = _Plan(list(module.named_parameters()), module)
+    plan = _Plan(list(module.named_parameters()), module)
+    plan.chain = _CHAINS.get(model, ())
+    _PLANS[key] = (weakref.ref(model, lambda _: _PLANS.pop(key, None)), plan)
     return plan
 
 
