@@ -183,12 +183,13 @@ class Window:
                     f"prepared for {self.sizes[j]}: the step's mean gradient would be mis-weighted. A door that "
                     "knows the size announces it before the backward (core.next_micro_batch(samples)).")
             self.resize_next(int(samples))
-        self.check(f"micro-step {j + 1}")
-        self.done += 1
-        if self.stats is not None and self.done == self.half:
+        if j:
+            self.check(f"micro-step {j + 1}")
+        self.done = j = j + 1
+        if self.stats is not None and j == self.half:
             self.stats.snapshot(self.params)
-        if not self.complete:
-            self._prepare(self.sizes[self.done])
+        if j < len(self.sizes):
+            self._prepare(self.sizes[j])
         self._remember()
 
     def split_stats(self) -> SplitStats:
