@@ -32,7 +32,7 @@ import functools
 import logging
 import operator
 import weakref
-from typing import Dict, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 from torch.utils._pytree import tree_leaves
@@ -67,6 +67,7 @@ class Region:
         many = operator.itemgetter(*self.indices) if len(self.indices) > 1 else None
         self._gather = many or (lambda inputs: tuple(inputs[i] for i in self.indices))
         self._recorders: Dict[Tuple[int, ...], Recorder] = {}
+        self._last: Tuple[Optional[Tuple[int, ...]], Optional[Recorder]] = (None, None)
 
     def wrap(self, compiled):
         boxed = getattr(compiled, "_boxed_call", False)
@@ -86,11 +87,16 @@ class Region:
         removes its key (finalizers run before an id can be reused), so a key found holds live, same tensors."""
         params = self._gather(inputs)
         key = tuple(map(id, params))
+        last_key, recorder = self._last
+        if key == last_key:  # the same parameters as the last call (no hashing of the key)
+            return recorder
         recorder = self._recorders.get(key)
         if recorder is not None:
+            self._last = (key, recorder)
             return recorder
         recorder = Recorder(self.rows, Sink("batch", [[(n, p)] for n, p in zip(self.names, params)]))
         self._recorders[key] = recorder
+        self._last = (key, recorder)
         for p in params:
             weakref.finalize(p, self._forget, key, recorder)
         if len(self._recorders) > 1:
@@ -101,6 +107,8 @@ class Region:
     def _forget(self, key: Tuple[int, ...], recorder: Recorder) -> None:
         if self._recorders.get(key) is recorder:
             del self._recorders[key]
+        if self._last[1] is recorder:
+            self._last = (None, None)
 
     @staticmethod
     def attach(outputs, recorder: Recorder) -> None:

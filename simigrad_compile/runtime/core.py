@@ -60,13 +60,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import operator
 from collections import Counter
 from typing import Any, List, Optional, Sequence
 
 import torch
 
 from ..config import SimigradConfig, from_mapping
-from ..stats.gradient_stats import check_compiled_once, gradient_stats
+from ..stats.gradient_stats import StatsRead, check_compiled_once, gradient_stats
 from ..stats.microsteps import MicrostepStats
 from .amp import ScalerBridge
 from .checkpoint import validated_state
@@ -90,6 +91,40 @@ def _world() -> tuple:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_world_size(), torch.distributed.get_rank()
     return 1, 0
+
+
+def _wide(grads: List[torch.Tensor]) -> List[torch.Tensor]:
+    """fp16/bf16 gradients in fp32, for their norms."""
+    return [g.float() if g.dtype in (torch.float16, torch.bfloat16) else g for g in grads]
+
+
+def _to_host(scalars: List[torch.Tensor], sums: Optional[torch.Tensor]) -> List[float]:
+    """The 0-d ``scalars``, then the 1-d ``sums``, as host floats (fp32 values are exact as floats). On an
+    accelerator in one copy (torch promotes to the widest dtype); on the CPU, where nothing waits, directly."""
+    if sums is None and all(map(_IS_CPU, scalars)):
+        return [t.item() for t in scalars] if len(scalars) <= 16 else torch.stack(scalars).tolist()
+    device = (scalars[0] if scalars else sums).device
+    parts = [torch.stack([t.to(device) for t in scalars])] if scalars else []
+    parts += [sums.to(device)] if sums is not None else []
+    return torch.cat(parts).tolist() if len(parts) > 1 else parts[0].tolist()
+
+
+_IS_CPU = operator.attrgetter("is_cpu")
+
+
+def _total(norms: List[float], norm_type: float) -> float:
+    """The ``norm_type``-norm of the gradients from their per-tensor norms (``get_total_norm`` takes the
+    ``vector_norm`` of the norms), in fp64 on the host. Not finite exactly when a norm is not."""
+    if not norms:
+        return 0.0
+    if norm_type == 2.0:
+        return math.hypot(*norms)
+    if any(math.isnan(v) for v in norms):
+        return math.nan
+    top = max(norms)
+    if norm_type == math.inf or top == 0.0 or math.isinf(top):
+        return top
+    return top * math.fsum((v / top) ** norm_type for v in norms) ** (1.0 / norm_type)
 
 
 class StepCore:
@@ -158,6 +193,9 @@ class StepCore:
         before the first ``step()`` of a window, the value the previous ``step()`` left."""
         return self._sync
 
+    def _live_params(self) -> List[torch.nn.Parameter]:
+        return optimizer_params(self.inner)
+
     def _param_name(self, param: torch.nn.Parameter) -> str:
         for name, p in self.model.named_parameters():
             if p is param:
@@ -168,7 +206,7 @@ class StepCore:
     def _new_window(self, sizes: Sequence[int]) -> Window:
         stats = self.microsteps if self.world_size == 1 else None
         self._window = Window(sizes, optimizer_params(self.inner), stats, allow_views=self._bucket_views,
-                              name_of=self._param_name, live=lambda: optimizer_params(self.inner))
+                              name_of=self._param_name, live=self._live_params)
         self._sync = len(sizes) == 1
         return self._window
 
@@ -209,8 +247,8 @@ class StepCore:
         if loss is not None:
             self.log_loss(loss)
         w.micro_step_done(samples)
-        self._sync = w.complete
-        return w.complete
+        self._sync = complete = w.complete
+        return complete
 
     def end_window(self) -> bool:
         """The data ran out: the micro-steps done so far form the step. True when there is a step to finish."""
@@ -246,8 +284,7 @@ class StepCore:
     def _total_norm(grads: List[torch.Tensor], norm_type: float) -> torch.Tensor:
         if not grads:
             return torch.zeros((), dtype=torch.float32)
-        return torch.nn.utils.get_total_norm([g.float() if g.dtype in (torch.float16, torch.bfloat16) else g
-                                              for g in grads], norm_type)
+        return torch.nn.utils.get_total_norm(_wide(grads), norm_type)
 
     def _amp_scale_now(self) -> float:
         if self.amp is None or not self.amp.enabled:
@@ -262,15 +299,18 @@ class StepCore:
             raise RuntimeError("simigrad: begin_step() needs a window whose last micro-step is done "
                                "(micro_step_done() returned True) and no step in progress")
         w.check("the boundary")
-        stats, note = self.statistics.read(w, self._steps + 1)
+        read, note = self.statistics.read(w, self._steps + 1)
         grads = w.grads()
         norm_type = self._clip[1] if self._clip else 2.0
-        raw_norm = self._total_norm(grads, norm_type)
-        checks = [raw_norm, self._loss if self._loss is not None else torch.zeros(())]
-        checks += self.amp.checks() if self.amp is not None else [torch.ones(()), torch.zeros(()), torch.zeros(())]
-        device = raw_norm.device
-        raw, loss_sum, scale, drift, found_inf = torch.stack(
-            [c.to(device, torch.float64).reshape(()) for c in checks]).tolist()  # the boundary's one host sync
+        norms = torch._foreach_norm(_wide(grads), norm_type) if grads else ()
+        sums = read.sums if isinstance(read, StatsRead) else None  # the statistics' sums, still on the device
+        scalars = [self._loss] + (self.amp.checks() if self.amp is not None else [None] * 3)
+        values = _to_host([*norms, *(c for c in scalars if c is not None)], sums)  # the boundary's one host sync
+        raw = _total(values[:len(norms)], norm_type)
+        rest = iter(values[len(norms):])
+        loss_sum, scale, drift, found_inf = [next(rest) if c is not None else default
+                                             for c, default in zip(scalars, (0.0, 1.0, 0.0, 0.0))]
+        stats = read.result(list(rest) if sums is not None else None) if isinstance(read, StatsRead) else read
         if drift:
             raise RuntimeError("simigrad: the GradScaler's scale changed inside an accumulation window (a "
                                "scaler.update(new_scale) or another optimizer's update mid-window): the micro-"
@@ -300,7 +340,7 @@ class StepCore:
             factor *= min(1.0, self._clip[0] / (grad_norm + 1e-6))
         if factor != 1.0 and grads:
             torch._foreach_mul_(grads, factor)
-        self._saved_lr = scale_lr(self.inner, lr_scale)
+        self._saved_lr = scale_lr(self.inner, lr_scale) if lr_scale != 1.0 else None  # 1.0: lr untouched
         return True
 
     def _skip(self, w: Window, reason: str) -> bool:

@@ -63,7 +63,8 @@ class History:
         return self._csv
 
     def append(self, record: dict) -> None:
-        record = {k: record.get(k) for k in KEYS}
+        if tuple(record) != KEYS:
+            record = {k: record.get(k) for k in KEYS}
         self.records.append(record)
         if self.log_dir is None:
             return

@@ -9,18 +9,18 @@ micro-steps (warning with the cause) until it does.
 from __future__ import annotations
 
 import logging
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 
-from ..stats.gradient_stats import SplitStats, gradient_stats
+from ..stats.gradient_stats import SplitStats, StatsRead, read_stats
 from .ladder import Ladder
 from .window import Window
 
 log = logging.getLogger("simigrad_compile")
 
 
-def no_stats_cause(stats: SplitStats) -> str:
+def no_stats_cause(stats: Union[SplitStats, StatsRead]) -> str:
     """Why a read has no split statistics: the cause :func:`gradient_stats` names for that read."""
     return stats.reason or "no split statistics were recorded since the last step"
 
@@ -32,9 +32,11 @@ class StatisticsChoice:
         self.batch_seen = False
         self.one_step_without = 0
 
-    def read(self, w: Window, step: int) -> Tuple[SplitStats, Optional[str]]:
-        """The step's statistics (sinks read and reset) and, when it has none, why."""
-        batch = gradient_stats(self.model, reset=True)
+    def read(self, w: Window, step: int) -> Tuple[Union[SplitStats, StatsRead], Optional[str]]:
+        """The step's statistics (sinks read and reset) and, when it has none, why. The ``batch`` and ``ranks``
+        statistics come as a :class:`StatsRead` whose sums are still on the device (the boundary copies them
+        with its own checks, in one sync)."""
+        batch = read_stats(self.model, reset=True)
         if self.world_size > 1:
             return batch, (None if batch.mode != "none" else no_stats_cause(batch))
         if "batch" in batch.mode:

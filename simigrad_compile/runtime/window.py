@@ -29,6 +29,7 @@ held until the boundary; the buffers are reused across windows.
 
 from __future__ import annotations
 
+import operator
 from typing import Callable, List, Optional, Sequence
 
 import torch
@@ -69,9 +70,9 @@ class Window:
                  stats: Optional[MicrostepStats] = None, allow_views: bool = False,
                  name_of: Callable[[torch.nn.Parameter], str] = lambda p: f"of shape {tuple(p.shape)}",
                  live: Optional[Callable[[], List[torch.nn.Parameter]]] = None):
-        if not sizes or any(int(s) < 1 for s in sizes):
-            raise ValueError(f"an accumulation window needs micro-steps of >= 1 sample, got {tuple(sizes)}")
         self.sizes = [int(s) for s in sizes]
+        if not self.sizes or min(self.sizes) < 1:
+            raise ValueError(f"an accumulation window needs micro-steps of >= 1 sample, got {tuple(sizes)}")
         self.params = [p for p in params if p.requires_grad]
         self.done = 0
         self.divisor = self.sizes[0]
@@ -154,8 +155,11 @@ class Window:
                 "micro-batches of this step would be lost. Zero gradients only through run.optimizer.zero_grad() "
                 "(a no-op inside a window), or drop this step with run.discard_step().")
         if self.live is not None:
+            live = self.live()
+            if len(live) == len(self.params) and all(map(operator.is_, live, self.params)):
+                return
             own = {id(p) for p in self.params}
-            added = [p for p in self.live() if id(p) not in own]
+            added = [p for p in live if id(p) not in own]
             if added:
                 raise WindowMisuse(
                     f"simigrad: parameter {self.name_of(added[0])} joined the step inside an accumulation window "
@@ -179,12 +183,13 @@ class Window:
                     f"prepared for {self.sizes[j]}: the step's mean gradient would be mis-weighted. A door that "
                     "knows the size announces it before the backward (core.next_micro_batch(samples)).")
             self.resize_next(int(samples))
-        self.check(f"micro-step {j + 1}")
-        self.done += 1
-        if self.stats is not None and self.done == self.half:
+        if j:
+            self.check(f"micro-step {j + 1}")
+        self.done = j = j + 1
+        if self.stats is not None and j == self.half:
             self.stats.snapshot(self.params)
-        if not self.complete:
-            self._prepare(self.sizes[self.done])
+        if j < len(self.sizes):
+            self._prepare(self.sizes[j])
         self._remember()
 
     def split_stats(self) -> SplitStats:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import operator
 import weakref
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
@@ -19,35 +20,47 @@ import torch
 log = logging.getLogger("simigrad_compile")
 
 _SINKS: "weakref.WeakSet[Sink]" = weakref.WeakSet()
+_created = 0
+"""Sinks made so far: a read plan made before the last one may miss it."""
 
 
 class Sink:
     """Accumulates ``(d, a, b)`` rows for fixed groups of parameters."""
 
     def __init__(self, mode: str, groups: Sequence[Sequence[Tuple[str, torch.nn.Parameter]]]):
+        global _created
         self.mode = mode
         self.names: List[Tuple[str, ...]] = [tuple(n for n, _ in g) for g in groups]
         self._params = [tuple(weakref.ref(p) for _, p in g) for g in groups]
         self.acc: Optional[torch.Tensor] = None
-        self._index: Dict[Tuple[int, ...], torch.Tensor] = {}
+        self._index: Dict[Tuple[Tuple[int, ...], torch.device], torch.Tensor] = {}
         self.count = 0
         self.unsplit: Dict[str, str] = {}
         """Parameters a split pass left whole in a graph that ran since the last reset, with the reason."""
         _SINKS.add(self)
+        _created += 1
 
     def add(self, rows: torch.Tensor, index: Optional[Sequence[int]] = None) -> None:
         """Add ``rows`` (``[k, 3]``) to groups ``index`` (default: all groups, in order)."""
-        rows = rows.detach().to(torch.float32)
-        if self.acc is None or self.acc.device != rows.device:
-            self.acc = torch.zeros(len(self.names), 3, dtype=torch.float32, device=rows.device)
+        rows = rows.detach()
+        if rows.dtype != torch.float32:
+            rows = rows.to(torch.float32)
+        acc = self.acc
+        if acc is None or acc.device != rows.device:
+            acc = self.acc = torch.zeros(len(self.names), 3, dtype=torch.float32, device=rows.device)
         if index is None:
-            self.acc += rows
+            acc += rows
         else:
-            key = tuple(index)
-            if key not in self._index or self._index[key].device != rows.device:
-                self._index[key] = torch.as_tensor(key, device=rows.device)  # one host-to-device copy per graph
-            self.acc.index_add_(0, self._index[key], rows)
+            acc.index_add_(0, self.index(index, rows.device), rows)
         self.count += 1
+
+    def index(self, rows: Sequence[int], device: torch.device) -> torch.Tensor:
+        """``rows`` as an index tensor on ``device`` (one host-to-device copy per set of rows)."""
+        key = (tuple(rows), device)
+        index = self._index.get(key)
+        if index is None:
+            index = self._index[key] = torch.as_tensor(key[0], device=device)
+        return index
 
     def mark_unsplit(self, reasons: Dict[str, str]) -> None:
         self.unsplit.update(reasons)
@@ -60,7 +73,8 @@ class Sink:
         if self.acc is not None:
             self.acc.zero_()
         self.count = 0
-        self.unsplit = {}
+        if self.unsplit:
+            self.unsplit = {}
 
 
 @dataclass(frozen=True, repr=False)
@@ -111,13 +125,35 @@ class SplitStats:
         return f"SplitStats({', '.join(parts)})"
 
 
+_MISSING = object()
+
+
+def _attr(module: torch.nn.Module, name: str):
+    """``getattr(module, name, None)``, without ``nn.Module.__getattr__``'s costly miss where the class leaves
+    the lookup to it (read at every statistics read)."""
+    cls = type(module)
+    if cls.__getattr__ is not torch.nn.Module.__getattr__ or hasattr(cls, name):
+        return getattr(module, name, None)
+    d = module.__dict__
+    value = d.get(name, _MISSING)
+    if value is not _MISSING:
+        return value
+    for registry in ("_parameters", "_buffers", "_modules"):
+        found = d.get(registry)
+        if found and name in found:
+            return found[name]
+    return None
+
+
 def _compiled(module: torch.nn.Module) -> bool:
     """``torch.compile(module)``'s wrapper, or a module compiled in place with ``module.compile()``."""
-    is_wrapper = hasattr(module, "_orig_mod") and hasattr(module, "dynamo_ctx")
-    return is_wrapper or getattr(module, "_compiled_call_impl", None) is not None
+    is_wrapper = _attr(module, "_orig_mod") is not None and _attr(module, "dynamo_ctx") is not None
+    return is_wrapper or _attr(module, "_compiled_call_impl") is not None
 
 
 _SUBMODULES_CHECKED: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
+_CHAINS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
+"""A model checked -> its wrapper chain (weakly), each with whether it was compiled in place then."""
 
 
 def check_compiled_once(model) -> torch.nn.Module:
@@ -137,14 +173,18 @@ def check_compiled_once(model) -> torch.nn.Module:
                 "module unwraps it and compiles the inner forward again with the outer backend only (the first "
                 "backend's graphs never run), and returns a function without .parameters(). " + fix)
         raise TypeError(f"simigrad: expected a module or an iterable of parameters, got {type(model).__name__}")
-    layers, m = [], model
+    known = _CHAINS.get(model)
+    if known is not None and _chain_unchanged(known):
+        return known[-1][0]()
+    layers, m, chain = [], model, [model]
     while True:
         if _compiled(m):
             layers.append(type(m).__name__)
-        inner = getattr(m, "_orig_mod", None) or getattr(m, "module", None)
+        inner = _attr(m, "_orig_mod") or _attr(m, "module")
         if not isinstance(inner, torch.nn.Module):
             break
         m = inner
+        chain.append(m)
     if layers and m not in _SUBMODULES_CHECKED:
         layers += [f"{type(sub).__name__} {name!r}" for name, sub in m.named_modules() if name and _compiled(sub)]
         if len(layers) == 1:
@@ -154,13 +194,205 @@ def check_compiled_once(model) -> torch.nn.Module:
             f"simigrad: {type(m).__name__} is compiled more than once ({', '.join(layers)}): torch.compile was "
             "applied to a module that was already compiled. Only one of the backends runs, so statistics may "
             "silently be missing. " + fix)
+    _CHAINS[model] = tuple((weakref.ref(c), _attr(c, "_compiled_call_impl") is not None) for c in chain)
     return m
 
 
-def _named(model) -> List[Tuple[str, torch.nn.Parameter]]:
-    if isinstance(model, torch.nn.Module) or callable(model):
-        return list(check_compiled_once(model).named_parameters())
-    return [(f"param{i}", p) for i, p in enumerate(model)]
+def _chain_unchanged(chain) -> bool:
+    """No module of a checked wrapper chain was compiled in place (``module.compile()``) or died since."""
+    for ref, in_place in chain:
+        m = ref()
+        if m is None or (_attr(m, "_compiled_call_impl") is not None) is not in_place:
+            return False
+    return True
+
+
+class _Entry:
+    """One sink's groups whose parameters all belong to the model: ``rows`` (None: every row), ``groups``
+    (``(row, parameter ids)``) and the ids of their parameters."""
+
+    __slots__ = ("sink", "rows", "groups", "ids")
+
+    def __init__(self, sink: Sink, groups: List[Tuple[int, Tuple[int, ...]]]):
+        self.sink = weakref.ref(sink)
+        self.rows = None if len(groups) == len(sink.names) else [i for i, _ in groups]
+        self.groups = groups
+        self.ids = {i for _, ids in groups for i in ids}
+
+
+class _Plan:
+    """Which sink rows hold a model's statistics, and which of its parameters no sink holds.
+
+    Valid while no sink was made or died, and every module of the tree holds the same parameters and children
+    under the same names: checked at each read by ids, without the ``named_parameters`` walk. Ids are sound
+    because every module and parameter of the tree is watched by a weak reference that voids the plan when it
+    dies. The plan holds nothing strongly: a hook of a parameter that refers back to its module must not keep
+    the model alive."""
+
+    __slots__ = ("sinks_key", "tree", "watchers", "chain", "named", "owned", "entries", "uncovered", "dead",
+                 "__weakref__")
+
+    def __init__(self, named: List[Tuple[str, torch.nn.Parameter]], module: Optional[torch.nn.Module]):
+        self.dead = False
+        self.watchers: List[weakref.ref] = []
+        self.chain = ()
+        self.sinks_key = (_created, len(_SINKS))
+        self.tree = self._tree(module) if module is not None else None
+        self.named = [(n, weakref.ref(p)) for n, p in named]
+        self.owned = {id(p): n for n, p in named}
+        self.entries: List[_Entry] = []
+        for sink in list(_SINKS):
+            mine = [(i, tuple(map(id, params))) for i, _, params in sink.groups()
+                    if params and all(p is not None and id(p) in self.owned for p in params)]
+            if mine:
+                self.entries.append(_Entry(sink, mine))
+        covered = set().union(*(e.ids for e in self.entries))
+        self.uncovered = [(n, r) for n, r in self.named if id(r()) not in covered]
+        """The parameters no sink holds: the only ones that can be missing while every sink recorded."""
+
+    def _tree(self, module: torch.nn.Module) -> list:
+        void = weakref.WeakMethod(self._void)
+        tree = []
+        for m in module.modules():
+            p, c = m._parameters, m._modules
+            watched = [m] + [v for v in p.values() if v is not None]
+            self.watchers += [weakref.ref(v, lambda _: _call(void)) for v in watched]
+            tree.append((weakref.ref(m), tuple(p) if p else None, tuple(map(id, p.values())) if p else None,
+                         tuple(c) if c else None, tuple(map(id, c.values())) if c else None))
+        return tree
+
+    def _void(self) -> None:
+        self.dead = True
+
+    def valid(self) -> bool:
+        if self.dead or self.sinks_key != (_created, len(_SINKS)):
+            return False
+        for ref, p_names, p_ids, c_names, c_ids in self.tree:
+            m = ref()
+            if m is None:
+                return False
+            p = m._parameters
+            if p_ids is None:
+                if p:
+                    return False
+            elif tuple(map(id, p.values())) != p_ids or tuple(p) != p_names:
+                return False
+            c = m._modules
+            if c_ids is None:
+                if c:
+                    return False
+            elif tuple(map(id, c.values())) != c_ids or tuple(c) != c_names:
+                return False
+        return True
+
+
+def _call(method: weakref.WeakMethod) -> None:
+    fn = method()
+    if fn is not None:
+        fn()
+
+
+_PLANS: Dict[int, Tuple[weakref.ref, _Plan]] = {}
+"""id(model) -> (a weak reference to the model, its plan); the entry goes with the model."""
+
+
+def _plan(model) -> _Plan:
+    if not (isinstance(model, torch.nn.Module) or callable(model)):
+        return _Plan([(f"param{i}", p) for i, p in enumerate(model)], None)
+    key = id(model)
+    known = _PLANS.get(key)
+    if known is not None and known[0]() is model:
+        plan = known[1]
+        if plan.valid() and _chain_unchanged(plan.chain):
+            return plan
+    module = check_compiled_once(model)
+    plan = _Plan(list(module.named_parameters()), module)
+    plan.chain = _CHAINS.get(model, ())
+    _PLANS[key] = (weakref.ref(model, lambda _: _PLANS.pop(key, None)), plan)
+    return plan
+
+
+class StatsRead:
+    """One read of the sinks. Rows on the CPU are summed on the host at once; rows on an accelerator are summed
+    there, and :meth:`result` copies those three sums to the host (one sync), unless a caller that syncs anyway
+    copied them along with its own values and passes them."""
+
+    __slots__ = ("host", "sums", "mode", "per_parameter", "missing", "unsplit", "reason")
+
+    def __init__(self, host: List[float], sums: Optional[torch.Tensor], mode: str, per_parameter, missing, unsplit,
+                 reason):
+        self.host = host
+        """fp64 ``(d, a, b)`` of the rows on the CPU."""
+        self.sums = sums
+        """fp64 ``[3]`` ``(d, a, b)`` of the rows on the accelerator, still there; None when there are none."""
+        self.mode, self.per_parameter, self.missing, self.unsplit, self.reason = (
+            mode, per_parameter, missing, unsplit, reason)
+
+    def result(self, sums: Optional[Sequence[float]] = None) -> SplitStats:
+        """The statistics; ``sums``: :attr:`sums` already copied to the host (else copied here)."""
+        dot, a, b = self.host
+        if self.sums is not None:
+            d2, a2, b2 = self.sums.tolist() if sums is None else sums
+            dot, a, b = dot + d2, a + a2, b + b2
+        return SplitStats(dot, a, b, self.mode, self.per_parameter, self.missing, self.unsplit, self.reason)
+
+
+def read_stats(model, reset: bool = False, per_parameter: bool = False) -> StatsRead:
+    """:func:`gradient_stats` that leaves the sums of accelerator rows on the device (see :class:`StatsRead`)."""
+    plan = _plan(model)
+    owned = plan.owned
+    host, total = [0.0, 0.0, 0.0], None
+    breakdown: Dict[str, Tuple[float, float, float]] = {}
+    unsplit, modes, idle, sinks = {}, set(), [], 0
+    for entry in plan.entries:
+        sink = entry.sink()
+        if sink is None:
+            continue
+        sinks += 1
+        if sink.unsplit:
+            unsplit.update(_model_names(sink, owned))
+        acc = sink.acc
+        if sink.count == 0 or acc is None:
+            idle.append(entry)
+            if reset:
+                sink.reset()
+            continue
+        modes.add(sink.mode)
+        rows = acc.tolist() if acc.is_cpu or per_parameter else None  # fp32 values are exact as floats
+        if acc.is_cpu:
+            for j, column in enumerate(zip(*(rows if entry.rows is None else [rows[i] for i in entry.rows]))):
+                host[j] += sum(column)
+        else:
+            part = (acc if entry.rows is None else acc.index_select(0, sink.index(entry.rows, acc.device))).sum(
+                0, dtype=torch.float64)
+            total = part if total is None else total + part.to(total.device)
+        if per_parameter:
+            for i, ids in entry.groups:
+                key = ",".join(owned[k] for k in ids)
+                prev = breakdown.get(key, (0.0, 0.0, 0.0))
+                breakdown[key] = tuple(x + y for x, y in zip(prev, rows[i]))
+        if reset:
+            sink.reset()
+    if idle:
+        covered = set().union(*(e.ids for e in plan.entries if e not in idle))
+        missing = _with_grad(plan.named, covered)
+    else:
+        missing = _with_grad(plan.uncovered, ())
+    reason = _reason(modes, sinks, unsplit, missing)
+    if missing and modes:
+        log.warning("simigrad: %d parameter(s) have gradients but no statistics: %s", len(missing), ", ".join(missing))
+    mode = "+".join(sorted(modes)) if modes else "none"
+    return StatsRead(host, total, mode, breakdown if per_parameter else None, missing, unsplit, reason)
+
+
+def _with_grad(named, covered) -> Tuple[str, ...]:
+    """The names of the parameters that require a gradient, have one, and are not in ``covered``."""
+    out = []
+    for name, ref in named:
+        p = ref()
+        if p is not None and p.requires_grad and p.grad is not None and id(p) not in covered:
+            out.append(name)
+    return tuple(out)
 
 
 def gradient_stats(model, reset: bool = False, per_parameter: bool = False) -> SplitStats:
@@ -170,46 +402,10 @@ def gradient_stats(model, reset: bool = False, per_parameter: bool = False) -> S
     (named ``param<i>``). ``reset=True`` zeroes the accumulators after reading, and forgets which graphs were
     left unsplit, so ``unsplit`` and ``reason`` describe the backwards since the previous reset (one step, when
     the runtime reads once per step). ``per_parameter=True`` adds a name -> ``(d, a, b)`` breakdown (a bucket of
-    parameters under DDP appears as one entry named by its parameters).
+    parameters under DDP appears as one entry named by its parameters). The rows are summed on their device in
+    fp64 and copied to the host once.
     """
-    named = _named(model)
-    owned = {id(p): n for n, p in named}
-    total = torch.zeros(3, dtype=torch.float64)
-    breakdown: Dict[str, Tuple[float, float, float]] = {}
-    covered, unsplit, modes, sinks = set(), {}, set(), 0
-    for sink in list(_SINKS):
-        mine = []
-        for i, _, params in sink.groups():
-            if params and all(p is not None and id(p) in owned for p in params):
-                mine.append((i, params))
-        if not mine:
-            continue
-        sinks += 1
-        unsplit.update(_model_names(sink, owned))
-        if sink.count == 0 or sink.acc is None:
-            if reset:
-                sink.reset()
-            continue
-        modes.add(sink.mode)
-        rows = sink.acc.detach().to("cpu", torch.float64)
-        for i, params in mine:
-            total += rows[i]
-            covered.update(id(p) for p in params)
-            if per_parameter:
-                key = ",".join(owned[id(p)] for p in params)
-                prev = breakdown.get(key, (0.0, 0.0, 0.0))
-                breakdown[key] = tuple(x + float(y) for x, y in zip(prev, rows[i]))
-        if reset:
-            sink.reset()
-    missing = tuple(n for n, p in named if p.requires_grad and p.grad is not None and id(p) not in covered)
-    reason = _reason(modes, sinks, unsplit, missing)
-    if missing and modes:
-        log.warning("simigrad: %d parameter(s) have gradients but no statistics: %s", len(missing), ", ".join(missing))
-    mode = "+".join(sorted(modes)) if modes else "none"
-    return SplitStats(
-        float(total[0]), float(total[1]), float(total[2]), mode,
-        breakdown if per_parameter else None, missing, unsplit, reason,
-    )
+    return read_stats(model, reset, per_parameter).result()
 
 
 def _model_names(sink: Sink, owned: Dict[int, str]) -> Dict[str, str]:
