@@ -2,6 +2,7 @@
 
     python bench/loop.py                                  # tiny and small MLP, workers 0 and 2, 9 repeats
     python bench/loop.py --models tiny --workers 0 --profile   # + cProfile's top lines of one adaptive epoch
+    python bench/loop.py --workers 0 --breakdown 6      # + CPU time per step of each part, plain vs step loop
 
 Both loops train the same compiled model (``backend="simigrad"``, so a one-micro-step window has its statistics
 from the split backward) on the same ``TensorDataset`` of random data, at the same micro-batch:
@@ -107,6 +108,54 @@ def profile_epoch(model, run, loader, top: int) -> str:
     return out.getvalue()
 
 
+def breakdown(model, plain_opt, run, loader, epochs: int) -> dict:
+    """Thread CPU microseconds per step of each part of the plain and the step loop (same loader), interleaved:
+    where the step loop's extra time goes, including what the runtime's step costs the rest of the loop."""
+    clock, total = time.thread_time_ns, {}
+
+    def add(key, ns):
+        total[key] = total.get(key, 0) + ns
+
+    def timed(key, fn):
+        def call(*a, **k):
+            t0 = clock()
+            out = fn(*a, **k)
+            add(key, clock() - t0)
+            return out
+        return call
+
+    inner = run.optimizer.optimizer
+    for key in ("micro_step_done", "begin_step", "end_step"):
+        setattr(run, key, timed(f"step.core.{key}", getattr(run, key)))
+    inner.step = timed("step.core.inner_step", inner.step)
+
+    def epoch(opt, tag):
+        it, t0 = iter(loader), clock()
+        for x, y in it:
+            t1 = clock()
+            opt.zero_grad()
+            t2 = clock()
+            F.mse_loss(model(x), y).backward()
+            t3 = clock()
+            opt.step()
+            t4 = clock()
+            for part, ns in (("data", t1 - t0), ("zero_grad", t2 - t1), ("forward_backward", t3 - t2),
+                             ("step", t4 - t3)):
+                add(f"{tag}.{part}", ns)
+            t0 = clock()
+
+    try:
+        for e in range(epochs):
+            for opt, tag in ((plain_opt, "plain"), (run.optimizer, "step"))[:: 1 if e % 2 else -1]:
+                epoch(opt, tag)
+    finally:
+        for key in ("micro_step_done", "begin_step", "end_step"):
+            delattr(run, key)
+        del inner.step
+    steps = epochs * len(loader)
+    return {k: v / steps / 1e3 for k, v in sorted(total.items())}
+
+
 def bench(name: str, workers: int, args) -> dict:
     torch._dynamo.reset()  # Dynamo would run the last point's compiled region for this new instance of the class
     torch.manual_seed(0)
@@ -150,6 +199,9 @@ def bench(name: str, workers: int, args) -> dict:
               "load_average": os.getloadavg()}
     if args.profile:
         result["profile"] = profile_epoch(model, run, adaptive, args.profile_lines)
+    if args.breakdown:
+        gradient_stats(model, reset=True)
+        result["breakdown_us_per_step"] = breakdown(model, plain_opt, step_run, plain, args.breakdown)
     run.close()
     step_run.close()
     return result
@@ -166,6 +218,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (1: the box is shared)")
     parser.add_argument("--profile", action="store_true", help="cProfile one adaptive epoch per point")
     parser.add_argument("--profile-lines", type=int, default=25)
+    parser.add_argument("--breakdown", type=int, default=0, metavar="EPOCHS",
+                        help="per-step CPU time of each part of the plain and step loops over EPOCHS epochs")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/loop_cpu.json)")
     args = parser.parse_args()
     if args.samples % args.micro:
@@ -186,6 +240,8 @@ def main() -> None:
                   f"{row['load_average'][0]:.1f}", flush=True)
             if args.profile:
                 print(row["profile"])
+            if args.breakdown:
+                print("  ".join(f"{k} {v:.1f}" for k, v in row["breakdown_us_per_step"].items()))
     result = {"benchmark": "loop", "goal_ratio": GOAL, "args": {k: str(v) for k, v in vars(args).items()},
               "rows": rows, "hardware": hardware("cpu"), "versions": versions(),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat()}
