@@ -556,7 +556,8 @@ class AdaptiveBatching(StepCore):
         return AdaptiveLoader(self, dataset, **kwargs)
 
     def plot(self, path: str) -> None:
-        self._history.plot(path)
+        """Similarity (with the target line), batch size, LR multiplier and loss against samples (one PNG)."""
+        self._history.plot(path, self.config.target_similarity)
 
     def warm_up(self, fn, dataset, collate_fn=None) -> None:
         """Compile every rung now: ``fn(batch)`` runs forward + backward on a micro-batch of each rung (the first

@@ -85,8 +85,9 @@ class History:
             self._writer.close()
             self._writer = None
 
-    def plot(self, path: str) -> None:
-        """Similarity, batch size, LR multiplier and loss against samples, in one PNG (needs matplotlib)."""
+    def plot(self, path: str, target_similarity: Optional[float] = None) -> None:
+        """Similarity (with the target line), batch size, LR multiplier and loss against samples, in one PNG
+        (needs matplotlib)."""
         try:
             import matplotlib
 
@@ -103,6 +104,9 @@ class History:
             ax.plot(x, y, lw=1)
             if key == "batch_size":
                 ax.plot(x, [r["target_batch_size"] for r in self.records], lw=1, ls="--", label="target")
+                ax.legend()
+            if key == "cosine" and target_similarity is not None:
+                ax.axhline(target_similarity, color="k", lw=0.8, ls="--", label=f"target {target_similarity:g}")
                 ax.legend()
             ax.set_ylabel(label)
         axes[-1].set_xlabel("samples")
