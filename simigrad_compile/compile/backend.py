@@ -13,6 +13,7 @@ from typing import Optional
 
 import torch
 
+from .. import compat
 from ..config import from_mapping
 from .passes.manager import SimigradPassManager
 from .passes.plan import plan_region
@@ -37,37 +38,10 @@ def simigrad_backend(gm: torch.fx.GraphModule, example_inputs, options: Optional
     manager = SimigradPassManager(plan)
     region = Region(plan.params) if manager.passes and plan.params else None
     if config.compiler == "aot_eager":
-        compiled = _aot_eager(gm, example_inputs, manager)
+        compiled = compat.aot_eager_compile(gm, example_inputs, manager)
     else:
-        from torch._inductor import list_mode_options
-        from torch._inductor.compile_fx import compile_fx
-
-        patches = dict(list_mode_options(mode)) if mode else {}
-        if config.cuda_graphs:
-            patches["triton.cudagraphs"] = True
+        patches = {"triton.cudagraphs": True} if config.cuda_graphs else {}
         if manager.passes:
             patches["joint_custom_pre_pass"] = manager
-        compiled = compile_fx(gm, example_inputs, config_patches=patches)
+        compiled = compat.inductor_compile(gm, example_inputs, mode, patches)
     return region.wrap(compiled) if region is not None else compiled
-
-
-def _aot_eager(gm, example_inputs, manager: SimigradPassManager):
-    from torch._dynamo.backends.common import aot_autograd
-    from torch._functorch.partitioners import default_partition
-    from torch._inductor import lowering  # noqa: F401  (Inductor's decompositions, max-pool's among them, use it)
-    from torch._inductor.decomposition import select_decomp_table
-
-    def partition(joint, joint_inputs, **kwargs):
-        manager(joint.graph)
-        joint.recompile()
-        return default_partition(joint, joint_inputs, **kwargs)
-
-    backend = aot_autograd(fw_compiler=_boxed_nop, bw_compiler=_boxed_nop, partition_fn=partition,
-                           decompositions=select_decomp_table())
-    return backend(gm, example_inputs)
-
-
-def _boxed_nop(gm, example_inputs):
-    from torch._functorch.aot_autograd import make_boxed_func
-
-    return make_boxed_func(gm.forward)

@@ -20,8 +20,8 @@ A graph loaded from a warm cache in another process records into that process's 
 primal indices). Under compiled autograd the ops run outside any node and their rows are dropped, with a
 warning.
 
-Private torch state used here (for a future ``compat`` module): ``torch._C._current_autograd_node``,
-``torch._C._autograd._get_current_graph_task_keep_graph``, and AOTAutograd's ``CompiledFunction.compiled_bw`` and
+Private torch state used here: the running autograd node and whether its graph task keeps the graph (both
+through :mod:`simigrad_compile.compat`), and AOTAutograd's ``CompiledFunction.compiled_bw`` and
 ``.metadata.bw_donated_idxs`` (read with defaults: if they move, the retain_graph guard turns off and torch's own
 check remains).
 """
@@ -35,7 +35,7 @@ import weakref
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
-from torch.utils._pytree import tree_leaves
+from ..compat import current_autograd_node, graph_task_keeps_graph, tree_leaves
 
 from ..stats.gradient_stats import Sink
 
@@ -142,7 +142,7 @@ def _single_use(compiled_function) -> bool:
 
 
 def _refuse_second_backward(compiled_function, grad_outputs) -> None:
-    if not torch._C._autograd._get_current_graph_task_keep_graph() or not _single_use(compiled_function):
+    if not graph_task_keeps_graph() or not _single_use(compiled_function):
         return
     raise RuntimeError(
         "simigrad: backward(retain_graph=True) (or create_graph, or autograd.grad with retain_graph) through a "
@@ -157,7 +157,7 @@ def _refuse_second_backward(compiled_function, grad_outputs) -> None:
 
 def current(op: str):
     """The :class:`Recorder` of the compiled backward the autograd engine is running on this thread."""
-    recorder = getattr(torch._C._current_autograd_node(), _TAG, None)
+    recorder = getattr(current_autograd_node(), _TAG, None)
     if recorder is None:
         current.dropped += 1
         log.warning("simigrad: %s ran outside a compiled region's backward; statistics dropped (%d so far)",

@@ -13,9 +13,9 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from torch._dynamo.utils import compilation_time_metrics
 
 import simigrad_compile
+from simigrad_compile import compat
 
 from .model import TinyGPT
 from .settings import DemoSettings
@@ -56,7 +56,7 @@ def lr_factor(progress: float, warmup: float) -> float:
 
 def compile_seconds() -> float:
     """Dynamo + AOTAutograd + Inductor time so far, forward and (lazily compiled) backward graphs."""
-    return sum(sum(v) for k, v in compilation_time_metrics.items()
+    return sum(sum(v) for k, v in compat.compilation_time_metrics().items()
                if k == "_compile.compile_inner" or k.endswith("bw_compiler"))
 
 
@@ -72,7 +72,7 @@ def train_run(name: str, settings: DemoSettings, train_set, val_batches: list, s
               min_batch: int, max_batch: int) -> RunResult:
     """Train for ``settings.samples`` sequences with the batch starting at ``min_batch`` within the bounds."""
     s = settings
-    torch._dynamo.reset()  # a fresh model gets its own compiled regions; the FX-graph cache keeps this cheap
+    compat.reset_dynamo()  # a fresh model gets its own compiled regions; the FX-graph cache keeps this cheap
     torch.manual_seed(seed)
     model = TinyGPT(dim=s.dim, layers=s.layers, heads=s.heads, context=s.context)
     wrapped = _data_parallel(model)

@@ -55,6 +55,7 @@ from typing import Dict, List, Optional
 
 import torch
 
+from .. import compat
 from ..config import SimigradConfig
 from .batches import samples_in
 
@@ -304,12 +305,10 @@ def _next_recording(self):
                 door.flush()
         raise
     sampler = self._index_sampler if self._auto_collation else None
-    from torch.utils._pytree import tree_map
-
     from ..runtime.data import mark_static
 
     dim = _config.batch_dim if isinstance(_config.batch_dim, int) else 0
-    tree_map(mark_static(dim, None), batch)  # a short last batch gets its own graph, not a dynamic batch dim
+    compat.tree_map(mark_static(dim, None), batch)  # a short last batch gets its own graph, not a dynamic batch dim
     _fed.last = _Fetch(weakref.ref(self), getattr(sampler, "batch_size", None), samples_in(batch, _config.batch_dim))
     return batch
 

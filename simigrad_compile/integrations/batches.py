@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import torch
-from torch.utils._pytree import tree_leaves
+from ..compat import tree_leaves
 
 
 def samples_in(batch: Any, batch_dim: Any = 0) -> Optional[int]:

@@ -66,6 +66,7 @@ from typing import Any, List, Optional, Sequence
 
 import torch
 
+from .. import compat
 from ..config import SimigradConfig, from_mapping
 from ..stats.gradient_stats import StatsRead, check_compiled_once, gradient_stats
 from ..stats.microsteps import MicrostepStats
@@ -504,7 +505,7 @@ class AdaptiveBatching(StepCore):
 
     # --- compile settings -------------------------------------------------------------------------------------
     def _raise_recompile_limit(self) -> Optional[int]:
-        cfg = torch._dynamo.config
+        cfg = compat.dynamo_config()
         need = len(self.ladder.rungs) + EXTRA_RECOMPILES
         if cfg.recompile_limit >= need:
             return None
@@ -539,7 +540,7 @@ class AdaptiveBatching(StepCore):
 
     def close(self) -> None:
         if self._dynamo_saved is not None:
-            torch._dynamo.config.recompile_limit = self._dynamo_saved
+            compat.dynamo_config().recompile_limit = self._dynamo_saved
             self._dynamo_saved = None
         if self.amp is not None:
             self.amp.close()

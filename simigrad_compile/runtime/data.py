@@ -54,7 +54,8 @@ from typing import Any, Callable, Iterator, List, Optional, Sequence
 
 import torch
 import torch.utils.data as tud
-from torch.utils._pytree import tree_map
+
+from .. import compat
 
 log = logging.getLogger("simigrad_compile")
 
@@ -151,7 +152,7 @@ def mark_static(dim: int, device: Any) -> Callable[[Any], Any]:
             if device is not None:
                 t = t.to(device, non_blocking=True)
             if t.dim() > dim:
-                torch._dynamo.mark_static(t, dim)
+                compat.mark_static(t, dim)
         return t
 
     return mark
@@ -202,9 +203,9 @@ class AdaptiveLoader:
 
     def _finish(self, batch: Any) -> Any:
         if type(batch) in (tuple, list):
-            return type(batch)(self._mark(t) if isinstance(t, torch.Tensor) else tree_map(self._mark, t)
+            return type(batch)(self._mark(t) if isinstance(t, torch.Tensor) else compat.tree_map(self._mark, t)
                                for t in batch)
-        return tree_map(self._mark, batch)
+        return compat.tree_map(self._mark, batch)
 
     def __iter__(self) -> Iterator[Any]:
         return self._stream_iterable() if self.iterable else self._stream()

@@ -17,15 +17,16 @@ import operator
 from typing import Callable, Dict, List, Optional
 
 import torch
-import torch._prims  # noqa: F401  (defines torch.ops.prims.*)
 import torch.fx as fx
 
+from ... import compat
 from . import batch_probe
 from .batch_lattice import UNKNOWN, BatchDim, Info, Iota, Size, prod, quotient, same, shape_of, size
 from .batch_rules import RULES
 
 __all__ = ["BatchDim", "BatchDimPropagation", "UNKNOWN", "Info"]
 
+compat.load_prims()
 aten, prims = torch.ops.aten, torch.ops.prims
 
 _VIEWS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default, prims.view_of.default}

@@ -18,7 +18,7 @@ from typing import Optional, Sequence, Tuple, Union
 import sympy
 import torch
 import torch.fx as fx
-from torch.utils._sympy.functions import FloorDiv
+from ...compat import FloorDiv
 
 Size = Union[int, sympy.Expr]
 

@@ -19,7 +19,7 @@ from typing import List, Optional, Tuple
 
 import torch
 import torch.fx as fx
-from torch.utils._pytree import tree_flatten, tree_map
+from ...compat import tree_flatten, tree_map
 
 from .batch_lattice import UNKNOWN, BatchDim, Info, is_static, same, size
 

@@ -12,7 +12,7 @@ import inspect
 import logging
 
 import torch.fx as fx
-from torch._inductor.custom_graph_pass import CustomGraphPass
+from ...compat import CustomGraphPass
 
 from .. import ops
 from . import (batch_dims, batch_lattice, batch_probe, batch_rules, index_layout, leaf_operands, linear_gradients, plan,

@@ -37,8 +37,7 @@ from typing import Dict, Tuple
 import sympy
 import torch
 import torch.fx as fx
-from torch.utils._pytree import tree_map
-from torch.utils._sympy.functions import FloorDiv
+from ...compat import FloorDiv, tree_map
 
 from .. import ops as _ops  # noqa: F401  (registers the simigrad:: graph ops)
 from .batch_dims import UNKNOWN, BatchDim, BatchDimPropagation
