@@ -58,8 +58,8 @@ def _step(model, loss_of, batch, backend, compiler):
     return compiled, time.perf_counter() - t
 
 
-def run_one(name: str, compiler: str, b: int, max_params: int) -> dict:
-    """One model: the whole check, in this process. Returns the record."""
+def run_one(spec, compiler: str, b: int, max_params: int) -> dict:
+    """One model (a ``coverage_models.Spec`` or its name): the whole check, in this process. Returns the record."""
     import torchvision_cpu
 
     torchvision_cpu.ensure_importable()
@@ -71,9 +71,9 @@ def run_one(name: str, compiler: str, b: int, max_params: int) -> dict:
     import coverage_reference as ref
     import simigrad_compile
 
-    rec: dict = {"model": name, "batch": b, "compiler": compiler}
-    spec = next(s for s in cm.all_specs() if s.name == name)
-    rec["family"] = spec.family
+    if isinstance(spec, str):
+        spec = next(s for s in cm.all_specs() if s.name == spec)
+    rec: dict = {"model": spec.name, "family": spec.family, "batch": b, "compiler": compiler}
     t0 = time.perf_counter()
     torch.manual_seed(0)
     try:
