@@ -6,8 +6,11 @@
 Each model runs in a fresh subprocess. It is compiled with ``backend="simigrad"`` and runs one forward+backward
 on random inputs at an even batch. Then:
 
-- the gradient must equal plain ``torch.compile(backend=<compiler>)`` (no simigrad passes) within 1e-5
-  relative (norm of the difference over all parameters);
+- the gradient must equal plain ``torch.compile(backend="inductor")`` (eager for ``--compiler aot_eager``,
+  which computes the same ops) within 1e-5
+  relative (norm of the difference over all parameters). Where fp32 noise alone exceeds that (BatchNorm over
+  a handful of values at a 1x1 feature map), it must be no farther from the fp64 gradient than twice the plain
+  compile's own distance from it;
 - ``gradient_stats(model)`` (``dot``, ``sq_norm_1``, ``sq_norm_2``, cosine) must match an independent fp64
   reference within 1e-4 (see ``coverage_reference.py``: two half-batch passes, or for BatchNorm in training
   mode the halves' contributions to the full-batch gradient), over the parameters the pass covered.
@@ -48,11 +51,12 @@ def _param_grads(model):
 
 
 def _step(model, loss_of, batch, backend, compiler):
+    """One forward+backward of ``model`` compiled with ``backend`` (``eager``: not compiled)."""
     import torch
 
     torch._dynamo.reset()
     options = {"compiler": compiler} if backend == "simigrad" else None
-    compiled = torch.compile(model, backend=backend if backend == "simigrad" else compiler, options=options)
+    compiled = model if backend == "eager" else torch.compile(model, backend=backend, options=options)
     t = time.perf_counter()
     loss_of(compiled, batch).backward()
     return compiled, time.perf_counter() - t
@@ -98,11 +102,13 @@ def run_one(spec, compiler: str, b: int, max_params: int) -> dict:
     reference_model, baseline = copy.deepcopy(model), copy.deepcopy(model)
     rec["build_s"] = time.perf_counter() - t0
     names = [n for n, p in model.named_parameters() if p.requires_grad]
+    rec["baseline"] = "inductor" if compiler == "inductor" else "eager"  # plain aot_eager computes eager's ops
 
     try:
-        _, rec["baseline_step_s"] = _step(baseline, loss_of, batch, compiler, compiler)
+        _, rec["baseline_step_s"] = _step(baseline, loss_of, batch, rec["baseline"], compiler)
     except Exception as e:  # noqa: BLE001 -- torch itself fails on this model: not the pass's doing
-        return {**rec, "status": "error", "error": f"plain backend={compiler!r} fails too: {type(e).__name__}: {e}"[:2000]}
+        return {**rec, "status": "error",
+                "error": f"plain {rec['baseline']} fails too: {type(e).__name__}: {e}"[:2000]}
     want = _param_grads(baseline)
     del baseline
     compiled, rec["simigrad_step_s"] = _step(model, loss_of, batch, "simigrad", compiler)
@@ -138,7 +144,7 @@ def run_one(spec, compiler: str, b: int, max_params: int) -> dict:
     # correct compilers: then the gradient is judged by its distance from the fp64 one, against the baseline's
     if not (rec["grad_rel_err"] <= GRAD_TOL
             or rec["grad_vs_fp64_rel_err"] <= max(GRAD_TOL, 2 * rec["baseline_vs_fp64_rel_err"])):
-        problems.append(f"gradient differs from backend={compiler!r}: rel err {rec['grad_rel_err']:.2e} "
+        problems.append(f"gradient differs from {rec['baseline']}: rel err {rec['grad_rel_err']:.2e} "
                         f"(fp64: ours {rec['grad_vs_fp64_rel_err']:.2e}, "
                         f"baseline {rec['baseline_vs_fp64_rel_err']:.2e})")
     if g1 is not None:
