@@ -197,7 +197,8 @@ def _worker(args) -> None:
         json.dump(rec, f, default=str)
 
 
-def census(names, compiler: str, b: int, timeout: float, max_params: int, cache_dir: str, log=print) -> list:
+def census(names, compiler: str, b: int, timeout: float, max_params: int, cache_dir: str, log=print,
+           on_record=None) -> list:
     records = []
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TORCHINDUCTOR_CACHE_DIR": cache_dir,
            "TORCHVISION_WARN_WHEN_EXTENSION_LOADING_FAILS": ""}
@@ -224,6 +225,8 @@ def census(names, compiler: str, b: int, timeout: float, max_params: int, cache_
         rec.setdefault("reasons", reasons(rec))
         records.append(rec)
         log(row(rec))
+        if on_record is not None:
+            on_record(records)
     return records
 
 
@@ -280,17 +283,20 @@ def main(argv=None) -> int:
     cache = args.cache_dir or tempfile.mkdtemp(prefix="simigrad-census-cache-")
     print(f"census: {len(names)} models, compiler={args.compiler}, batch={args.batch}")
     t = time.perf_counter()
-    records = census(names, args.compiler, args.batch, args.timeout, args.max_params, cache)
-    s = summary(records)
-    print(f"\n{s['fully_split']}/{s['counted']} fully split ({100 * s['fraction_fully_split']:.0f}%), "
-          f"counts {s['counts']}, {time.perf_counter() - t:.0f} s")
     path = args.json or os.path.join(HERE, "results", f"coverage-{args.compiler}-{args.size}.json")
     from common import hardware, versions
 
-    with open(path, "w") as f:
-        json.dump({"args": {k: v for k, v in vars(args).items() if k not in ("worker", "out")},
-                   "summary": s, "versions": versions(), "hardware": hardware("cpu"), "models": records},
-                  f, indent=1, default=str)
+    def save(records, done=False):  # after every model, so that an interrupted census keeps what it measured
+        with open(path, "w") as f:
+            json.dump({"args": {k: v for k, v in vars(args).items() if k not in ("worker", "out")},
+                       "complete": done, "summary": summary(records), "versions": versions(),
+                       "hardware": hardware("cpu"), "models": records}, f, indent=1, default=str)
+
+    records = census(names, args.compiler, args.batch, args.timeout, args.max_params, cache, on_record=save)
+    save(records, done=True)
+    s = summary(records)
+    print(f"\n{s['fully_split']}/{s['counted']} fully split ({100 * s['fraction_fully_split']:.0f}%), "
+          f"counts {s['counts']}, {time.perf_counter() - t:.0f} s")
     print(f"saved {path}")
     return 0
 

@@ -264,11 +264,15 @@ class NotBuildable(Exception):
     """The model cannot be built at the census's input sizes: it is skipped, and said so."""
 
 
+# One model of each torchvision family first, so that a census cut short has still seen every family
+_TV_FIRST = ["resnet18", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "convnext_tiny", "vit_b_32",
+             "swin_t", "squeezenet1_1", "densenet121", "shufflenet_v2_x0_5", "mnasnet0_5", "regnet_x_400mf",
+             "googlenet", "alexnet", "resnext50_32x4d", "efficientnet_v2_s", "swin_v2_t", "vgg11_bn"]
+
+
 def all_specs() -> List[Spec]:
-    specs: List[Spec] = []
-    for family in (torchvision_specs, timm_specs, transformers_specs):
-        specs.extend(family())
-    return specs
+    tv = sorted(torchvision_specs(), key=lambda s: _TV_FIRST.index(s.name) if s.name in _TV_FIRST else 99)
+    return transformers_specs() + timm_specs() + tv
 
 
 def select(size: str, only: str | None) -> List[Spec]:
