@@ -265,6 +265,17 @@ def row(rec: dict) -> str:
     return f"{rec['model']:<36} {rec['status']:<8} {rec.get('wall_s', 0):7.1f}s  {why}"
 
 
+def markdown(records: list) -> str:
+    """The census as a README table: model, status, reasons, wall time."""
+    lines = ["| model | status | reasons | time |", "| --- | --- | --- | --- |"]
+    for r in records:
+        why = row(r).split("s  ", 1)[-1].strip() if r["status"] != "split" else ""
+        lines.append(f"| {r['model']} | {r['status']} | {why.replace('|', '/')} | {r.get('wall_s', 0):.0f} s |")
+    s = summary(records)
+    lines.append(f"\n{s['fully_split']}/{s['counted']} fully split ({100 * s['fraction_fully_split']:.0f}%)")
+    return "\n".join(lines)
+
+
 def summary(records: list) -> dict:
     counted = [r for r in records if r["status"] != "skipped"]
     by = {}
@@ -288,12 +299,17 @@ def main(argv=None) -> int:
     p.add_argument("--cache-dir", default=None, help="Inductor cache (default: a fresh one, so every pass runs)")
     p.add_argument("--json", default=None)
     p.add_argument("--list", action="store_true", help="print the selected models and exit")
+    p.add_argument("--table", metavar="JSON", help="print a saved census as a markdown table and exit")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     sys.path.insert(0, HERE)
     if args.worker:
         _worker(args)
+        return 0
+    if args.table:
+        with open(args.table) as f:
+            print(markdown(json.load(f)["models"]))
         return 0
     if args.batch < 2 or args.batch % 2:
         p.error("--batch must be even and >= 2")

@@ -120,9 +120,9 @@ _TIMM = {
     "deit_tiny_patch16_224": (32, {"img_size": 32, "patch_size": 8, "depth": 2}),
     "deit_tiny_distilled_patch16_224": (32, {"img_size": 32, "patch_size": 8, "depth": 2}),
     "swin_tiny_patch4_window7_224": (32, {"img_size": 32, "window_size": 4, "depths": (1, 1, 1, 1)}),
-    "mixer_s16_224": (32, {"img_size": 32, "patch_size": 8, "num_blocks": 2}),
+    "mixer_s32_224": (64, {"img_size": 64}),
     "ghostnet_050": (32, {}), "densenet121": (32, {}), "levit_128s": (64, {"img_size": 64}),
-    "poolformer_s12": (32, {}), "pvt_v2_b0": (32, {"img_size": 32}),
+    "poolformer_s12": (32, {}), "pvt_v2_b0": (32, {}),
 }
 _TIMM_SMALL = {"resnet18", "convnext_atto", "vit_tiny_patch16_224"}
 
@@ -131,8 +131,11 @@ def _timm_build(name: str, size: int, extra: dict) -> Callable[[int], tuple]:
     def build(b):
         import timm
 
-        model = timm.create_model(name, pretrained=False, num_classes=CLASSES, drop_rate=0.0, drop_path_rate=0.0,
-                                  **extra)
+        kw = dict(pretrained=False, num_classes=CLASSES, drop_rate=0.0, **extra)
+        try:
+            model = timm.create_model(name, drop_path_rate=0.0, **kw)
+        except TypeError:  # a family without drop path (GhostNet, DenseNet)
+            model = timm.create_model(name, **kw)
         return no_dropout(model), _images(b, size), _image_loss
 
     return build
