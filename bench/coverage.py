@@ -257,7 +257,7 @@ def census(names, compiler: str, b: int, timeout: float, max_params: int, cache_
 def row(rec: dict) -> str:
     why = "; ".join(f"{r} (x{n})" for r, n in rec.get("reasons", {}).items())
     if rec["status"] in ("error", "skipped"):
-        why = rec.get("error", "").splitlines()[0][:160] if rec.get("error") else ""
+        why = " ".join(line.strip() for line in rec.get("error", "").splitlines()[:2])[:200]
     if rec["status"] == "wrong":
         why = "; ".join(rec.get("problems", []))
     if rec["status"] == "noref":
