@@ -27,13 +27,9 @@ import coverage_reference as ref  # noqa: E402
 
 INDUCTOR = ["hf_gpt2"]  # also through Inductor's codegen: learned positions, the issue's ExpandView case
 
-# The models issue 8 names as must-split. Set MUST_SPLIT_ENFORCED = True once the split-pass rules for pooling,
-# class tokens, HF masks, label padding, shifted copies and channels-last pooling are merged (branch h1).
+# The models issue 8 names as must-split.
 MUST_SPLIT = ["resnet18", "squeezenet1_1", "mobilenet_v3_small", "tv_vit_tiny", "timm_resnet18",
               "timm_convnext_atto", "timm_vit_tiny_patch16_224", "hf_bert_padded", "hf_llama_labels"]
-MUST_SPLIT_ENFORCED = False
-# Crashes issue 8 reports, fixed on branch h1: delete this entry after merging it.
-KNOWN_ERRORS = {"has no attribute 'lowering'": "issue 8: aot_eager crashes on max-pool in a fresh process"}
 
 
 @pytest.fixture(scope="module")
@@ -47,19 +43,14 @@ def census(tmp_path_factory):
 
 def test_census_small_has_no_wrong_model_and_no_crash(census):
     assert {"resnet18", "hf_bert_padded", "timm_vit_tiny_patch16_224"} <= {r["model"] for r in census}
-    known = [r for r in census if r["status"] == "error" and any(k in r.get("error", "") for k in KNOWN_ERRORS)]
-    bad = [coverage.row(r) for r in census if r["status"] not in ("split", "refused") and r not in known]
+    bad = [coverage.row(r) for r in census if r["status"] not in ("split", "refused")]
     assert not bad, "\n".join(bad)
     for r in census:
         assert r["status"] in ("split", "error") or r["reasons"], f"{r['model']} refused without a reason"
         if r["status"] == "split":
             assert r["stats_err"]["cosine"] <= coverage.STATS_TOL and r["missing"] == []
-    if known:
-        pytest.xfail("; ".join(sorted({KNOWN_ERRORS[k] for r in known for k in KNOWN_ERRORS if k in r["error"]}))
-                     + ": " + ", ".join(r["model"] for r in known))
 
 
-@pytest.mark.skipif(not MUST_SPLIT_ENFORCED, reason="enable after merging the split-pass rules of issue 8 (h1)")
 def test_census_must_split_models_are_fully_split(census):
     status = {(r["model"], r.get("compiler")): r["status"] for r in census}
     not_split = [k for k, v in status.items() if k[0] in MUST_SPLIT and v != "split"]

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from loop_reference import Net, dataset, flat, loss_of, make_optimizer
-from third_party import hide_broken_torchvision
+from third_party import ensure_torchvision
 
 import simigrad_compile as sc
 
@@ -98,7 +98,7 @@ def simigrad_env_loop():
 
 
 def hf_trainer(clip, tmp_path):
-    hide_broken_torchvision()
+    ensure_torchvision()
     pytest.importorskip("transformers")
     from transformers import TrainerCallback, TrainingArguments, default_data_collator
 
@@ -133,7 +133,7 @@ def hf_trainer(clip, tmp_path):
 
 
 def lightning_fit(clip):
-    hide_broken_torchvision()
+    ensure_torchvision()
     pl = pytest.importorskip("lightning.pytorch")
     from simigrad_compile.integrations.lightning import SimigradCallback
 
@@ -225,7 +225,7 @@ def test_one_scripted_sequence_through_every_door(clip, tmp_path):
 # --- the README's four doors, run as written -------------------------------------------------------------------------------
 FOUR_DOORS = re.search(r"\n## Four doors\n(.*?)\nThe statistics alone", (REPO / "README.md").read_text(), re.S).group(1)
 BLOCKS = re.findall(r"```(python|bash)\n(.*?)```", FOUR_DOORS, re.S)
-RUNNER = "import sys; sys.path.insert(0, {tests!r}); import third_party; third_party.hide_broken_torchvision(); " \
+RUNNER = "import sys; sys.path.insert(0, {tests!r}); import third_party; third_party.ensure_torchvision(); " \
          "exec(compile(open({path!r}).read(), {path!r}, 'exec'))"
 
 

@@ -9,9 +9,9 @@ import os
 import pytest
 import torch
 
-from third_party import hide_broken_torchvision
+from third_party import ensure_torchvision
 
-hide_broken_torchvision()
+ensure_torchvision()
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")

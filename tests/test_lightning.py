@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
-from third_party import hide_broken_torchvision
+from third_party import ensure_torchvision
 
-hide_broken_torchvision()
+ensure_torchvision()
 pl = pytest.importorskip("lightning.pytorch")
 
 from lightning.pytorch.loggers import Logger  # noqa: E402

@@ -1,28 +1,14 @@
-"""Import ``transformers`` and ``lightning`` in tests even where the environment's ``torchvision`` is broken.
+"""Third-party packages in tests: PyPI's torchvision beside the CPU torch is made importable the one way the
+census uses too (``bench/torchvision_cpu.py``), so transformers, timm and lightning import."""
 
-Both import ``torchvision`` when its package metadata exists. A ``torchvision`` built for another torch (a CUDA
-wheel beside the CPU torch) fails at import with ``operator torchvision::nms does not exist``, which takes both
-down. These tests use no vision code: when ``torchvision`` cannot be imported (checked in a subprocess, so this
-process keeps no half-imported module), it is hidden from this process, module and metadata alike.
-"""
-
-import importlib.metadata
-import subprocess
+import os
 import sys
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
 
-def hide_broken_torchvision() -> None:
-    if "torchvision" in sys.modules:
-        return
-    probe = subprocess.run([sys.executable, "-c", "import torchvision"], capture_output=True, text=True)
-    if probe.returncode == 0:
-        return
-    sys.modules["torchvision"] = None  # find_spec() says absent, import raises ModuleNotFoundError
-    original = importlib.metadata.Distribution.from_name.__func__
+import torchvision_cpu  # noqa: E402
 
-    def from_name(cls, name):
-        if name == "torchvision":
-            raise importlib.metadata.PackageNotFoundError(name)
-        return original(cls, name)
 
-    importlib.metadata.Distribution.from_name = classmethod(from_name)
+def ensure_torchvision() -> None:
+    """Call before the first import of torchvision, transformers, timm or lightning."""
+    torchvision_cpu.ensure_importable()
