@@ -77,9 +77,9 @@ def _tv_build(name: str) -> Callable[[int], tuple]:
 
         last = None
         for size in (32, 64):  # the smallest input each model builds at
-            model = no_dropout(torchvision.models.get_model(name, **_tv_kwargs(name, size)))
             batch = _images(b, size)
             try:
+                model = no_dropout(torchvision.models.get_model(name, **_tv_kwargs(name, size)))
                 with torch.no_grad():
                     model(batch["x"])
                 return model, batch, _image_loss
