@@ -191,10 +191,7 @@ def _run(op: str, flats: tuple, extra: float | Tensor, slow: Callable[[], Tensor
 def split_stats_sum(g1: list[Tensor], g2: list[Tensor], out: list[Tensor] | None = None) -> tuple[list[Tensor], Tensor]:
     """``g[i] = g1[i] + g2[i]`` and stats rows ``(g1.g2, |g1|^2, |g2|^2)`` in fp32 (``out``: contiguous results)."""
     check_pairs("split_stats_sum", g1, g2)
-    if out is None:
-        out = [torch.empty_like(x, memory_format=torch.contiguous_format) for x in g1]
-    elif len(out) != len(g1) or any(o.shape != x.shape or not o.is_contiguous() for o, x in zip(out, g1)):
-        raise ValueError("split_stats_sum: out must hold one contiguous tensor shaped like each g1[i]")
+    out = torch_stats.sum_outs(g1, out)
     device = g1[0].device if g1 else torch.device("cpu")
     stats = []
     for x, y, o in zip(g1, g2, out):

@@ -108,10 +108,7 @@ def split_stats_sum(g1: list[Tensor], g2: list[Tensor], out: list[Tensor] | None
     ``out`` (optional) gives contiguous result tensors to write into, shaped and typed like ``g1``.
     """
     check_pairs("split_stats_sum", g1, g2)
-    if out is None:
-        out = [torch.empty_like(x, memory_format=torch.contiguous_format) for x in g1]
-    elif len(out) != len(g1) or any(o.shape != x.shape or not o.is_contiguous() for o, x in zip(out, g1)):
-        raise ValueError("split_stats_sum: out must hold one contiguous tensor shaped like each g1[i]")
+    out = sum_outs(g1, out)
     device = g1[0].device if g1 else torch.device("cpu")
     stats = torch.empty(len(g1), 3, dtype=torch.float32, device=device)
     scratch = _Scratch(max((x.numel() for x in g1), default=0), 2, device)
@@ -129,6 +126,15 @@ def pair_stats(own: list[Tensor], total: list[Tensor], alpha: float, beta: float
     for i, (x, t) in enumerate(zip(own, total)):
         _pair_stats_into(flat(x), flat(t), float(alpha), float(beta), stats[i], scratch)
     return stats
+
+
+def sum_outs(g1: list[Tensor], out: list[Tensor] | None) -> list[Tensor]:
+    """``split_stats_sum``'s outputs: new contiguous tensors like ``g1``, or ``out`` once checked."""
+    if out is None:
+        return [torch.empty_like(x, memory_format=torch.contiguous_format) for x in g1]
+    if len(out) != len(g1) or any(o.shape != x.shape or not o.is_contiguous() for o, x in zip(out, g1)):
+        raise ValueError("split_stats_sum: out must hold one contiguous tensor shaped like each g1[i]")
+    return out
 
 
 def mean_out(a: Tensor, out: Tensor | None) -> Tensor:
