@@ -255,6 +255,11 @@ def census(names, compiler: str, b: int, timeout: float, max_params: int, cache_
 
 
 def row(rec: dict) -> str:
+    return f"{rec['model']:<36} {rec['status']:<8} {rec.get('wall_s', 0):7.1f}s  {explain(rec)}"
+
+
+def explain(rec: dict) -> str:
+    """Why a model is not ``split``: the refusal reasons, the problems, the error or the skip."""
     why = "; ".join(f"{r} (x{n})" for r, n in rec.get("reasons", {}).items())
     if rec["status"] in ("error", "skipped"):
         why = " ".join(line.strip() for line in rec.get("error", "").splitlines()[:2])[:200]
@@ -262,14 +267,14 @@ def row(rec: dict) -> str:
         why = "; ".join(rec.get("problems", []))
     if rec["status"] == "noref":
         why = rec.get("reference_error", "")
-    return f"{rec['model']:<36} {rec['status']:<8} {rec.get('wall_s', 0):7.1f}s  {why}"
+    return why
 
 
 def markdown(records: list) -> str:
     """The census as a README table: model, status, reasons, wall time."""
     lines = ["| model | status | reasons | time |", "| --- | --- | --- | --- |"]
     for r in records:
-        why = row(r).split("s  ", 1)[-1].strip() if r["status"] != "split" else ""
+        why = explain(r) if r["status"] != "split" else ""
         lines.append(f"| {r['model']} | {r['status']} | {why.replace('|', '/')} | {r.get('wall_s', 0):.0f} s |")
     s = summary(records)
     lines.append(f"\n{s['fully_split']}/{s['counted']} fully split ({100 * s['fraction_fully_split']:.0f}%)")
