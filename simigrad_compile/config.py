@@ -18,7 +18,6 @@ from typing import Any, Literal, Mapping, Optional, Union
 GroupMode = Literal["auto", "batch", "microsteps", "ranks"]
 Compiler = Literal["inductor", "aot_eager"]
 LrScaling = Literal["sqrt", "linear", "none"]
-Warmup = Literal["lazy", "eager"]
 StatsSum = Literal["auto", "kernel", "graph"]
 OnNonFinite = Literal["skip", "raise"]
 BatchDim = Union[int, tuple, dict]
@@ -105,9 +104,6 @@ class SimigradConfig:
     micro_batch_sizes: Optional[tuple] = None
     """An explicit ladder of micro-batch sizes (a list or a comma-separated string such as ``"8,16,32"``).
     ``None``: powers of two up to ``max_micro_batch_size``."""
-
-    warmup: Warmup = "lazy"
-    """``lazy`` compiles a rung on first use; ``eager`` compiles every rung before training."""
 
     cuda_graphs: bool = False
     """On GPU, capture one CUDA graph per rung (``mode="reduce-overhead"``)."""
