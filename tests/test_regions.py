@@ -92,11 +92,8 @@ def test_sweep_keeps_nothing_of_deleted_models():
         assert stale == []
 
 
-def test_retain_graph_second_backward_adds_gradients_and_statistics():
-    torch.manual_seed(2)
-    model, x = MLP(), torch.randn(8, 12)
-    reference = copy.deepcopy(model)
-    loss = _compile(model)(x).pow(2).mean()
+def _assert_two_backwards_match_eager(loss, model, reference, x):
+    """``loss`` backward twice (retain_graph) against the eager reference's two backwards; statistics doubled."""
     loss.backward(retain_graph=True)
     loss.backward()
     eager = reference(x).pow(2).mean()
@@ -105,6 +102,14 @@ def test_retain_graph_second_backward_adds_gradients_and_statistics():
     want = flat_grads(reference)
     assert (flat_grads(model) - want).norm() / want.norm() < 1e-6
     _assert_matches_halves(simigrad_compile.gradient_stats(model, reset=True), model, x, times=2)
+
+
+def test_retain_graph_second_backward_adds_gradients_and_statistics():
+    torch.manual_seed(2)
+    model, x = MLP(), torch.randn(8, 12)
+    reference = copy.deepcopy(model)
+    loss = _compile(model)(x).pow(2).mean()
+    _assert_two_backwards_match_eager(loss, model, reference, x)
 
 
 def test_autograd_grad_gives_the_gradient_and_records_it():
@@ -154,14 +159,7 @@ def test_without_donated_buffers_retained_backwards_are_exact():
     model.zero_grad()
     simigrad_compile.reset_stats(model)
     loss = compiled(x).pow(2).mean()
-    loss.backward(retain_graph=True)
-    loss.backward()
-    eager = reference(x).pow(2).mean()
-    eager.backward(retain_graph=True)
-    eager.backward()
-    want = flat_grads(reference)
-    assert (flat_grads(model) - want).norm() / want.norm() < 1e-6
-    _assert_matches_halves(simigrad_compile.gradient_stats(model, reset=True), model, x, times=2)
+    _assert_two_backwards_match_eager(loss, model, reference, x)
 
 
 def test_a_backward_that_raises_leaves_no_region_behind(monkeypatch, caplog):
