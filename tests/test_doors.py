@@ -135,18 +135,8 @@ def hf_trainer(clip, tmp_path):
 def lightning_fit(clip):
     ensure_torchvision()
     pl = pytest.importorskip("lightning.pytorch")
+    from lightning_module import PlainModule
     from simigrad_compile.integrations.lightning import SimigradCallback
-
-    class Module(pl.LightningModule):
-        def __init__(self, net):
-            super().__init__()
-            self.net = net
-
-        def training_step(self, batch, batch_idx):
-            return loss_of(self.net, *batch)
-
-        def configure_optimizers(self):
-            return make_optimizer(self.parameters())
 
     class Snapshots(pl.Callback):
         def on_train_batch_end(self, *args):
@@ -157,7 +147,7 @@ def lightning_fit(clip):
     trainer = pl.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, callbacks=[callback, Snapshots()],
                          gradient_clip_val=clip)
-    trainer.fit(Module(net), torch.utils.data.DataLoader(scripted_data(), batch_size=4))
+    trainer.fit(PlainModule(net), torch.utils.data.DataLoader(scripted_data(), batch_size=4))
     return callback.run.history, rows
 
 

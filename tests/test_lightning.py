@@ -16,20 +16,14 @@ pl = pytest.importorskip("lightning.pytorch")
 from lightning.pytorch.loggers import Logger  # noqa: E402
 
 from loop_reference import Net, Reference, dataset, flat, loss_of, make_optimizer  # noqa: E402
+from lightning_module import PlainModule  # noqa: E402
 from simigrad_compile.integrations.lightning import SimigradCallback  # noqa: E402
 
 B0 = 8
 OPTIONS = dict(group_mode="microsteps", batch_size=B0, min_batch_size=4, max_batch_size=24, target_similarity=0.3)
 
 
-class Module(pl.LightningModule):
-    def __init__(self, net):
-        super().__init__()
-        self.net = net
-
-    def training_step(self, batch, batch_idx):
-        return loss_of(self.net, *batch)
-
+class Module(PlainModule):
     def configure_optimizers(self):
         opt = make_optimizer(self.parameters(), "sgd")
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + 0.1 * s))
