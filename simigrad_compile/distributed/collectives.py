@@ -55,14 +55,28 @@ def all_gather(out: torch.Tensor, inp: torch.Tensor, group) -> None:
 
 def swap(send: torch.Tensor, recv: torch.Tensor, peer: int, group) -> None:
     """Blocking exchange with one peer (a global rank): send ``send``, receive ``recv``."""
+    wait_all(post_swap(send, recv, peer, group))
+
+
+def post_swap(send: torch.Tensor, recv: torch.Tensor, peer: int, group) -> list:
+    """Start the exchange with one peer (a global rank); returns its two pending works (for :func:`wait_all`).
+    Gloo moves the bytes in its own threads."""
     peer = dist.get_group_rank(group, peer)
-    _swap(send, peer, recv, peer, group)
+    return _post(send, peer, recv, peer, group)
+
+
+def wait_all(works) -> None:
+    """Wait for pending works (``Work.wait`` releases the GIL)."""
+    for w in works:
+        w.wait()
+
+
+def _post(send, dst: int, recv, src: int, group) -> list:
+    return [dist.isend(send, group_dst=dst, group=group), dist.irecv(recv, group_src=src, group=group)]
 
 
 def _swap(send, dst: int, recv, src: int, group) -> None:
-    works = [dist.isend(send, group_dst=dst, group=group), dist.irecv(recv, group_src=src, group=group)]
-    for w in works:
-        w.wait()
+    wait_all(_post(send, dst, recv, src, group))
 
 
 class Serial:
