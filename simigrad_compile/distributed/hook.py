@@ -1,20 +1,23 @@
 """The DDP communication hook: per bucket, reduce-scatter in the half, exchange with the partner, fused
-statistics + mean on the shard pair, all-gather in the half; one all-reduce of the ``[buckets, 3]`` statistics
-per step (none at world 2).
+statistics + mean on the shard pair, all-gather in the half; the ``[buckets, 3]`` statistics summed once per
+step (:meth:`SplitReduction._start_fold`).
 
 One worker thread (:class:`~.collectives.Serial`) runs every bucket's stages, bucket after bucket, so every
 group issues its collectives in bucket order on every rank (which gloo and NCCL require). Where the rank's half
-has one rank (world 2, and half A of world 3) the hook itself posts the exchange, so the bytes start to move in
-gloo's threads while the backward goes on; the worker waits on it with the GIL released::
+has one rank (world 2, and half A of world 3) the hook itself posts the exchange, elsewhere the reduce-scatter's
+first ring step, so the bytes start to move in gloo's threads while the backward goes on; the worker waits on
+them with the GIL released::
 
-    hook(k): scale, [post exchange(k)] -> worker: [reduce-scatter(k), post exchange(k)], wait, kernel(k),
-             [all-gather(k)] -> DDP's future(k)                               ... last bucket: fold
+    hook(k): scale, post exchange(k) | the reduce-scatter's first step(k)
+      -> worker: [rest of the reduce-scatter(k), post exchange(k)], wait, kernel(k), [all-gather(k)]
+      -> DDP's future(k)             ... last bucket: the fold's all-reduce runs during its all-gather
 
 Fewer threads is faster here: a stage per thread (the first design) put four thread hand-offs on each bucket's
 path, each a wake-up that waits for a core on a loaded machine (``bench/ddp_profile.py``).
 
-At world 2 both ranks hold both halves' sums after the exchange and run the kernel on them in the same operand
-order (A's first), so both record the same bits and the step needs no statistics all-reduce.
+At an even world both partners hold the same two shard sums after the exchange and run the kernel on them in the
+same operand order (A's first), so both record the same bits: the statistics need summing inside a half only
+(nothing at world 2, one swap of the rows at world 4), not an all-reduce over the world.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch.futures import Future
 
-from .collectives import Serial, all_gather, post_swap, reduce_scatter, wait_all
+from .collectives import FOLD_TAG, Serial, all_gather, post_swap, start_reduce_scatter, wait_all
 from .layout import Layout, Weights, check_counts, make_weights
 from ..stats.gradient_stats import Sink
 
@@ -61,6 +64,8 @@ class _Bucket:
         self.others: List[torch.Tensor] = []
         self.works: Optional[list] = None
         """The exchange's pending sends and receives, once posted."""
+        self.reduce_scatter: Optional[Callable[[], None]] = None
+        """The rest of the reduce-scatter whose first step the hook posted."""
 
 
 class SplitReduction:
@@ -123,27 +128,30 @@ class SplitReduction:
         job = _Bucket(index, buf, full, self._buffer(index, "shard", full.numel() // h, full) if h > 1 else full)
         if h == 1:
             self._post_exchange(job)  # nothing to reduce-scatter: the exchange starts now, in gloo's threads
+        else:
+            job.reduce_scatter = start_reduce_scatter(job.shard, job.full, self.rs_group)  # its first step
         last = bucket.is_last()
         return self._worker.submit(lambda: self._reduce(job, last))
 
     def _reduce(self, job: _Bucket, last: bool) -> torch.Tensor:
         """The bucket's stages after the hook, in the worker thread (every wait releases the GIL)."""
         if job.works is None:
-            reduce_scatter(job.shard, job.full, self.rs_group)
+            job.reduce_scatter()
             self._mark(job.index, "reduce_scatter")
             self._post_exchange(job)
         wait_all(job.works)
         self._mark(job.index, "exchange")
         result = self._kernel(job)
+        fold = self._start_fold(job.index) if last else None  # its latency overlaps the all-gather's
         if job.shard is not job.full:
-            all_gather(job.full, job.shard, self.ag_group)
+            all_gather(job.full, result, self.ag_group)
             result = job.full
         if job.full is not job.buf:
             job.buf.copy_(result[: job.buf.numel()])
             result = job.buf
         self._mark(job.index, "all_gather")
-        if last:
-            self._fold(job.index)
+        if fold is not None:
+            fold()
         return result
 
     def _mark(self, index: int, event: str) -> None:
@@ -191,14 +199,19 @@ class SplitReduction:
             job.works += post_swap(part, other, peer, group)
             job.others.append(other)
 
+    @property
+    def paired(self) -> bool:
+        """Even world: each rank shares its whole shard with one partner, which holds the same pair of sums."""
+        return self.layout.world % 2 == 0
+
     def _kernel(self, job: _Bucket) -> torch.Tensor:
         """The mean of each exchanged segment, in place; returns the tensor that holds the shard's mean."""
         self._mark(job.index, "kernel_start")
         kernel = self.kernel or _shard_stats_mean()
         parts = [part for _, _, part in self._parts(job)]
-        if self.layout.world == 2:
-            # Both ranks run the kernel on (A's sum, B's sum) in that order, so they record the same bits and
-            # need no fold; on the B rank the mean lands in the received buffer.
+        if self.paired:
+            # Both partners run the kernel on (A's sum, B's sum) in that order, so they record the same bits;
+            # on the B rank the mean lands in the received buffer.
             (part,), (other,) = parts, job.others
             a, b = (part, other) if self.layout.in_a else (other, part)
             _, stats = kernel(a, b, out=a)
@@ -212,17 +225,40 @@ class SplitReduction:
         self._mark(job.index, "kernel")
         return result
 
-    def _fold(self, last: int) -> None:
-        """The step's statistics: summed over ranks by one all-reduce of every bucket's row (none at world 2,
-        where every rank computed all of them), after the step's last bucket is reduced."""
+    def _start_fold(self, last: int) -> Callable[[], None]:
+        """The step's statistics, started after the step's last kernel; the returned function completes them and
+        records the rows. Even world: partners hold the same rows, so the rows of one half sum to the world's:
+        gathered inside the half (at world 4, one swap that runs alongside the last all-gather; none at world 2)
+        and summed in half order, the same bits on every rank. Odd world: one all-reduce of the counted rows."""
         step = self._step
         rows = torch.stack([step.rows[i] for i in range(last + 1)])
-        if self.layout.world > 2:
-            dist.all_reduce(rows, group=self.stats_group)
-        self._sink_for(step).add(unscale(rows, self.weights.stats_scale))
-        self._mark(last, "fold")
-        self.last_trace = step.trace
-        self.last_buckets = [step.buckets[i] for i in range(last + 1)]
+        h = len(self.layout.half)
+        finish_comm: Callable[[], torch.Tensor]
+        if not self.paired:
+            work = dist.all_reduce(rows, group=self.stats_group, async_op=True)
+            finish_comm = lambda: (work.wait(), rows)[1]  # noqa: E731
+        elif h == 1:
+            finish_comm = lambda: rows  # noqa: E731
+        elif h == 2 and dist.get_backend(self.ag_group) == "gloo":
+            theirs = torch.empty_like(rows)
+            peer = self.layout.half[1 - self.layout.index_in_half]
+            works = post_swap(rows, theirs, peer, self.ag_group, tag=FOLD_TAG)
+            mine_first = self.layout.index_in_half == 0
+            finish_comm = lambda: (wait_all(works), (rows + theirs) if mine_first else (theirs + rows))[1]  # noqa: E731
+        else:
+            def finish_comm() -> torch.Tensor:
+                every = rows.new_empty(h * rows.numel())
+                all_gather(every, rows.reshape(-1), self.ag_group)
+                return every.view(h, *rows.shape).sum(0)
+
+        def finish() -> None:
+            total = finish_comm()
+            self._sink_for(step).add(unscale(total, self.weights.stats_scale))
+            self._mark(last, "fold")
+            self.last_trace = step.trace
+            self.last_buckets = [step.buckets[i] for i in range(last + 1)]
+
+        return finish
 
     def _sink_for(self, step: _Step) -> Sink:
         key = tuple(tuple(id(p) for p in step.params[i]) for i in range(len(step.params)))
