@@ -164,7 +164,10 @@ def check_bytes() -> None:
     size = torch.finfo(torch.float32).bits // 8
     raw = sum(p.numel() for p in ours.parameters()) * size
     padded = sum(lay.padded(n) for n, _ in buckets) * size
-    fold = 2 * 3 * len(buckets) * size * (WORLD - 1) / WORLD
+    # The statistics fold of [buckets, 3] fp32 rows: an even world gathers them inside a half (h - 1 rows sent;
+    # none at world 2), an odd world all-reduces them over the world.
+    rows = 3 * len(buckets) * size
+    fold = (WORLD // 2 - 1) * rows if WORLD % 2 == 0 else 2 * rows * (WORLD - 1) / WORLD
     expected = lay.bytes_sent(padded) + fold
     if abs(traffic.sent - expected) > 1e-6 * expected or padded > raw * 1.001:
         raise AssertionError(f"bytes: sent {traffic.sent}, expected {expected} (raw {raw}, padded {padded})")

@@ -8,12 +8,12 @@ Group mode ``ranks``: ``g1`` and ``g2`` are the mean gradients of the first and 
 3. ``kernels.shard_stats_mean(shard_A, shard_B, out=shard)``: fp32 ``(d, a, b)`` and the mean shard, one pass
 4. all-gather inside the half                                   S (N-2)/N
 
-which is ``2S(N-1)/N``, a plain ring all-reduce (measured on loopback too: ``bench/ddp.py``). Each step runs in
-its own ordered thread (:mod:`.distributed_hook`), so buckets pipeline with each other and with the backward.
-The per-bucket rows are folded by one all-reduce of a ``[buckets, 3]`` fp32 tensor per step, issued after the
-step's last bucket and completed before ``backward()`` returns (DDP waits on the hook's futures): every rank
-records identical values, so ``gradient_stats(ddp_model)`` is the same everywhere with no collective at read
-time. Scratch memory, kept across steps: the shard and the received shard per bucket (``2S/N`` at N >= 4, S at
+which is ``2S(N-1)/N``, a plain ring all-reduce (measured on loopback too: ``bench/ddp.py``). The stages run in
+one worker thread (:mod:`.hook`), bucket after bucket, while the backward goes on. The per-bucket rows are
+folded by one all-reduce of a ``[buckets, 3]`` fp32 tensor per step (none at world 2, where both ranks compute
+every row), issued after the step's last bucket and completed before ``backward()`` returns (DDP waits on the
+hook's futures): every rank records identical values, so ``gradient_stats(ddp_model)`` is the same everywhere
+with no collective at read time. Scratch memory, kept across steps: the shard and the received shard per bucket (``2S/N`` at N >= 4, S at
 N = 2), plus a padded copy where a bucket does not divide into the layout's chunks.
 
 Why a comm hook rather than rewriting collectives in the graph: it is DDP's official per-bucket API; it works

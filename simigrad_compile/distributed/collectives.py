@@ -24,21 +24,42 @@ from torch.futures import Future
 
 def reduce_scatter(out: torch.Tensor, inp: torch.Tensor, group) -> None:
     """Blocking sum reduce-scatter of ``inp`` (``h * out.numel()`` elements) over ``group`` into ``out``."""
+    start_reduce_scatter(out, inp, group)()
+
+
+FIRST_TAG = 1
+"""Tag of a ring's first step, which :func:`start_reduce_scatter` posts from the hook's thread; every later step
+(posted by the worker thread) has tag 0. Gloo matches sends to receives per (peer, tag) in posting order, so the
+two threads' posts never pair up with each other's."""
+
+
+FOLD_TAG = 2
+"""Tag of the statistics rows' swap, which runs alongside the last bucket's all-gather in the same group."""
+
+
+def start_reduce_scatter(out: torch.Tensor, inp: torch.Tensor, group) -> Callable[[], None]:
+    """Post the ring's first step of :func:`reduce_scatter` now; the returned function runs the rest (blocking).
+    Call it in the order the reduce-scatters were started."""
     if dist.get_backend(group) != "gloo":
-        dist.reduce_scatter_single(out, inp, group=group)
-        return
+        return lambda: dist.reduce_scatter_single(out, inp, group=group)
     h, i = dist.get_world_size(group), dist.get_group_rank(group, dist.get_rank())
     if h == 1:
-        out.copy_(inp)
-        return
+        return lambda: out.copy_(inp)
     pieces = inp.view(h, -1)
-    send = pieces[(i - 1) % h]
-    for k in range(h - 1):
-        c = (i - k - 2) % h
-        recv = out if k == h - 2 else torch.empty_like(out)
-        _swap(send, (i + 1) % h, recv, (i - 1) % h, group)
-        recv += pieces[c]
-        send = recv
+    recv = out if h == 2 else torch.empty_like(out)
+    works = _post(pieces[(i - 1) % h], (i + 1) % h, recv, (i - 1) % h, group, FIRST_TAG)
+
+    def finish() -> None:
+        wait_all(works)
+        r = recv
+        r += pieces[(i - 2) % h]
+        for k in range(1, h - 1):
+            nxt = out if k == h - 2 else torch.empty_like(out)
+            _swap(r, (i + 1) % h, nxt, (i - 1) % h, group)
+            nxt += pieces[(i - k - 2) % h]
+            r = nxt
+
+    return finish
 
 
 def all_gather(out: torch.Tensor, inp: torch.Tensor, group) -> None:
@@ -55,14 +76,29 @@ def all_gather(out: torch.Tensor, inp: torch.Tensor, group) -> None:
 
 def swap(send: torch.Tensor, recv: torch.Tensor, peer: int, group) -> None:
     """Blocking exchange with one peer (a global rank): send ``send``, receive ``recv``."""
+    wait_all(post_swap(send, recv, peer, group))
+
+
+def post_swap(send: torch.Tensor, recv: torch.Tensor, peer: int, group, tag: int = 0) -> list:
+    """Start the exchange with one peer (a global rank); returns its two pending works (for :func:`wait_all`).
+    Gloo moves the bytes in its own threads."""
     peer = dist.get_group_rank(group, peer)
-    _swap(send, peer, recv, peer, group)
+    return _post(send, peer, recv, peer, group, tag)
+
+
+def wait_all(works) -> None:
+    """Wait for pending works (``Work.wait`` releases the GIL)."""
+    for w in works:
+        w.wait()
+
+
+def _post(send, dst: int, recv, src: int, group, tag: int = 0) -> list:
+    return [dist.isend(send, group_dst=dst, group=group, tag=tag),
+            dist.irecv(recv, group_src=src, group=group, tag=tag)]
 
 
 def _swap(send, dst: int, recv, src: int, group) -> None:
-    works = [dist.isend(send, group_dst=dst, group=group), dist.irecv(recv, group_src=src, group=group)]
-    for w in works:
-        w.wait()
+    wait_all(_post(send, dst, recv, src, group))
 
 
 class Serial:

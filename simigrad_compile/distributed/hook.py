@@ -1,14 +1,23 @@
 """The DDP communication hook: per bucket, reduce-scatter in the half, exchange with the partner, fused
-statistics + mean on the shard pair, all-gather in the half; one all-reduce of the ``[buckets, 3]`` statistics
-per step.
+statistics + mean on the shard pair, all-gather in the half; the ``[buckets, 3]`` statistics summed once per
+step (:meth:`SplitReduction._start_fold`).
 
-Each stage runs in its own thread (:class:`~.distributed_collectives.Serial`), which takes the buckets in order
-and owns its process groups. So every group issues its collectives in bucket order on every rank (which gloo and
-NCCL require), and the stages pipeline: while bucket k is in the kernel, bucket k+1 is exchanged and bucket
-k+2 reduce-scattered, and the backward keeps producing gradients on the main thread::
+One worker thread (:class:`~.collectives.Serial`) runs every bucket's stages, bucket after bucket, so every
+group issues its collectives in bucket order on every rank (which gloo and NCCL require). Where the rank's half
+has one rank (world 2, and half A of world 3) the hook itself posts the exchange, elsewhere the reduce-scatter's
+first ring step, so the bytes start to move in gloo's threads while the backward goes on; the worker waits on
+them with the GIL released::
 
-    hook(k) -> [reduce-scatter](k) -> [exchange](k) -> [kernel](k) -> [all-gather](k) -> DDP's future(k)
-                                                                              ... last bucket -> [fold]
+    hook(k): scale, post exchange(k) | the reduce-scatter's first step(k)
+      -> worker: [rest of the reduce-scatter(k), post exchange(k)], wait, kernel(k), [all-gather(k)]
+      -> DDP's future(k)             ... last bucket: the fold's all-reduce runs during its all-gather
+
+Fewer threads is faster here: a stage per thread (the first design) put four thread hand-offs on each bucket's
+path, each a wake-up that waits for a core on a loaded machine (``bench/ddp_profile.py``).
+
+At an even world both partners hold the same two shard sums after the exchange and run the kernel on them in the
+same operand order (A's first), so both record the same bits: the statistics need summing inside a half only
+(nothing at world 2, one swap of the rows at world 4), not an all-reduce over the world.
 """
 
 from __future__ import annotations
@@ -21,14 +30,13 @@ import torch
 import torch.distributed as dist
 from torch.futures import Future
 
-from .collectives import Serial, all_gather, reduce_scatter, swap
+from .collectives import FOLD_TAG, Serial, all_gather, post_swap, start_reduce_scatter, wait_all
 from .layout import Layout, Weights, check_counts, make_weights
 from ..stats.gradient_stats import Sink
 
 log = logging.getLogger("simigrad_compile")
 
 _KERNEL: Optional[Callable] = None
-STAGES = ("reduce_scatter", "exchange", "kernel", "all_gather")
 
 
 def _shard_stats_mean() -> Callable:
@@ -40,22 +48,8 @@ def _shard_stats_mean() -> Callable:
     return _KERNEL
 
 
-def _then(fut: Future, fn: Callable, result: Future) -> None:
-    """Run ``fn(fut.value())`` when ``fut`` completes; any error fails ``result`` (which DDP waits on)."""
-
-    def run(done: Future) -> None:
-        try:
-            fn(done.value())
-        except BaseException as e:  # noqa: BLE001 - handed to the future DDP waits on
-            if not result.done():
-                result.set_exception(e)
-
-    fut.add_done_callback(run)
-
-
 class _Step:
     def __init__(self) -> None:
-        self.results: Dict[int, Future] = {}
         self.rows: Dict[int, torch.Tensor] = {}
         self.params: Dict[int, Tuple[torch.nn.Parameter, ...]] = {}
         self.buckets: Dict[int, Tuple[int, torch.dtype]] = {}
@@ -68,6 +62,10 @@ class _Bucket:
     def __init__(self, index: int, buf: torch.Tensor, full: torch.Tensor, shard: torch.Tensor) -> None:
         self.index, self.buf, self.full, self.shard = index, buf, full, shard
         self.others: List[torch.Tensor] = []
+        self.works: Optional[list] = None
+        """The exchange's pending sends and receives, once posted."""
+        self.reduce_scatter: Optional[Callable[[], None]] = None
+        """The rest of the reduce-scatter whose first step the hook posted."""
 
 
 class SplitReduction:
@@ -87,7 +85,7 @@ class SplitReduction:
         self._sinks: List[Sink] = []
         self._sink_key: Optional[tuple] = None
         self._step = _Step()
-        self._stages = {name: Serial(f"simigrad-ddp-{name}") for name in STAGES}
+        self._worker = Serial("simigrad-ddp")
         self._buffers: Dict[tuple, torch.Tensor] = {}
         self._build_groups()
 
@@ -128,25 +126,33 @@ class SplitReduction:
         full = self._scaled(index, buf)
         h = len(self.layout.half)
         job = _Bucket(index, buf, full, self._buffer(index, "shard", full.numel() // h, full) if h > 1 else full)
-        result: Future = Future()
-        step.results[index] = result
-        stages = [("exchange", self._exchange), ("kernel", self._kernel)]
-        if h > 1:
-            stages = [("reduce_scatter", self._reduce_scatter), *stages, ("all_gather", self._all_gather)]
-        elif full is not buf:
-            stages.append(("kernel", self._all_gather))
-        if bucket.is_last():
-            stages.append((stages[-1][0], self._fold))
-        self._chain(job, stages, result)
-        return result
+        if h == 1:
+            self._post_exchange(job)  # nothing to reduce-scatter: the exchange starts now, in gloo's threads
+        else:
+            job.reduce_scatter = start_reduce_scatter(job.shard, job.full, self.rs_group)  # its first step
+        last = bucket.is_last()
+        return self._worker.submit(lambda: self._reduce(job, last))
 
-    def _chain(self, job: _Bucket, stages, result: Future) -> None:
-        if not stages:
-            result.set_result(job.buf)
-            return
-        (name, fn), rest = stages[0], stages[1:]
-        fut = self._stages[name].submit(lambda: fn(job))
-        _then(fut, lambda _: self._chain(job, rest, result), result)
+    def _reduce(self, job: _Bucket, last: bool) -> torch.Tensor:
+        """The bucket's stages after the hook, in the worker thread (every wait releases the GIL)."""
+        if job.works is None:
+            job.reduce_scatter()
+            self._mark(job.index, "reduce_scatter")
+            self._post_exchange(job)
+        wait_all(job.works)
+        self._mark(job.index, "exchange")
+        result = self._kernel(job)
+        fold = self._start_fold(job.index) if last else None  # its latency overlaps the all-gather's
+        if job.shard is not job.full:
+            all_gather(job.full, result, self.ag_group)
+            result = job.full
+        if job.full is not job.buf:
+            job.buf.copy_(result[: job.buf.numel()])
+            result = job.buf
+        self._mark(job.index, "all_gather")
+        if fold is not None:
+            fold()
+        return result
 
     def _mark(self, index: int, event: str) -> None:
         if self.tracing:
@@ -178,50 +184,81 @@ class SplitReduction:
             torch.mul(buf, w, out=head)
         return full
 
-    # --- stages (each in its own thread, buckets in order) ------------------------------------------------
-    def _reduce_scatter(self, job: _Bucket) -> None:
-        reduce_scatter(job.shard, job.full, self.rs_group)
-        self._mark(job.index, "reduce_scatter")
-
+    # --- stages (the worker thread, buckets in order; the exchange may be posted by the hook) ---------------
     def _parts(self, job: _Bucket):
         per = job.full.numel() // self.layout.chunks
         own_lo = self.layout.own_chunks[0]
         for seg, group in self.pair_groups.items():
             yield seg, group, job.shard[(seg.lo - own_lo) * per : (seg.hi - own_lo) * per]
 
-    def _exchange(self, job: _Bucket) -> None:
+    def _post_exchange(self, job: _Bucket) -> None:
+        job.works = []
         for k, (seg, group, part) in enumerate(self._parts(job)):
             other = self._buffer(job.index, f"other{k}", part.numel(), part)
             peer = seg.b_rank if self.layout.rank == seg.a_rank else seg.a_rank
-            swap(part, other, peer, group)
+            job.works += post_swap(part, other, peer, group)
             job.others.append(other)
-        self._mark(job.index, "exchange")
 
-    def _kernel(self, job: _Bucket) -> None:
+    @property
+    def paired(self) -> bool:
+        """Even world: each rank shares its whole shard with one partner, which holds the same pair of sums."""
+        return self.layout.world % 2 == 0
+
+    def _kernel(self, job: _Bucket) -> torch.Tensor:
+        """The mean of each exchanged segment, in place; returns the tensor that holds the shard's mean."""
         self._mark(job.index, "kernel_start")
-        parts = [part for _, _, part in self._parts(job)]
-        counted = [self.layout.rank == seg.a_rank for seg, _, _ in self._parts(job)]
         kernel = self.kernel or _shard_stats_mean()
-        self._step.rows[job.index] = bucket_row(kernel, parts, job.others, counted, job.shard.device)
-        job.others = []
+        parts = [part for _, _, part in self._parts(job)]
+        if self.paired:
+            # Both partners run the kernel on (A's sum, B's sum) in that order, so they record the same bits;
+            # on the B rank the mean lands in the received buffer.
+            (part,), (other,) = parts, job.others
+            a, b = (part, other) if self.layout.in_a else (other, part)
+            _, stats = kernel(a, b, out=a)
+            self._step.rows[job.index] = stats.reshape(3).to(torch.float32)
+            result = a
+        else:
+            counted = [self.layout.rank == seg.a_rank for seg, _, _ in self._parts(job)]
+            self._step.rows[job.index] = bucket_row(kernel, parts, job.others, counted, job.shard.device)
+            result = job.shard
+        job.others, job.works = [], None
         self._mark(job.index, "kernel")
+        return result
 
-    def _all_gather(self, job: _Bucket) -> None:
-        if job.shard is not job.full:
-            all_gather(job.full, job.shard, self.ag_group)
-        if job.full is not job.buf:
-            job.buf.copy_(job.full[: job.buf.numel()])
-        self._mark(job.index, "all_gather")
-
-    def _fold(self, job: _Bucket) -> None:
-        """One all-reduce of every bucket's statistics, after the step's last bucket is reduced."""
+    def _start_fold(self, last: int) -> Callable[[], None]:
+        """The step's statistics, started after the step's last kernel; the returned function completes them and
+        records the rows. Even world: partners hold the same rows, so the rows of one half sum to the world's:
+        gathered inside the half (at world 4, one swap that runs alongside the last all-gather; none at world 2)
+        and summed in half order, the same bits on every rank. Odd world: one all-reduce of the counted rows."""
         step = self._step
-        rows = torch.stack([step.rows[i] for i in range(job.index + 1)])
-        dist.all_reduce(rows, group=self.stats_group)
-        self._sink_for(step).add(unscale(rows, self.weights.stats_scale))
-        self._mark(job.index, "fold")
-        self.last_trace = step.trace
-        self.last_buckets = [step.buckets[i] for i in range(job.index + 1)]
+        rows = torch.stack([step.rows[i] for i in range(last + 1)])
+        h = len(self.layout.half)
+        finish_comm: Callable[[], torch.Tensor]
+        if not self.paired:
+            work = dist.all_reduce(rows, group=self.stats_group, async_op=True)
+            finish_comm = lambda: (work.wait(), rows)[1]  # noqa: E731
+        elif h == 1:
+            finish_comm = lambda: rows  # noqa: E731
+        elif h == 2 and dist.get_backend(self.ag_group) == "gloo":
+            theirs = torch.empty_like(rows)
+            peer = self.layout.half[1 - self.layout.index_in_half]
+            works = post_swap(rows, theirs, peer, self.ag_group, tag=FOLD_TAG)
+            mine_first = self.layout.index_in_half == 0
+            finish_comm = lambda: (wait_all(works), (rows + theirs) if mine_first else (theirs + rows))[1]  # noqa: E731
+        else:
+            def finish_comm() -> torch.Tensor:
+                every = rows.new_empty(h * rows.numel())
+                all_gather(every, rows.reshape(-1), self.ag_group)
+                return every.view(h, *rows.shape).sum(0)
+
+        def finish() -> None:
+            total = finish_comm()
+            self._sink_for(step).add(unscale(total, self.weights.stats_scale))
+            self._mark(last, "fold")
+            self.last_trace = step.trace
+            self.last_buckets = [step.buckets[i] for i in range(last + 1)]
+
+        return finish
 
     def _sink_for(self, step: _Step) -> Sink:
         key = tuple(tuple(id(p) for p in step.params[i]) for i in range(len(step.params)))
