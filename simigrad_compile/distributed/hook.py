@@ -34,7 +34,7 @@ STAGES = ("reduce_scatter", "exchange", "kernel", "all_gather")
 def _shard_stats_mean() -> Callable:
     global _KERNEL
     if _KERNEL is None:
-        from ..kernels import shard_stats_mean  # imported on first use: registers custom ops
+        from ..kernels import shard_stats_mean  # imported on first use
 
         _KERNEL = shard_stats_mean
     return _KERNEL
