@@ -2,9 +2,10 @@
 
 Each op body below is traced once per dtype (combination) with a symbolic row count (``make_fx`` over fake
 tensors) and compiled by ``torch._inductor.standalone_compile``: every size shares one compiled function, and a
-call runs it directly, with no Dynamo frame, guards or recompiles on the way (about 7 us per call; through
-``torch.compile`` it was about 45). Inductor's C++ backend emits the elementwise result and the three reductions
-of a pair as one OpenMP loop that streams each input once. Four details make that true, and fast:
+call runs it directly, with no Dynamo frame, guards or recompiles on the way: a split_stats_sum call on 2 rows costs
+about 30 us (8 of them the compiled call), against 75 through ``torch.compile`` (measured here, 1 thread).
+Inductor's C++ backend emits the elementwise result and the three reductions of a pair as one OpenMP loop that
+streams each input once. Five details make that true, and fast:
 
 * **Rows.** A flat tensor of n elements is viewed as ``[m, ROW]`` rows plus a tail of ``2..ROW+1`` elements
   (:func:`rows`). The compiled body sums each row in fp32 with plain vector accumulators (Inductor adds a slower
@@ -109,12 +110,10 @@ _BODIES = {"sum": _sum_rows, "sum_in_place": _sum_rows_in_place, "pair": _pair_r
 
 def _examples(op: str, dtypes: tuple) -> list[Tensor]:
     """Tensors shaped like ``op``'s arguments (``HINT_ROWS`` rows); only their metadata is read."""
-    rows = [torch.empty(HINT_ROWS, ROW, dtype=d) for d in (dtypes * 3 if op == "sum" else dtypes * 2)[:3]]
-    if op == "sum":
-        return [*rows, torch.empty(HINT_ROWS)]
-    if op == "sum_in_place":
-        return [*rows[:2], torch.empty(HINT_ROWS)]
-    return [*rows[:2], torch.empty(2)]
+    if op == "pair":
+        return [torch.empty(HINT_ROWS, ROW, dtype=d) for d in dtypes] + [torch.empty(2)]
+    rows = [torch.empty(HINT_ROWS, ROW, dtype=dtypes[0]) for _ in range(3 if op == "sum" else 2)]
+    return rows + [torch.empty(HINT_ROWS)]
 
 
 def compile_body(op: str, *dtypes: torch.dtype, stores_first: bool = True) -> Callable:
@@ -180,22 +179,23 @@ def _dense(t: Tensor) -> Tensor:
     return t if t.is_contiguous() else t.contiguous()
 
 
-_scales: dict = {}
+_constants: dict = {}
+"""Kernel arguments that only depend on the op's constants: per-row scales (by value), pair coefficients."""
 
 
 def _scale(value: float, m: int) -> Tensor:
     """``m`` copies of ``value`` (fp32), from a buffer kept per value."""
-    s = _scales.get(value)
+    s = _constants.get(value)
     if s is None or s.numel() < m:
-        s = _scales[value] = torch.full((max(m, 2 * (0 if s is None else s.numel()), 1024),), value)
+        s = _constants[value] = torch.full((max(m, 2 * (0 if s is None else s.numel()), 1024),), value)
     return s[:m]
 
 
 def _coef(alpha: float, beta: float) -> Tensor:
-    key = (float(alpha), float(beta))
-    c = _scales.get(key)
+    key = (alpha, beta)
+    c = _constants.get(key)
     if c is None:
-        c = _scales[key] = torch.tensor(key, dtype=torch.float32)
+        c = _constants[key] = torch.tensor(key, dtype=torch.float32)
     return c
 
 
