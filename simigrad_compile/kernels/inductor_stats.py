@@ -311,7 +311,6 @@ def _count_fallback(numel: int, key: tuple) -> None:
 
 
 def _overlaps(p: Tensor, q: Tensor) -> bool:
-    if p.untyped_storage().data_ptr() != q.untyped_storage().data_ptr():
-        return False
+    """Whether contiguous ``p`` and ``q`` share memory (address ranges: distinct storages never intersect)."""
     p0, q0 = p.data_ptr(), q.data_ptr()
     return p0 < q0 + q.numel() * q.element_size() and q0 < p0 + p.numel() * p.element_size()
