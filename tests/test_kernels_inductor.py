@@ -168,3 +168,20 @@ def test_a_failed_compile_is_logged_and_counted(monkeypatch, caplog):
     assert_rows(stats[0], ref(x, y.double() - x.double()))
     assert inductor_stats.FALLBACKS[("pair", torch.float32, torch.float32)] == 2
     assert sum("no C++ compiler" in r.message for r in caplog.records) == 1
+
+
+def test_views_into_a_larger_buffer():
+    """Flat views at an offset into a bigger storage (as DDP buckets are): rows and tail are read and written at
+    the view's offset, and nothing outside it changes."""
+    x, y = randn(3 * N, 2 * N, seed=4)
+    xv, yv = x[17 : 17 + N], y[5 : 5 + N]
+    before = x.clone()
+    (g,), stats = inductor_stats.split_stats_sum([xv], [yv])
+    assert torch.equal(g, xv + yv)
+    assert_rows(stats[0], ref(xv, yv))
+    assert_rows(inductor_stats.pair_stats([xv.bfloat16()], [yv], 2.0, -1.0)[0],
+                ref(xv.bfloat16(), 2 * yv.double() - xv.bfloat16().double()))
+    mean, stats = inductor_stats.shard_stats_mean(xv, yv, out=xv)
+    assert torch.equal(mean, (before[17 : 17 + N] + yv) * 0.5) and mean.data_ptr() == xv.data_ptr()
+    assert_rows(stats[0], ref(before[17 : 17 + N], yv))
+    assert torch.equal(x[:17], before[:17]) and torch.equal(x[17 + N :], before[17 + N :])
