@@ -2,7 +2,7 @@
 
 Per op and size (fp32 unless --dtype, flat tensors), each repeat runs every variant once, in turn:
   ours     the op (on CPU with ``out=`` where the op takes one, so that page faults of fresh outputs stay out);
-           on CPU that is the Inductor-generated loop (kernels/inductor_stats.py);
+           on CPU that is the Inductor-generated loop (kernels/inductor_stats.py), called without Dynamo;
   torch    (CPU) the torch-op path (kernels/torch_stats.py), which the Inductor path replaced;
   in_place (CPU, shard_stats_mean) ``out=a``, as the DDP hook calls it: two loops, not one (see inductor_stats);
   alloc    split_stats_sum as graphs call it, allocating its output (CPU: mmap page faults above ~32 MiB);
@@ -13,6 +13,8 @@ Per op and size (fp32 unless --dtype, flat tensors), each repeat runs every vari
   graph    (CPU, split_stats_sum) what the backend runs on CPU: the add and the three fp32 dot products as
            graph ops, fused by Inductor into one loop that allocates g; compared with ``alloc_floor``,
            ``torch.add(a, b)`` allocating its output.
+Each timed call follows an untimed call of the same variant (see ``time_interleaved``): below the L3's size all
+variants are timed with their tensors in cache, above it none are.
 Reported: medians with min/max, ratios ours/floor and naive/ours (median, and min in brackets), GB/s of ours
 (bytes the op must move / time). On CUDA also the copy bandwidth (dst.copy_(src)) and ours as a fraction of it,
 per call from the host, and as kernels alone: each op captured in a CUDA graph and replayed (goal >= 85% of the
@@ -114,12 +116,18 @@ def graph_kernel_times(a: torch.Tensor, b: torch.Tensor, o: torch.Tensor, repeat
     return {op: {"ours": times[op], "copy": times["copy"]} for op in fns if op != "copy"}
 
 
-def time_interleaved(fns: dict, repeats: int, sync) -> dict[str, list[float]]:
+def time_interleaved(fns: dict, repeats: int, sync, settle: bool = True) -> dict[str, list[float]]:
+    """Seconds per call of each callable, interleaved. ``settle``: each timed call follows an untimed call of the
+    same callable, so that every variant starts from the cache state its own call leaves (below the L3's size
+    the tensors are in cache for all); otherwise a variant starts from whatever the previous one left, which
+    favoured those placed after a variant that read the same inputs (the floor, after ``alloc``)."""
     for fn in fns.values():  # warm-up
         fn()
     times = {k: [] for k in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
+            if settle:
+                fn()
             sync()
             start = time.perf_counter()
             fn()

@@ -40,6 +40,7 @@ def test_inductor_cpu_path_never_recompiles_across_sizes():
     a = xs[0].clone()
     inductor_stats.shard_stats_mean(a, ys[0], out=a)
     graphs, fallbacks = counters["stats"]["unique_graphs"], sum(inductor_stats.FALLBACKS.values())
+    kernels = dict(inductor_stats._kernels)
     for i, (x, y) in enumerate(zip(xs, ys)):
         alpha = 1.0 + i / 7  # microsteps weights vary per step: floats must not specialise
         assert_rows(inductor_stats.pair_stats([x], [y], alpha, -1.0)[0], ref(x, alpha * y.double() - x.double()))
@@ -50,7 +51,8 @@ def test_inductor_cpu_path_never_recompiles_across_sizes():
         mean, stats = inductor_stats.shard_stats_mean(a, y, out=a)
         assert torch.equal(mean, (x + y) * 0.5) and mean.data_ptr() == a.data_ptr()
         assert_rows(stats[0], ref(x, y))
-    assert counters["stats"]["unique_graphs"] == graphs, "a new size compiled a new graph"
+    assert inductor_stats._kernels == kernels, "a new size compiled a new kernel"
+    assert counters["stats"]["unique_graphs"] == graphs, "a call went through Dynamo"
     assert sum(inductor_stats.FALLBACKS.values()) == fallbacks, dict(inductor_stats.FALLBACKS)
 
 
@@ -72,20 +74,24 @@ def test_each_op_is_one_pass_over_rows(op):
     from torch._inductor.utils import run_and_get_code
 
     n = 5 * inductor_stats.ROW + 7
-    flats = randn(*[n] * inductor_stats._ARITY[op])
-    extra = torch.tensor([2.0, -1.0]) if op == "pair" else 0.5
+    x, y, o = randn(n, n, n)
+    m = (n - 2) // inductor_stats.ROW
+    xr, yr, orr = (inductor_stats.rows(t)[0] for t in (x.clone(), y, o))
+    args = {"sum": (xr, yr, orr, torch.ones(m)), "sum_in_place": (xr, yr, torch.ones(m)),
+            "pair": (xr, yr, torch.tensor([2.0, -1.0]))}[op]
     store = re.compile(r"\.store\(out_ptr\d+ \+ static_cast<int64_t>\(x1 \+ \w+\*x0\)")
-    x, y = flats[0].clone(), flats[1].clone()  # sum_in_place overwrites flats[0]
-    rows = inductor_stats.ROW * ((n - 2) // inductor_stats.ROW)
+    rows = inductor_stats.ROW * m
     found = {}
     for name in ["with", "without"] if op == "sum" else ["with"]:
-        fn = inductor_stats.compile_body(op, stores_first=name == "with")
-        with torch.no_grad():
-            sums, (code,) = run_and_get_code(fn, *inductor_stats._args(op, tuple(flats), extra))
+        with torch._inductor.config.patch(force_disable_caches=True):
+            fn, (code,) = run_and_get_code(
+                lambda: inductor_stats.compile_body(op, *[torch.float32] * (2 if op == "pair" else 1),
+                                                    stores_first=name == "with"))
+        sums = fn(*args)
         found[name] = bool(store.search(_loop_body(code, "for(int64_t x0=")))
         assert "CascadeSumHelper" not in code and "omp single" not in code
         want = ref(x[:rows], 2 * y[:rows].double() - x[:rows].double()) if op == "pair" else ref(x[:rows], y[:rows])
-        assert_rows(torch.stack([s.double().sum() for s in sums]), want)
+        assert_rows(sums.double().sum(1), want)
     assert found["with"] == (op != "pair"), found
     if op == "sum":
         assert not found["without"], "the pass is no longer needed: simplify inductor_stats"
@@ -121,7 +127,7 @@ class _ScaleByStats(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         (h,) = ctx.saved_tensors
-        (s,), stats = torch.ops.simigrad.split_stats_sum([g.contiguous()], [h])
+        (s,), stats = torch.ops.simigrad_test.split_stats_sum([g.contiguous()], [h])
         return s * stats.sum(), None
 
 
@@ -129,6 +135,8 @@ class _ScaleByStats(torch.autograd.Function):
 def test_inside_a_compiled_regions_backward(backend):
     """The op runs Inductor's code there, not its Python body eagerly: the profile of the backward shows its
     compiled graph (aot_eager's backward has none of its own; Inductor's has one)."""
+    import opaque_stats  # noqa: F401 - registers torch.ops.simigrad_test
+
     x = torch.randn(N, requires_grad=True)
     h, w = randn(N, N, seed=3)
     torch._dynamo.reset()
@@ -149,7 +157,8 @@ def test_a_failed_compile_is_logged_and_counted(monkeypatch, caplog):
     def broken(op, *dtypes):
         raise RuntimeError("no C++ compiler (simulated)")
 
-    monkeypatch.setattr(inductor_stats, "compiled", broken)
+    monkeypatch.setattr(inductor_stats, "compile_body", broken)
+    monkeypatch.setattr(inductor_stats, "_kernels", {})
     monkeypatch.setattr(inductor_stats, "_broken", {})
     monkeypatch.setattr(inductor_stats, "FALLBACKS", inductor_stats.FALLBACKS.copy())
     x, y = randn(N, N)
@@ -159,3 +168,20 @@ def test_a_failed_compile_is_logged_and_counted(monkeypatch, caplog):
     assert_rows(stats[0], ref(x, y.double() - x.double()))
     assert inductor_stats.FALLBACKS[("pair", torch.float32, torch.float32)] == 2
     assert sum("no C++ compiler" in r.message for r in caplog.records) == 1
+
+
+def test_views_into_a_larger_buffer():
+    """Flat views at an offset into a bigger storage (as DDP buckets are): rows and tail are read and written at
+    the view's offset, and nothing outside it changes."""
+    x, y = randn(3 * N, 2 * N, seed=4)
+    xv, yv = x[17 : 17 + N], y[5 : 5 + N]
+    before = x.clone()
+    (g,), stats = inductor_stats.split_stats_sum([xv], [yv])
+    assert torch.equal(g, xv + yv)
+    assert_rows(stats[0], ref(xv, yv))
+    assert_rows(inductor_stats.pair_stats([xv.bfloat16()], [yv], 2.0, -1.0)[0],
+                ref(xv.bfloat16(), 2 * yv.double() - xv.bfloat16().double()))
+    mean, stats = inductor_stats.shard_stats_mean(xv, yv, out=xv)
+    assert torch.equal(mean, (before[17 : 17 + N] + yv) * 0.5) and mean.data_ptr() == xv.data_ptr()
+    assert_rows(stats[0], ref(before[17 : 17 + N], yv))
+    assert torch.equal(x[:17], before[:17]) and torch.equal(x[17 + N :], before[17 + N :])

@@ -42,7 +42,7 @@ _KERNEL: Optional[Callable] = None
 def _shard_stats_mean() -> Callable:
     global _KERNEL
     if _KERNEL is None:
-        from ..kernels import shard_stats_mean  # imported on first use: registers custom ops
+        from ..kernels import shard_stats_mean  # imported on first use
 
         _KERNEL = shard_stats_mean
     return _KERNEL

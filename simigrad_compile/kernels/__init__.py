@@ -1,7 +1,6 @@
 """Fused split-group statistics: ``(d, a, b) = (x.y, |x|^2, |y|^2)`` in fp32, plus the sum or mean written once.
 
-Importing this package registers the custom ops ``torch.ops.simigrad.split_stats_sum`` and
-``torch.ops.simigrad.pair_stats``. It imports without triton; the Triton launchers live in ``triton_stats`` (CUDA),
+It imports without triton; the Triton launchers live in ``triton_stats`` (CUDA),
 the Inductor-generated CPU loops in ``inductor_stats``, the torch-op path in ``torch_stats``.
 """
 

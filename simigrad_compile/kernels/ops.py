@@ -1,8 +1,9 @@
-"""The statistics ops the rest of the code calls: ``torch.library`` custom ops (+ fakes) and eager functions.
+"""The statistics ops the rest of the code calls (eager functions).
 
 Dispatch by device: Triton launchers on CUDA, Inductor-generated loops on CPU (``inductor_stats``, which hands
-tensors of at most 4096 elements to the torch-op path ``torch_stats``). The custom ops stay opaque in Inductor
-graphs. ``shard_stats_mean`` is eager only (the DDP comm hook calls it on flat shards).
+tensors of at most ``inductor_stats.SMALL`` elements to the torch-op path ``torch_stats``). Compiled graphs reach
+``split_stats_sum`` through the opaque ``simigrad::split_grads`` op (``compile/ops.py``); ``pair_stats`` and
+``shard_stats_mean`` are called eagerly (statistics readers, the DDP comm hook on flat shards).
 """
 
 from __future__ import annotations
@@ -36,32 +37,9 @@ def _path(device_type: str):
     raise NotImplementedError(f"simigrad kernels: no implementation for device {device_type!r} (cpu, cuda)")
 
 
-@torch.library.custom_op("simigrad::split_stats_sum", mutates_args=())
-def _split_stats_sum_op(g1: list[Tensor], g2: list[Tensor]) -> tuple[list[Tensor], Tensor]:
-    return split_stats_sum(g1, g2)
-
-
-@_split_stats_sum_op.register_fake
-def _(g1: list[Tensor], g2: list[Tensor]) -> tuple[list[Tensor], Tensor]:
-    torch_stats.check_pairs("split_stats_sum", g1, g2)
-    out = [torch.empty_like(x, memory_format=torch.contiguous_format) for x in g1]
-    return out, torch.empty(len(g1), 3, dtype=torch.float32, device=g1[0].device if g1 else "cpu")
-
-
-@torch.library.custom_op("simigrad::pair_stats", mutates_args=())
-def _pair_stats_op(own: list[Tensor], total: list[Tensor], alpha: float, beta: float) -> Tensor:
-    return pair_stats(own, total, alpha, beta)
-
-
-@_pair_stats_op.register_fake
-def _(own: list[Tensor], total: list[Tensor], alpha: float, beta: float) -> Tensor:
-    torch_stats.check_pairs("pair_stats", own, total, same_dtype=False)
-    return torch.empty(len(own), 3, dtype=torch.float32, device=own[0].device if own else "cpu")
-
-
 def split_stats_sum(g1: list[Tensor], g2: list[Tensor]) -> tuple[list[Tensor], Tensor]:
     """``g[i] = g1[i] + g2[i]`` (dtype and shape of ``g1[i]``); stats ``[n, 3]`` fp32 rows
-    ``(g1.g2, |g1|^2, |g2|^2)``. Graphs call ``torch.ops.simigrad.split_stats_sum`` (same semantics)."""
+    ``(g1.g2, |g1|^2, |g2|^2)``."""
     if not g1 and not g2:
         return [], torch.zeros(0, 3, dtype=torch.float32)
     return _path((g1 or g2)[0].device.type).split_stats_sum(list(g1), list(g2))
