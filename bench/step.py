@@ -6,6 +6,7 @@
     python bench/step.py --profile                          # + torch.profiler top ops of one step of each
     python bench/step.py --threads 1                        # on a shared, loaded CPU box (see below)
     python bench/step.py --split-contraction separate       # only one form of the split (default: both)
+    python bench/step.py --threads 1 --clock cpu            # CPU time of the process: robust to a loaded box
 
 Model: token embedding + positional parameter, pre-LN blocks (LayerNorm, causal attention through
 ``F.scaled_dot_product_attention(is_causal=True)``, GELU MLP), final LayerNorm, head tied to the embedding, mean
@@ -22,7 +23,8 @@ Per (batch, seq) point:
            runs both models, the order alternating between repeats;
   read     ``gradient_stats(model, reset=True)`` right after each simigrad step (syncs with the device; timed
            apart from the step, also reported as step+read).
-Reported: medians with min/max, the ratio simigrad/inductor of the medians (and of the minima, in brackets).
+Reported: medians with min/max, the ratio simigrad/inductor of the medians (of the minima in brackets, the median of
+the per-repeat ratios in braces), and the median per-repeat ratio of the two forms.
 Goal: ratio <= 1.05. Inductor's cache lives in TORCHINDUCTOR_CACHE_DIR (default: a folder under the temp dir),
 so reruns compile faster; set it to an empty folder to measure a cold compile.
 
@@ -55,6 +57,7 @@ from common import hardware, summarise, versions  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 FORMS = ("separate", "accumulate")
+CLOCK = [time.perf_counter]
 GOAL = 1.05
 
 
@@ -114,18 +117,23 @@ def flat_grads(model: nn.Module) -> torch.Tensor:
 def step(compiled, model: nn.Module, idx: torch.Tensor, tgt: torch.Tensor, sync) -> tuple[float, torch.Tensor]:
     model.zero_grad(set_to_none=True)
     sync()
-    start = time.perf_counter()
+    start = CLOCK[0]()
     loss = compiled(idx, tgt)
     loss.backward()
     sync()
-    return time.perf_counter() - start, loss.detach()
+    return CLOCK[0]() - start, loss.detach()
+
+
+def paired(times: list, base: list) -> float:
+    """Median of the per-repeat ratios (both ran in the same repeat, next to each other)."""
+    return statistics.median(t / b for t, b in zip(times, base))
 
 
 def read_stats(model: nn.Module, sync) -> tuple[float, simigrad_compile.SplitStats]:
     sync()
-    start = time.perf_counter()
+    start = CLOCK[0]()
     stats = simigrad_compile.gradient_stats(model, reset=True)
-    return time.perf_counter() - start, stats
+    return CLOCK[0]() - start, stats
 
 
 def check(models: dict, losses: dict, stats: simigrad_compile.SplitStats, name: str) -> dict:
@@ -239,6 +247,7 @@ def run_point(args, batch: int, seq: int, sync) -> dict:
     ind = steps["inductor"]
     forms = {name.split(":")[1]: {
         "ratio": steps[name]["median_s"] / ind["median_s"], "ratio_min": steps[name]["min_s"] / ind["min_s"],
+        "ratio_paired": paired(times[name], times["inductor"]),
         "ratio_with_read": statistics.median(with_read[name]) / ind["median_s"],
         "stats_read": summarise(reads[name]), "step_plus_read": summarise(with_read[name]), "sanity": sanity[name],
     } for name in sims}
@@ -248,15 +257,19 @@ def run_point(args, batch: int, seq: int, sync) -> dict:
         "tokens_per_s": {name: batch * seq / s["median_s"] for name, s in steps.items()},
         "times_s": times, "stats_read_times_s": reads,
     }
+    if len(sims) == 2:
+        row["paired_ratio_of_forms"] = {f"{sims[1]}/{sims[0]}": paired(times[sims[1]], times[sims[0]])}
     for form in forms:
         print(format_row(row, form), flush=True)
+    for pair, value in row.get("paired_ratio_of_forms", {}).items():
+        print(f"   median over repeats of {pair}: {value:.3f}", flush=True)
     if args.profile:
         row["profile"] = profile(compiled, models, idx, tgt, device)
     return row
 
 
 HEADER = (f"{'batch':>5}{'seq':>5}{'params':>9}{'form':>11}{'compile ind/sim s':>19}"
-          f"{'inductor ms (min-max)':>25}{'simigrad ms (min-max)':>25}{'ratio [min]':>14}"
+          f"{'inductor ms (min-max)':>25}{'simigrad ms (min-max)':>25}{'ratio [min] {paired}':>22}"
           f"{'read ms':>9}{'+read':>7}{'grad err':>10}{'cos':>8}")
 
 
@@ -269,7 +282,7 @@ def format_row(r: dict, form: str) -> str:
     compile_s = f"{c['inductor']['first_step_s']:.1f}/{c[sim]['first_step_s']:.1f}"
     flag = "" if f["ratio"] <= GOAL else "  > goal"
     return (f"{r['batch']:>5}{r['seq']:>5}{r['params'] / 1e6:>8.2f}M{form:>11}{compile_s:>19}{ms('inductor'):>25}"
-            f"{ms(sim):>25}{f['ratio']:>7.3f} [{f['ratio_min']:.3f}]"
+            f"{ms(sim):>25}{f['ratio']:>7.3f} [{f['ratio_min']:.3f}] {{{f['ratio_paired']:.3f}}}"
             f"{f['stats_read']['median_s'] * 1e3:>9.2f}{f['ratio_with_read']:>7.3f}"
             f"{f['sanity']['grad_rel_err']:>10.1e}{f['sanity']['stats']['cosine']:>8.3f}{flag}")
 
@@ -289,6 +302,9 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="torch.profiler top ops of each model")
     parser.add_argument("--split-contraction", dest="forms", default=",".join(FORMS),
                         help="comma-separated split_contraction forms, one simigrad model each (first: 'ratio')")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="cpu: time.process_time (with --threads 1, the time the step ran, not the time it waited "
+                             "for a core on an oversubscribed box)")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/step_<device>.json)")
     args = parser.parse_args()
     args.forms = [f for f in args.forms.split(",") if f]
@@ -296,6 +312,8 @@ def main() -> None:
         parser.error(f"--split-contraction: a comma-separated list of {', '.join(FORMS)}")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.clock == "cpu":
+        CLOCK[0] = time.process_time
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     config["inductor_cache_dir"] = os.environ["TORCHINDUCTOR_CACHE_DIR"]

@@ -70,8 +70,8 @@ class SimigradConfig:
     ``accumulate``: the second half's product is written into the first's, ``addmm(g1, x2^T, dy2)``; the
     statistics come from ``(g1, g)`` with ``g2 = g - g1`` per element, which costs ``|g2|^2`` a relative error
     of about ``2 eps |g1|/|g2|`` (``eps`` of fp32), so only fp32/fp64 ``mm`` contractions accumulate (sums, conv
-    weights, embeddings and low-precision products stay separate). ``auto``: ``separate`` (measured faster on
-    CPU, see ``bench/step.py --split-contraction``)."""
+    weights, embeddings and low-precision products stay separate). ``auto``: ``accumulate`` on CPU (measured
+    faster there: ``bench/step.py`` times both forms), ``separate`` on GPU (not measured yet)."""
 
     stats_bucket_mb: float = 32.0
     """Largest extra gradient memory (MiB) that one fused statistics launch may hold live: the split pass

@@ -227,7 +227,8 @@ def _rewritten(monkeypatch, model, x, **options):
 def test_rewritten_graph_op_counts(monkeypatch, stats_sum):
     """Each weight-gradient mm and bias sum becomes two half-batch ops; none contracts the full batch."""
     aten, model = torch.ops.aten, MLP()
-    before, after, graph = _rewritten(monkeypatch, model, torch.randn(8, 12), stats_sum=stats_sum)
+    before, after, graph = _rewritten(monkeypatch, model, torch.randn(8, 12), stats_sum=stats_sum,
+                                      split_contraction="separate")
     assert after[aten.mm.default] == before[aten.mm.default] + 3
     assert after[aten.sum.dim_IntList] == before[aten.sum.dim_IntList] + 3
     fused = after[torch.ops.simigrad.split_grads.default]

@@ -34,7 +34,7 @@ class RegionPlan:
     bucket_bytes: int
     disabled: Tuple[str, ...] = ()
     stats_sum: str = "auto"
-    split_contraction: str = "separate"
+    split_contraction: str = "auto"
 
     def key(self) -> str:
         return repr((self.roles, self.mode, self.bucket_bytes, self.disabled, self.stats_sum, self.split_contraction))
@@ -99,4 +99,4 @@ def plan_region(gm: torch.fx.GraphModule, example_inputs: Sequence, config: Simi
             roles.append(InputRole("other", node.name))
     return RegionPlan(tuple(roles), mode, int(config.stats_bucket_mb * 2**20), tuple(config.disabled_passes),
                       config.stats_sum,
-                      "separate" if config.split_contraction == "auto" else config.split_contraction)
+                      config.split_contraction)

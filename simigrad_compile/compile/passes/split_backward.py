@@ -120,16 +120,17 @@ class SplitBackwardPass:
         self.fake_mode, self.graph = self.prop.fake_mode, graph
         self.halves: Tuple[Dict, Dict] = ({}, {})
         self.created, self.original_outputs = [], output.args
-        accumulated = combine.Accumulated(self)
+        on_cpu = bool(wanted) and wanted[0][2].meta["val"].device.type == "cpu"
+        form = self.plan.split_contraction
+        accumulated, accumulate = combine.Accumulated(self), form == "accumulate" or (form == "auto" and on_cpu)
         pairs = []
         for index, name, grad in wanted:
-            if self.plan.split_contraction == "accumulate" and combine.accumulates(self, grad):
+            if accumulate and combine.accumulates(self, grad):
                 pairs.append(combine.Pair(index, grad, self._emit(grad, 0), total=accumulated(grad)))
             else:
                 pairs.append(combine.Pair(index, grad, self._emit(grad, 0), self._emit(grad, 1)))
         self._validate()
         outs = list(outs)
-        on_cpu = pairs and pairs[0].grad.meta["val"].device.type == "cpu"
         if self.plan.stats_sum == "graph" or (self.plan.stats_sum == "auto" and on_cpu):
             launches = combine.in_graph(self, graph, output, pairs, outs, slots)
         else:
