@@ -77,13 +77,15 @@ class Accumulated:
 
 
 def _later(a: fx.Node, b: fx.Node) -> fx.Node:
-    """The later of two nodes of one graph (the split pass places a contraction's halves side by side)."""
-    node = a
-    while node.op != "output":
-        if node is b:
+    """The later of two nodes of one graph, found by walking forward from both at once (the split pass places a
+    contraction's halves side by side, so this stops after a few steps)."""
+    x, y = a, b
+    while True:
+        if x is b or y.op == "output":
             return b
-        node = node.next
-    return a
+        if y is a or x.op == "output":
+            return a
+        x, y = x.next, y.next
 
 
 def in_graph(split, graph: fx.Graph, output: fx.Node, pairs, outs, slots) -> str:
