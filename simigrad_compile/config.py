@@ -68,10 +68,11 @@ class SimigradConfig:
     """How the split pass forms the two halves of a weight gradient's matrix product. ``separate``: each half
     contracts into its own tensor, and a fused pass writes ``g = g1 + g2`` while it sums the statistics.
     ``accumulate``: the second half's product is written into the first's, ``addmm(g1, x2^T, dy2)``; the
-    statistics come from ``(g1, g)`` with ``g2 = g - g1`` per element, which costs ``|g2|^2`` a relative error
-    of about ``2 eps |g1|/|g2|`` (``eps`` of fp32), so only fp32/fp64 ``mm`` contractions accumulate (sums, conv
-    weights, embeddings and low-precision products stay separate). ``auto``: ``accumulate`` on CPU (measured
-    faster there: ``bench/step.py`` times both forms), ``separate`` on GPU (not measured yet)."""
+    statistics come from ``(g1, g)`` with ``g2 = g - g1`` per element (the rounding of ``g`` costs the cosine
+    below 2e-6 while ``|g2| >= 1e-4 |g1|``, see :mod:`~simigrad_compile.compile.passes.combine_halves`), so only
+    fp32/fp64 ``mm`` contractions accumulate (sums, conv weights, embeddings and low-precision products stay
+    separate). ``auto``: ``accumulate`` on CPU (measured 0.5-1.3% faster per step there; ``bench/step.py`` times
+    both forms), ``separate`` on GPU (not measured yet)."""
 
     stats_bucket_mb: float = 32.0
     """Largest extra gradient memory (MiB) that one fused statistics launch may hold live: the split pass

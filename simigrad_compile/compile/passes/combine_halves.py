@@ -9,9 +9,11 @@ Two forms (option ``split_contraction``):
 ``accumulate``: the second half's ``mm`` writes into the first's, ``c = addmm(c1, x2^T, dy2)`` (BLAS
 ``beta=1``), so no sum pass remains; ``g`` is the parameter's linear map replayed on ``c``. The statistics come
 from ``(g1, g)`` in one pass with ``g2 = g - g1`` per element in fp32 (the pair kernel's form,
-``simigrad::pair_stats(g1, g, 1, -1)`` on GPU). ``g`` is rounded once, so the recovered ``g2`` carries an
-absolute error of about ``eps * |g|``: ``|g2|^2`` has a relative error of about ``2 eps |g1| / |g2|``. That is
-why only ``mm`` contractions in fp32 or fp64 accumulate; a parameter with any other contraction (a bf16/fp16
+``simigrad::pair_stats(g1, g, 1, -1)`` on GPU). ``g`` is rounded once, so each recovered element of ``g2``
+carries an error of up to ``eps |g_i|``; over n elements ``|g2|^2`` is off by about ``2 eps r / sqrt(n) +
+(eps r)^2`` relative, ``r = |g1| / |g2|``. Measured in fp32 against fp64 halves (256x1024): cosine error below
+2e-6 down to ``r = 1e4``, 1.5e-3 relative error in ``|g2|^2`` at ``r = 1e6``. In bf16 the same ``eps`` is 2^-8,
+so only ``mm`` contractions in fp32 or fp64 accumulate; a parameter with any other contraction (a bf16/fp16
 ``mm``, a sum over batch dims, a conv weight, an embedding's ``index_put``) keeps the separate form.
 """
 
