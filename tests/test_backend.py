@@ -259,6 +259,24 @@ def test_accumulated_graph_op_counts(monkeypatch, stats_sum):
         assert after[torch.ops.simigrad.pair_stats.default] == 1 and after[torch.ops.simigrad.split_grads.default] == 1
 
 
+def test_accumulated_kernel_form_on_the_triton_path(monkeypatch):
+    """The GPU form of ``split_contraction="accumulate"``: the compiled graph's ``simigrad::pair_stats`` (weights)
+    and ``split_grads`` (biases) run the Triton kernels (under TRITON_INTERPRET=1 on CPU)."""
+    triton_stats = pytest.importorskip("simigrad_compile.kernels.triton_stats")
+    if not triton_stats.INTERPRET:
+        pytest.skip("Triton on CPU needs TRITON_INTERPRET=1")
+    from simigrad_compile.kernels import ops as kernel_ops
+
+    calls = []
+    monkeypatch.setattr(kernel_ops, "_path", lambda device: calls.append(device) or triton_stats)
+    torch.manual_seed(3)
+    model, x, y = MLP(), torch.randn(8, 12), torch.randn(8, 5)
+    loss_of = lambda m, rows: F.mse_loss(m(x[rows]), y[rows])  # noqa: E731
+    compiled = _compile(model, stats_sum="kernel", split_contraction="accumulate")
+    _check(model, compiled, loss_of, lambda c: F.mse_loss(c(x), y), 8)
+    assert len(calls) >= 2
+
+
 def test_low_precision_products_keep_separate_halves(monkeypatch):
     """bf16 weight products do not accumulate: ``g - g1`` would carry bf16's rounding of ``g``."""
     aten, model = torch.ops.aten, MLP().bfloat16()
