@@ -5,10 +5,15 @@
     python bench/step.py --device cuda --batch 32 --seq 512 --d-model 512 --layers 8
     python bench/step.py --profile                          # + torch.profiler top ops of one step of each
     python bench/step.py --threads 1                        # on a shared, loaded CPU box (see below)
+    python bench/step.py --split-contraction separate       # only one form of the split (default: both)
+    python bench/step.py --threads 1 --clock cpu            # CPU time of the process: robust to a loaded box
 
 Model: token embedding + positional parameter, pre-LN blocks (LayerNorm, causal attention through
 ``F.scaled_dot_product_attention(is_causal=True)``, GELU MLP), final LayerNorm, head tied to the embedding, mean
 cross-entropy computed inside the model. Both compiled models start from one ``copy.deepcopy`` of the same init.
+
+One simigrad model per ``--split-contraction`` form (``separate``: g1, g2 and a fused sum pass; ``accumulate``:
+``addmm`` of the second half into the first, statistics from (g1, g)), all timed against the same inductor model.
 
 Per (batch, seq) point:
   compile  the first forward+backward of each model (Dynamo + AOT + Inductor, FX-graph cache hits/misses counted);
@@ -18,7 +23,8 @@ Per (batch, seq) point:
            runs both models, the order alternating between repeats;
   read     ``gradient_stats(model, reset=True)`` right after each simigrad step (syncs with the device; timed
            apart from the step, also reported as step+read).
-Reported: medians with min/max, the ratio simigrad/inductor of the medians (and of the minima, in brackets).
+Reported: medians with min/max, the ratio simigrad/inductor of the medians (of the minima in brackets, the median of
+the per-repeat ratios in braces), and the median per-repeat ratio of the two forms.
 Goal: ratio <= 1.05. Inductor's cache lives in TORCHINDUCTOR_CACHE_DIR (default: a folder under the temp dir),
 so reruns compile faster; set it to an empty folder to measure a cold compile.
 
@@ -50,7 +56,8 @@ import simigrad_compile  # noqa: E402
 from common import hardware, summarise, versions  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
-BACKENDS = ("inductor", "simigrad")
+FORMS = ("separate", "accumulate")
+CLOCK = [time.perf_counter]
 GOAL = 1.05
 
 
@@ -110,25 +117,30 @@ def flat_grads(model: nn.Module) -> torch.Tensor:
 def step(compiled, model: nn.Module, idx: torch.Tensor, tgt: torch.Tensor, sync) -> tuple[float, torch.Tensor]:
     model.zero_grad(set_to_none=True)
     sync()
-    start = time.perf_counter()
+    start = CLOCK[0]()
     loss = compiled(idx, tgt)
     loss.backward()
     sync()
-    return time.perf_counter() - start, loss.detach()
+    return CLOCK[0]() - start, loss.detach()
+
+
+def paired(times: list, base: list) -> float:
+    """Median of the per-repeat ratios (both ran in the same repeat, next to each other)."""
+    return statistics.median(t / b for t, b in zip(times, base))
 
 
 def read_stats(model: nn.Module, sync) -> tuple[float, simigrad_compile.SplitStats]:
     sync()
-    start = time.perf_counter()
+    start = CLOCK[0]()
     stats = simigrad_compile.gradient_stats(model, reset=True)
-    return time.perf_counter() - start, stats
+    return CLOCK[0]() - start, stats
 
 
-def check(models: dict, losses: dict, stats: simigrad_compile.SplitStats) -> dict:
+def check(models: dict, losses: dict, stats: simigrad_compile.SplitStats, name: str) -> dict:
     """Same loss and gradients from both backends; simigrad statistics finite and adding up to |g|^2."""
-    g_ind, g_sim = flat_grads(models["inductor"]), flat_grads(models["simigrad"])
+    g_ind, g_sim = flat_grads(models["inductor"]), flat_grads(models[name])
     grad_err = ((g_sim - g_ind).norm() / g_ind.norm()).item()
-    loss_err = abs(losses["simigrad"].item() - losses["inductor"].item()) / abs(losses["inductor"].item())
+    loss_err = abs(losses[name].item() - losses["inductor"].item()) / abs(losses["inductor"].item())
     g2 = float(g_sim.double().pow(2).sum())
     halves = stats.sq_norm_1 + stats.sq_norm_2 + 2 * stats.dot
     result = {
@@ -151,7 +163,7 @@ def check(models: dict, losses: dict, stats: simigrad_compile.SplitStats) -> dic
     if not result["halves_sum_rel_err"] < 1e-3:
         problems.append(f"a + b + 2d = {halves:.6g} but |g|^2 = {g2:.6g}")
     if problems:
-        raise AssertionError("sanity check failed: " + "; ".join(problems))
+        raise AssertionError(f"sanity check of {name} failed: " + "; ".join(problems))
     return result
 
 
@@ -163,25 +175,27 @@ def profile(compiled: dict, models: dict, idx, tgt, device: str, rows: int = 15)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     key = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
     tables = {}
-    for name in BACKENDS:
+    for name in compiled:
         for _ in range(2):
             step(compiled[name], models[name], idx, tgt, sync)
         with tprofile(activities=activities) as prof:
             for _ in range(3):
                 step(compiled[name], models[name], idx, tgt, sync)
-        if name == "simigrad":
+        if name != "inductor":
             simigrad_compile.gradient_stats(models[name], reset=True)
         tables[name] = {e.key: getattr(e, key) / 3 / 1e3 for e in prof.key_averages()}  # ms per step
         print(f"\n-- profile {name}: top {rows} ops by self time (ms per step)")
         for op, ms in sorted(tables[name].items(), key=lambda kv: -kv[1])[:rows]:
             print(f"   {ms:9.3f}  {op}")
-    ops = set(tables["inductor"]) | set(tables["simigrad"])
-    diff = {op: tables["simigrad"].get(op, 0.0) - tables["inductor"].get(op, 0.0) for op in ops}
-    top = sorted(diff.items(), key=lambda kv: -abs(kv[1]))[:rows]
-    print(f"\n-- profile simigrad - inductor: top {rows} differences (ms per step)")
-    for op, ms in top:
-        print(f"   {ms:+9.3f}  {op}")
-    return {"ms_per_step": tables, "top_differences_ms": dict(top)}
+    tops = {}
+    for name in [n for n in compiled if n != "inductor"]:
+        ops = set(tables["inductor"]) | set(tables[name])
+        diff = {op: tables[name].get(op, 0.0) - tables["inductor"].get(op, 0.0) for op in ops}
+        tops[name] = dict(sorted(diff.items(), key=lambda kv: -abs(kv[1]))[:rows])
+        print(f"\n-- profile {name} - inductor: top {rows} differences (ms per step)")
+        for op, ms in tops[name].items():
+            print(f"   {ms:+9.3f}  {op}")
+    return {"ms_per_step": tables, "top_differences_ms": tops}
 
 
 def run_point(args, batch: int, seq: int, sync) -> dict:
@@ -190,75 +204,87 @@ def run_point(args, batch: int, seq: int, sync) -> dict:
     heads = args.heads or max(1, args.d_model // 64)
     base = GPT(args.vocab, args.d_model, args.layers, heads, seq)
     n_params = sum(p.numel() for p in base.parameters())
-    models = {name: copy.deepcopy(base).to(device) for name in BACKENDS}
+    options = {"inductor": None, **{f"simigrad:{f}": {"split_contraction": f} for f in args.forms}}
+    models = {name: copy.deepcopy(base).to(device) for name in options}
     gen = torch.Generator().manual_seed(1)
     idx = torch.randint(0, args.vocab, (batch, seq), generator=gen).to(device)
     tgt = torch.randint(0, args.vocab, (batch, seq), generator=gen).to(device)
 
     torch._dynamo.reset()
     compiled, compile_info, losses = {}, {}, {}
-    for name in BACKENDS:
-        compiled[name] = torch.compile(models[name], backend=name, dynamic=False)
+    for name, opts in options.items():
+        compiled[name] = torch.compile(models[name], backend=name.split(":")[0], dynamic=False, options=opts)
         hit0, miss0 = fxgraph_counters()
         seconds, losses[name] = step(compiled[name], models[name], idx, tgt, sync)
         hit1, miss1 = fxgraph_counters()
         compile_info[name] = {"first_step_s": seconds, "fxgraph_cache_hits": hit1 - hit0,
                               "fxgraph_cache_misses": miss1 - miss0}
-    _, stats = read_stats(models["simigrad"], sync)
-    sanity = check(models, losses, stats)
+    sims = [name for name in options if name != "inductor"]
+    sanity = {name: check(models, losses, read_stats(models[name], sync)[1], name) for name in sims}
 
     for _ in range(args.warmup):
-        for name in BACKENDS:
+        for name in options:
             step(compiled[name], models[name], idx, tgt, sync)
-    simigrad_compile.gradient_stats(models["simigrad"], reset=True)
+    for name in sims:
+        simigrad_compile.gradient_stats(models[name], reset=True)
 
-    times = {name: [] for name in BACKENDS}
-    reads, with_read = [], []
+    names = list(options)
+    times = {name: [] for name in names}
+    reads, with_read = {name: [] for name in sims}, {name: [] for name in sims}
     for r in range(args.repeats):
-        for name in (BACKENDS if r % 2 == 0 else BACKENDS[::-1]):
+        k = r % len(names)
+        for name in (names[k:] + names[:k])[:: 1 if r % 2 == 0 else -1]:
             seconds, _ = step(compiled[name], models[name], idx, tgt, sync)
             times[name].append(seconds)
-            if name == "simigrad":
+            if name != "inductor":
                 read_s, stats = read_stats(models[name], sync)
                 if not stats.finite:
-                    raise AssertionError(f"statistics not finite at repeat {r}: {stats}")
-                reads.append(read_s)
-                with_read.append(seconds + read_s)
+                    raise AssertionError(f"statistics of {name} not finite at repeat {r}: {stats}")
+                reads[name].append(read_s)
+                with_read[name].append(seconds + read_s)
 
     steps = {name: summarise(t) for name, t in times.items()}
-    ind, sim = steps["inductor"], steps["simigrad"]
+    ind = steps["inductor"]
+    forms = {name.split(":")[1]: {
+        "ratio": steps[name]["median_s"] / ind["median_s"], "ratio_min": steps[name]["min_s"] / ind["min_s"],
+        "ratio_paired": paired(times[name], times["inductor"]),
+        "ratio_with_read": statistics.median(with_read[name]) / ind["median_s"],
+        "stats_read": summarise(reads[name]), "step_plus_read": summarise(with_read[name]), "sanity": sanity[name],
+    } for name in sims}
     row = {
         "batch": batch, "seq": seq, "tokens": batch * seq, "params": n_params, "heads": heads,
-        "compile": compile_info, "sanity": sanity, "step": steps,
-        "stats_read": summarise(reads), "simigrad_step_plus_read": summarise(with_read),
-        "ratio": sim["median_s"] / ind["median_s"], "ratio_min": sim["min_s"] / ind["min_s"],
-        "ratio_with_read": statistics.median(with_read) / ind["median_s"],
+        "compile": compile_info, "step": steps, "forms": forms, "ratio": forms[args.forms[0]]["ratio"],
         "tokens_per_s": {name: batch * seq / s["median_s"] for name, s in steps.items()},
         "times_s": times, "stats_read_times_s": reads,
     }
-    print(format_row(row), flush=True)
+    if len(sims) == 2:
+        row["paired_ratio_of_forms"] = {f"{sims[1]}/{sims[0]}": paired(times[sims[1]], times[sims[0]])}
+    for form in forms:
+        print(format_row(row, form), flush=True)
+    for pair, value in row.get("paired_ratio_of_forms", {}).items():
+        print(f"   median over repeats of {pair}: {value:.3f}", flush=True)
     if args.profile:
         row["profile"] = profile(compiled, models, idx, tgt, device)
     return row
 
 
-HEADER = (f"{'batch':>5}{'seq':>5}{'params':>9}{'compile ind/sim s':>19}"
-          f"{'inductor ms (min-max)':>25}{'simigrad ms (min-max)':>25}{'ratio [min]':>14}"
+HEADER = (f"{'batch':>5}{'seq':>5}{'params':>9}{'form':>11}{'compile ind/sim s':>19}"
+          f"{'inductor ms (min-max)':>25}{'simigrad ms (min-max)':>25}{'ratio [min] {paired}':>22}"
           f"{'read ms':>9}{'+read':>7}{'grad err':>10}{'cos':>8}")
 
 
-def format_row(r: dict) -> str:
-    s, c = r["step"], r["compile"]
+def format_row(r: dict, form: str) -> str:
+    s, c, f, sim = r["step"], r["compile"], r["forms"][form], f"simigrad:{form}"
 
     def ms(k):
         return f"{s[k]['median_s'] * 1e3:.1f} ({s[k]['min_s'] * 1e3:.1f}-{s[k]['max_s'] * 1e3:.1f})"
 
-    compile_s = f"{c['inductor']['first_step_s']:.1f}/{c['simigrad']['first_step_s']:.1f}"
-    flag = "" if r["ratio"] <= GOAL else "  > goal"
-    return (f"{r['batch']:>5}{r['seq']:>5}{r['params'] / 1e6:>8.2f}M{compile_s:>19}{ms('inductor'):>25}"
-            f"{ms('simigrad'):>25}{r['ratio']:>7.3f} [{r['ratio_min']:.3f}]"
-            f"{r['stats_read']['median_s'] * 1e3:>9.2f}{r['ratio_with_read']:>7.3f}"
-            f"{r['sanity']['grad_rel_err']:>10.1e}{r['sanity']['stats']['cosine']:>8.3f}{flag}")
+    compile_s = f"{c['inductor']['first_step_s']:.1f}/{c[sim]['first_step_s']:.1f}"
+    flag = "" if f["ratio"] <= GOAL else "  > goal"
+    return (f"{r['batch']:>5}{r['seq']:>5}{r['params'] / 1e6:>8.2f}M{form:>11}{compile_s:>19}{ms('inductor'):>25}"
+            f"{ms(sim):>25}{f['ratio']:>7.3f} [{f['ratio_min']:.3f}] {{{f['ratio_paired']:.3f}}}"
+            f"{f['stats_read']['median_s'] * 1e3:>9.2f}{f['ratio_with_read']:>7.3f}"
+            f"{f['sanity']['grad_rel_err']:>10.1e}{f['sanity']['stats']['cosine']:>8.3f}{flag}")
 
 
 def main() -> None:
@@ -274,10 +300,20 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--profile", action="store_true", help="torch.profiler top ops of each model")
+    parser.add_argument("--split-contraction", dest="forms", default=",".join(FORMS),
+                        help="comma-separated split_contraction forms, one simigrad model each (first: 'ratio')")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="cpu: time.process_time (with --threads 1, the time the step ran, not the time it waited "
+                             "for a core on an oversubscribed box)")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/step_<device>.json)")
     args = parser.parse_args()
+    args.forms = [f for f in args.forms.split(",") if f]
+    if not args.forms or set(args.forms) - set(FORMS):
+        parser.error(f"--split-contraction: a comma-separated list of {', '.join(FORMS)}")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.clock == "cpu":
+        CLOCK[0] = time.process_time
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     config["inductor_cache_dir"] = os.environ["TORCHINDUCTOR_CACHE_DIR"]

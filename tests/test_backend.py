@@ -99,13 +99,14 @@ def test_graph_break_regions_add_up():
     assert stats.finite
 
 
-@pytest.mark.parametrize("stats_sum", ["auto", "kernel"])
-def test_inductor_transformer_and_per_parameter_breakdown(stats_sum):
+@pytest.mark.parametrize("stats_sum,split_contraction", [("auto", "auto"), ("kernel", "auto"), ("auto", "accumulate")])
+def test_inductor_transformer_and_per_parameter_breakdown(stats_sum, split_contraction):
     torch.manual_seed(5)
     model = TinyGPT()
     idx, tgt = torch.randint(0, 40, (4, 8)), torch.randint(0, 40, (4, 8))
     torch._dynamo.reset()
-    compiled = torch.compile(model, backend="simigrad", options={"stats_sum": stats_sum})
+    compiled = torch.compile(model, backend="simigrad",
+                             options={"stats_sum": stats_sum, "split_contraction": split_contraction})
     loss_of = lambda m, rows: m(idx[rows], tgt[rows])  # noqa: E731
     _check(model, compiled, loss_of, lambda c: c(idx, tgt), 4)
     compiled(idx, tgt).backward()
@@ -203,14 +204,13 @@ def test_bad_option_names_key_and_valid_ones():
         _compile(MLP(), group_mode="halves")(torch.randn(2, 12))
 
 
-@pytest.mark.parametrize("stats_sum", ["kernel", "graph"])
-def test_rewritten_graph_op_counts(monkeypatch, stats_sum):
-    """Each weight-gradient mm and bias sum becomes two half-batch ops; none contracts the full batch."""
+def _rewritten(monkeypatch, model, x, **options):
+    """The backward graph's op counts before and after the pass, and the rewritten graph."""
     from collections import Counter
 
     from simigrad_compile.compile.passes.manager import SimigradPassManager
 
-    aten, graphs = torch.ops.aten, []
+    graphs = []
     original = SimigradPassManager.__call__
 
     def spy(self, graph):
@@ -219,9 +219,16 @@ def test_rewritten_graph_op_counts(monkeypatch, stats_sum):
         graphs.append((before, Counter(n.target for n in graph.nodes), graph))
 
     monkeypatch.setattr(SimigradPassManager, "__call__", spy)
-    model = MLP()
-    _compile(model, stats_sum=stats_sum)(torch.randn(8, 12)).sum().backward()
-    (before, after, graph) = graphs[-1]
+    _compile(model, **options)(x).sum().backward()
+    return graphs[-1]
+
+
+@pytest.mark.parametrize("stats_sum", ["kernel", "graph"])
+def test_rewritten_graph_op_counts(monkeypatch, stats_sum):
+    """Each weight-gradient mm and bias sum becomes two half-batch ops; none contracts the full batch."""
+    aten, model = torch.ops.aten, MLP()
+    before, after, graph = _rewritten(monkeypatch, model, torch.randn(8, 12), stats_sum=stats_sum,
+                                      split_contraction="separate")
     assert after[aten.mm.default] == before[aten.mm.default] + 3
     assert after[aten.sum.dim_IntList] == before[aten.sum.dim_IntList] + 3
     fused = after[torch.ops.simigrad.split_grads.default]
@@ -230,6 +237,53 @@ def test_rewritten_graph_op_counts(monkeypatch, stats_sum):
     contracted = [n.args[0].meta["val"].shape[1] for n in graph.nodes
                   if n.target is aten.mm.default and tuple(n.meta["val"].shape) in weight_shapes]
     assert sorted(contracted) == [4] * 6
+
+
+@pytest.mark.parametrize("stats_sum", ["kernel", "graph"])
+def test_accumulated_graph_op_counts(monkeypatch, stats_sum):
+    """``split_contraction="accumulate"``: each weight mm becomes a half-batch mm and an addmm of the other half
+    into it (biases keep two sums); the kernel form takes the weights' statistics from pair_stats."""
+    aten, model = torch.ops.aten, MLP()
+    before, after, graph = _rewritten(monkeypatch, model, torch.randn(8, 12), stats_sum=stats_sum,
+                                      split_contraction="accumulate")
+    assert after[aten.mm.default] == before[aten.mm.default]
+    assert after[aten.addmm.default] == before[aten.addmm.default] + 3  # the forward's linears are addmm too
+    assert after[aten.sum.dim_IntList] == before[aten.sum.dim_IntList] + 3
+    weight_shapes = {tuple(p.shape) for p in model.parameters() if p.dim() == 2}
+    weights = [n for n in graph.nodes
+               if n.target is aten.addmm.default and tuple(n.meta["val"].shape) in weight_shapes]
+    assert [n.args[0].target for n in weights] == [aten.mm.default] * 3
+    assert sorted(n.args[1].meta["val"].shape[1] for n in weights) == [4] * 3
+    assert sorted(n.args[0].args[0].meta["val"].shape[1] for n in weights) == [4] * 3
+    if stats_sum == "kernel":
+        assert after[torch.ops.simigrad.pair_stats.default] == 1 and after[torch.ops.simigrad.split_grads.default] == 1
+
+
+def test_accumulated_kernel_form_on_the_triton_path(monkeypatch):
+    """The GPU form of ``split_contraction="accumulate"``: the compiled graph's ``simigrad::pair_stats`` (weights)
+    and ``split_grads`` (biases) run the Triton kernels (under TRITON_INTERPRET=1 on CPU)."""
+    triton_stats = pytest.importorskip("simigrad_compile.kernels.triton_stats")
+    if not triton_stats.INTERPRET:
+        pytest.skip("Triton on CPU needs TRITON_INTERPRET=1")
+    from simigrad_compile.kernels import ops as kernel_ops
+
+    calls = []
+    monkeypatch.setattr(kernel_ops, "_path", lambda device: calls.append(device) or triton_stats)
+    torch.manual_seed(3)
+    model, x, y = MLP(), torch.randn(8, 12), torch.randn(8, 5)
+    loss_of = lambda m, rows: F.mse_loss(m(x[rows]), y[rows])  # noqa: E731
+    compiled = _compile(model, stats_sum="kernel", split_contraction="accumulate")
+    _check(model, compiled, loss_of, lambda c: F.mse_loss(c(x), y), 8)
+    assert len(calls) >= 2
+
+
+def test_low_precision_products_keep_separate_halves(monkeypatch):
+    """bf16 weight products do not accumulate: ``g - g1`` would carry bf16's rounding of ``g``."""
+    aten, model = torch.ops.aten, MLP().bfloat16()
+    before, after, _ = _rewritten(monkeypatch, model, torch.randn(8, 12, dtype=torch.bfloat16),
+                                  split_contraction="accumulate")
+    assert after[aten.addmm.default] == before[aten.addmm.default]
+    assert after[aten.mm.default] == before[aten.mm.default] + 3
 
 
 def test_parameters_outside_compiled_regions_are_reported(caplog):

@@ -165,7 +165,9 @@ def test_without_donated_buffers_retained_backwards_are_exact():
 def test_a_backward_that_raises_leaves_no_region_behind(monkeypatch, caplog):
     torch.manual_seed(7)
     model, other, x = MLP(), MLP(), torch.randn(6, 12)
-    compiled, compiled_other = _compile(model, stats_sum="kernel"), _compile(other, stats_sum="kernel")
+    # the separate form: its one split_grads launch is where the failure is injected, before anything records
+    options = {"stats_sum": "kernel", "split_contraction": "separate"}
+    compiled, compiled_other = _compile(model, **options), _compile(other, **options)
     compiled(x).pow(2).mean().backward()
     simigrad_compile.reset_stats(model)
     model.zero_grad()

@@ -141,6 +141,28 @@ def test_construct_splits_like_two_half_batches(name):
     check(model, inputs)
 
 
+ACCUMULATED = ["hf_padding_mask", "class_token_cat", "position_ids_repeat", "sdpa_causal", "gather", "weight_norm"]
+
+
+@pytest.mark.parametrize("stats_sum", ["graph", "kernel"])
+@pytest.mark.parametrize("name", ACCUMULATED)
+def test_accumulated_halves_split_like_two_half_batches(name, stats_sum, caplog):
+    """``split_contraction="accumulate"`` (``g = addmm(g1, x2^T, dy2)``, statistics from ``(g1, g)``): the
+    gradient against the plain ``aot_eager`` backend, the statistics against two fp64 half-batch passes."""
+    torch.manual_seed(0)
+    model, inputs = CASES[name]()
+    with caplog.at_level("INFO", logger="simigrad_compile"):
+        got, stats = compile_and_step(model, inputs, split_contraction="accumulate", stats_sum=stats_sum)
+    accumulated = [r.args[1] for r in caplog.records if "accumulated by addmm" in r.getMessage()]
+    assert accumulated and accumulated[-1] > 0, "no weight gradient took the addmm form"
+    assert_split_like_halves(got, stats, *half_gradients(model, inputs))
+    torch._dynamo.reset()
+    model.zero_grad(set_to_none=True)
+    loss_of(torch.compile(model, backend="aot_eager")(*inputs)).backward()
+    plain = flat_grads(model)
+    assert (got - plain).norm() / plain.norm() < 1e-6
+
+
 @pytest.mark.parametrize("mode", ["sum", "mean", "max"])
 def test_embedding_bag_offsets_as_the_batched_input(mode):
     """1-D indices cut into bags by offsets: the offsets carry the batch (``batch_dim={"offsets": 0, ...}``)."""

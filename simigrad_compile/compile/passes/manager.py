@@ -15,14 +15,15 @@ import torch.fx as fx
 from ...compat import CustomGraphPass
 
 from .. import ops
-from . import (batch_dims, batch_lattice, batch_probe, batch_rules, index_layout, leaf_operands, linear_gradients, plan,
-               split_backward)
+from . import (batch_dims, batch_lattice, batch_probe, batch_rules, combine_halves, index_layout, leaf_operands,
+               linear_gradients, plan, split_backward)
 from .plan import RegionPlan
 from .split_backward import SplitBackwardPass
 
 log = logging.getLogger("simigrad_compile")
-_SOURCES = "".join(inspect.getsource(m) for m in (batch_dims, batch_lattice, batch_probe, batch_rules, index_layout,
-                                                   leaf_operands, linear_gradients, plan, split_backward, ops))
+_SOURCES = "".join(inspect.getsource(m) for m in (batch_dims, batch_lattice, batch_probe, batch_rules, combine_halves,
+                                                   index_layout, leaf_operands, linear_gradients, plan, split_backward,
+                                                   ops))
 
 
 class SimigradPassManager(CustomGraphPass):

@@ -34,9 +34,10 @@ class RegionPlan:
     bucket_bytes: int
     disabled: Tuple[str, ...] = ()
     stats_sum: str = "auto"
+    split_contraction: str = "auto"
 
     def key(self) -> str:
-        return repr((self.roles, self.mode, self.bucket_bytes, self.disabled, self.stats_sum))
+        return repr((self.roles, self.mode, self.bucket_bytes, self.disabled, self.stats_sum, self.split_contraction))
 
     @property
     def params(self) -> List[Tuple[int, str]]:
@@ -97,4 +98,5 @@ def plan_region(gm: torch.fx.GraphModule, example_inputs: Sequence, config: Simi
         else:
             roles.append(InputRole("other", node.name))
     return RegionPlan(tuple(roles), mode, int(config.stats_bucket_mb * 2**20), tuple(config.disabled_passes),
-                      config.stats_sum)
+                      config.stats_sum,
+                      config.split_contraction)

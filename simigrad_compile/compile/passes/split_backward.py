@@ -6,7 +6,9 @@ A parameter's gradient is ``F(c_1, ..., c_k)``: contractions ``c_j`` over the ba
 gradient contributions, such as BatchNorm's ``rsqrt(var)``). The pass emits each contraction on the first
 ``floor(B/2)`` and on the last ``ceil(B/2)`` samples, replays ``F`` on each, and hands both halves to one
 fused op that writes ``g = g1 + g2`` and records ``(g1.g2, |g1|^2, |g2|^2)`` (on CPU, by default, the sum and
-the dot products are graph ops that Inductor fuses, and ``simigrad.record_stats`` records them)::
+the dot products are graph ops that Inductor fuses, and ``simigrad.record_stats`` records them; with
+``split_contraction="accumulate"`` the second half's ``mm`` is an ``addmm`` into the first's instead, see
+:mod:`.combine_halves`)::
 
     before:  mm_4 = mm(permute_7, view)            ->  output[..., permute_8(mm_4), ...]
     after:   mm_4a = mm(slice(permute_7, 1, 0, h), slice(view, 0, 0, h))
@@ -40,6 +42,7 @@ import torch.fx as fx
 from ...compat import FloorDiv, tree_map
 
 from .. import ops as _ops  # noqa: F401  (registers the simigrad:: graph ops)
+from . import combine_halves as combine
 from .batch_dims import UNKNOWN, BatchDim, BatchDimPropagation
 from .batch_lattice import batch_size, is_static, same, shape_of, size
 from .index_layout import IndexLayout
@@ -117,21 +120,27 @@ class SplitBackwardPass:
         self.fake_mode, self.graph = self.prop.fake_mode, graph
         self.halves: Tuple[Dict, Dict] = ({}, {})
         self.created, self.original_outputs = [], output.args
+        on_cpu = bool(wanted) and wanted[0][2].meta["val"].device.type == "cpu"
+        form = self.plan.split_contraction
+        accumulated, accumulate = combine.Accumulated(self), form == "accumulate" or (form == "auto" and on_cpu)
         pairs = []
         for index, name, grad in wanted:
-            pairs.append((index, grad, self._emit(grad, 0), self._emit(grad, 1)))
+            if accumulate and combine.accumulates(self, grad):
+                pairs.append(combine.Pair(index, grad, self._emit(grad, 0), total=accumulated(grad)))
+            else:
+                pairs.append(combine.Pair(index, grad, self._emit(grad, 0), self._emit(grad, 1)))
         self._validate()
         outs = list(outs)
-        on_cpu = pairs and pairs[0][1].meta["val"].device.type == "cpu"
         if self.plan.stats_sum == "graph" or (self.plan.stats_sum == "auto" and on_cpu):
-            launches = self._sum_in_graph(graph, output, pairs, outs, slots)
+            launches = combine.in_graph(self, graph, output, pairs, outs, slots)
         else:
-            launches = self._sum_in_kernel(graph, pairs, outs, slots)
+            launches = combine.in_kernel(self, graph, pairs, outs, slots, self.plan.bucket_bytes)
         output.args = (outs,)
         graph.lint()
         graph.eliminate_dead_code()
         _trim_convolution_backward(graph, self._fake)
-        log.info("simigrad: split %d parameter gradients into half-batch pairs (%s)", len(pairs), launches)
+        log.info("simigrad: split %d parameter gradients into half-batch pairs, %d accumulated by addmm (%s)",
+                 len(pairs), sum(p.total is not None for p in pairs), launches)
 
     def _revert(self, graph: fx.Graph, output: fx.Node) -> None:
         output.args = getattr(self, "original_outputs", output.args)
@@ -151,47 +160,6 @@ class SplitBackwardPass:
                         and all(same(size(x), size(y)) for x, y in zip(a.shape, b.shape))):
                     raise AssertionError(f"half of {whole.name} has shape {getattr(b, 'shape', b)}, not {a.shape}")
                 _check_index_put(half)
-
-    def _sum_in_kernel(self, graph, pairs, outs, slots) -> str:
-        """GPU: one ``simigrad::split_grads`` launch per bucket of at most ``bucket_bytes`` of halves."""
-        order = {n: i for i, n in enumerate(graph.nodes)}
-        buckets, size = [[]], 0
-        for pair in sorted(pairs, key=lambda p: order[p[1]]):
-            nbytes = 2 * pair[1].meta["val"].numel() * pair[1].meta["val"].element_size()
-            if buckets[-1] and size + nbytes > self.plan.bucket_bytes:
-                buckets.append([])
-                size = 0
-            buckets[-1].append(pair)
-            size += nbytes
-        for bucket in buckets:
-            last = max((n for p in bucket for n in p[2:]), key=order.get)
-            with graph.inserting_after(last):
-                fused = self._call(torch.ops.simigrad.split_grads.default,
-                                   [p[2] for p in bucket], [p[3] for p in bucket], [p[0] for p in bucket])
-            node = fused
-            for j, (index, *_rest) in enumerate(bucket):
-                with graph.inserting_after(node):
-                    node = self._call(operator.getitem, fused, j)
-                outs[slots[index]] = node
-        return f"{len(buckets)} fused split_grads launch(es)"
-
-    def _sum_in_graph(self, graph, output, pairs, outs, slots) -> str:
-        """CPU: the sum and the three fp32 dot products as graph ops, so Inductor fuses them into one loop
-        over each pair (one read of g1 and g2, one write of g); ``simigrad::record_stats`` takes the rows."""
-        order = {n: i for i, n in enumerate(graph.nodes)}
-        rows = []
-        for index, _, g1, g2 in pairs:
-            with graph.inserting_before(max(g1, g2, key=order.get).next):
-                outs[slots[index]] = self._call(aten.add.Tensor, g1, g2)
-                f1, f2 = (self._call(torch.ops.prims.convert_element_type.default, g, torch.float32)
-                          if g.meta["val"].dtype != torch.float32 else g for g in (g1, g2))
-                terms = [self._call(aten.sum.default, self._call(aten.mul.Tensor, x, y)) for x, y in
-                         ((f1, f2), (f1, f1), (f2, f2))]
-                rows.append(self._call(aten.cat.default, [self._call(aten.view.default, t, [1]) for t in terms]))
-        with graph.inserting_before(output):
-            stats = self._call(aten.view.default, self._call(aten.cat.default, rows), [len(rows), 3])
-            self._call(torch.ops.simigrad.record_stats.default, stats, [p[0] for p in pairs])
-        return "sums and dot products left to Inductor"
 
     def _emit(self, node, half: int):
         """The ``half`` (0: first floor(B/2) samples, 1: the rest) version of ``node``."""
