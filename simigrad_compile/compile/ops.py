@@ -40,6 +40,20 @@ def _(g1, g2, primal_indices):
     return [torch.empty_like(t, memory_format=torch.contiguous_format) for t in g1]
 
 
+@torch.library.custom_op("simigrad::pair_stats", mutates_args=())
+def pair_stats(own: List[torch.Tensor], total: List[torch.Tensor], alpha: float, beta: float) -> torch.Tensor:
+    """Rows ``(own.other, |own|^2, |other|^2)`` with ``other = alpha*total + beta*own`` per element (the
+    ``accumulate`` form's statistics from ``(g1, g)``: alpha=1, beta=-1)."""
+    from ..kernels import pair_stats as stats_of_pairs
+
+    return stats_of_pairs(list(own), list(total), alpha, beta)
+
+
+@pair_stats.register_fake
+def _(own, total, alpha, beta):
+    return torch.empty(len(own), 3, dtype=torch.float32, device=own[0].device if own else "cpu")
+
+
 @torch.library.custom_op("simigrad::record_stats", mutates_args=(), tags=_UNSAFE)
 def record_stats(stats: torch.Tensor, primal_indices: List[int]) -> None:
     """Records ``stats`` rows ``(d, a, b)`` of the parameters ``primal_indices`` into the active region."""

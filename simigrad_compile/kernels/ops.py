@@ -2,8 +2,9 @@
 
 Dispatch by device: Triton launchers on CUDA, Inductor-generated loops on CPU (``inductor_stats``, which hands
 tensors of at most ``inductor_stats.SMALL`` elements to the torch-op path ``torch_stats``). Compiled graphs reach
-``split_stats_sum`` through the opaque ``simigrad::split_grads`` op (``compile/ops.py``); ``pair_stats`` and
-``shard_stats_mean`` are called eagerly (statistics readers, the DDP comm hook on flat shards).
+``split_stats_sum`` through the opaque ``simigrad::split_grads`` op and ``pair_stats`` through
+``simigrad::pair_stats`` (both in ``compile/ops.py``); statistics readers and the DDP comm hook call
+``pair_stats`` and ``shard_stats_mean`` eagerly.
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
-from ...kernels import ops as _kernel_ops  # noqa: F401  (registers simigrad::pair_stats)
+from .. import ops as _ops  # noqa: F401  (registers simigrad::pair_stats)
 
 aten, prims = torch.ops.aten, torch.ops.prims
 _ACCUMULATING = (torch.float32, torch.float64)
