@@ -1,8 +1,9 @@
 """The runtime step core: one object owns an optimizer step, and every door drives it.
 
 :class:`StepCore` owns the window, the plan, the choice of statistics, the LR scaling, the skip rules, clipping,
-the AMP unscale, the history and the checkpoint state. :class:`AdaptiveBatching` is the hand-written loop's
-door over it: an optimizer wrapper, a loader, compile settings.
+the AMP unscale, the history and the checkpoint state; the boundary's rules (``begin_step``, clipping) are in
+:mod:`simigrad_compile.runtime.step_rules`. :class:`~simigrad_compile.runtime.adaptive.AdaptiveBatching` is the
+hand-written loop's door over it: an optimizer wrapper, a loader, compile settings.
 
 The step contract (DESIGN.md, section 8): an optimizer step applies exactly what the user's plain loop would
 apply to the **mean gradient of the step's samples**: after clipping of that mean (if asked), after unscaling

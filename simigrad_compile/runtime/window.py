@@ -14,7 +14,7 @@ equal (ties to the smaller ``h``; ``h = floor(k/2)`` for equal sizes). With ``N1
     g1 = W_h / N1,   g2 = (W_k - W_h) / N2         (the mean gradients over each half's samples)
 
 so odd ``k`` weights each half by its own sample count. ``d = g1.g2``, ``a = |g1|^2``, ``b = |g2|^2`` come from
-one ``pair_stats`` pass at the boundary over ``(p.grad at the midpoint, p.grad)``.
+one pass at the boundary over ``(p.grad at the midpoint, p.grad)`` (:mod:`simigrad_compile.stats.microsteps`).
 
 Parameters. The window's parameters are the optimizer's, read from its ``param_groups`` when the window opens
 (those with ``requires_grad``): freezing, unfreezing and ``add_param_group`` between steps are seen by the next
