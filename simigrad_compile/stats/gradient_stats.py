@@ -126,7 +126,7 @@ class SplitStats:
 
     @property
     def finite(self) -> bool:
-        return all(math.isfinite(v) for v in (self.dot, self.sq_norm_1, self.sq_norm_2))
+        return math.isfinite(self.dot) and math.isfinite(self.sq_norm_1) and math.isfinite(self.sq_norm_2)
 
     def __repr__(self) -> str:
         parts = [f"cosine={self.cosine:.6g}", f"dot={self.dot:.6g}", f"sq_norm_1={self.sq_norm_1:.6g}",
