@@ -79,10 +79,10 @@ class Window:
                  stats: Optional[MicrostepStats] = None, allow_views: bool = False,
                  name_of: Callable[[torch.nn.Parameter], str] = lambda p: f"of shape {tuple(p.shape)}",
                  live: Optional[Callable[[], List[torch.nn.Parameter]]] = None):
-        self.sizes = [int(s) for s in sizes]
+        self.sizes = list(map(int, sizes))
         if not self.sizes or min(self.sizes) < 1:
             raise ValueError(f"an accumulation window needs micro-steps of >= 1 sample, got {tuple(sizes)}")
-        self._resized()
+        self.accumulation, self.samples = len(self.sizes), sum(self.sizes)
         self.params = [p for p in params if p.requires_grad]
         self.done = 0
         self.divisor = self.sizes[0]
@@ -94,10 +94,8 @@ class Window:
         self.live = live
 
     def _resized(self) -> None:
-        self.accumulation = len(self.sizes)
-        """The number of micro-steps."""
-        self.samples = sum(self.sizes)
-        """The samples of the window (per rank)."""
+        """``accumulation`` (the number of micro-steps) and ``samples`` (per rank) after ``sizes`` changed."""
+        self.accumulation, self.samples = len(self.sizes), sum(self.sizes)
 
     @property
     def complete(self) -> bool:

@@ -393,8 +393,8 @@ def read_stats(model, reset: bool = False, per_parameter: bool = False) -> Stats
         covered = set().union(*(e.ids for e in plan.entries if e not in idle))
         missing = _with_grad(plan.named, covered)
     else:
-        missing = _with_grad(plan.uncovered, ())
-    reason = _reason(modes, sinks, unsplit, missing)
+        missing = _with_grad(plan.uncovered, ()) if plan.uncovered else ()
+    reason = _reason(modes, sinks, unsplit, missing) if unsplit or missing or not modes else ""
     if missing and modes:
         log.warning("simigrad: %d parameter(s) have gradients but no statistics: %s", len(missing), ", ".join(missing))
     mode = "+".join(sorted(modes)) if modes else "none"
