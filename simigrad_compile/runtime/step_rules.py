@@ -4,10 +4,12 @@
 boundary (``begin_step``, ``clip_grad_norm_``, ``restore_lr``); the protocol and the skip reasons are in
 :mod:`simigrad_compile.runtime.core`'s docstring.
 
-Every gradient is reduced once per step (``_foreach_norm``): that reduction is the non-finite check and the
-history's ``grad_norm``. The split statistics cannot stand in for it: they see only the contributions of the
-compiled backward, and a parameter that is also used outside the compiled graph (or a gradient hook) can make
-the gradient non-finite while the statistics are finite (``tests/test_step_rules.py``).
+Every gradient is reduced once per step: that reduction is the non-finite check and the history's
+``grad_norm``. It is ``_foreach_norm``, except in a ``microsteps`` window whose statistics pass took
+``sum |p.grad|^2`` itself (small models, :mod:`simigrad_compile.stats.microsteps`): that pass reads ``p.grad``,
+so it is the same check. The ``batch`` statistics cannot stand in for it: they see only the contributions of
+the compiled backward, and a parameter that is also used outside the compiled graph (or a gradient hook) can
+make the gradient non-finite while the statistics are finite (``tests/test_step_rules.py``).
 """
 
 from __future__ import annotations
@@ -110,13 +112,15 @@ class StepRules:
         grads = w.grads()
         clip, amp, loss = self._clip, self.amp, self._loss
         norm_type = clip[1] if clip is not None else 2.0
-        norms = torch._foreach_norm(_wide(grads), norm_type) if grads else []
+        total_sq = w.stats.total_sq if w.stats is not None and clip is None and amp is None else None
+        norms = torch._foreach_norm(_wide(grads), norm_type) if grads and total_sq is None else []
         sums = read.sums if type(read) is StatsRead else None  # the statistics' sums, still on the device
         checks = amp.checks() if amp is not None else ()
         scalars = norms if loss is None and not checks else [*norms, *([loss] if loss is not None else ()), *checks]
         values = _to_host(scalars, sums)  # the boundary's one host sync
         n = len(norms)
-        raw = _total(values[:n] if len(values) > n else values, norm_type)
+        raw = math.sqrt(total_sq) if total_sq is not None else _total(values[:n] if len(values) > n else values,
+                                                                       norm_type)
         loss_sum = values[n] if loss is not None else 0.0
         scale, drift, found_inf = values[n + (loss is not None):n + (loss is not None) + 3] if checks else _NO_AMP
         stats = read.result(values[len(scalars):] if sums is not None else None) if type(read) is StatsRead else read

@@ -7,7 +7,7 @@ parameter unfrozen or added between steps is covered from its first window on.
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch._utils import _flatten_dense_tensors
@@ -22,6 +22,9 @@ class MicrostepStats:
     def __init__(self):
         self.copies: Dict[int, torch.Tensor] = {}
         self._taken: Dict[int, torch.Tensor] = {}
+        self.total_sq: Optional[float] = None
+        """``sum |p.grad|^2`` (fp64) over the last :meth:`stats` call's gradients, when its pass took it (the
+        flat path), else None: the boundary's gradient norm, at no extra pass."""
 
     def snapshot(self, params: Sequence[torch.nn.Parameter]) -> None:
         taken, dst, src = {}, [], []
@@ -58,21 +61,25 @@ class MicrostepStats:
             copy: Optional[torch.Tensor] = self._taken.get(id(p))
             own.append(copy if copy is not None else torch.zeros_like(p.grad))
             total.append(p.grad)
+        self.total_sq = None
         if not own:  # no gradient at all: no statistics
             return SplitStats(float("nan"), float("nan"), float("nan"), "none")
-        dot, a, b = _pair_rows(own, total, n_last / n_mid, -1.0)
+        (dot, a, b), self.total_sq = _pair_rows(own, total, n_last / n_mid, -1.0)
         s1, s2 = n_mid / n1, n_mid / n2
         return SplitStats(dot * s1 * s2, a * s1 * s1, b * s2 * s2, "microsteps")
 
 
-def _pair_rows(own: List[torch.Tensor], total: List[torch.Tensor], alpha: float, beta: float) -> List[float]:
+def _pair_rows(own: List[torch.Tensor], total: List[torch.Tensor], alpha: float,
+               beta: float) -> Tuple[List[float], Optional[float]]:
     """``(own.other, |own|^2, |other|^2)`` summed over parameters, ``other = alpha*total + beta*own``, as host
-    floats. Gradients on one device with at most ``FLATTEN`` elements in all are taken as one flat pair in fp64
-    (a few ops in all: for small parameters the per-call cost of the kernel dominates). Otherwise fp32/bf16/fp16
-    gradients go to the ``pair_stats`` kernel, and fp64 gradients (an fp64 model) are summed in fp64 here."""
+    floats, and ``|total|^2`` when taken. Gradients on one device with at most ``FLATTEN`` elements in all are
+    taken as one flat pair in fp64 (a few ops in all: for small parameters the per-call cost of the kernel
+    dominates), with ``|total|^2``. Otherwise fp32/bf16/fp16 gradients go to the ``pair_stats`` kernel, and fp64
+    gradients (an fp64 model) are summed in fp64 here."""
     device = own[0].device
     if sum(x.numel() for x in own) <= FLATTEN and all(t.device == device for t in (*own, *total)):
-        return _pair_fp64(_flat64(own), _flat64(total), alpha, beta)
+        (xo, xx, oo), tt = _pair_fp64(_flat64(own), _flat64(total), alpha, beta, with_total=True)
+        return [xo, xx, oo], tt
     rows = [0.0, 0.0, 0.0]
     narrow = [i for i in range(len(own)) if own[i].dtype != torch.float64]
     if narrow:
@@ -81,9 +88,9 @@ def _pair_rows(own: List[torch.Tensor], total: List[torch.Tensor], alpha: float,
         rows = [r + q for r, q in zip(rows, part)]
     for x, t in zip(own, total):
         if x.dtype == torch.float64:
-            part = _pair_fp64(x.detach().flatten(), t.detach().flatten().double(), alpha, beta)
+            part, _ = _pair_fp64(x.detach().flatten(), t.detach().flatten().double(), alpha, beta)
             rows = [r + q for r, q in zip(rows, part)]
-    return rows
+    return rows, None
 
 
 FLATTEN = 1 << 16
@@ -91,11 +98,13 @@ FLATTEN = 1 << 16
 of the kernel dominates)."""
 
 
-def _pair_fp64(x: torch.Tensor, t: torch.Tensor, alpha: float, beta: float) -> List[float]:
-    """The three sums of one flat fp64 pair: one Gram product of ``(x, other)``."""
-    pair = torch.stack([x, t.mul(alpha).add_(x, alpha=beta)])
-    (xx, xo), (_, oo) = (pair @ pair.T).tolist()
-    return [xo, xx, oo]
+def _pair_fp64(x: torch.Tensor, t: torch.Tensor, alpha: float, beta: float,
+               with_total: bool = False) -> Tuple[List[float], Optional[float]]:
+    """The three sums of one flat fp64 pair, and ``t.t`` if asked: one Gram product of ``(x, other[, t])``."""
+    other = t.mul(alpha).add_(x, alpha=beta)
+    rows = torch.stack([x, other, t] if with_total else [x, other])
+    gram = (rows @ rows.T).tolist()
+    return [gram[0][1], gram[0][0], gram[1][1]], (gram[2][2] if with_total else None)
 
 
 def _flat64(tensors: List[torch.Tensor]) -> torch.Tensor:
