@@ -74,7 +74,7 @@ from .controller import BatchSizeController
 from .history import History
 from .ladder import Ladder, Plan
 from .statistics import StatisticsChoice
-from .step_rules import NonFiniteStep, StepRules, _total  # noqa: F401  (NonFiniteStep, _total: their old home)
+from .step_rules import NonFiniteStep, StepRules  # noqa: F401  (NonFiniteStep: its old home)
 from .window import Window, optimizer_params
 
 log = logging.getLogger("simigrad_compile")
