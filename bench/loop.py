@@ -3,14 +3,18 @@
     python bench/loop.py                                  # tiny and small MLP, workers 0 and 2, 9 repeats
     python bench/loop.py --models tiny --workers 0 --profile   # + cProfile's top lines of one adaptive epoch
     python bench/loop.py --workers 0 --breakdown 6      # + CPU time per step of each part, plain vs step loop
+    python bench/loop.py --workers 0 --accumulation 4   # 4 micro-batches per step (plain: the accumulating loop)
+    python bench/loop.py --models medium large --workers 0   # where the overhead is within the goal
 
 Both loops train the same compiled model (``backend="simigrad"``, so a one-micro-step window has its statistics
 from the split backward) on the same ``TensorDataset`` of random data, at the same micro-batch:
 
   plain     ``DataLoader(batch_size=micro, shuffle=True, drop_last=True)``; per batch ``zero_grad``, forward,
             ``backward``, ``step``;
-  adaptive  ``AdaptiveBatching(min_batch_size == max_batch_size == batch_size == micro)`` (accumulation 1, the
-            same micro-batch), ``run.dataloader(shuffle=True)``; the same four calls on ``run.optimizer``;
+  adaptive  ``AdaptiveBatching(min_batch_size == max_batch_size == batch_size == micro x k)`` (``k``:
+            ``--accumulation``, default 1; the same micro-batch), ``run.dataloader(shuffle=True)``; the same four
+            calls on ``run.optimizer`` (with k > 1 the plain loop is the usual accumulating one: ``loss / k``,
+            ``zero_grad`` and ``step`` every k micro-batches);
   step      the plain loop's ``DataLoader`` with a second run's ``run.optimizer``: the runtime's step alone, so
             that adaptive/step is the loader's share and step/plain the step's share of the overhead.
 
@@ -52,7 +56,8 @@ from simigrad_compile.stats.gradient_stats import gradient_stats  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 GOAL = 1.03
-MODELS = {"tiny": (16, 32, 1), "small": (64, 256, 256, 10)}
+MODELS = {"tiny": (16, 32, 1), "small": (64, 256, 256, 10), "medium": (256, 1024, 1024, 10),
+          "large": (512, 2048, 2048, 10)}
 """Layer widths of each MLP (ReLU between layers)."""
 
 
@@ -74,12 +79,16 @@ class _Module(nn.Module):
         return self.net(x)
 
 
-def plain_epoch(model, opt, loader) -> int:
+def plain_epoch(model, opt, loader, accumulation: int = 1) -> int:
+    """The plain loop; with ``accumulation`` k > 1 the usual accumulating loop (loss / k, a step every k)."""
     n = 0
-    for x, y in loader:
-        opt.zero_grad()
-        F.mse_loss(model(x), y).backward()
-        opt.step()
+    for i, (x, y) in enumerate(loader):
+        if i % accumulation == 0:
+            opt.zero_grad()
+        loss = F.mse_loss(model(x), y)
+        (loss / accumulation if accumulation > 1 else loss).backward()
+        if i % accumulation == accumulation - 1:
+            opt.step()
         n += len(x)
     return n
 
@@ -166,11 +175,12 @@ def bench(name: str, workers: int, args) -> dict:
     kw = dict(num_workers=workers, persistent_workers=workers > 0)
     plain_opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     plain = torch.utils.data.DataLoader(ds, batch_size=args.micro, shuffle=True, drop_last=True, **kw)
-    run, step_run = (sc.AdaptiveBatching(model, torch.optim.SGD(model.parameters(), lr=1e-3), batch_size=args.micro,
-                                         min_batch_size=args.micro, max_batch_size=args.micro,
+    batch = args.micro * args.accumulation
+    run, step_run = (sc.AdaptiveBatching(model, torch.optim.SGD(model.parameters(), lr=1e-3), batch_size=batch,
+                                         min_batch_size=batch, max_batch_size=batch,
                                          max_micro_batch_size=args.micro) for _ in range(2))
     adaptive = run.dataloader(ds, shuffle=True, **kw)
-    loops = {"plain": lambda: plain_epoch(model, plain_opt, plain),
+    loops = {"plain": lambda: plain_epoch(model, plain_opt, plain, args.accumulation),
              "adaptive": lambda: adaptive_epoch(model, run, adaptive),
              "step": lambda: adaptive_epoch(model, step_run, plain)}
     for fn in loops.values():  # compile, start the workers
@@ -185,8 +195,9 @@ def bench(name: str, workers: int, args) -> dict:
             times[k].append((time.perf_counter() - t0) / n * 1e6)
             cpu[k].append((time.process_time() - c0) / n * 1e6)
     plans = {(h["micro_batch_size"], h["accumulation"]) for h in run.history + step_run.history}
-    assert plans == {(args.micro, 1)}, f"the adaptive loop left accumulation 1 at micro {args.micro}: {plans}"
+    assert plans == {(args.micro, args.accumulation)}, f"the adaptive loop left its plan: {plans}"
     result = {"model": name, "widths": list(widths), "workers": workers, "micro": args.micro,
+              "accumulation": args.accumulation,
               "us_per_sample": {k: {"median": statistics.median(v), "min": min(v), "max": max(v), "all": v}
                                 for k, v in times.items()},
               "cpu_us_per_sample": {k: {"median": statistics.median(v), "min": min(v), "max": max(v), "all": v}
@@ -209,21 +220,26 @@ def bench(name: str, workers: int, args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--models", nargs="+", default=["tiny", "small"], choices=list(MODELS))
     parser.add_argument("--workers", nargs="+", type=int, default=[0, 2])
     parser.add_argument("--micro", type=int, default=32)
-    parser.add_argument("--samples", type=int, default=8192, help="samples per epoch (a multiple of --micro)")
+    parser.add_argument("--accumulation", type=int, default=1,
+                        help="micro-batches per step (the plain loop accumulates as usual: loss / k, a step every k)")
+    parser.add_argument("--samples", type=int, default=8192, help="samples per epoch (a multiple of --micro x k)")
     parser.add_argument("--repeats", type=int, default=9, help="timed epochs per loop, interleaved")
     parser.add_argument("--compiler", default="inductor", choices=["inductor", "aot_eager"])
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (1: the box is shared)")
     parser.add_argument("--profile", action="store_true", help="cProfile one adaptive epoch per point")
     parser.add_argument("--profile-lines", type=int, default=25)
     parser.add_argument("--breakdown", type=int, default=0, metavar="EPOCHS",
-                        help="per-step CPU time of each part of the plain and step loops over EPOCHS epochs")
+                        help="per-step CPU time of each part of the plain and step loops over EPOCHS epochs "
+                             "(accumulation 1)")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/loop_cpu.json)")
     args = parser.parse_args()
-    if args.samples % args.micro:
-        parser.error("--samples must be a multiple of --micro (no epoch tail in this benchmark)")
+    if args.breakdown and args.accumulation > 1:
+        parser.error("--breakdown compares one step per micro-batch: use it with --accumulation 1")
+    if args.samples % (args.micro * args.accumulation):
+        parser.error("--samples must be a multiple of --micro x --accumulation (no epoch tail in this benchmark)")
     torch.set_num_threads(args.threads)
     rows = []
     print(f"{'model':>6} {'workers':>7} | {'plain us/sample':>15} {'adaptive':>9} {'step':>7} | "

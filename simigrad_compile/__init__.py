@@ -7,7 +7,7 @@ ranks for the bytes of plain DDP.
 """
 
 from .config import ConfigError, SimigradConfig
-from .runtime.core import AdaptiveBatching
+from .runtime.adaptive import AdaptiveBatching
 from .stats.gradient_stats import SplitStats, gradient_stats, reset_stats
 
 __version__ = "0.1.0"

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from simigrad_compile.runtime.core import _total
+from simigrad_compile.runtime.step_rules import _total
 from simigrad_compile.stats.gradient_stats import Sink, gradient_stats
 
 

@@ -376,7 +376,7 @@ def _open(optimizer: torch.optim.Optimizer) -> _Door:
         raise RuntimeError(
             "simigrad: SIMIGRAD=1 needs the micro-batch size: no DataLoader batch fed a backward before the first "
             "optimizer.step(); set SIMIGRAD_BATCH_SIZE to the batch your loop feeds")
-    from ..runtime.core import AdaptiveBatching
+    from ..runtime.adaptive import AdaptiveBatching
 
     log_dir = _config.log_dir
     if log_dir is not None and _doors:

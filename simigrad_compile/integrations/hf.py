@@ -49,7 +49,7 @@ from transformers import Trainer, TrainerCallback
 
 from .. import envvars
 from ..config import SimigradConfig, from_mapping
-from ..runtime.core import AdaptiveBatching
+from ..runtime.adaptive import AdaptiveBatching
 from .batches import samples_in
 from .schedule import ScheduleHold
 

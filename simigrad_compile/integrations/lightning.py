@@ -43,7 +43,7 @@ from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import GradientAccumulationScheduler
 
 from ..config import SimigradConfig, from_mapping
-from ..runtime.core import AdaptiveBatching
+from ..runtime.adaptive import AdaptiveBatching
 from .batches import samples_in
 from .schedule import ScheduleHold
 

@@ -1,8 +1,9 @@
 """The runtime step core: one object owns an optimizer step, and every door drives it.
 
 :class:`StepCore` owns the window, the plan, the choice of statistics, the LR scaling, the skip rules, clipping,
-the AMP unscale, the history and the checkpoint state. :class:`AdaptiveBatching` is the hand-written loop's
-door over it: an optimizer wrapper, a loader, compile settings.
+the AMP unscale, the history and the checkpoint state; the boundary's rules (``begin_step``, clipping) are in
+:mod:`simigrad_compile.runtime.step_rules`. :class:`~simigrad_compile.runtime.adaptive.AdaptiveBatching` is the
+hand-written loop's door over it: an optimizer wrapper, a loader, compile settings.
 
 The step contract (DESIGN.md, section 8): an optimizer step applies exactly what the user's plain loop would
 apply to the **mean gradient of the step's samples**: after clipping of that mean (if asked), after unscaling
@@ -57,78 +58,29 @@ half: the cosine is undefined although the gradient is finite).
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
-import operator
 from collections import Counter
-from typing import Any, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 
-from .. import compat
-from ..config import SimigradConfig, from_mapping
-from ..stats.gradient_stats import StatsRead, check_compiled_once, gradient_stats
+from ..config import SimigradConfig
+from ..stats.gradient_stats import gradient_stats
 from ..stats.microsteps import MicrostepStats
 from .amp import ScalerBridge
 from .checkpoint import validated_state
 from .controller import BatchSizeController
-from .data import AdaptiveLoader
 from .history import History
 from .ladder import Ladder, Plan
 from .statistics import StatisticsChoice
-from .optim import AdaptiveOptimizer, restore_lr, scale_lr
+from .step_rules import NonFiniteStep, StepRules  # noqa: F401  (NonFiniteStep: its old home)
 from .window import Window, optimizer_params
 
 log = logging.getLogger("simigrad_compile")
-EXTRA_RECOMPILES = 8
 
 
-class NonFiniteStep(FloatingPointError):
-    """A step's loss, gradient or statistics are not finite and ``on_non_finite="raise"``."""
-
-
-def _world() -> tuple:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_world_size(), torch.distributed.get_rank()
-    return 1, 0
-
-
-def _wide(grads: List[torch.Tensor]) -> List[torch.Tensor]:
-    """fp16/bf16 gradients in fp32, for their norms."""
-    return [g.float() if g.dtype in (torch.float16, torch.bfloat16) else g for g in grads]
-
-
-def _to_host(scalars: List[torch.Tensor], sums: Optional[torch.Tensor]) -> List[float]:
-    """The 0-d ``scalars``, then the 1-d ``sums``, as host floats (fp32 values are exact as floats). On an
-    accelerator in one copy (torch promotes to the widest dtype); on the CPU, where nothing waits, directly."""
-    if sums is None and all(map(_IS_CPU, scalars)):
-        return [t.item() for t in scalars] if len(scalars) <= 16 else torch.stack(scalars).tolist()
-    device = (scalars[0] if scalars else sums).device
-    parts = [torch.stack([t.to(device) for t in scalars])] if scalars else []
-    parts += [sums.to(device)] if sums is not None else []
-    return torch.cat(parts).tolist() if len(parts) > 1 else parts[0].tolist()
-
-
-_IS_CPU = operator.attrgetter("is_cpu")
-
-
-def _total(norms: List[float], norm_type: float) -> float:
-    """The ``norm_type``-norm of the gradients from their per-tensor norms (``get_total_norm`` takes the
-    ``vector_norm`` of the norms), in fp64 on the host. Not finite exactly when a norm is not."""
-    if not norms:
-        return 0.0
-    if norm_type == 2.0:
-        return math.hypot(*norms)
-    if any(math.isnan(v) for v in norms):
-        return math.nan
-    top = max(norms)
-    if norm_type == math.inf or top == 0.0 or math.isinf(top):
-        return top
-    return top * math.fsum((v / top) ** norm_type for v in norms) ** (1.0 / norm_type)
-
-
-class StepCore:
+class StepCore(StepRules):
     """Owns one optimizer step at a time; see the module docstring for the protocol."""
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: SimigradConfig, *,
@@ -149,7 +101,8 @@ class StepCore:
         self.skipped_steps: Counter = Counter()
         self.amp = ScalerBridge(scaler, self) if scaler is not None else None
         self._window: Optional[Window] = None
-        self._pending: Optional[dict] = None
+        self._pending: Optional[tuple] = None
+        """Between ``begin_step`` and ``end_step``: (window, stats, note, reason, lr_scale, grad_norm, loss)."""
         self._epoch = self._position = self._samples = self._steps = 0
         self._loss: Optional[torch.Tensor] = None
         self._clip: Optional[tuple] = None
@@ -244,11 +197,13 @@ class StepCore:
 
     def micro_step_done(self, samples: Optional[int] = None, loss=None) -> bool:
         """One micro-step's backward is done; True when it ends the step (then ``begin_step``/``end_step``)."""
-        w = self._current_window()
+        w = self._window
+        if w is None or w.done == w.accumulation or self._pending is not None:
+            w = self._current_window()
         if loss is not None:
             self.log_loss(loss)
         w.micro_step_done(samples)
-        self._sync = complete = w.complete
+        self._sync = complete = w.done == w.accumulation
         return complete
 
     def end_window(self) -> bool:
@@ -262,133 +217,31 @@ class StepCore:
         self._sync = True
         return True
 
-    # --- clipping ---------------------------------------------------------------------------------------------
-    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> Optional[torch.Tensor]:
-        """Clip the step's mean gradient (unscaled) to ``max_norm``, once, at the boundary.
-
-        Call it between ``loss.backward()`` and ``run.optimizer.step()``, on any micro-batch of the step: the
-        request holds for the step it is made in. On the micro-batch that ends the step it returns the total
-        norm of the step's mean gradient (what ``torch.nn.utils.clip_grad_norm_`` would return in the plain
-        loop); before it, None."""
-        max_norm, norm_type = float(max_norm), float(norm_type)
-        if not math.isfinite(max_norm) or max_norm < 0 or not (norm_type > 0):
-            raise ValueError(f"simigrad: clip_grad_norm_ needs a finite max_norm >= 0 and norm_type > 0, got "
-                             f"{max_norm}, {norm_type}")
-        w = self._current_window()
-        self._clip = (max_norm, norm_type)
-        if w.done != w.accumulation - 1:
-            return None
-        factor = (w.divisor / w.samples) / self._amp_scale_now()
-        return self._total_norm(w.grads(), norm_type) * factor
-
-    @staticmethod
-    def _total_norm(grads: List[torch.Tensor], norm_type: float) -> torch.Tensor:
-        if not grads:
-            return torch.zeros((), dtype=torch.float32)
-        return torch.nn.utils.get_total_norm(_wide(grads), norm_type)
-
-    def _amp_scale_now(self) -> float:
-        if self.amp is None or not self.amp.enabled:
-            return 1.0
-        return self.amp.current_scale()
-
-    # --- the boundary -----------------------------------------------------------------------------------------
-    def begin_step(self) -> bool:
-        """Prepare the boundary's optimizer step; False when it must be skipped (module docstring)."""
-        w = self._window
-        if w is None or not w.complete or self._pending is not None:
-            raise RuntimeError("simigrad: begin_step() needs a window whose last micro-step is done "
-                               "(micro_step_done() returned True) and no step in progress")
-        w.check("the boundary")
-        read, note = self.statistics.read(w, self._steps + 1)
-        grads = w.grads()
-        norm_type = self._clip[1] if self._clip else 2.0
-        norms = torch._foreach_norm(_wide(grads), norm_type) if grads else ()
-        sums = read.sums if isinstance(read, StatsRead) else None  # the statistics' sums, still on the device
-        scalars = [self._loss] + (self.amp.checks() if self.amp is not None else [None] * 3)
-        values = _to_host([*norms, *(c for c in scalars if c is not None)], sums)  # the boundary's one host sync
-        raw = _total(values[:len(norms)], norm_type)
-        rest = iter(values[len(norms):])
-        loss_sum, scale, drift, found_inf = [next(rest) if c is not None else default
-                                             for c, default in zip(scalars, (0.0, 1.0, 0.0, 0.0))]
-        stats = read.result(list(rest) if sums is not None else None) if isinstance(read, StatsRead) else read
-        if drift:
-            raise RuntimeError("simigrad: the GradScaler's scale changed inside an accumulation window (a "
-                               "scaler.update(new_scale) or another optimizer's update mid-window): the micro-"
-                               "batches' gradients no longer share a scale. Drop the step with run.discard_step().")
-        factor = w.mean_factor / scale
-        grad_norm = raw * factor
-        if scale != 1.0 and stats.mode != "none":
-            s2 = scale * scale
-            stats = dataclasses.replace(stats, dot=stats.dot / s2, sq_norm_1=stats.sq_norm_1 / s2,
-                                        sq_norm_2=stats.sq_norm_2 / s2)
-        reason = None
-        if not math.isfinite(loss_sum):
-            reason = "non-finite-loss"
-        elif self.amp is not None and self.amp.enabled and (found_inf or not math.isfinite(raw)):
-            reason = "amp-overflow"
-        elif not math.isfinite(raw):
-            reason = "non-finite-gradient"
-        elif stats.mode != "none" and not stats.finite:
-            reason = "non-finite-statistics"
-        realised = w.samples * self.world_size
-        lr_scale = self.controller.lr_scale(realised)
-        self._pending = {"window": w, "stats": stats, "note": note, "reason": reason, "lr_scale": lr_scale,
-                         "grad_norm": grad_norm if math.isfinite(grad_norm) else float("nan"), "loss": loss_sum}
-        if reason is not None:
-            return self._skip(w, reason)
-        if self._clip is not None:
-            factor *= min(1.0, self._clip[0] / (grad_norm + 1e-6))
-        if factor != 1.0 and grads:
-            torch._foreach_mul_(grads, factor)
-        self._saved_lr = scale_lr(self.inner, lr_scale) if lr_scale != 1.0 else None  # 1.0: lr untouched
-        return True
-
-    def _skip(self, w: Window, reason: str) -> bool:
-        self.skipped_steps[reason] += 1
-        count = sum(self.skipped_steps.values())
-        if self.config.on_non_finite == "raise" and reason != "amp-overflow":
-            self._pending = None
-            raise NonFiniteStep(f"simigrad: step {self._steps + 1}: {reason} (on_non_finite='raise'). Drop the step "
-                                "with run.discard_step() to go on, or use on_non_finite='skip'.")
-        level = logging.INFO if reason == "amp-overflow" else logging.WARNING
-        log.log(level, "simigrad: step %d skipped (%s): parameters, optimizer state and LR schedule untouched; "
-                "%d skipped step(s) so far", self._steps + 1, reason, count)
-        for p in w.params:
-            p.grad = None
-        return False
-
-    def restore_lr(self) -> None:
-        """Put back the exact ``lr`` objects after ``begin_step`` (``end_step`` and ``discard_step`` do it)."""
-        if self._saved_lr is not None:
-            restore_lr(self.inner, self._saved_lr)
-            self._saved_lr = None
-
     def end_step(self) -> None:
         """Finish the boundary: LR restored, one history record, the controller fed, the next step planned."""
         pending = self._pending
         if pending is None:
             raise RuntimeError("simigrad: end_step() without begin_step()")
-        self.restore_lr()
-        w, stats = pending["window"], pending["stats"]
-        applied = pending["reason"] is None
+        if self._saved_lr is not None:
+            self.restore_lr()
+        w, stats, note, reason, lr_scale, grad_norm, loss_sum = pending
         cosine = stats.cosine
         target = self.controller.batch_size
-        skipped = pending["reason"]
-        if applied:
+        skipped = reason
+        if reason is None:
             skipped = "no-statistics" if stats.mode == "none" else self.controller.update(cosine).skipped
-        realised = w.samples * self.world_size
+        samples = w.samples
+        realised = samples * self.world_size
         self._steps += 1
         self._samples += realised
-        self._position += w.samples
+        self._position += samples
         self.similarity = cosine
-        loss = pending["loss"] / w.samples if self._loss is not None else None
         self._history.append({
             "step": self._steps, "samples": self._samples, "target_batch_size": target, "batch_size": realised,
             "micro_batch_size": w.sizes[0], "accumulation": w.accumulation, "statistics": stats.mode,
-            "cosine": cosine if math.isfinite(cosine) else float("nan"), "lr_scale": pending["lr_scale"],
-            "stepped": applied, "skipped": skipped, "grad_norm": pending["grad_norm"], "loss": loss,
-            "note": pending["note"],
+            "cosine": cosine if math.isfinite(cosine) else math.nan, "lr_scale": lr_scale,
+            "stepped": reason is None, "skipped": skipped, "grad_norm": grad_norm,
+            "loss": loss_sum / samples if self._loss is not None else None, "note": note,
         })
         self._reset_step()
         self.plan = self.ladder.plan(self.controller.batch_size)
@@ -476,114 +329,4 @@ class StepCore:
         self._sync = self.plan.accumulation == 1
 
 
-class AdaptiveBatching(StepCore):
-    """Adaptive batching for a hand-written loop: ``run.optimizer``, ``run.dataloader()``, compile settings.
-
-    Compilation. Rungs compile lazily, on their first micro-batch; :meth:`warm_up` compiles every rung up front.
-    Dynamo keeps one graph per rung only if it may hold that many: while the run is open, the runtime raises
-    ``torch._dynamo.config.recompile_limit`` to ``len(rungs) + 8`` if it is lower (logged), and :meth:`close`
-    (or leaving ``with run:``) puts the old value back.
-    """
-
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *,
-                 config: Optional[SimigradConfig] = None, scaler=None, **options: Any):
-        config = from_mapping(options, base=config)
-        if isinstance(model, torch.nn.Module):
-            check_compiled_once(model)
-        world_size, rank = _world()
-        super().__init__(model, optimizer, config, world_size=world_size, rank=rank, scaler=scaler)
-        self.optimizer = AdaptiveOptimizer(optimizer, self)
-        self._dynamo_saved = self._raise_recompile_limit()
-        self._ddp = self._install_ranks_reduction()
-        self._bucket_views = bool(getattr(self._ddp, "gradient_as_bucket_view", False))
-        log.info("simigrad: %r, initial plan %s (target %d)", self.ladder, self.plan, self.controller.batch_size)
-
-    @property
-    def params(self) -> List[torch.nn.Parameter]:
-        """The parameters the optimizer steps that require a gradient (read live from its param_groups)."""
-        return optimizer_params(self.inner)
-
-    # --- compile settings -------------------------------------------------------------------------------------
-    def _raise_recompile_limit(self) -> Optional[int]:
-        cfg = compat.dynamo_config()
-        need = len(self.ladder.rungs) + EXTRA_RECOMPILES
-        if cfg.recompile_limit >= need:
-            return None
-        old = cfg.recompile_limit
-        cfg.recompile_limit = need
-        log.info("simigrad: torch._dynamo.config.recompile_limit %d -> %d for %d rungs (restored by run.close())",
-                 old, need, len(self.ladder.rungs))
-        return old
-
-    def _install_ranks_reduction(self):
-        """Under data parallelism (group mode ``auto``/``ranks``) the statistics come from the split-group DDP
-        reduction; returns the DDP module, whose gradient sync the loader turns off inside a window."""
-        if self.world_size < 2 or self.config.group_mode not in ("auto", "ranks"):
-            return None
-        from ..distributed import _find_ddp, enable_ddp
-
-        try:
-            ddp = _find_ddp(self.model)
-        except TypeError:
-            log.warning("simigrad: world size %d but the model is not DistributedDataParallel: no 'ranks' "
-                        "statistics; each rank uses its own", self.world_size)
-            return None
-        enable_ddp(ddp)
-        return ddp
-
-    def _sync_gradients(self, sync: bool) -> None:
-        """Called by the loader before each micro-batch: DDP reduces (and the statistics are taken) only at the
-        window's last micro-step, as under ``no_sync``."""
-        self._sync = sync
-        if self._ddp is not None:
-            self._ddp.require_backward_grad_sync = sync
-
-    def close(self) -> None:
-        if self._dynamo_saved is not None:
-            compat.dynamo_config().recompile_limit = self._dynamo_saved
-            self._dynamo_saved = None
-        if self.amp is not None:
-            self.amp.close()
-        self._history.close()
-
-    def __enter__(self) -> "AdaptiveBatching":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def dataloader(self, dataset, **kwargs) -> AdaptiveLoader:
-        """Micro-batches of the current rung; ``DataLoader`` keyword arguments plus ``seed``/``device``."""
-        return AdaptiveLoader(self, dataset, **kwargs)
-
-    def plot(self, path: str) -> None:
-        """Similarity (with the target line), batch size, LR multiplier and loss against samples (one PNG)."""
-        self._history.plot(path, self.config.target_similarity)
-
-    def warm_up(self, fn, dataset, collate_fn=None) -> None:
-        """Compile every rung now: ``fn(batch)`` runs forward + backward on a micro-batch of each rung (the first
-        samples of ``dataset``). Gradients, statistics and the module's buffers are restored afterwards."""
-        loader = AdaptiveLoader(self, dataset, collate_fn=collate_fn)
-        buffers = {k: v.clone() for k, v in self.model.state_dict().items()}
-        for m in self.ladder.rungs:
-            if m > len(dataset):
-                log.warning("simigrad: warm-up skips rung %d: the dataset has %d samples", m, len(dataset))
-                continue
-            fn(loader._finish(loader.collate_fn([dataset[i] for i in range(m)])))
-        self.model.load_state_dict(buffers)
-        for p in self.params:
-            p.grad = None
-        gradient_stats(self.model, reset=True)
-
-    # --- the window protocol (loader and optimizer) -----------------------------------------------------------
-    def _window_sizes(self, remaining: int, drop_last: bool) -> tuple:
-        """The next step's micro-batch sizes with ``remaining`` samples (per rank) left in the epoch: the plan's,
-        or at the tail the plan's micro-batches that cover ``remaining`` (``Ladder.tail``; the loader completes
-        them from the next epoch); ``()`` when ``drop_last`` drops the tail."""
-        m, k = self.plan.micro_batch_size, self.plan.accumulation
-        if remaining >= m * k:
-            return (m,) * k
-        return () if drop_last else (m,) * self.ladder.tail(remaining, m)
-
-
-__all__ = ["AdaptiveBatching", "NonFiniteStep", "StepCore"]
+__all__ = ["NonFiniteStep", "StepCore"]

@@ -39,7 +39,7 @@ class StatisticsChoice:
         batch = read_stats(self.model, reset=True)
         if self.world_size > 1:
             return batch, (None if batch.mode != "none" else no_stats_cause(batch))
-        if "batch" in batch.mode:
+        if "batch" in batch.mode and (not self.batch_seen or self.ladder.min_accumulation > self.base_accumulation):
             self._saw_batch()
         if w.stats is not None:
             if batch.mode != "none":

@@ -14,7 +14,7 @@ equal (ties to the smaller ``h``; ``h = floor(k/2)`` for equal sizes). With ``N1
     g1 = W_h / N1,   g2 = (W_k - W_h) / N2         (the mean gradients over each half's samples)
 
 so odd ``k`` weights each half by its own sample count. ``d = g1.g2``, ``a = |g1|^2``, ``b = |g2|^2`` come from
-one ``pair_stats`` pass at the boundary over ``(p.grad at the midpoint, p.grad)``.
+one pass at the boundary over ``(p.grad at the midpoint, p.grad)`` (:mod:`simigrad_compile.stats.microsteps`).
 
 Parameters. The window's parameters are the optimizer's, read from its ``param_groups`` when the window opens
 (those with ``requires_grad``): freezing, unfreezing and ``add_param_group`` between steps are seen by the next
@@ -54,46 +54,52 @@ def midpoint(sizes: Sequence[int]) -> int:
 
 def optimizer_params(optimizer: torch.optim.Optimizer) -> List[torch.nn.Parameter]:
     """The parameters ``optimizer`` steps that require a gradient, in order, without duplicates."""
-    seen, out = set(), []
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            if p.requires_grad and id(p) not in seen:
-                seen.add(id(p))
-                out.append(p)
-    return out
+    groups = optimizer.param_groups
+    if len(groups) == 1:
+        out = [p for p in groups[0]["params"] if p.requires_grad]
+    else:
+        out = [p for group in groups for p in group["params"] if p.requires_grad]
+    if len(set(map(id, out))) == len(out):
+        return out
+    seen, unique = set(), []
+    for p in out:
+        if id(p) not in seen:
+            seen.add(id(p))
+            unique.append(p)
+    return unique
 
 
 class Window:
     """One optimizer step's micro-steps: tracks progress and keeps ``p.grad`` in the ``W_i / d`` form."""
 
+    __slots__ = ("sizes", "accumulation", "samples", "params", "done", "divisor", "stats", "half", "allow_views",
+                 "_grads", "name_of", "live")
+
     def __init__(self, sizes: Sequence[int], params: Sequence[torch.nn.Parameter],
                  stats: Optional[MicrostepStats] = None, allow_views: bool = False,
                  name_of: Callable[[torch.nn.Parameter], str] = lambda p: f"of shape {tuple(p.shape)}",
                  live: Optional[Callable[[], List[torch.nn.Parameter]]] = None):
-        self.sizes = [int(s) for s in sizes]
+        self.sizes = list(map(int, sizes))
         if not self.sizes or min(self.sizes) < 1:
             raise ValueError(f"an accumulation window needs micro-steps of >= 1 sample, got {tuple(sizes)}")
+        self.accumulation, self.samples = len(self.sizes), sum(self.sizes)
         self.params = [p for p in params if p.requires_grad]
         self.done = 0
         self.divisor = self.sizes[0]
-        self.stats = stats if len(self.sizes) >= 2 else None
-        self.half = midpoint(self.sizes) if len(self.sizes) >= 2 else 0
+        self.stats = stats if self.accumulation >= 2 else None
+        self.half = midpoint(self.sizes) if self.accumulation >= 2 else 0
         self.allow_views = allow_views  # DDP(gradient_as_bucket_view=True) swaps p.grad for a bucket view once
-        self._grads: List[Optional[torch.Tensor]] = [None] * len(self.params)
+        self._grads: List[Optional[torch.Tensor]] = []
         self.name_of = name_of
         self.live = live
 
-    @property
-    def accumulation(self) -> int:
-        return len(self.sizes)
-
-    @property
-    def samples(self) -> int:
-        return sum(self.sizes)
+    def _resized(self) -> None:
+        """``accumulation`` (the number of micro-steps) and ``samples`` (per rank) after ``sizes`` changed."""
+        self.accumulation, self.samples = len(self.sizes), sum(self.sizes)
 
     @property
     def complete(self) -> bool:
-        return self.done == len(self.sizes)
+        return self.done == self.accumulation
 
     @property
     def mean_factor(self) -> float:
@@ -119,6 +125,7 @@ class Window:
         if self.complete:
             raise RuntimeError("simigrad: the accumulation window is complete; no micro-batch is pending")
         self.sizes[self.done] = int(size)
+        self._resized()
         if self.done == 0:
             self.divisor = int(size)
         else:
@@ -129,6 +136,7 @@ class Window:
         if self.done == 0:
             raise RuntimeError("simigrad: cannot end a window before its first micro-step")
         self.sizes = self.sizes[: self.done]
+        self._resized()
         if self.stats is not None and self.half >= self.done:
             self.stats = None
 
@@ -138,13 +146,15 @@ class Window:
         if self.done == 0:
             return
         for p, g in zip(self.params, self._grads):
+            if p.grad is g and p.requires_grad:
+                continue
             if not p.requires_grad:
                 raise WindowMisuse(
                     f"simigrad: parameter {self.name_of(p)} stopped requiring grad inside an accumulation "
                     f"window (at {where}): the window's earlier micro-batches would be lost for it. Freeze or "
                     "unfreeze parameters between optimizer steps (when run.sync_gradients is True), or drop this "
                     "step with run.discard_step().")
-            if g is None or p.grad is g:
+            if g is None:
                 continue
             if p.grad is not None and (p.grad.requires_grad or (self.allow_views and p.grad._base is not None)):
                 continue  # backward(create_graph=True) and DDP's bucket views replace the tensor, keeping the sum
@@ -167,12 +177,9 @@ class Window:
                     "window's earlier micro-batches and the averaging. Change the parameter set between optimizer "
                     "steps (when run.sync_gradients is True), or drop this step with run.discard_step().")
 
-    def _remember(self) -> None:
-        self._grads = [p.grad for p in self.params]
-
     def micro_step_done(self, samples: Optional[int] = None) -> None:
         """Call after each micro-step's backward; ``samples`` is checked against the size it was planned with."""
-        if self.complete:
+        if self.done == self.accumulation:
             raise RuntimeError(f"simigrad: the accumulation window of {self.accumulation} micro-steps is already "
                                "complete")
         j = self.done
@@ -188,9 +195,9 @@ class Window:
         self.done = j = j + 1
         if self.stats is not None and j == self.half:
             self.stats.snapshot(self.params)
-        if j < len(self.sizes):
+        if j < self.accumulation and self.sizes[j] != self.divisor:
             self._prepare(self.sizes[j])
-        self._remember()
+        self._grads = [p.grad for p in self.params]
 
     def split_stats(self) -> SplitStats:
         n1 = sum(self.sizes[: self.half])

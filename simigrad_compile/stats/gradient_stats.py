@@ -34,6 +34,7 @@ class Sink:
         self._params = [tuple(weakref.ref(p) for _, p in g) for g in groups]
         self.acc: Optional[torch.Tensor] = None
         self._index: Dict[Tuple[Tuple[int, ...], torch.device], torch.Tensor] = {}
+        self._full: Dict[Tuple[int, ...], bool] = {}
         self.count = 0
         self.unsplit: Dict[str, str] = {}
         """Parameters a split pass left whole in a graph that ran since the last reset, with the reason."""
@@ -41,18 +42,35 @@ class Sink:
         _created += 1
 
     def add(self, rows: torch.Tensor, index: Optional[Sequence[int]] = None) -> None:
-        """Add ``rows`` (``[k, 3]``) to groups ``index`` (default: all groups, in order)."""
+        """Add ``rows`` (``[k, 3]``) to groups ``index`` (default: all groups, in order). After a reset the
+        accumulator is stale: the first add writes every group it covers and zeroes the rest (no zeroing op at
+        the reset, which runs once per step)."""
         rows = rows.detach()
         if rows.dtype != torch.float32:
             rows = rows.to(torch.float32)
         acc = self.acc
-        if acc is None or acc.device != rows.device:
+        fresh = acc is None or acc.device != rows.device
+        if fresh:
             acc = self.acc = torch.zeros(len(self.names), 3, dtype=torch.float32, device=rows.device)
         if index is None:
-            acc += rows
+            acc.copy_(rows) if self.count == 0 and not fresh else acc.add_(rows)
         else:
-            acc.index_add_(0, self.index(index, rows.device), rows)
+            at = self.index(index, rows.device)
+            if self.count == 0 and not fresh:
+                if self._covers_all(index):
+                    acc.index_copy_(0, at, rows)
+                    self.count = 1
+                    return
+                acc.zero_()
+            acc.index_add_(0, at, rows)
         self.count += 1
+
+    def _covers_all(self, index: Sequence[int]) -> bool:
+        key = tuple(index)
+        full = self._full.get(key)
+        if full is None:
+            full = self._full[key] = len(key) == len(self.names) == len(set(key))
+        return full
 
     def index(self, rows: Sequence[int], device: torch.device) -> torch.Tensor:
         """``rows`` as an index tensor on ``device`` (one host-to-device copy per set of rows)."""
@@ -70,9 +88,7 @@ class Sink:
             yield i, names, tuple(r() for r in refs)
 
     def reset(self) -> None:
-        if self.acc is not None:
-            self.acc.zero_()
-        self.count = 0
+        self.count = 0  # the accumulator is stale from now on (see add)
         if self.unsplit:
             self.unsplit = {}
 
@@ -110,7 +126,7 @@ class SplitStats:
 
     @property
     def finite(self) -> bool:
-        return all(math.isfinite(v) for v in (self.dot, self.sq_norm_1, self.sq_norm_2))
+        return math.isfinite(self.dot) and math.isfinite(self.sq_norm_1) and math.isfinite(self.sq_norm_2)
 
     def __repr__(self) -> str:
         parts = [f"cosine={self.cosine:.6g}", f"dot={self.dot:.6g}", f"sq_norm_1={self.sq_norm_1:.6g}",
@@ -377,8 +393,8 @@ def read_stats(model, reset: bool = False, per_parameter: bool = False) -> Stats
         covered = set().union(*(e.ids for e in plan.entries if e not in idle))
         missing = _with_grad(plan.named, covered)
     else:
-        missing = _with_grad(plan.uncovered, ())
-    reason = _reason(modes, sinks, unsplit, missing)
+        missing = _with_grad(plan.uncovered, ()) if plan.uncovered else ()
+    reason = _reason(modes, sinks, unsplit, missing) if unsplit or missing or not modes else ""
     if missing and modes:
         log.warning("simigrad: %d parameter(s) have gradients but no statistics: %s", len(missing), ", ".join(missing))
     mode = "+".join(sorted(modes)) if modes else "none"

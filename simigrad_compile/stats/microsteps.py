@@ -7,9 +7,10 @@ parameter unfrozen or added between steps is covered from its first window on.
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+from torch._utils import _flatten_dense_tensors
 
 from ..kernels import pair_stats
 from .gradient_stats import SplitStats
@@ -21,22 +22,33 @@ class MicrostepStats:
     def __init__(self):
         self.copies: Dict[int, torch.Tensor] = {}
         self._taken: Dict[int, torch.Tensor] = {}
+        self.total_sq: Optional[float] = None
+        """``sum |p.grad|^2`` (fp64) over the last :meth:`stats` call's gradients, when its pass took it (the
+        flat path), else None: the boundary's gradient norm, at no extra pass."""
 
     def snapshot(self, params: Sequence[torch.nn.Parameter]) -> None:
-        taken = {}
+        taken, dst, src = {}, [], []
+        copies = self.copies
         for p in params:
-            if p.grad is None:
+            grad = p.grad
+            if grad is None:
                 continue
-            copy = self.copies.get(id(p))
-            if copy is None or copy.shape != p.grad.shape or copy.dtype != p.grad.dtype or copy.device != p.grad.device:
-                copy = self.copies[id(p)] = p.grad.detach().clone()
+            if grad.requires_grad:
+                grad = grad.detach()
+            copy = copies.get(id(p))
+            if copy is None or copy.shape != grad.shape or copy.dtype != grad.dtype or copy.device != grad.device:
+                copy = copies[id(p)] = grad.clone()
             else:
-                copy.copy_(p.grad.detach())
+                dst.append(copy)
+                src.append(grad)
             taken[id(p)] = copy
+        if dst:
+            torch._foreach_copy_(dst, src)
         self._taken = taken
-        live = {id(p) for p in params}
-        for key in [k for k in self.copies if k not in live]:
-            del self.copies[key]
+        if len(copies) > len(taken):  # else every copy is of a parameter that has a gradient now
+            live = {id(p) for p in params}
+            for key in [k for k in copies if k not in live]:
+                del copies[key]
 
     def stats(self, params: Sequence[torch.nn.Parameter], n_mid: int, n_last: int, n1: int, n2: int) -> SplitStats:
         """Statistics of ``g1 = W_h / N1``, ``g2 = (W_k - W_h) / N2`` (module docstring) from the snapshot
@@ -49,27 +61,57 @@ class MicrostepStats:
             copy: Optional[torch.Tensor] = self._taken.get(id(p))
             own.append(copy if copy is not None else torch.zeros_like(p.grad))
             total.append(p.grad)
+        self.total_sq = None
         if not own:  # no gradient at all: no statistics
             return SplitStats(float("nan"), float("nan"), float("nan"), "none")
-        rows = _pair_rows(own, total, n_last / n_mid, -1.0)
+        (dot, a, b), self.total_sq = _pair_rows(own, total, n_last / n_mid, -1.0)
         s1, s2 = n_mid / n1, n_mid / n2
-        return SplitStats(float(rows[0]) * s1 * s2, float(rows[1]) * s1 * s1, float(rows[2]) * s2 * s2, "microsteps")
+        return SplitStats(dot * s1 * s2, a * s1 * s1, b * s2 * s2, "microsteps")
 
 
-def _pair_rows(own: List[torch.Tensor], total: List[torch.Tensor], alpha: float, beta: float) -> torch.Tensor:
-    """``pair_stats`` summed over parameters, in fp64 on the host. The kernels take fp32/bf16/fp16 gradients;
-    fp64 gradients (an fp64 model) are summed here in fp64 with plain torch ops."""
-    rows = torch.zeros(3, dtype=torch.float64)
-    wide = [i for i, g in enumerate(own) if g.dtype == torch.float64]
+def _pair_rows(own: List[torch.Tensor], total: List[torch.Tensor], alpha: float,
+               beta: float) -> Tuple[List[float], Optional[float]]:
+    """``(own.other, |own|^2, |other|^2)`` summed over parameters, ``other = alpha*total + beta*own``, as host
+    floats, and ``|total|^2`` when taken. Gradients on one device with at most ``FLATTEN`` elements in all are
+    taken as one flat pair in fp64 (a few ops in all: for small parameters the per-call cost of the kernel
+    dominates), with ``|total|^2``. Otherwise fp32/bf16/fp16 gradients go to the ``pair_stats`` kernel, and fp64
+    gradients (an fp64 model) are summed in fp64 here."""
+    device = own[0].device
+    if sum(x.numel() for x in own) <= FLATTEN and all(t.device == device for t in (*own, *total)):
+        (xo, xx, oo), tt = _pair_fp64(_flat64(own), _flat64(total), alpha, beta, with_total=True)
+        return [xo, xx, oo], tt
+    rows = [0.0, 0.0, 0.0]
     narrow = [i for i in range(len(own)) if own[i].dtype != torch.float64]
     if narrow:
-        rows += pair_stats([own[i] for i in narrow], [total[i] for i in narrow], alpha, beta).detach().to(
-            "cpu", torch.float64).sum(0)
-    for i in wide:
-        x, t = own[i].detach().flatten(), total[i].detach().flatten().double()
-        other = alpha * t + beta * x
-        rows += torch.stack([x @ other, x @ x, other @ other]).cpu()
-    return rows
+        part = pair_stats([own[i] for i in narrow], [total[i] for i in narrow], alpha, beta).detach().sum(
+            0, dtype=torch.float64).tolist()
+        rows = [r + q for r, q in zip(rows, part)]
+    for x, t in zip(own, total):
+        if x.dtype == torch.float64:
+            part, _ = _pair_fp64(x.detach().flatten(), t.detach().flatten().double(), alpha, beta)
+            rows = [r + q for r, q in zip(rows, part)]
+    return rows, None
+
+
+FLATTEN = 1 << 16
+"""At most this many gradient elements in all: one flat fp64 pair (small parameters, where the per-call cost
+of the kernel dominates)."""
+
+
+def _pair_fp64(x: torch.Tensor, t: torch.Tensor, alpha: float, beta: float,
+               with_total: bool = False) -> Tuple[List[float], Optional[float]]:
+    """The three sums of one flat fp64 pair, and ``t.t`` if asked: one Gram product of ``(x, other[, t])``."""
+    other = t.mul(alpha).add_(x, alpha=beta)
+    rows = torch.stack([x, other, t] if with_total else [x, other])
+    gram = (rows @ rows.T).tolist()
+    return [gram[0][1], gram[0][0], gram[1][1]], (gram[2][2] if with_total else None)
+
+
+def _flat64(tensors: List[torch.Tensor]) -> torch.Tensor:
+    tensors = [t.detach() if t.requires_grad else t for t in tensors]
+    if all(t.dtype == tensors[0].dtype for t in tensors):
+        return _flatten_dense_tensors(tensors).to(torch.float64)
+    return torch.cat([t.reshape(-1).to(torch.float64) for t in tensors])
 
 
 __all__ = ["MicrostepStats"]

@@ -1,0 +1,179 @@
+"""The boundary's rules: the step's mean gradient, its norm, the skip rules, clipping, the LR scale.
+
+:class:`StepRules` is the half of :class:`~simigrad_compile.runtime.core.StepCore` that runs at a window's
+boundary (``begin_step``, ``clip_grad_norm_``, ``restore_lr``); the protocol and the skip reasons are in
+:mod:`simigrad_compile.runtime.core`'s docstring.
+
+Every gradient is reduced once per step: that reduction is the non-finite check and the history's
+``grad_norm``. It is ``_foreach_norm``, except in a ``microsteps`` window whose statistics pass took
+``sum |p.grad|^2`` itself (small models, :mod:`simigrad_compile.stats.microsteps`): that pass reads ``p.grad``,
+so it is the same check. The ``batch`` statistics cannot stand in for it: they see only the contributions of
+the compiled backward, and a parameter that is also used outside the compiled graph (or a gradient hook) can
+make the gradient non-finite while the statistics are finite (``tests/test_step_rules.py``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import operator
+from typing import List, Optional
+
+import torch
+
+from ..stats.gradient_stats import StatsRead
+from .optim import restore_lr, scale_lr
+
+log = logging.getLogger("simigrad_compile")
+_NARROW = (torch.float16, torch.bfloat16)
+_IS_CPU = operator.attrgetter("is_cpu")
+_NO_AMP = (1.0, 0.0, 0.0)
+"""``(scale, drift, found_inf)`` without a GradScaler."""
+
+
+class NonFiniteStep(FloatingPointError):
+    """A step's loss, gradient or statistics are not finite and ``on_non_finite="raise"``."""
+
+
+def _wide(grads: List[torch.Tensor]) -> List[torch.Tensor]:
+    """fp16/bf16 gradients in fp32, for their norms."""
+    return [g.float() if g.dtype in _NARROW else g for g in grads]
+
+
+def _to_host(scalars: List[torch.Tensor], sums: Optional[torch.Tensor]) -> List[float]:
+    """The 0-d ``scalars``, then the 1-d ``sums``, as host floats (fp32 values are exact as floats). On an
+    accelerator in one copy (torch promotes to the widest dtype); on the CPU, where nothing waits, directly."""
+    if sums is None and all(map(_IS_CPU, scalars)):
+        return [t.item() for t in scalars] if len(scalars) <= 16 else torch.stack(scalars).tolist()
+    device = (scalars[0] if scalars else sums).device
+    parts = [torch.stack([t.to(device) for t in scalars])] if scalars else []
+    parts += [sums.to(device)] if sums is not None else []
+    return torch.cat(parts).tolist() if len(parts) > 1 else parts[0].tolist()
+
+
+def _total(norms: List[float], norm_type: float) -> float:
+    """The ``norm_type``-norm of the gradients from their per-tensor norms (``get_total_norm`` takes the
+    ``vector_norm`` of the norms), in fp64 on the host. Not finite exactly when a norm is not."""
+    if not norms:
+        return 0.0
+    if norm_type == 2.0:
+        return math.hypot(*norms)
+    if any(math.isnan(v) for v in norms):
+        return math.nan
+    top = max(norms)
+    if norm_type == math.inf or top == 0.0 or math.isinf(top):
+        return top
+    return top * math.fsum((v / top) ** norm_type for v in norms) ** (1.0 / norm_type)
+
+
+class StepRules:
+    """The boundary of :class:`~simigrad_compile.runtime.core.StepCore` (its state is the core's)."""
+
+    # --- clipping ---------------------------------------------------------------------------------------------
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> Optional[torch.Tensor]:
+        """Clip the step's mean gradient (unscaled) to ``max_norm``, once, at the boundary.
+
+        Call it between ``loss.backward()`` and ``run.optimizer.step()``, on any micro-batch of the step: the
+        request holds for the step it is made in. On the micro-batch that ends the step it returns the total
+        norm of the step's mean gradient (what ``torch.nn.utils.clip_grad_norm_`` would return in the plain
+        loop); before it, None."""
+        max_norm, norm_type = float(max_norm), float(norm_type)
+        if not math.isfinite(max_norm) or max_norm < 0 or not (norm_type > 0):
+            raise ValueError(f"simigrad: clip_grad_norm_ needs a finite max_norm >= 0 and norm_type > 0, got "
+                             f"{max_norm}, {norm_type}")
+        w = self._current_window()
+        self._clip = (max_norm, norm_type)
+        if w.done != w.accumulation - 1:
+            return None
+        factor = (w.divisor / w.samples) / self._amp_scale_now()
+        return self._total_norm(w.grads(), norm_type) * factor
+
+    @staticmethod
+    def _total_norm(grads: List[torch.Tensor], norm_type: float) -> torch.Tensor:
+        if not grads:
+            return torch.zeros((), dtype=torch.float32)
+        return torch.nn.utils.get_total_norm(_wide(grads), norm_type)
+
+    def _amp_scale_now(self) -> float:
+        if self.amp is None or not self.amp.enabled:
+            return 1.0
+        return self.amp.current_scale()
+
+    # --- the boundary -----------------------------------------------------------------------------------------
+    def begin_step(self) -> bool:
+        """Prepare the boundary's optimizer step; False when it must be skipped (core's module docstring)."""
+        w = self._window
+        if w is None or w.done != w.accumulation or self._pending is not None:
+            raise RuntimeError("simigrad: begin_step() needs a window whose last micro-step is done "
+                               "(micro_step_done() returned True) and no step in progress")
+        w.check("the boundary")
+        read, note = self.statistics.read(w, self._steps + 1)
+        grads = w.grads()
+        clip, amp, loss = self._clip, self.amp, self._loss
+        norm_type = clip[1] if clip is not None else 2.0
+        total_sq = w.stats.total_sq if w.stats is not None and clip is None and amp is None else None
+        norms = torch._foreach_norm(_wide(grads), norm_type) if grads and total_sq is None else []
+        sums = read.sums if type(read) is StatsRead else None  # the statistics' sums, still on the device
+        checks = amp.checks() if amp is not None else ()
+        scalars = norms if loss is None and not checks else [*norms, *([loss] if loss is not None else ()), *checks]
+        values = _to_host(scalars, sums)  # the boundary's one host sync
+        n = len(norms)
+        raw = math.sqrt(total_sq) if total_sq is not None else _total(values[:n] if len(values) > n else values,
+                                                                       norm_type)
+        loss_sum = values[n] if loss is not None else 0.0
+        scale, drift, found_inf = values[n + (loss is not None):n + (loss is not None) + 3] if checks else _NO_AMP
+        stats = read.result(values[len(scalars):] if sums is not None else None) if type(read) is StatsRead else read
+        if drift:
+            raise RuntimeError("simigrad: the GradScaler's scale changed inside an accumulation window (a "
+                               "scaler.update(new_scale) or another optimizer's update mid-window): the micro-"
+                               "batches' gradients no longer share a scale. Drop the step with run.discard_step().")
+        factor = w.divisor / w.samples / scale
+        grad_norm = raw * factor
+        if scale != 1.0 and stats.mode != "none":
+            s2 = scale * scale
+            stats = dataclasses.replace(stats, dot=stats.dot / s2, sq_norm_1=stats.sq_norm_1 / s2,
+                                        sq_norm_2=stats.sq_norm_2 / s2)
+        reason = None
+        if not math.isfinite(loss_sum):
+            reason = "non-finite-loss"
+        elif amp is not None and amp.enabled and (found_inf or not math.isfinite(raw)):
+            reason = "amp-overflow"
+        elif not math.isfinite(raw):
+            reason = "non-finite-gradient"
+        elif stats.mode != "none" and not stats.finite:
+            reason = "non-finite-statistics"
+        lr_scale = self.controller.lr_scale(w.samples * self.world_size)
+        self._pending = (w, stats, note, reason, lr_scale, grad_norm if math.isfinite(grad_norm) else math.nan,
+                         loss_sum)
+        if reason is not None:
+            return self._skip(w, reason)
+        if clip is not None:
+            factor *= min(1.0, clip[0] / (grad_norm + 1e-6))
+        if factor != 1.0 and grads:
+            torch._foreach_mul_(grads, factor)
+        self._saved_lr = scale_lr(self.inner, lr_scale) if lr_scale != 1.0 else None  # 1.0: lr untouched
+        return True
+
+    def _skip(self, w, reason: str) -> bool:
+        self.skipped_steps[reason] += 1
+        count = sum(self.skipped_steps.values())
+        if self.config.on_non_finite == "raise" and reason != "amp-overflow":
+            self._pending = None
+            raise NonFiniteStep(f"simigrad: step {self._steps + 1}: {reason} (on_non_finite='raise'). Drop the step "
+                                "with run.discard_step() to go on, or use on_non_finite='skip'.")
+        level = logging.INFO if reason == "amp-overflow" else logging.WARNING
+        log.log(level, "simigrad: step %d skipped (%s): parameters, optimizer state and LR schedule untouched; "
+                "%d skipped step(s) so far", self._steps + 1, reason, count)
+        for p in w.params:
+            p.grad = None
+        return False
+
+    def restore_lr(self) -> None:
+        """Put back the exact ``lr`` objects after ``begin_step`` (``end_step`` and ``discard_step`` do it)."""
+        if self._saved_lr is not None:
+            restore_lr(self.inner, self._saved_lr)
+            self._saved_lr = None
+
+
+__all__ = ["NonFiniteStep", "StepRules"]
