@@ -8,7 +8,8 @@ ranks for the bytes of plain DDP.
 
 from .config import ConfigError, SimigradConfig
 from .runtime.adaptive import AdaptiveBatching
-from .stats.gradient_stats import SplitStats, gradient_stats, reset_stats
+from .stats.gradient_stats import gradient_stats, reset_stats
+from .stats.split_stats import SplitStats
 
 __version__ = "0.1.0"
 _DISTRIBUTED = ("enable_ddp", "enable_fsdp", "set_sample_counts")

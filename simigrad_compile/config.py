@@ -19,7 +19,7 @@ GroupMode = Literal["auto", "batch", "microsteps", "ranks"]
 Compiler = Literal["inductor", "aot_eager"]
 LrScaling = Literal["sqrt", "linear", "none"]
 StatsSum = Literal["auto", "kernel", "graph"]
-SplitContraction = Literal["auto", "accumulate", "separate"]
+SplitContraction = Literal["separate", "accumulate"]
 OnNonFinite = Literal["skip", "raise"]
 BatchDim = Union[int, tuple, dict]
 
@@ -64,16 +64,17 @@ class SimigradConfig:
     on GPU), ``graph`` emits the sum and the three dot products as graph ops for Inductor to fuse, ``auto``
     uses ``kernel`` on GPU and ``graph`` on CPU."""
 
-    split_contraction: SplitContraction = "auto"
+    split_contraction: SplitContraction = "separate"
     """How the split pass forms the two halves of a weight gradient's matrix product. ``separate``: each half
     contracts into its own tensor, and a fused pass writes ``g = g1 + g2`` while it sums the statistics.
     ``accumulate``: the second half's product is written into the first's, ``addmm(g1, x2^T, dy2)``; the
     statistics come from ``(g1, g)`` with ``g2 = g - g1`` per element (the rounding of ``g`` costs the cosine
     below 2e-6 while ``|g2| >= 1e-4 |g1|``, see :mod:`~simigrad_compile.compile.passes.combine_halves`), so only
     fp32/fp64 ``mm`` contractions accumulate (sums, conv weights, embeddings and low-precision products stay
-    separate). ``auto``: ``accumulate`` on CPU (per-repeat step ratio to ``separate`` 0.987-1.002 over six runs,
-    pooled median 0.997: at most ~1% faster; ``bench/step.py`` times both forms), ``separate`` on GPU (not
-    measured yet)."""
+    separate). The default is ``separate``: on CPU the two forms time the same (``accumulate / separate`` 1.004 on
+    an idle machine, 0.987-1.002 on a loaded one; Inductor's extern ``addmm`` copies ``g1`` into its output
+    first, so the sum pass becomes a copy) and ``separate`` has no cancellation; on GPU it is not measured yet
+    (``bench/step.py`` times both forms)."""
 
     stats_bucket_mb: float = 32.0
     """Largest extra gradient memory (MiB) that one fused statistics launch may hold live: the split pass

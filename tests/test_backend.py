@@ -99,7 +99,7 @@ def test_graph_break_regions_add_up():
     assert stats.finite
 
 
-@pytest.mark.parametrize("stats_sum,split_contraction", [("auto", "auto"), ("kernel", "auto"), ("auto", "accumulate")])
+@pytest.mark.parametrize("stats_sum,split_contraction", [("auto", "separate"), ("kernel", "separate"), ("auto", "accumulate")])
 def test_inductor_transformer_and_per_parameter_breakdown(stats_sum, split_contraction):
     torch.manual_seed(5)
     model = TinyGPT()

@@ -13,7 +13,8 @@ import torch
 
 from .. import compat
 from ..config import SimigradConfig, from_mapping
-from ..stats.gradient_stats import check_compiled_once, gradient_stats
+from ..stats.compiled_once import check_compiled_once
+from ..stats.gradient_stats import gradient_stats
 from .core import StepCore
 from .data import AdaptiveLoader
 from .optim import AdaptiveOptimizer

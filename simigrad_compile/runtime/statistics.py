@@ -13,7 +13,8 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from ..stats.gradient_stats import SplitStats, StatsRead, read_stats
+from ..stats.gradient_stats import StatsRead, read_stats
+from ..stats.split_stats import SplitStats
 from .ladder import Ladder
 from .window import Window
 

@@ -34,7 +34,7 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 
-from ..stats.gradient_stats import SplitStats
+from ..stats.split_stats import SplitStats
 from ..stats.microsteps import MicrostepStats
 
 

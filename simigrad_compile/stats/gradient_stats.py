@@ -9,13 +9,13 @@ host. :func:`gradient_stats` sums every live sink's rows that belong to a model'
 from __future__ import annotations
 
 import logging
-import math
-import operator
 import weakref
-from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
+
+from .compiled_once import chain_unchanged, check_compiled_once, checked_chain
+from .split_stats import SplitStats
 
 log = logging.getLogger("simigrad_compile")
 
@@ -91,136 +91,6 @@ class Sink:
         self.count = 0  # the accumulator is stale from now on (see add)
         if self.unsplit:
             self.unsplit = {}
-
-
-@dataclass(frozen=True, repr=False)
-class SplitStats:
-    """Sums of ``d = g1.g2``, ``a = |g1|^2``, ``b = |g2|^2`` over parameters, in fp32 on the host.
-
-    Every backward since the last reset adds its own rows, so a second backward over the same graph
-    (``retain_graph=True``) or a ``torch.autograd.grad`` call adds its ``(d, a, b)`` again, as it adds its
-    gradient to ``.grad``: two identical backwards double ``d``, ``a`` and ``b`` and leave the cosine unchanged.
-    """
-
-    dot: float
-    sq_norm_1: float
-    sq_norm_2: float
-    mode: str = "none"
-    """Where the groups came from: ``batch``, ``microsteps``, ``ranks``, or ``none`` when nothing recorded."""
-    per_parameter: Optional[Dict[str, Tuple[float, float, float]]] = None
-    missing: Tuple[str, ...] = ()
-    """Trainable parameters with a gradient but no statistics (outside any compiled region, or unsplit)."""
-    unsplit: Dict[str, str] = field(default_factory=dict)
-    """Parameters a split pass left whole, with the reason, in the graphs that ran since the last reset."""
-    reason: str = ""
-    """Empty when the statistics cover every parameter that has a gradient; otherwise why not, in one line
-    (the split pass's cause, such as a batch of 1 or dynamic shapes, or that no compiled graph recorded)."""
-
-    @property
-    def cosine(self) -> float:
-        """``d / (sqrt(a) sqrt(b))``; NaN when a norm is zero or a statistic is not finite."""
-        den = math.sqrt(max(self.sq_norm_1, 0.0)) * math.sqrt(max(self.sq_norm_2, 0.0))
-        if den == 0.0 or not math.isfinite(den) or not math.isfinite(self.dot):
-            return float("nan")
-        return self.dot / den
-
-    @property
-    def finite(self) -> bool:
-        return math.isfinite(self.dot) and math.isfinite(self.sq_norm_1) and math.isfinite(self.sq_norm_2)
-
-    def __repr__(self) -> str:
-        parts = [f"cosine={self.cosine:.6g}", f"dot={self.dot:.6g}", f"sq_norm_1={self.sq_norm_1:.6g}",
-                 f"sq_norm_2={self.sq_norm_2:.6g}", f"mode={self.mode!r}"]
-        for name in ("missing", "unsplit", "per_parameter"):
-            value = getattr(self, name)
-            if value:
-                parts.append(f"{name}={len(value)} params (see .{name})")
-        if self.reason:
-            short = self.reason if len(self.reason) <= 100 else self.reason[:97] + "..."
-            parts.append(f"reason={short!r}")
-        return f"SplitStats({', '.join(parts)})"
-
-
-_MISSING = object()
-
-
-def _attr(module: torch.nn.Module, name: str):
-    """``getattr(module, name, None)``, without ``nn.Module.__getattr__``'s costly miss where the class leaves
-    the lookup to it (read at every statistics read)."""
-    cls = type(module)
-    if cls.__getattr__ is not torch.nn.Module.__getattr__ or hasattr(cls, name):
-        return getattr(module, name, None)
-    d = module.__dict__
-    value = d.get(name, _MISSING)
-    if value is not _MISSING:
-        return value
-    for registry in ("_parameters", "_buffers", "_modules"):
-        found = d.get(registry)
-        if found and name in found:
-            return found[name]
-    return None
-
-
-def _compiled(module: torch.nn.Module) -> bool:
-    """``torch.compile(module)``'s wrapper, or a module compiled in place with ``module.compile()``."""
-    is_wrapper = _attr(module, "_orig_mod") is not None and _attr(module, "dynamo_ctx") is not None
-    return is_wrapper or _attr(module, "_compiled_call_impl") is not None
-
-
-_SUBMODULES_CHECKED: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
-_CHAINS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
-"""A model checked -> its wrapper chain (weakly), each with whether it was compiled in place then."""
-
-
-def check_compiled_once(model) -> torch.nn.Module:
-    """The module under ``model``'s wrappers (compile, DDP); raises if ``model`` was compiled twice.
-
-    A module has one Dynamo backend: torch.compile of a compiled module keeps only one of the two (an outer
-    ``torch.compile`` over a ``torch.compile``'d module unwraps it and returns a plain function; an inner
-    ``module.compile()`` wins over an outer ``torch.compile``), so ``backend="simigrad"`` on the other records
-    nothing, silently. This names it instead.
-    """
-    fix = ("Compile the model once: model = torch.compile(model, backend='simigrad') (or "
-           "model.compile(backend='simigrad')), and pass that model or the module it wraps.")
-    if not isinstance(model, torch.nn.Module):
-        if callable(model) and hasattr(model, "_torchdynamo_orig_callable"):
-            raise TypeError(
-                "simigrad: got a function made by torch.compile, not a module. torch.compile of an already compiled "
-                "module unwraps it and compiles the inner forward again with the outer backend only (the first "
-                "backend's graphs never run), and returns a function without .parameters(). " + fix)
-        raise TypeError(f"simigrad: expected a module or an iterable of parameters, got {type(model).__name__}")
-    known = _CHAINS.get(model)
-    if known is not None and _chain_unchanged(known):
-        return known[-1][0]()
-    layers, m, chain = [], model, [model]
-    while True:
-        if _compiled(m):
-            layers.append(type(m).__name__)
-        inner = _attr(m, "_orig_mod") or _attr(m, "module")
-        if not isinstance(inner, torch.nn.Module):
-            break
-        m = inner
-        chain.append(m)
-    if layers and m not in _SUBMODULES_CHECKED:
-        layers += [f"{type(sub).__name__} {name!r}" for name, sub in m.named_modules() if name and _compiled(sub)]
-        if len(layers) == 1:
-            _SUBMODULES_CHECKED.add(m)
-    if len(layers) > 1:
-        raise RuntimeError(
-            f"simigrad: {type(m).__name__} is compiled more than once ({', '.join(layers)}): torch.compile was "
-            "applied to a module that was already compiled. Only one of the backends runs, so statistics may "
-            "silently be missing. " + fix)
-    _CHAINS[model] = tuple((weakref.ref(c), _attr(c, "_compiled_call_impl") is not None) for c in chain)
-    return m
-
-
-def _chain_unchanged(chain) -> bool:
-    """No module of a checked wrapper chain was compiled in place (``module.compile()``) or died since."""
-    for ref, in_place in chain:
-        m = ref()
-        if m is None or (_attr(m, "_compiled_call_impl") is not None) is not in_place:
-            return False
-    return True
 
 
 class _Entry:
@@ -319,11 +189,11 @@ def _plan(model) -> _Plan:
     known = _PLANS.get(key)
     if known is not None and known[0]() is model:
         plan = known[1]
-        if plan.valid() and _chain_unchanged(plan.chain):
+        if plan.valid() and chain_unchanged(plan.chain):
             return plan
     module = check_compiled_once(model)
     plan = _Plan(list(module.named_parameters()), module)
-    plan.chain = _CHAINS.get(model, ())
+    plan.chain = checked_chain(model)
     _PLANS[key] = (weakref.ref(model, lambda _: _PLANS.pop(key, None)), plan)
     return plan
 

@@ -13,7 +13,7 @@ import torch
 from torch._utils import _flatten_dense_tensors
 
 from ..kernels import pair_stats
-from .gradient_stats import SplitStats
+from .split_stats import SplitStats
 
 
 class MicrostepStats:

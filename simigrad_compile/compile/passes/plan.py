@@ -34,7 +34,7 @@ class RegionPlan:
     bucket_bytes: int
     disabled: Tuple[str, ...] = ()
     stats_sum: str = "auto"
-    split_contraction: str = "auto"
+    split_contraction: str = "separate"
 
     def key(self) -> str:
         return repr((self.roles, self.mode, self.bucket_bytes, self.disabled, self.stats_sum, self.split_contraction))

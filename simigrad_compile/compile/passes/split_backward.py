@@ -122,7 +122,7 @@ class SplitBackwardPass:
         self.created, self.original_outputs = [], output.args
         on_cpu = bool(wanted) and wanted[0][2].meta["val"].device.type == "cpu"
         form = self.plan.split_contraction
-        accumulated, accumulate = combine.Accumulated(self), form == "accumulate" or (form == "auto" and on_cpu)
+        accumulated, accumulate = combine.Accumulated(self), form == "accumulate"
         pairs = []
         for index, name, grad in wanted:
             if accumulate and combine.accumulates(self, grad):
