@@ -8,6 +8,7 @@ import torch
 
 from simigrad_compile.cli import main
 from simigrad_compile.demo.data import stdlib_files
+from simigrad_compile.demo.experiment import equal_average_batch
 from simigrad_compile.demo.train import lr_factor
 
 pytest.importorskip("matplotlib")
@@ -24,6 +25,23 @@ def test_lr_schedule_warms_up_then_decays_to_zero():
     assert lr_factor(0.0, 0.05) < 0.1
     assert lr_factor(0.05, 0.05) == pytest.approx(1.0)
     assert lr_factor(1.0, 0.05) == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("average,samples,world", [(38.04, 36864, 1), (21.0, 36864, 1), (50.0, 1000, 1),
+                                                   (38.0, 36864, 4), (7.0, 30, 3), (3.0, 2, 1)])
+def test_run_three_batch_divides_the_budget_and_is_the_nearest_such(average, samples, world):
+    """Run 3 must train on exactly the budget in steps of one micro-batch (the default budget, 36864, once ended
+    in a step of 4 sequences that no micro-batch of 38 could take)."""
+    unit = 2 if world == 1 else world
+    b = equal_average_batch(average, samples, world)
+    assert samples % b == 0 and b % unit == 0
+    others = [c for c in range(unit, samples + 1, unit) if samples % c == 0]
+    assert all(abs(b - average) <= abs(c - average) for c in others)
+
+
+def test_run_three_batch_refuses_a_budget_of_odd_halves():
+    with pytest.raises(ValueError, match="--samples 37 is not a multiple of 2"):
+        equal_average_batch(20.0, 37)
 
 
 def test_quick_demo_runs_three_runs_and_writes_results(tmp_path, capsys):

@@ -2,8 +2,9 @@
 
 1. a fixed small batch B0;
 2. SimiGrad starting at B0, with B0 as its lower bound;
-3. a fixed batch equal to SimiGrad's average batch (samples / optimizer steps), rounded to an even size (two
-   equal halves for the statistics); it runs as one micro-batch of its own shape (one more compiled graph).
+3. a fixed batch equal to SimiGrad's average batch (samples / optimizer steps), rounded to the nearest even size
+   (two equal halves for the statistics) that divides the sample budget; it runs as one micro-batch of its own
+   shape (one more compiled graph).
 """
 
 from __future__ import annotations
@@ -26,17 +27,23 @@ def validation_batches(val_set, sequences: int, batch: int = 64) -> list:
     return [tuple(torch.stack(t) for t in zip(*items[i : i + batch])) for i in range(0, len(items), batch)]
 
 
-def equal_average_batch(simigrad: RunResult, world: int = 1) -> int:
-    """Even on one process (two equal halves); a multiple of ``world`` under data parallelism."""
+def equal_average_batch(average: float, samples: int, world: int = 1) -> int:
+    """The fixed batch nearest ``average`` (ties: the larger) that divides the sample budget, so that run 3 trains
+    on exactly ``samples`` sequences in steps of one micro-batch; even on one process (two equal halves), a
+    multiple of ``world`` under data parallelism."""
     unit = 2 if world == 1 else world
-    return max(unit, unit * round(simigrad.average_batch / unit))
+    fits = [b for b in range(unit, samples + 1, unit) if samples % b == 0]
+    if not fits:
+        raise ValueError(f"demo: --samples {samples} is not a multiple of {unit}: no fixed batch of whole halves "
+                         "trains on exactly that many sequences")
+    return min(fits, key=lambda b: (abs(b - average), -b))
 
 
 def run_seed(settings: DemoSettings, seed: int, train_set, val_batches: list) -> list:
     b0, world = settings.batch_size, world_size()
     fixed = train_run(f"fixed B={b0}", settings, train_set, val_batches, seed, b0, b0)
     adaptive = train_run(f"SimiGrad B>={b0}", settings, train_set, val_batches, seed, b0, settings.max_batch_size)
-    b3 = equal_average_batch(adaptive, world)
+    b3 = equal_average_batch(adaptive.average_batch, settings.samples, world)
     log.info("run 3: SimiGrad's average batch %.1f -> fixed B=%d", adaptive.average_batch, b3)
     same_average = train_run(f"fixed B={b3} (avg)", settings.replace(micro_batch_sizes=(b3 // world,)), train_set,
                              val_batches, seed, b3, b3)
@@ -47,6 +54,9 @@ def run_demo(settings: DemoSettings, seeds: list) -> list:
     """A list (one entry per seed) of the three :class:`RunResult`. Under ``torchrun`` the micro-batches are
     per rank: B0 = world x micro."""
     world = world_size()
+    if settings.samples % settings.batch_size:
+        raise ValueError(f"demo: --samples {settings.samples} is not a multiple of --batch-size {settings.batch_size}: "
+                         "every run trains on exactly that many sequences")
     if world > 1:
         if settings.batch_size % world:
             raise ValueError(f"demo: --batch-size {settings.batch_size} is not a multiple of the {world} ranks")
