@@ -1,7 +1,7 @@
 """``SIMIGRAD=1``: adaptive batching of an unmodified training loop, as a thin door over the runtime core.
 
 The loop stays as the user wrote it: ``zero_grad``, forward, ``backward``, ``step``, with its own DataLoader. Each
-optimizer gets one :class:`~simigrad_compile.runtime.core.AdaptiveBatching` (the step core), and every
+optimizer gets one :class:`~simigrad_compile.runtime.adaptive.AdaptiveBatching` (the step core), and every
 ``optimizer.step()`` of the loop is one micro-step of it. The core owns every rule of the step: the window, the
 plan, the statistics, the LR scaling, the skip rules, the history and its log files (``docs/doors.md`` lists
 what that means for this door). This module only translates the loop's calls into the core's protocol.
@@ -50,7 +50,6 @@ import logging
 import os
 import sys
 import weakref
-from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 import torch
@@ -58,6 +57,7 @@ import torch
 from .. import compat
 from ..config import SimigradConfig
 from .batches import samples_in
+from .loop_feed import Fed, Fetch
 
 log = logging.getLogger("simigrad_compile")
 PLOT_NAME = "simigrad.png"
@@ -70,67 +70,7 @@ _excluded: "weakref.WeakSet[torch.optim.Optimizer]" = weakref.WeakSet()
 _exit_registered = False
 
 
-@dataclass
-class _Fetch:
-    source: "weakref.ref"
-    """The DataLoader iterator that produced the batch."""
-    declared: Optional[int]
-    measured: Optional[int]
-    consumed: bool = False
-
-    @property
-    def samples(self) -> Optional[int]:
-        return self.measured or self.declared
-
-
-@dataclass
-class _Fed:
-    """What the loop fed since the last ``step()``: the batches that backward passes consumed and the sum of their
-    losses (constant memory, whether or not a step ever comes)."""
-
-    last: Optional[_Fetch] = None
-    fetches: int = 0
-    samples: Optional[int] = 0      # None once a consumed batch had no size
-    declared: Optional[int] = 0
-    source: Optional["weakref.ref"] = None
-    loss: Optional[torch.Tensor] = None
-    in_backward: bool = False
-    own_step: bool = False
-
-    def backward(self, tensor: torch.Tensor) -> None:
-        fetch = self.last
-        if fetch is not None and not fetch.consumed:  # a second backward on the same batch counts it once
-            fetch.consumed = True
-            self.fetches += 1
-            self.source = fetch.source
-            self.samples = None if self.samples is None or not fetch.samples else self.samples + fetch.samples
-            self.declared = None if self.declared is None or not fetch.samples else \
-                self.declared + (fetch.declared or fetch.samples)
-        loss = getattr(tensor, "_simigrad_loss", tensor)
-        if loss.numel() == 1:
-            value = loss.detach().reshape(())
-            value = value if value.dtype == torch.float64 else value.float()
-            self.loss = value if self.loss is None else self.loss + value
-
-    def peek(self):
-        """The consumed batches' count, samples, declared size and source; without a backward, the last batch."""
-        if self.fetches == 0 and self.last is not None:  # torch.autograd.backward, autograd.grad: no backward seen
-            f = self.last
-            return 1, f.samples, f.declared or f.samples, f.source
-        return self.fetches, self.samples or None, self.declared or None, self.source
-
-    def take(self):
-        """What ``step()`` ends: (batches, samples, source, loss); the record starts again."""
-        fetches, samples, _, source = self.peek()
-        loss = self.loss
-        self.drop()
-        return fetches, samples, source, loss
-
-    def drop(self) -> None:
-        self.fetches, self.samples, self.declared, self.source, self.loss = 0, 0, 0, None, None
-
-
-_fed = _Fed()
+_fed = Fed()
 
 
 class _OptimizerParams:
@@ -309,7 +249,7 @@ def _next_recording(self):
 
     dim = _config.batch_dim if isinstance(_config.batch_dim, int) else 0
     compat.tree_map(mark_static(dim, None), batch)  # a short last batch gets its own graph, not a dynamic batch dim
-    _fed.last = _Fetch(weakref.ref(self), getattr(sampler, "batch_size", None), samples_in(batch, _config.batch_dim))
+    _fed.last = Fetch(weakref.ref(self), getattr(sampler, "batch_size", None), samples_in(batch, _config.batch_dim))
     return batch
 
 
