@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
-from torch._utils import _flatten_dense_tensors
 
 from ..kernels import pair_stats
 from .split_stats import SplitStats
@@ -110,7 +109,7 @@ def _pair_fp64(x: torch.Tensor, t: torch.Tensor, alpha: float, beta: float,
 def _flat64(tensors: List[torch.Tensor]) -> torch.Tensor:
     tensors = [t.detach() if t.requires_grad else t for t in tensors]
     if all(t.dtype == tensors[0].dtype for t in tensors):
-        return _flatten_dense_tensors(tensors).to(torch.float64)
+        return torch.cat([t.reshape(-1) for t in tensors]).to(torch.float64)
     return torch.cat([t.reshape(-1).to(torch.float64) for t in tensors])
 
 
