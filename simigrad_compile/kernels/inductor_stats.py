@@ -212,14 +212,12 @@ def _sum_into(fn: Callable, x: Tensor, y: Tensor, o: Tensor | None, scale: float
     """``o = (x + y) * scale`` (``o``: a tensor that overlaps neither input, or None for ``x`` itself); ``stats``
     (fp32 ``[3]``) ``= (x.y, |x|^2, |y|^2)``."""
     (xr, xt), (yr, yt) = rows(x), rows(y)
+    tail, scales = _tail_stats(xt, yt), _scale(scale, xr.shape[0])
     if o is None:
-        sums = fn(xr, yr, _scale(scale, xr.shape[0]))
-        tail = _tail_stats(xt, yt)
-        ot = xt
+        sums, ot = fn(xr, yr, scales), xt
     else:
         orr, ot = rows(o)
-        sums = fn(xr, yr, orr, _scale(scale, xr.shape[0]))
-        tail = _tail_stats(xt, yt)
+        sums = fn(xr, yr, orr, scales)
     torch.add(xt, yt, out=ot)
     if scale != 1.0:
         ot.mul_(scale)  # bit-exact: (x + y) rounded to the dtype, then halved, is (x + y) / 2 rounded

@@ -79,8 +79,7 @@ class AdaptiveOptimizer(torch.optim.Optimizer):
         self.optimizer.add_param_group(param_group)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        w = self.core._window
-        if w is None or not 0 < w.done < w.accumulation:  # not core.window_open (inlined: runs per micro-batch)
+        if not self.core.window_open:
             self.optimizer.zero_grad(set_to_none=set_to_none)
 
     def _check_amp(self) -> None:
@@ -101,8 +100,7 @@ class AdaptiveOptimizer(torch.optim.Optimizer):
         if closure is not None:
             raise NotImplementedError("run.optimizer.step(closure) is not supported with gradient accumulation")
         self.stepped = False
-        if self.core.amp is not None or "grad_scale" in self.__dict__:
-            self._check_amp()
+        self._check_amp()
         if not self.core.micro_step_done():
             return None
         try:

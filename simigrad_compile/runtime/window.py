@@ -54,11 +54,7 @@ def midpoint(sizes: Sequence[int]) -> int:
 
 def optimizer_params(optimizer: torch.optim.Optimizer) -> List[torch.nn.Parameter]:
     """The parameters ``optimizer`` steps that require a gradient, in order, without duplicates."""
-    groups = optimizer.param_groups
-    if len(groups) == 1:
-        out = [p for p in groups[0]["params"] if p.requires_grad]
-    else:
-        out = [p for group in groups for p in group["params"] if p.requires_grad]
+    out = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
     if len(set(map(id, out))) == len(out):
         return out
     seen, unique = set(), []
@@ -179,7 +175,7 @@ class Window:
 
     def micro_step_done(self, samples: Optional[int] = None) -> None:
         """Call after each micro-step's backward; ``samples`` is checked against the size it was planned with."""
-        if self.done == self.accumulation:
+        if self.complete:
             raise RuntimeError(f"simigrad: the accumulation window of {self.accumulation} micro-steps is already "
                                "complete")
         j = self.done

@@ -155,21 +155,17 @@ class _Plan:
             return False
         for ref, p_names, p_ids, c_names, c_ids in self.tree:
             m = ref()
-            if m is None:
-                return False
-            p = m._parameters
-            if p_ids is None:
-                if p:
-                    return False
-            elif tuple(map(id, p.values())) != p_ids or tuple(p) != p_names:
-                return False
-            c = m._modules
-            if c_ids is None:
-                if c:
-                    return False
-            elif tuple(map(id, c.values())) != c_ids or tuple(c) != c_names:
+            if m is None or not _same(m._parameters, p_names, p_ids) or not _same(m._modules, c_names, c_ids):
                 return False
         return True
+
+
+def _same(registry: dict, names, ids) -> bool:
+    """``registry`` (a module's ``_parameters`` or ``_modules``) still holds these names and objects (``ids``
+    None: it was empty)."""
+    if ids is None:
+        return not registry
+    return tuple(map(id, registry.values())) == ids and tuple(registry) == names
 
 
 def _call(method: weakref.WeakMethod) -> None:
