@@ -49,6 +49,22 @@ def pairs(sizes, dtype, seed=0):
     return xs, ys
 
 
+def mixed_pairs(device="cpu"):
+    """Pairs of mixed sizes (empty, tiny, over the kernels' thresholds), fp32 but for one bf16 and one fp16 pair."""
+    xs, ys = pairs([0, 1, 7, 769, 5125, 3, 40000, 1, 130, 17000], torch.float32, seed=1)
+    xs[3], ys[3] = xs[3].bfloat16(), ys[3].bfloat16()
+    xs[5], ys[5] = xs[5].half(), ys[5].half()
+    return [x.to(device) for x in xs], [y.to(device) for y in ys]
+
+
+def assert_split_stats_sum(xs, ys, g, stats) -> None:
+    """``split_stats_sum(xs, ys) == (g, stats)`` against fp64 (on the host, for inputs on any device)."""
+    xs, ys = [x.cpu() for x in xs], [y.cpu() for y in ys]
+    for x, y, o in zip(xs, ys, g):
+        assert_close(o.cpu(), (x.float() + y.float()).to(x.dtype), 1e-5, 1e-2)
+    assert_stats(stats.cpu(), torch.stack([ref_stats(x, y) for x, y in zip(xs, ys)]), 1e-2)
+
+
 @pytest.mark.parametrize("mod", PATHS)
 @pytest.mark.parametrize("dtype,atol,rtol", DTYPES)
 @pytest.mark.parametrize("n", SIZES)
@@ -109,14 +125,8 @@ def test_big_tensor_cpu_paths_low_precision(mod, dtype, atol, rtol):
 
 @pytest.mark.parametrize("mod", PATHS)
 def test_many_tensors_mixed_sizes_and_dtypes(mod):
-    sizes = [0, 1, 7, 769, 5125, 3, 40000, 1, 130, 17000]
-    xs, ys = pairs(sizes, torch.float32, seed=1)
-    xs[3], ys[3] = xs[3].bfloat16(), ys[3].bfloat16()
-    xs[5], ys[5] = xs[5].half(), ys[5].half()
-    g, stats = mod.split_stats_sum(xs, ys)
-    for x, y, o in zip(xs, ys, g):
-        assert_close(o, (x.float() + y.float()).to(x.dtype), 1e-5, 1e-2)
-    assert_stats(stats, torch.stack([ref_stats(x, y) for x, y in zip(xs, ys)]), 1e-2)
+    xs, ys = mixed_pairs()
+    assert_split_stats_sum(xs, ys, *mod.split_stats_sum(xs, ys))
     stats = mod.pair_stats(xs, ys, 1.0, -1.0)
     assert_stats(stats, torch.stack([ref_stats(x, y.double() - x.double()) for x, y in zip(xs, ys)]), 1e-2)
 

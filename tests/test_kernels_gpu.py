@@ -13,7 +13,8 @@ pytestmark = [
     pytest.mark.skipif(triton_stats.INTERPRET, reason="TRITON_INTERPRET=1: run with TRITON_INTERPRET=0 (bench/gpu.sh)"),
 ]
 
-from test_kernels import BIG, DTYPES, SIZES, assert_close, assert_stats, pairs, ref_stats  # noqa: E402
+from test_kernels import (BIG, DTYPES, SIZES, assert_close, assert_split_stats_sum, assert_stats,  # noqa: E402
+                          mixed_pairs, pairs, ref_stats)
 
 
 def cuda_pairs(sizes, dtype, seed=0):
@@ -39,14 +40,8 @@ def test_three_ops_on_cuda(dtype, atol, rtol, n):
 
 
 def test_many_tensors_mixed_dtypes_on_cuda():
-    sizes = [0, 1, 7, 769, 5125, 3, 40000, 1, 130, 17000]
-    xs, ys = cuda_pairs(sizes, torch.float32, seed=1)
-    xs[3], ys[3] = xs[3].bfloat16(), ys[3].bfloat16()
-    xs[5], ys[5] = xs[5].half(), ys[5].half()
-    g, stats = ops.split_stats_sum(xs, ys)
-    for x, y, o in zip(xs, ys, g):
-        assert_close(o.cpu(), (x.float() + y.float()).to(x.dtype).cpu(), 1e-5, 1e-2)
-    assert_stats(stats.cpu(), torch.stack([ref_stats(x.cpu(), y.cpu()) for x, y in zip(xs, ys)]), 1e-2)
+    xs, ys = mixed_pairs("cuda")
+    assert_split_stats_sum(xs, ys, *ops.split_stats_sum(xs, ys))
 
 
 def test_launches_capture_and_replay_in_a_cuda_graph():
