@@ -9,11 +9,11 @@
 #                  CUDA-graph capture and replay of the launches, no host synchronisation in the launch path,
 #                  the custom op inside an Inductor graph with mode="reduce-overhead"; plus the CPU kernel tests
 #   rung-graphs    one CUDA graph per micro-batch rung, switching rungs without a recompile (tests/test_runtime.py)
-#   kernels-fp32   bench/kernels.py --device cuda: GB/s against the copy bandwidth (goal >= 85%), fp32 and bf16
+#   kernels-fp32   bench/bench_kernels.py --device cuda: GB/s against the copy bandwidth (goal >= 85%), fp32 and bf16
 #   kernels-bf16
-#   step           bench/step.py --device cuda: simigrad / inductor step time on a GPT (goal <= 1.05)
+#   step           bench/bench_step.py --device cuda: simigrad / inductor step time on a GPT (goal <= 1.05)
 #   nccl-check     (>= 2 GPUs) the split-group DDP reduction on NCCL: gradients and statistics against references
-#   nccl-ddp       (>= 2 GPUs) bench/ddp.py --backend nccl: bytes and step time, ours / plain DDP / original
+#   nccl-ddp       (>= 2 GPUs) bench/bench_ddp.py --backend nccl: bytes and step time, ours / plain DDP / original
 # Results: bench/results/kernels_cuda*.json, step_cuda.json, ddp_*.json, and bench/results/gpu_<stamp>.json, which
 # lists every step with its command, exit status, seconds and log.
 set -u
@@ -47,15 +47,15 @@ step kernel-tests "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_kernels_
     tests/test_kernels_inductor.py --junitxml="$LOGS/kernel-tests.xml"
 step rung-graphs "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_runtime.py -k cuda_graph \
     --junitxml="$LOGS/rung-graphs.xml"
-step kernels-fp32 "$PY" bench/kernels.py --device cuda --sizes 1M,16M,64M,256M --repeats 21 \
+step kernels-fp32 "$PY" bench/bench_kernels.py --device cuda --sizes 1M,16M,64M,256M --repeats 21 \
     --out bench/results/kernels_cuda.json
-step kernels-bf16 "$PY" bench/kernels.py --device cuda --sizes 1M,16M,64M,256M --repeats 21 --dtype bfloat16 \
+step kernels-bf16 "$PY" bench/bench_kernels.py --device cuda --sizes 1M,16M,64M,256M --repeats 21 --dtype bfloat16 \
     --out bench/results/kernels_cuda_bf16.json
-step step "$PY" bench/step.py --device cuda --batch 8,32 --seq 512 --d-model 512 --layers 8 \
+step step "$PY" bench/bench_step.py --device cuda --batch 8,32 --seq 512 --d-model 512 --layers 8 \
     --out bench/results/step_cuda.json
 if [ "$GPUS" -ge 2 ]; then
-    step nccl-check "$PY" -m torch.distributed.run --standalone --nproc_per_node=2 tests/nccl_worker.py
-    step nccl-ddp "$PY" bench/ddp.py --backend nccl --worlds 2 --widths 2048 4096 --batch 64 --bucket-mb 25
+    step nccl-check env -C tests "$PY" -m torch.distributed.run --standalone --nproc_per_node=2 -m simigrad_testkit.nccl_worker
+    step nccl-ddp "$PY" bench/bench_ddp.py --backend nccl --worlds 2 --widths 2048 4096 --batch 64 --bucket-mb 25
 else
     echo "== nccl: skipped ($GPUS GPU visible; needs 2)"
     STEPS+=("nccl-check|skipped|0|needs 2 GPUs" "nccl-ddp|skipped|0|needs 2 GPUs")

@@ -74,7 +74,7 @@ class SimigradConfig:
     separate). The default is ``separate``: on CPU the two forms time the same (``accumulate / separate`` 1.004 on
     an idle machine, 0.987-1.002 on a loaded one; Inductor's extern ``addmm`` copies ``g1`` into its output
     first, so the sum pass becomes a copy) and ``separate`` has no cancellation; on GPU it is not measured yet
-    (``bench/step.py`` times both forms)."""
+    (``bench/bench_step.py`` times both forms)."""
 
     stats_bucket_mb: float = 32.0
     """Largest extra gradient memory (MiB) that one fused statistics launch may hold live: the split pass

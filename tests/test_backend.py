@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import simigrad_compile
-from models import MLP, Conv3dNet, GroupedCNN, SeqFirstAttention, TinyGPT, WithBreak, flat_grads, half_reference
+from simigrad_testkit.models import MLP, Conv3dNet, GroupedCNN, SeqFirstAttention, TinyGPT, WithBreak, flat_grads, half_reference
 
 
 def _compile(model, **options):

@@ -11,7 +11,7 @@ from simigrad_compile.config import SimigradConfig
 from simigrad_compile.runtime.core import StepCore
 from simigrad_compile.runtime.window import optimizer_params
 
-from loop_reference import Net, Reference, dataset, flat, loss_of, make_optimizer
+from simigrad_testkit.loop_reference import Net, Reference, dataset, flat, loss_of, make_optimizer
 
 
 class HookDoor:

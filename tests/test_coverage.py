@@ -1,6 +1,6 @@
 """The coverage census at its small size, and the census's own references against independent definitions.
 
-The census (bench/coverage.py) runs each model in a subprocess, in fp64: aot_eager for most, Inductor for one.
+The census (bench/bench_coverage.py) runs each model in a subprocess, in fp64: aot_eager for most, Inductor for one.
 """
 
 import copy
@@ -12,18 +12,20 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
-sys.path.insert(0, BENCH)
+pytestmark = pytest.mark.census
 
-import torchvision_cpu  # noqa: E402
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+sys.path.append(BENCH)  # bench/ names all start with bench_: none shadows a package
+
+import bench_torchvision_cpu as torchvision_cpu  # noqa: E402
 
 torchvision_cpu.ensure_importable()
 for _family in ("torchvision", "timm", "transformers"):
-    pytest.importorskip(_family, reason="the census needs the test extra: pip install torch==2.13.0 -e '.[test]'")
+    pytest.importorskip(_family, reason="the census needs its environment: pip install -r requirements/census.txt -e .")
 
-import coverage  # noqa: E402
-import coverage_models  # noqa: E402
-import coverage_reference as ref  # noqa: E402
+import bench_coverage as coverage  # noqa: E402
+import bench_coverage_models as coverage_models  # noqa: E402
+import bench_coverage_reference as ref  # noqa: E402
 
 INDUCTOR = ["hf_gpt2"]  # also through Inductor's codegen: learned positions, the issue's ExpandView case
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import simigrad_compile
-from models import MLP, flat_grads, half_reference
+from simigrad_testkit.models import MLP, flat_grads, half_reference
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="cuda_graphs=True needs a CUDA GPU")
 

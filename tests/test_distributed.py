@@ -1,5 +1,5 @@
 """The split-group DDP/FSDP reduction: layout arithmetic in-process, the rest in one torchrun launch per world
-size (tests/dist_worker.py runs several checks per launch; each launch costs ~6 s)."""
+size (tests/simigrad_testkit/dist_worker.py runs several checks per launch; each launch costs ~6 s)."""
 
 from __future__ import annotations
 
@@ -101,11 +101,12 @@ LAUNCHES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world", sorted(LAUNCHES))
 def test_distributed_checks(world):
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
-           os.path.join(HERE, "dist_worker.py"), *LAUNCHES[world]]
+           "-m", "simigrad_testkit.dist_worker", *LAUNCHES[world]]
     proc = subprocess.run(cmd, cwd=HERE, env=env, capture_output=True, text=True, timeout=300)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-6000:]

@@ -15,8 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from loop_reference import Net, dataset, flat, loss_of, make_optimizer
-from third_party import ensure_torchvision
+from simigrad_testkit.loop_reference import Net, dataset, flat, loss_of, make_optimizer
 
 import simigrad_compile as sc
 
@@ -64,9 +63,9 @@ def hand_loop(clip):
 
 SCRIPT = """
 import json, sys
-sys.path.insert(0, {tests!r})
+sys.path.append({tests!r})
 import torch
-from loop_reference import Net, dataset, flat, loss_of, make_optimizer
+from simigrad_testkit.loop_reference import Net, dataset, flat, loss_of, make_optimizer
 from simigrad_compile.integrations import auto_loop     # only to read the history; the loop is plain torch
 
 data = dataset({n})
@@ -98,7 +97,6 @@ def simigrad_env_loop():
 
 
 def hf_trainer(clip, tmp_path):
-    ensure_torchvision()
     pytest.importorskip("transformers")
     from transformers import TrainerCallback, TrainingArguments, default_data_collator
 
@@ -133,9 +131,8 @@ def hf_trainer(clip, tmp_path):
 
 
 def lightning_fit(clip):
-    ensure_torchvision()
     pl = pytest.importorskip("lightning.pytorch")
-    from lightning_module import PlainModule
+    from simigrad_testkit.lightning_module import PlainModule
     from simigrad_compile.integrations.lightning import SimigradCallback
 
     class Snapshots(pl.Callback):
@@ -215,8 +212,7 @@ def test_one_scripted_sequence_through_every_door(clip, tmp_path):
 # --- the README's four doors, run as written -------------------------------------------------------------------------------
 FOUR_DOORS = re.search(r"\n## Four doors\n(.*?)\nThe statistics alone", (REPO / "README.md").read_text(), re.S).group(1)
 BLOCKS = re.findall(r"```(python|bash)\n(.*?)```", FOUR_DOORS, re.S)
-RUNNER = "import sys; sys.path.insert(0, {tests!r}); import third_party; third_party.ensure_torchvision(); " \
-         "exec(compile(open({path!r}).read(), {path!r}, 'exec'))"
+RUNNER = "exec(compile(open({path!r}).read(), {path!r}, 'exec'))"
 
 
 def _env():

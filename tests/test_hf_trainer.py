@@ -9,9 +9,7 @@ import os
 import pytest
 import torch
 
-from third_party import ensure_torchvision
 
-ensure_torchvision()
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")

@@ -245,7 +245,7 @@ def _graph_fn(xs, ys):
 def test_ops_called_from_a_compiled_graph(backend):
     """The eager entry points, run by an opaque op inside a compiled graph (as ``simigrad::split_grads`` runs
     ``split_stats_sum``), against fp64 references; 9001 elements take the CPU Inductor path."""
-    import opaque_stats  # noqa: F401 - registers torch.ops.simigrad_test
+    import simigrad_testkit.opaque_stats  # noqa: F401 - registers torch.ops.simigrad_test
 
     xs, ys = pairs([7, 769, 9001] if backend == "inductor" else [1, 769, 5125, 9001], torch.float32, seed=5)
     torch._dynamo.reset()

@@ -112,7 +112,7 @@ def test_no_host_synchronisation_in_the_launch_path(warm):
 
 def test_custom_op_in_an_inductor_graph_with_cuda_graphs():
     """``mode="reduce-overhead"``: Inductor records the op into its CUDA graph trees; results stay right."""
-    import opaque_stats  # noqa: F401 - registers torch.ops.simigrad_test
+    import simigrad_testkit.opaque_stats  # noqa: F401 - registers torch.ops.simigrad_test
 
     def fn(xs, ys):
         g, s = torch.ops.simigrad_test.split_stats_sum([x * 2 for x in xs], ys)

@@ -135,7 +135,7 @@ class _ScaleByStats(torch.autograd.Function):
 def test_inside_a_compiled_regions_backward(backend):
     """The op runs Inductor's code there, not its Python body eagerly: the profile of the backward shows its
     compiled graph (aot_eager's backward has none of its own; Inductor's has one)."""
-    import opaque_stats  # noqa: F401 - registers torch.ops.simigrad_test
+    import simigrad_testkit.opaque_stats  # noqa: F401 - registers torch.ops.simigrad_test
 
     x = torch.randn(N, requires_grad=True)
     h, w = randn(N, N, seed=3)

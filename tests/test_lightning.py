@@ -8,15 +8,13 @@ import math
 import pytest
 import torch
 
-from third_party import ensure_torchvision
 
-ensure_torchvision()
 pl = pytest.importorskip("lightning.pytorch")
 
 from lightning.pytorch.loggers import Logger  # noqa: E402
 
-from loop_reference import Net, Reference, dataset, flat, loss_of, make_optimizer  # noqa: E402
-from lightning_module import PlainModule  # noqa: E402
+from simigrad_testkit.loop_reference import Net, Reference, dataset, flat, loss_of, make_optimizer  # noqa: E402
+from simigrad_testkit.lightning_module import PlainModule  # noqa: E402
 from simigrad_compile.integrations.lightning import SimigradCallback  # noqa: E402
 
 B0 = 8

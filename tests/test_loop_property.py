@@ -23,7 +23,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule  # noqa: 
 
 import simigrad_compile as sc  # noqa: E402
 
-from loop_reference import Net, Reference, dataset, flat, loss_of, make_optimizer, midpoint_halves  # noqa: E402
+from simigrad_testkit.loop_reference import Net, Reference, dataset, flat, loss_of, make_optimizer, midpoint_halves  # noqa: E402
 
 OPTIONS = dict(batch_size=8, micro_batch_sizes=(2, 4), group_mode="microsteps", target_similarity=0.3,
                min_batch_size=2, max_batch_size=24)

@@ -18,7 +18,7 @@ from simigrad_compile.runtime.ladder import Plan
 from simigrad_compile.runtime.window import WindowMisuse
 from simigrad_compile.stats.gradient_stats import Sink
 
-from loop_reference import Net, Reference, dataset, flat, loss_of, make_optimizer
+from simigrad_testkit.loop_reference import Net, Reference, dataset, flat, loss_of, make_optimizer
 
 NAN = float("nan")
 

@@ -15,7 +15,7 @@ import torch
 import torch._functorch.config
 
 import simigrad_compile
-from models import MLP, WithBreak, flat_grads, half_reference
+from simigrad_testkit.models import MLP, WithBreak, flat_grads, half_reference
 from simigrad_compile.stats.compiled_once import check_compiled_once
 from simigrad_compile.stats.gradient_stats import _SINKS
 

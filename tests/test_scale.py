@@ -1,4 +1,4 @@
-"""bench/scale.py's alpha-beta model reproduces the textbook byte counts: a ring all-reduce sends 2S(N-1)/N per
+"""bench/bench_scale.py's alpha-beta model reproduces the textbook byte counts: a ring all-reduce sends 2S(N-1)/N per
 rank, a reduce-scatter or all-gather S(N-1)/N, hierarchical or not, ring or tree; ours (reduce-scatter in the half,
 swap with the partner, all-gather in the half) sends exactly a plain all-reduce's bytes, also over the network;
 the original scheme's busiest rank about 2.5 times."""
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-spec = importlib.util.spec_from_file_location("scale", Path(__file__).parents[1] / "bench" / "scale.py")
+spec = importlib.util.spec_from_file_location("bench_scale", Path(__file__).parents[1] / "bench" / "bench_scale.py")
 scale = sys.modules["scale"] = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(scale)
 

@@ -9,8 +9,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import simigrad_compile
-from models import flat_grads
-from split_cases import (Attention, Bag, CellLoop, ChannelsLastHead, ClassToken, Conv, HFPaddingMask, LearnedBias,
+from simigrad_testkit.models import flat_grads
+from simigrad_testkit.split_cases import (Attention, Bag, CellLoop, ChannelsLastHead, ClassToken, Conv, HFPaddingMask, LearnedBias,
                          Linear, OffsetBag, PaddedLabels, PartlyZeroedBias, PositionIds, Recurrent, ShiftRight,
                          WeightNormConv,
                          half_gradients, loss_of)
@@ -264,7 +264,7 @@ def test_dynamic_sequence_length_keeps_batch_statistics_without_extra_graphs():
     backend does on the same steps."""
     from torch._dynamo.utils import counters
 
-    from models import TinyGPT
+    from simigrad_testkit.models import TinyGPT
 
     lengths, batch = [8, 11, 13], 4
     torch.manual_seed(5)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import simigrad_compile as sc
 from simigrad_compile.stats.gradient_stats import gradient_stats
 
-from loop_reference import Net, Reference, dataset, flat
+from simigrad_testkit.loop_reference import Net, Reference, dataset, flat
 
 
 def _run(model):

@@ -7,13 +7,14 @@ import sys
 
 import pytest
 
-SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "warm_cache.py")
+TESTS = os.path.dirname(os.path.abspath(__file__))
 
 
 def _run(cache_dir):
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(cache_dir))
     env.pop("SIMIGRAD", None)
-    out = subprocess.run([sys.executable, SCRIPT], env=env, capture_output=True, text=True, timeout=600, cwd="/")
+    out = subprocess.run([sys.executable, "-m", "simigrad_testkit.warm_cache"], env=env, capture_output=True, text=True,
+                         timeout=600, cwd=TESTS)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 

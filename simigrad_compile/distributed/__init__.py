@@ -8,7 +8,7 @@ Group mode ``ranks``: ``g1`` and ``g2`` are the mean gradients of the first and 
 3. ``kernels.shard_stats_mean(shard_A, shard_B, out=shard)``: fp32 ``(d, a, b)`` and the mean shard, one pass
 4. all-gather inside the half                                   S (N-2)/N
 
-which is ``2S(N-1)/N``, a plain ring all-reduce (measured on loopback too: ``bench/ddp.py``). The stages run in
+which is ``2S(N-1)/N``, a plain ring all-reduce (measured on loopback too: ``bench/bench_ddp.py``). The stages run in
 one worker thread (:mod:`.hook`), bucket after bucket, while the backward goes on. The per-bucket rows are
 folded by one all-reduce of a ``[buckets, 3]`` fp32 tensor per step (none at world 2, where both ranks compute
 every row), issued after the step's last bucket and completed before ``backward()`` returns (DDP waits on the

@@ -13,7 +13,7 @@ them with the GIL released::
       -> DDP's future(k)             ... last bucket: the fold's all-reduce runs during its all-gather
 
 Fewer threads is faster here: a stage per thread (the first design) put four thread hand-offs on each bucket's
-path, each a wake-up that waits for a core on a loaded machine (``bench/ddp_profile.py``).
+path, each a wake-up that waits for a core on a loaded machine (``bench/bench_ddp_profile.py``).
 
 At an even world both partners hold the same two shard sums after the exchange and run the kernel on them in the
 same operand order (A's first), so both record the same bits: the statistics need summing inside a half only

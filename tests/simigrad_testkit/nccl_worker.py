@@ -1,7 +1,7 @@
 """The split-group DDP reduction on NCCL (one GPU per rank): gradients against plain DDP, statistics against
 every rank's local gradient all-gathered and combined in fp64, in fp32 and bf16.
 
-    torchrun --standalone --nproc_per_node=2 tests/nccl_worker.py      (bench/gpu.sh runs it when 2 GPUs exist)
+    cd tests && torchrun --standalone --nproc_per_node=2 -m simigrad_testkit.nccl_worker      (bench/gpu.sh runs it when 2 GPUs exist)
 
 Rank 0 prints ``CHECK nccl-<dtype> OK <worst errors>``; any failure raises (non-zero exit).
 """

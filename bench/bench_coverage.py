@@ -1,6 +1,6 @@
 """Coverage census of the split pass on real third-party models (torchvision, timm, Hugging Face transformers).
 
-    python bench/coverage.py [--size small|full] [--only REGEX] [--compiler inductor|aot_eager]
+    python bench/bench_coverage.py [--size small|full] [--only REGEX] [--compiler inductor|aot_eager]
                              [--batch 4] [--timeout 1200] [--json PATH]
 
 Each model runs in a fresh subprocess. It is compiled with ``backend="simigrad"`` and runs one forward+backward
@@ -68,15 +68,15 @@ def _step(model, loss_of, batch, backend, compiler):
 
 def run_one(spec, compiler: str, b: int, max_params: int, dtype_name: str = "float64") -> dict:
     """One model (a ``coverage_models.Spec`` or its name): the whole check, in this process. Returns the record."""
-    import torchvision_cpu
+    import bench_torchvision_cpu as torchvision_cpu
 
     torchvision_cpu.ensure_importable()
     import copy
 
     import torch
 
-    import coverage_models as cm
-    import coverage_reference as ref
+    import bench_coverage_models as coverage_models as cm
+    import bench_coverage_reference as coverage_reference as ref
     import simigrad_compile
 
     if isinstance(spec, str):
@@ -318,10 +318,10 @@ def main(argv=None) -> int:
         return 0
     if args.batch < 2 or args.batch % 2:
         p.error("--batch must be even and >= 2")
-    import torchvision_cpu
+    import bench_torchvision_cpu as torchvision_cpu
 
     torchvision_cpu.ensure_importable()
-    import coverage_models as cm
+    import bench_coverage_models as coverage_models as cm
 
     names = [s.name for s in cm.select(args.size, args.only)]
     if args.list:
@@ -331,7 +331,7 @@ def main(argv=None) -> int:
     print(f"census: {len(names)} models, compiler={args.compiler}, batch={args.batch}")
     t = time.perf_counter()
     path = args.json or os.path.join(HERE, "results", f"coverage-{args.compiler}-{args.size}.json")
-    from common import hardware, versions
+    from bench_common import hardware, versions
 
     def save(records, done=False):  # after every model, so that an interrupted census keeps what it measured
         with open(path, "w") as f:

@@ -1,8 +1,8 @@
 """Where the data-parallel step's time goes, ours against plain DDP (gloo, CPU): per-thread CPU time and a sampled
 profile of every rank.
 
-    python bench/ddp_profile.py --world 2 --width 512            # thread CPU table, both schemes interleaved
-    python bench/ddp_profile.py --world 2 --width 512 --pyspy ours --seconds 8   # + py-spy of each rank
+    python bench/bench_ddp_profile.py --world 2 --width 512            # thread CPU table, both schemes interleaved
+    python bench/bench_ddp_profile.py --world 2 --width 512 --pyspy ours --seconds 8   # + py-spy of each rank
 
 Per step and rank: wall time of forward+backward, and the CPU time (``/proc/self/task/*/schedstat``) of each
 thread, grouped as ``main`` (forward, backward, DDP's reducer and the comm hook), ``simigrad-*`` (the hook's stage
@@ -33,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from ddp import Net  # noqa: E402
+from bench_ddp import Net  # noqa: E402
 
 def thread_cpu() -> dict:
     """CPU seconds of each live thread of this process, by thread id (``schedstat``: nanoseconds on a CPU)."""

@@ -1,7 +1,7 @@
 """A Hugging Face causal LM trained with dynamic padding keeps ``batch`` statistics on every step, with no more
 graphs than a plain backend (issue 8). Too slow for the test suite (about a minute here); run it by hand:
 
-    PYTHONPATH=. python tests/scripts/hf_dynamic_padding.py
+    cd tests && python -m simigrad_testkit.hf_dynamic_padding
 
 Reference: two separate fp64 half-batch passes, each loss weighted by its share of the step's label tokens (the
 model's loss is a mean over all label tokens of the batch, so that is each half's contribution).
@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.join(ROOT, "bench"))
+sys.path.append(os.path.join(ROOT, "bench"))
 try:  # torchvision's CUDA-linked extension breaks `import transformers` next to the CPU torch
-    import torchvision_cpu
+    import bench_torchvision_cpu as torchvision_cpu
 
     torchvision_cpu.ensure_importable()
 except ImportError:

@@ -1,6 +1,6 @@
 """One torchrun launch that runs several distributed checks (each launch costs ~6 s, so they share one).
 
-    torchrun --nproc_per_node=N tests/dist_worker.py mlp transformer nosync bf16 uneven compiled fsdp
+    cd tests && torchrun --nproc_per_node=N -m simigrad_testkit.dist_worker mlp transformer nosync bf16 uneven compiled fsdp
 
 References are independent of the code under test: plain DDP on a copy of the model for the gradient, and
 every rank's local gradient (a non-DDP copy), all-gathered and combined in fp64, for the statistics.
@@ -238,12 +238,12 @@ def main(checks) -> None:
     }
     for name in checks:
         if name == "runtime":
-            from dist_runtime_check import run_runtime_check  # noqa: PLC0415 - only where asked
+            from simigrad_testkit.dist_runtime_check import run_runtime_check  # noqa: PLC0415 - only where asked
 
             run_runtime_check(MLP, RANK, WORLD)
             continue
         if name == "fsdp":
-            from fsdp_check import run_fsdp_check  # noqa: PLC0415 - only where asked
+            from simigrad_testkit.fsdp_check import run_fsdp_check  # noqa: PLC0415 - only where asked
 
             run_fsdp_check(RANK, WORLD)
             continue

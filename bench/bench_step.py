@@ -1,12 +1,12 @@
 """Training-step time of ``backend="simigrad"`` against ``backend="inductor"`` on a small GPT (same process, interleaved).
 
-    python bench/step.py                                    # cpu, ~5M params, batch 4 x seq 128, 15 repeats
-    python bench/step.py --batch 4,8,16 --repeats 21        # sweep the batch (one compile pair per point)
-    python bench/step.py --device cuda --batch 32 --seq 512 --d-model 512 --layers 8
-    python bench/step.py --profile                          # + torch.profiler top ops of one step of each
-    python bench/step.py --threads 1                        # on a shared, loaded CPU box (see below)
-    python bench/step.py --split-contraction separate       # only one form of the split (default: both)
-    python bench/step.py --threads 1 --clock cpu            # CPU time of the process: robust to a loaded box
+    python bench/bench_step.py                                    # cpu, ~5M params, batch 4 x seq 128, 15 repeats
+    python bench/bench_step.py --batch 4,8,16 --repeats 21        # sweep the batch (one compile pair per point)
+    python bench/bench_step.py --device cuda --batch 32 --seq 512 --d-model 512 --layers 8
+    python bench/bench_step.py --profile                          # + torch.profiler top ops of one step of each
+    python bench/bench_step.py --threads 1                        # on a shared, loaded CPU box (see below)
+    python bench/bench_step.py --split-contraction separate       # only one form of the split (default: both)
+    python bench/bench_step.py --threads 1 --clock cpu            # CPU time of the process: robust to a loaded box
 
 Model: token embedding + positional parameter, pre-LN blocks (LayerNorm, causal attention through
 ``F.scaled_dot_product_attention(is_causal=True)``, GELU MLP), final LayerNorm, head tied to the embedding, mean
@@ -53,7 +53,7 @@ import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import simigrad_compile  # noqa: E402
-from common import hardware, summarise, versions  # noqa: E402
+from bench_common import hardware, summarise, versions  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 FORMS = ("separate", "accumulate")

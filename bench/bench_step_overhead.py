@@ -1,11 +1,11 @@
 """The runtime's cost per optimizer step, robust to a loaded machine: plain and ``run.optimizer`` steps alternate.
 
-    python bench/step_overhead.py                          # tiny, small, medium MLPs; accumulation 1 and 4
-    python bench/step_overhead.py --models tiny --accumulation 1 --steps 4000
+    python bench/bench_step_overhead.py                          # tiny, small, medium MLPs; accumulation 1 and 4
+    python bench/bench_step_overhead.py --models tiny --accumulation 1 --steps 4000
 
-``bench/loop.py`` times whole epochs of each loop; on a shared machine the load changes between epochs by more
+``bench/bench_loop.py`` times whole epochs of each loop; on a shared machine the load changes between epochs by more
 than the overhead it looks for. Here the two loops alternate *step by step* on the same compiled model and the
-same pre-made micro-batches (no loader: ``bench/loop.py`` measures the loader), and each step's thread CPU time
+same pre-made micro-batches (no loader: ``bench/bench_loop.py`` measures the loader), and each step's thread CPU time
 (``time.thread_time_ns``) is recorded. Reported per model and accumulation k: the median step of each loop, their
 difference (the runtime's microseconds per step) and ratio, and the step time at which that difference would be
 3% (``difference / 0.03``).
@@ -37,8 +37,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import simigrad_compile as sc  # noqa: E402
-from common import hardware, versions  # noqa: E402
-from loop import MODELS, mlp  # noqa: E402
+from bench_common import hardware, versions  # noqa: E402
+from bench_loop import MODELS, mlp  # noqa: E402
 from simigrad_compile.stats.gradient_stats import reset_stats  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"

@@ -1,6 +1,6 @@
 """Rung swap cost: a compiled step right after a step on another rung vs right after one on the same rung.
 
-    python bench/swap.py [--backend simigrad|inductor|aot_eager] [--rungs 8,16,32,64] [--reps 30]
+    python bench/bench_swap.py [--backend simigrad|inductor|aot_eager] [--rungs 8,16,32,64] [--reps 30]
 
 Per rung it reports the median (min..max) forward+backward time of the two cases, interleaved in one loop,
 and their difference of medians and of minimums (the swap cost: Dynamo's guard check walks one cache entry per rung). Compile time per

@@ -1,10 +1,10 @@
 """Data-parallel SimiGrad vs plain DDP vs the original SimiGrad scheme: bytes per rank and step time (gloo on CPU,
 or NCCL with one GPU per rank).
 
-    python bench/ddp.py                       # worlds 2 and 4, widths 512 and 1024; table + bench/results/ddp_*.json
-    python bench/ddp.py --worlds 2 --widths 256 --repeats 5
-    python bench/ddp.py --backend nccl --worlds 2 --widths 2048 4096 --batch 64 --bucket-mb 25   # one GPU per rank
-    python bench/ddp.py --collectives 2 8 --repeats 21   # one bucket's communication: p2p rings vs gloo native
+    python bench/bench_ddp.py                       # worlds 2 and 4, widths 512 and 1024; table + bench/results/ddp_*.json
+    python bench/bench_ddp.py --worlds 2 --widths 256 --repeats 5
+    python bench/bench_ddp.py --backend nccl --worlds 2 --widths 2048 4096 --batch 64 --bucket-mb 25   # one GPU per rank
+    python bench/bench_ddp.py --collectives 2 8 --repeats 21   # one bucket's communication: p2p rings vs gloo native
 
 Schemes, all on the same model and data, interleaved step by step in one process per rank:
 

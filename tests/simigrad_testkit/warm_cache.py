@@ -8,8 +8,7 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from models import TinyGPT, half_reference  # noqa: E402
+from simigrad_testkit.models import TinyGPT, half_reference  # noqa: E402
 
 torch.manual_seed(0)
 model = TinyGPT()

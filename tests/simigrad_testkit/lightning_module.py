@@ -2,7 +2,7 @@
 
 import lightning.pytorch as pl
 
-from loop_reference import loss_of, make_optimizer
+from simigrad_testkit.loop_reference import loss_of, make_optimizer
 
 
 class PlainModule(pl.LightningModule):

@@ -21,7 +21,7 @@ def _flat(model, full=False) -> torch.Tensor:
 
 
 def run_fsdp_check(rank: int, world: int) -> None:
-    from dist_worker import MLP  # noqa: PLC0415 - the worker is the importer
+    from simigrad_testkit.dist_worker import MLP  # noqa: PLC0415 - the worker is the importer
 
     torch.manual_seed(0)
     net = MLP()

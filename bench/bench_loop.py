@@ -1,10 +1,10 @@
 """Loop overhead: a plain ``DataLoader`` loop against ``run.dataloader`` + ``run.optimizer``, same model and data.
 
-    python bench/loop.py                                  # tiny and small MLP, workers 0 and 2, 9 repeats
-    python bench/loop.py --models tiny --workers 0 --profile   # + cProfile's top lines of one adaptive epoch
-    python bench/loop.py --workers 0 --breakdown 6      # + CPU time per step of each part, plain vs step loop
-    python bench/loop.py --workers 0 --accumulation 4   # 4 micro-batches per step (plain: the accumulating loop)
-    python bench/loop.py --models medium large --workers 0   # where the overhead is within the goal
+    python bench/bench_loop.py                                  # tiny and small MLP, workers 0 and 2, 9 repeats
+    python bench/bench_loop.py --models tiny --workers 0 --profile   # + cProfile's top lines of one adaptive epoch
+    python bench/bench_loop.py --workers 0 --breakdown 6      # + CPU time per step of each part, plain vs step loop
+    python bench/bench_loop.py --workers 0 --accumulation 4   # 4 micro-batches per step (plain: the accumulating loop)
+    python bench/bench_loop.py --models medium large --workers 0   # where the overhead is within the goal
 
 Both loops train the same compiled model (``backend="simigrad"``, so a one-micro-step window has its statistics
 from the split backward) on the same ``TensorDataset`` of random data, at the same micro-batch:
@@ -51,7 +51,7 @@ import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import simigrad_compile as sc  # noqa: E402
-from common import hardware, versions  # noqa: E402
+from bench_common import hardware, versions  # noqa: E402
 from simigrad_compile.stats.gradient_stats import gradient_stats  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"

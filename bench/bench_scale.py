@@ -1,7 +1,7 @@
 """Communication per optimizer step at 8 to 4096 ranks, on paper: an alpha-beta model of ring and tree collectives.
 
-    python bench/scale.py --calibrate      # measure gloo collectives at 2 and 4 ranks (torchrun), fit, then predict
-    python bench/scale.py                  # predict with the last calibration (bench/results/scale_calibration.json)
+    python bench/bench_scale.py --calibrate      # measure gloo collectives at 2 and 4 ranks (torchrun), fit, then predict
+    python bench/bench_scale.py                  # predict with the last calibration (bench/results/scale_calibration.json)
 
 **The model.** A collective on n ranks of S bytes costs ``launch + steps * alpha + bytes * beta`` per rank:
 
@@ -410,7 +410,7 @@ def main() -> None:
     if cal:
         print(calibration_table(cal), end="\n\n")
     else:
-        print("no calibration yet: run python bench/scale.py --calibrate\n")
+        print("no calibration yet: run python bench/bench_scale.py --calibrate\n")
     cluster = Cluster()
     pred = predict(cluster, args.bucket_mb)
     print(f"cluster: {cluster}\n")

@@ -21,9 +21,9 @@ per call from the host, and as kernels alone: each op captured in a CUDA graph a
 copy's GB/s, measured the same way).
 The load average is recorded before and after each size: the machine may be shared.
 
-    python bench/kernels.py                     # cpu, sizes 1M,4M,16M,64M
-    python bench/kernels.py --threads 1 --out bench/results/kernels_cpu_1thread.json
-    python bench/kernels.py --sizes 1M,16M --repeats 21 --device cuda
+    python bench/bench_kernels.py                     # cpu, sizes 1M,4M,16M,64M
+    python bench/bench_kernels.py --threads 1 --out bench/results/kernels_cpu_1thread.json
+    python bench/bench_kernels.py --sizes 1M,16M --repeats 21 --device cuda
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import hardware, summarise, versions
+from bench_common import hardware, summarise, versions
 
 from simigrad_compile.kernels import inductor_stats, ops, torch_stats
 

@@ -1,6 +1,6 @@
 """One graph with a symbolic batch (split at floor(B/2)) against the ladder: one static graph per micro-batch size.
 
-    PYTHONPATH=. python bench/split_symbolic_batch.py [--sizes 8 16 32 64] [--repeats 7] [--json PATH]
+    PYTHONPATH=. python bench/bench_split_symbolic_batch.py [--sizes 8 16 32 64] [--repeats 7] [--json PATH]
 
 Each mode compiles a small transformer (backend="simigrad", Inductor) in a fresh process with a fresh Inductor
 cache and warms every size up (the compile time is that warm-up), then times steps (forward+backward) size by
@@ -80,7 +80,7 @@ def main(argv=None) -> int:
                for mode, rs in runs.items()}
 
     sys.path.insert(0, HERE)
-    from common import hardware, versions
+    from bench_common import hardware, versions
 
     print(f"{'':>10} {'ladder':>10} {'symbolic':>10} {'ratio':>7}")
     l, s = results["ladder"], results["symbolic"]

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models import flat_grads
+from simigrad_testkit.models import flat_grads
 
 
 def loss_of(out):

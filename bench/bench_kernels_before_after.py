@@ -6,7 +6,7 @@
 second call timed (each starts from the cache state its own call leaves). Floors: ``torch.add(a, b, out=o)`` for
 split_stats_sum and shard_stats_mean, ``torch.dot(a, b)`` for pair_stats; naive: separate torch ops.
 
-    python bench/kernels_before_after.py --old /tmp/old --threads 1 --sizes 1,4,16,64 --repeats 41
+    python bench/bench_kernels_before_after.py --old /tmp/old --threads 1 --sizes 1,4,16,64 --repeats 41
 """
 
 from __future__ import annotations
