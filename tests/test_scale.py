@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 spec = importlib.util.spec_from_file_location("bench_scale", Path(__file__).parents[1] / "bench" / "bench_scale.py")
-scale = sys.modules["scale"] = importlib.util.module_from_spec(spec)
+scale = sys.modules["bench_scale"] = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(scale)
 
 C = scale.Cluster()
