@@ -212,7 +212,8 @@ class StatsRead:
         self.host = host
         """fp64 ``(dot, sq_norm_1, sq_norm_2)`` of the rows on the CPU."""
         self.sums = sums
-        """fp64 ``[3]`` ``(dot, sq_norm_1, sq_norm_2)`` of the rows on the accelerator, still there; None when there are none."""
+        """fp64 ``[3]`` ``(dot, sq_norm_1, sq_norm_2)`` of the rows on the accelerator, still there; None when
+        there are none."""
         self.mode, self.per_parameter, self.missing, self.unsplit, self.reason = (
             mode, per_parameter, missing, unsplit, reason)
 
@@ -222,7 +223,8 @@ class StatsRead:
         if self.sums is not None:
             more = self.sums.tolist() if sums is None else sums
             dot, sq_norm_1, sq_norm_2 = dot + more[0], sq_norm_1 + more[1], sq_norm_2 + more[2]
-        return SplitStats(dot, sq_norm_1, sq_norm_2, self.mode, self.per_parameter, self.missing, self.unsplit, self.reason)
+        return SplitStats(dot, sq_norm_1, sq_norm_2, self.mode, self.per_parameter, self.missing, self.unsplit,
+                          self.reason)
 
 
 def read_stats(model, reset: bool = False, per_parameter: bool = False) -> StatsRead:
@@ -289,9 +291,9 @@ def gradient_stats(model, reset: bool = False, per_parameter: bool = False) -> S
     ``model`` may be the compiled module, a DDP wrapper, the module they wrap, or an iterable of parameters
     (named ``param<i>``). ``reset=True`` zeroes the accumulators after reading, and forgets which graphs were
     left unsplit, so ``unsplit`` and ``reason`` describe the backwards since the previous reset (one step, when
-    the runtime reads once per step). ``per_parameter=True`` adds a name -> ``(dot, sq_norm_1, sq_norm_2)`` breakdown (a bucket of
-    parameters under DDP appears as one entry named by its parameters). The rows are summed on their device in
-    fp64 and copied to the host once.
+    the runtime reads once per step). ``per_parameter=True`` adds a name -> ``(dot, sq_norm_1, sq_norm_2)``
+    breakdown (a bucket of parameters under DDP appears as one entry named by its parameters). The rows are
+    summed on their device in fp64 and copied to the host once.
     """
     return read_stats(model, reset, per_parameter).result()
 

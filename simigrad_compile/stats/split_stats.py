@@ -1,4 +1,5 @@
-"""``SplitStats``: the value a statistics read returns (sums of ``(dot, sq_norm_1, sq_norm_2)`` on the host, and what they cover)."""
+"""``SplitStats``: the value a statistics read returns (the sums ``dot``, ``sq_norm_1``, ``sq_norm_2`` on the host,
+and what they cover)."""
 
 from __future__ import annotations
 
