@@ -237,7 +237,7 @@ def test_ops_that_mix_samples_are_refused(name):
 def test_a_failing_rewrite_becomes_a_named_refusal(monkeypatch):
     """Reintroduce the position-ids bug (the index side left whole): the pass's own check catches it, undoes the
     rewrite and names the refusal; the compile and the gradient are unaffected."""
-    from simigrad_compile.compile.passes import leaf_operands, split_backward
+    from simigrad_compile.compile.passes import leaf_operands, split_context
 
     original = leaf_operands.cuts_for
 
@@ -245,7 +245,7 @@ def test_a_failing_rewrite_becomes_a_named_refusal(monkeypatch):
         how, cuts = original(node, info_of)
         return how, {path: info for path, info in cuts.items() if len(path) == 1}  # drops cuts inside the index list
 
-    monkeypatch.setattr(split_backward, "cuts_for", index_left_whole)
+    monkeypatch.setattr(split_context, "cuts_for", index_left_whole)  # the rewrite's cuts; the analysis keeps its own
     torch.manual_seed(4)
     model, x = PositionIds(), torch.randn(B, 5, 4)
     got, stats = compile_and_step(model, (x,))
