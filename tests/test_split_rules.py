@@ -381,3 +381,23 @@ def test_sparse_embedding_gradients_are_refused_by_name(layer):
     compiled(torch.randint(0, 20, (4, 3))).pow(2).mean().backward()
     stats = simigrad_compile.gradient_stats(model, reset=True)
     assert stats.mode == "none" and "use sparse=False" in stats.unsplit["0.weight"]
+
+
+def test_arguments_are_found_by_schema_name_in_every_form_a_graph_passes_them():
+    """``op_args`` reads ``output_mask`` (position 10 in ``native_functions.yaml``'s schema) positionally, by
+    keyword, and falls back to the schema's default; ``with_argument`` keeps the form the call used."""
+    from simigrad_compile.compile.passes.op_args import argument, position, with_argument
+
+    aten = torch.ops.aten
+    assert position(aten.convolution_backward.default, "output_mask") == 10
+    assert position(aten._embedding_bag_backward.default, "scale_grad_by_freq") == 7
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    positional = graph.call_function(aten.index_put.default, (x, [x], x, True))
+    keyword = graph.call_function(aten.index_put.default, (x, [x], x), {"accumulate": True})
+    default = graph.call_function(aten.index_put.default, (x, [x], x))
+    assert [argument(n, "accumulate") for n in (positional, keyword, default)] == [True, True, False]
+    assert with_argument(positional, "accumulate", False) == ((x, [x], x, False), {})
+    assert with_argument(default, "accumulate", True) == ((x, [x], x), {"accumulate": True})
+    with pytest.raises(KeyError, match="no argument 'bogus'"):
+        argument(default, "bogus")
