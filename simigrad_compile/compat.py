@@ -94,3 +94,120 @@ def current_autograd_node():
 def graph_task_keeps_graph() -> bool:
     """Whether the running backward was called with ``retain_graph=True`` (or ``create_graph``)."""
     return torch._C._autograd._get_current_graph_task_keep_graph()
+
+
+# =====================================================================================================================
+# compile/ and stats/: the split pass's view of AOTAutograd, Dynamo and Inductor, and of nn.Module's registries
+# =====================================================================================================================
+
+
+def op_schema(target):
+    """The ``torch._C.FunctionSchema`` of an ATen overload (``aten.mm.default``), or None for any other target."""
+    return getattr(target, "_schema", None)
+
+
+def aot_gradient_slots(descs) -> dict:
+    """Primal index -> output slot of its gradient, from AOTAutograd's labels of the joint graph's outputs
+    (``output.meta["desc"]``: ``GradAOTOutput`` of a ``PlainAOTInput``)."""
+    return {d.grad_of.idx: j for j, d in enumerate(descs) if type(d).__name__ == "GradAOTOutput"
+            and type(getattr(d, "grad_of", None)).__name__ == "PlainAOTInput"}
+
+
+def aot_tangent_output(tangent_desc):
+    """The label of the forward output a tangent placeholder is the gradient of (None when unlabelled)."""
+    return getattr(tangent_desc, "output", None)
+
+
+def keep_in_backward(node: "torch.fx.Node") -> None:
+    """Tells the min-cut partitioner to compute ``node`` in the backward graph, never to save it."""
+    node.meta["partitioner_tag"] = "must_be_in_backward"
+
+
+def quiet_fake_tensor_log():
+    """A context that mutes FakeTensorMode's log of a kernel's exception (a probe that expects rejections)."""
+    import contextlib
+    import logging
+
+    @contextlib.contextmanager
+    def quiet():
+        logger = logging.getLogger("torch._subclasses.fake_tensor")
+        level = logger.level
+        logger.setLevel(logging.CRITICAL)
+        try:
+            yield
+        finally:
+            logger.setLevel(level)
+
+    return quiet()
+
+
+def dynamo_source(node: "torch.fx.Node"):
+    """The Dynamo ``Source`` a placeholder of Dynamo's graph was read from (None when not recorded)."""
+    return getattr(node.meta.get("grapharg"), "source", None)
+
+
+def source_is_local(source) -> bool:
+    """``source`` is a local variable of the compiled frame (``LocalSource``)."""
+    return type(source).__name__ == "LocalSource"
+
+
+def source_is_attribute(source) -> bool:
+    """``source`` is an attribute, a module's member, or a global (not data the caller passed in)."""
+    cls = type(source).__name__
+    return "Attr" in cls or "NNModule" in cls or "Global" in cls
+
+
+def source_base(source):
+    """The source ``source`` was derived from (its ``base``), None at a root."""
+    return getattr(source, "base", None)
+
+
+def foreach_copy_(dst, src) -> None:
+    """``dst[i].copy_(src[i])`` for every i, in one multi-tensor call."""
+    torch._foreach_copy_(dst, src)
+
+
+def module_registries(module: torch.nn.Module):
+    """``(parameters, children)``: the dicts an ``nn.Module`` keeps its direct parameters and submodules in."""
+    return module._parameters, module._modules
+
+
+_MISSING = object()
+
+
+def module_member(module: torch.nn.Module, name: str):
+    """``getattr(module, name, None)``, without ``nn.Module.__getattr__``'s costly miss where the class leaves
+    the lookup to it (a parameter, buffer or submodule is found in its registry)."""
+    cls = type(module)
+    if cls.__getattr__ is not torch.nn.Module.__getattr__ or hasattr(cls, name):
+        return getattr(module, name, None)
+    d = module.__dict__
+    value = d.get(name, _MISSING)
+    if value is not _MISSING:
+        return value
+    for registry in ("_parameters", "_buffers", "_modules"):
+        found = d.get(registry)
+        if found and name in found:
+            return found[name]
+    return None
+
+
+def compiled_original(module: torch.nn.Module):
+    """The module a ``torch.compile(module)`` wrapper (``OptimizedModule``) wraps (its ``_orig_mod``); None when
+    ``module`` has none."""
+    return module_member(module, "_orig_mod")
+
+
+def is_compile_wrapper(module: torch.nn.Module) -> bool:
+    """``module`` is the wrapper ``torch.compile(module)`` returns."""
+    return compiled_original(module) is not None and module_member(module, "dynamo_ctx") is not None
+
+
+def compiled_in_place(module: torch.nn.Module) -> bool:
+    """``module.compile()`` was called on ``module``."""
+    return module_member(module, "_compiled_call_impl") is not None
+
+
+def is_compiled_function(obj) -> bool:
+    """``obj`` is a function made by ``torch.compile``."""
+    return callable(obj) and hasattr(obj, "_torchdynamo_orig_callable")

@@ -11,6 +11,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from .. import compat
 from ..kernels import pair_stats
 from .split_stats import SplitStats
 
@@ -42,7 +43,7 @@ class MicrostepStats:
                 src.append(grad)
             taken[id(p)] = copy
         if dst:
-            torch._foreach_copy_(dst, src)
+            compat.foreach_copy_(dst, src)
         self._taken = taken
         if len(copies) > len(taken):  # else every copy is of a parameter that has a gradient now
             live = {id(p) for p in params}
@@ -63,9 +64,9 @@ class MicrostepStats:
         self.total_sq = None
         if not own:  # no gradient at all: no statistics
             return SplitStats(float("nan"), float("nan"), float("nan"), "none")
-        (dot, a, b), self.total_sq = _pair_rows(own, total, n_last / n_mid, -1.0)
+        (dot, sq_norm_1, sq_norm_2), self.total_sq = _pair_rows(own, total, n_last / n_mid, -1.0)
         s1, s2 = n_mid / n1, n_mid / n2
-        return SplitStats(dot * s1 * s2, a * s1 * s1, b * s2 * s2, "microsteps")
+        return SplitStats(dot * s1 * s2, sq_norm_1 * s1 * s1, sq_norm_2 * s2 * s2, "microsteps")
 
 
 def _pair_rows(own: List[torch.Tensor], total: List[torch.Tensor], alpha: float,
