@@ -25,6 +25,11 @@ and the calls are counted (:attr:`Region.unbound_calls`, and a log line per regi
 Every backward through the node records: a second ``backward(retain_graph=True)`` or a
 ``torch.autograd.grad`` adds its ``(d, a, b)`` to the sink like a second backward adds to ``.grad``.
 
+Known limit: a parameter whose gradient is the sum of two nodes' gradients (one graph called twice with the same
+parameters in one forward, or one parameter an input of two graphs) gets the sum of each node's ``(d, a, b)``,
+without the cross terms ``g1(1).g2(2) + g1(2).g2(1)`` (``tests/test_region_binding.py`` holds it as a strict
+xfail).
+
 A graph loaded from a warm cache in another process records into that process's sinks (the graph holds only
 primal indices). Under compiled autograd the ops run outside any node and their rows are dropped, with a
 warning.
