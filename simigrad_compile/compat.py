@@ -96,6 +96,35 @@ def graph_task_keeps_graph() -> bool:
     return torch._C._autograd._get_current_graph_task_keep_graph()
 
 
+def autograd_sequence_nr() -> int:
+    """The sequence number the next autograd node created on this thread will get (numbers only grow, per thread;
+    ``AccumulateGrad`` nodes carry the largest integer instead)."""
+    return torch._C._autograd._get_sequence_nr()
+
+
+def node_sequence_nr(node) -> int:
+    return node._sequence_nr()
+
+
+_COMPILED_FUNCTION = "CompiledFunction"  # AOTAutograd's autograd.Function, one class per compiled graph
+
+
+def compiled_function_of(node):
+    """AOTAutograd's ``CompiledFunction`` class whose backward ``node`` is; None for any other node (its double
+    backward's node included)."""
+    cls = getattr(node, "_forward_cls", None)
+    return cls if getattr(cls, "__name__", None) == _COMPILED_FUNCTION else None
+
+
+def backward_single_use(compiled_function) -> bool:
+    """Whether AOTAutograd already compiled this ``CompiledFunction``'s backward with donated buffers: it may
+    overwrite the tensors it saved, so it runs once per forward. (A backward first compiled under
+    ``retain_graph=True`` donates nothing.) Read with defaults: a torch without these attributes reads False."""
+    metadata = getattr(compiled_function, "metadata", None)
+    return (getattr(compiled_function, "compiled_bw", None) is not None
+            and bool(getattr(metadata, "bw_donated_idxs", None)))
+
+
 # =====================================================================================================================
 # compile/ and stats/: the split pass's view of AOTAutograd, Dynamo and Inductor, and of nn.Module's registries
 # =====================================================================================================================
