@@ -240,3 +240,8 @@ def compiled_in_place(module: torch.nn.Module) -> bool:
 def is_compiled_function(obj) -> bool:
     """``obj`` is a function made by ``torch.compile``."""
     return callable(obj) and hasattr(obj, "_torchdynamo_orig_callable")
+
+
+def current_graph_task_id() -> int:
+    """The id of the backward pass (autograd graph task) running on this thread; -1 outside a backward."""
+    return torch._C._current_graph_task_id()

@@ -17,6 +17,7 @@ import torch
 
 from .. import compat
 from .compiled_once import chain_unchanged, check_compiled_once, checked_chain
+from .repeated_rows import REASON as REPEATED, Add, repeated_parameters
 from .split_stats import SplitStats
 
 log = logging.getLogger("simigrad_compile")
@@ -40,6 +41,8 @@ class Sink:
         self.count = 0
         self.unsplit: Dict[str, str] = {}
         """Parameters a split pass left whole in a graph that ran since the last reset, with the reason."""
+        self.adds: List[Add] = []
+        """The adds made inside a backward pass since the last reset (:mod:`.repeated_rows`)."""
         _SINKS.add(self)
         _created += 1
 
@@ -47,6 +50,9 @@ class Sink:
         """Add ``rows`` (``[k, 3]``) to groups ``index`` (default: all groups, in order). After a reset the
         accumulator is stale: the first add writes every group it covers and zeroes the rest (no zeroing op at
         the reset, which runs once per step)."""
+        task = compat.current_graph_task_id()
+        if task >= 0:
+            self.adds.append((task, None if index is None else tuple(index)))
         rows = rows.detach()
         if rows.dtype != torch.float32:
             rows = rows.to(torch.float32)
@@ -91,6 +97,8 @@ class Sink:
 
     def reset(self) -> None:
         self.count = 0  # the accumulator is stale from now on (see add)
+        if self.adds:
+            self.adds = []
         if self.unsplit:
             self.unsplit = {}
 
@@ -234,6 +242,7 @@ def read_stats(model, reset: bool = False, per_parameter: bool = False) -> Stats
     host, total = [0.0, 0.0, 0.0], None
     breakdown: Dict[str, Tuple[float, float, float]] = {}
     unsplit, modes, idle, sinks = {}, set(), [], 0
+    repeated = _repeated(model_rows.entries)
     for entry in model_rows.entries:
         sink = entry.sink()
         if sink is None:
@@ -248,16 +257,25 @@ def read_stats(model, reset: bool = False, per_parameter: bool = False) -> Stats
                 sink.reset()
             continue
         modes.add(sink.mode)
+        use, dropped = entry.rows, ()
+        if repeated:
+            dropped = [i for i, ids in entry.groups if repeated.intersection(ids)]
+            if dropped:
+                use = [i for i, _ in entry.groups if i not in dropped]
+                unsplit.update({model_rows.owned[k]: REPEATED for i, ids in entry.groups if i in dropped
+                                for k in ids})
         rows = acc.tolist() if acc.is_cpu or per_parameter else None  # fp32 values are exact as floats
         if acc.is_cpu:
-            for j, column in enumerate(zip(*(rows if entry.rows is None else [rows[i] for i in entry.rows]))):
+            for j, column in enumerate(zip(*(rows if use is None else [rows[i] for i in use]))):
                 host[j] += sum(column)
-        else:
-            part = (acc if entry.rows is None else acc.index_select(0, sink.index(entry.rows, acc.device))).sum(
+        elif use is None or use:
+            part = (acc if use is None else acc.index_select(0, sink.index(use, acc.device))).sum(
                 0, dtype=torch.float64)
             total = part if total is None else total + part.to(total.device)
         if per_parameter:
             for i, ids in entry.groups:
+                if i in dropped:
+                    continue
                 key = ",".join(owned[k] for k in ids)
                 prev = breakdown.get(key, (0.0, 0.0, 0.0))
                 breakdown[key] = tuple(x + y for x, y in zip(prev, rows[i]))
@@ -273,6 +291,15 @@ def read_stats(model, reset: bool = False, per_parameter: bool = False) -> Stats
         log.warning("simigrad: %d parameter(s) have gradients but no statistics: %s", len(missing), ", ".join(missing))
     mode = "+".join(sorted(modes)) if modes else "none"
     return StatsRead(host, total, mode, breakdown if per_parameter else None, missing, unsplit, reason)
+
+
+def _repeated(entries: List[_Entry]) -> set:
+    """Parameter ids with rows from several backward nodes of one backward pass (:mod:`.repeated_rows`)."""
+    live = [(e, e.sink()) for e in entries]
+    if not any(sink is not None and sink.adds for _, sink in live):
+        return set()
+    return repeated_parameters((len(sink.names), sink.adds, dict(e.groups)) for e, sink in live
+                               if sink is not None and sink.count and sink.adds)
 
 
 def _with_grad(named, covered) -> Tuple[str, ...]:
