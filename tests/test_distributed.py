@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from simigrad_compile.distributed.hook import bucket_row, unscale
-from simigrad_compile.distributed.layout import check_counts, make_layout, make_weights
+from simigrad_compile.distributed.fsdp import relay
+from simigrad_compile.distributed.layout import check_counts, make_layout, make_weights, owner_plan
 from simigrad_compile.kernels import torch_stats
 from simigrad_compile.stats.gradient_stats import Sink
 
@@ -91,6 +92,59 @@ def test_hook_bucket_arithmetic_against_fp64():
     scale = (0.5, 0.25, 4.0)
     assert torch.allclose(unscale(row[None], scale)[0].double(), want / torch.tensor(scale, dtype=torch.float64),
                           rtol=1e-5)
+
+
+
+def _simulate_owner_reduce_scatter(world, c, counts, gen):
+    """Every rank of the FSDP owner exchange in one process (sums in place of the half reduce-scatters and the
+    sends): the shards each rank keeps and the summed (d, a, b) rows of the shard pairs."""
+    xs = [torch.randn(world, c, generator=gen, dtype=torch.float64) for _ in range(world)]
+    lays = [make_layout(world, r) for r in range(world)]
+    plans = [owner_plan(lay, c) for lay in lays]
+    rows = []
+    for r, (lay, plan) in enumerate(zip(lays, plans)):
+        out = torch.full((world * plan.shard,), float("nan"), dtype=torch.float64)
+        relay(xs[r], out, lay, plan, make_weights(lay, counts).own, lambda n: torch.empty(n, dtype=torch.float64))
+        rows.append(out)
+    reduced = {}
+    for half in (lays[0].half_a, lays[0].half_b):
+        total = sum(rows[r] for r in half).view(len(half), -1)
+        reduced.update({r: total[i] for i, r in enumerate(half)})
+    kept, stats = {}, torch.zeros(3, dtype=torch.float64)
+    for r, (lay, plan) in enumerate(zip(lays, plans)):
+        own, received = reduced[r][: plan.shard], torch.full((plan.shard,), float("nan"), dtype=torch.float64)
+        for t in plan.transfers:
+            theirs = next(u for u in plans[t.peer].transfers if u.segment == t.segment)
+            piece = reduced[t.peer][plans[t.peer].shard :]
+            received[t.recv[0] : t.recv[1]] = piece[theirs.send[0] : theirs.send[1]]
+        a, b = (own, received) if lay.in_a else (received, own)
+        kept[r] = ((a + b) / 2)[:c]
+        stats += torch.stack([a @ b, a @ a, b @ b])
+    return xs, kept, unscale(stats[None], make_weights(lays[0], counts).stats_scale)[0], plans
+
+
+@pytest.mark.parametrize("world", [2, 3, 4, 5, 6, 7])
+@pytest.mark.parametrize("c", [1, 5, 12])
+def test_fsdp_owner_exchange_against_fp64(world, c):
+    """The FSDP owner plan: each rank keeps the sample-weighted mean of its own shard, the statistics are those of
+    the two halves' weighted means, and every rank sends a ring reduce-scatter's elements (of the padded shard)."""
+    gen = torch.Generator().manual_seed(world * 100 + c)
+    counts = [1 + (3 * r) % 5 for r in range(world)]
+    xs, kept, stats, plans = _simulate_owner_reduce_scatter(world, c, counts, gen)
+    n, half = sum(counts), world // 2
+    for r in range(world):
+        want = sum(counts[q] * xs[q][r] for q in range(world)) / n
+        assert torch.allclose(kept[r], want, rtol=1e-12, atol=1e-12), r
+    g1 = sum(counts[q] * xs[q] for q in range(half)).flatten() / sum(counts[:half])
+    g2 = sum(counts[q] * xs[q] for q in range(half, world)).flatten() / sum(counts[half:])
+    assert torch.allclose(stats, torch.stack([g1 @ g2, g1 @ g1, g2 @ g2]), rtol=1e-12)
+    m = world // 2
+    for plan in plans:
+        assert plan.sent == (world - 1) * plan.shard
+        assert c <= plan.shard < c + (1 if world % 2 == 0 else m * (m + 1))
+        covered = sorted(i for t in plan.transfers for i in range(*t.recv))
+        assert covered == list(range(plan.shard))
+        assert sorted(i for t in plan.transfers for i in range(*t.send)) == list(range(plan.piece))
 
 
 LAUNCHES = {

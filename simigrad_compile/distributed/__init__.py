@@ -49,7 +49,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from .fsdp import enable_fsdp
+from .fsdp import enable_fsdp, fsdp_split
 from .hook import SplitReduction, ddp_hook
 from .layout import make_layout
 
@@ -98,11 +98,15 @@ def reduction(model: torch.nn.Module) -> Optional[SplitReduction]:
 
 
 def set_sample_counts(model: torch.nn.Module, counts: Optional[Sequence[int]]) -> None:
-    """Per-rank sample counts for the coming steps (the same list on every rank); ``None`` restores equal."""
-    state = reduction(model)
+    """Per-rank sample counts for the coming steps (the same list on every rank); ``None`` restores equal.
+    ``model``: a DDP model given to :func:`enable_ddp`, or an FSDP2 root given to :func:`enable_fsdp`."""
+    state = fsdp_split(model)
     if state is None:
-        raise RuntimeError("simigrad ddp: set_sample_counts needs enable_ddp(model) first (world size >= 2)")
+        state = reduction(model)
+    if state is None:
+        raise RuntimeError("simigrad: set_sample_counts needs enable_ddp(model) or enable_fsdp(model) first "
+                           "(world size >= 2)")
     state.set_sample_counts(counts)
 
 
-__all__ = ["enable_ddp", "enable_fsdp", "reduction", "set_sample_counts", "SplitReduction"]
+__all__ = ["enable_ddp", "enable_fsdp", "fsdp_split", "reduction", "set_sample_counts", "SplitReduction"]
