@@ -63,6 +63,8 @@ class FsdpSplit:
         self.sink = Sink("ranks", [[(names[id(p)], p) for p in unit_params(u)] for u in units])
         self.pending: Optional[torch.Tensor] = None
         self.pending_units: set = set()
+        self.shards: Dict[int, int] = {}
+        """Unit -> the ``c`` (elements a rank keeps) of its last reduce-scatter."""
         self._plans: Dict[int, OwnerPlan] = {}
         self._buffers: Dict[tuple, torch.Tensor] = {}
 
@@ -173,7 +175,7 @@ class SplitReduceScatter:
                 f"simigrad fsdp: reduce-scatter over {group.size()} of {lay.world} ranks (HSDP or a sub-mesh): "
                 "the split needs FSDP to shard over the whole world")
         scale = _output_scale(op, input_tensor.dtype, lay.world)
-        c = output_tensor.numel()
+        c = sp.shards[unit] = output_tensor.numel()
         plan = sp.plan(c)
         rows = sp.buffer(unit, "rows", lay.world * plan.shard, input_tensor)
         relay(input_tensor.view(lay.world, c), rows, lay, plan, sp.weights.own,
@@ -206,7 +208,7 @@ def enable_fsdp(root: torch.nn.Module) -> Optional[FsdpSplit]:
     if world == 1:
         log.info("simigrad fsdp: world size 1, no ranks to split: using the single-process group modes")
         return None
-    units = [m for m in root.modules() if isinstance(m, FSDPModule)]
+    units = [m for m in root.modules() if isinstance(m, FSDPModule) and unit_params(m)]
     if not units:
         raise TypeError("simigrad fsdp: no fully_shard unit in the model: call fully_shard(...) before enable_fsdp")
     layout = make_layout(world, dist.get_rank())
