@@ -147,22 +147,36 @@ def test_fsdp_owner_exchange_against_fp64(world, c):
         assert sorted(i for t in plan.transfers for i in range(*t.send)) == list(range(plan.piece))
 
 
+FSDP = ["fsdp", "fsdp_uneven", "fsdp_bf16"]
 LAUNCHES = {
     1: ["world1"],
-    2: ["collectives", "mlp", "mlp_same_data", "transformer", "nosync", "bf16", "fp16", "uneven", "bytes", "compiled", "fsdp", "runtime"],
-    3: ["collectives", "mlp", "transformer", "nosync", "bf16", "uneven", "bytes", "runtime"],
-    4: ["collectives", "mlp", "transformer", "nosync", "bf16", "uneven", "bytes", "fsdp"],
+    2: ["collectives", "mlp", "mlp_same_data", "transformer", "nosync", "bf16", "fp16", "uneven", "bytes", "compiled", *FSDP, "runtime"],
+    3: ["collectives", "mlp", "transformer", "nosync", "bf16", "uneven", "bytes", *FSDP, "runtime"],
+    4: ["collectives", "mlp", "transformer", "nosync", "bf16", "uneven", "bytes", *FSDP],
 }
+
+
+def _launch(world, checks, **env):
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **env)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
+           "-m", "simigrad_testkit.dist_worker", *checks]
+    proc = subprocess.run(cmd, cwd=HERE, env=env, capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-6000:]
+    done = [line.split()[1] for line in proc.stdout.splitlines() if line.startswith("CHECK ")]
+    assert done == list(checks), out[-6000:]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("world", sorted(LAUNCHES))
 def test_distributed_checks(world):
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
-           "-m", "simigrad_testkit.dist_worker", *LAUNCHES[world]]
-    proc = subprocess.run(cmd, cwd=HERE, env=env, capture_output=True, text=True, timeout=300)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-6000:]
-    done = [line.split()[1] for line in proc.stdout.splitlines() if line.startswith("CHECK ")]
-    assert done == LAUNCHES[world], out[-6000:]
+    _launch(world, LAUNCHES[world])
+
+
+@pytest.mark.slow
+def test_fsdp_checkpoint_resumes_at_other_world_sizes(tmp_path):
+    """DCP checkpoint of FSDP2 + split reduce-scatter + Adam saved at 2 ranks (and resumed there bit for bit),
+    loaded at 3 and at 4 ranks: the same state bit for bit, then right gradients and statistics."""
+    _launch(2, ["fsdp_dcp_save"], SIMIGRAD_FSDP_CKPT=str(tmp_path))
+    for world in (3, 4):
+        _launch(world, ["fsdp_dcp_load"], SIMIGRAD_FSDP_CKPT=str(tmp_path))
