@@ -147,7 +147,7 @@ def test_fsdp_owner_exchange_against_fp64(world, c):
         assert sorted(i for t in plan.transfers for i in range(*t.send)) == list(range(plan.piece))
 
 
-FSDP = ["fsdp", "fsdp_uneven", "fsdp_bf16"]
+FSDP = ["fsdp", "fsdp_uneven", "fsdp_bf16", "fsdp_bf16_reduce", "fsdp_accum"]
 LAUNCHES = {
     1: ["world1"],
     2: ["collectives", "mlp", "mlp_same_data", "transformer", "nosync", "bf16", "fp16", "uneven", "bytes", "compiled", *FSDP, "runtime"],

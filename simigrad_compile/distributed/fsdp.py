@@ -177,9 +177,14 @@ class SplitReduceScatter:
         scale = _output_scale(op, input_tensor.dtype, lay.world)
         c = sp.shards[unit] = output_tensor.numel()
         plan = sp.plan(c)
-        rows = sp.buffer(unit, "rows", lay.world * plan.shard, input_tensor)
-        relay(input_tensor.view(lay.world, c), rows, lay, plan, sp.weights.own,
-              lambda n: sp.buffer(unit, "padded", n, input_tensor))
+        w = sp.weights.own
+        if plan.half == 1 and lay.in_a and plan.shard == c:
+            rows = input_tensor  # already [own shard | the other half's shards]: scaled in place
+            rows.zero_() if w == 0.0 else (rows.mul_(w) if w != 1.0 else None)
+        else:
+            rows = sp.buffer(unit, "rows", lay.world * plan.shard, input_tensor)
+            relay(input_tensor.view(lay.world, c), rows, lay, plan, w,
+                  lambda n: sp.buffer(unit, "padded", n, input_tensor))
         reduced = rows
         if plan.half > 1:
             reduced = sp.buffer(unit, "reduced", plan.shard + plan.piece, input_tensor)
