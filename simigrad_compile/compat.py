@@ -94,3 +94,8 @@ def current_autograd_node():
 def graph_task_keeps_graph() -> bool:
     """Whether the running backward was called with ``retain_graph=True`` (or ``create_graph``)."""
     return torch._C._autograd._get_current_graph_task_keep_graph()
+
+
+def queue_backward_callback(fn) -> None:
+    """Run ``fn`` when the current backward's graph task finishes (after the callbacks queued before it)."""
+    torch.autograd.Variable._execution_engine.queue_callback(fn)

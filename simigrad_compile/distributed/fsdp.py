@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule
 
+from .. import compat
 from .collectives import post_swap, reduce_scatter, wait_all
 from .hook import _shard_stats_mean, unscale
 from .layout import Layout, OwnerPlan, Weights, check_counts, make_layout, make_weights, owner_plan
@@ -95,7 +96,7 @@ class FsdpSplit:
     def record(self, unit: int, stats: torch.Tensor) -> None:
         if self.pending is None:
             self.pending = torch.zeros(len(self.sink.names), 3, dtype=torch.float32, device=stats.device)
-            torch.autograd.Variable._execution_engine.queue_callback(self.fold)
+            compat.queue_backward_callback(self.fold)
         self.pending[unit] += stats.reshape(3).to(torch.float32)
         self.pending_units.add(unit)
 
@@ -180,7 +181,10 @@ class SplitReduceScatter:
         w = sp.weights.own
         if plan.half == 1 and lay.in_a and plan.shard == c:
             rows = input_tensor  # already [own shard | the other half's shards]: scaled in place
-            rows.zero_() if w == 0.0 else (rows.mul_(w) if w != 1.0 else None)
+            if w == 0.0:
+                rows.zero_()
+            elif w != 1.0:
+                rows.mul_(w)
         else:
             rows = sp.buffer(unit, "rows", lay.world * plan.shard, input_tensor)
             relay(input_tensor.view(lay.world, c), rows, lay, plan, w,
