@@ -37,7 +37,8 @@ Rules:
   logged. A half with no samples gives NaN statistics (logged), which the controller skips.
 * Accumulation: under ``no_sync`` DDP calls no hook; the boundary's backward reduces the accumulated buckets.
 * bf16/fp16 buckets: communication in the bucket dtype, statistics accumulated in fp32 by the kernel.
-* Sharded gradients (FSDP2): :mod:`.distributed_fsdp` (reduce-scatter only, no all-gather).
+* Sharded gradients (FSDP2): :func:`enable_fsdp` (:mod:`.fsdp`): the reduce-scatter only, no all-gather; any
+  world size, the same halves and weights, :func:`set_sample_counts` too (docs/distributed.md).
 """
 
 from __future__ import annotations

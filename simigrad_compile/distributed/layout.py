@@ -9,6 +9,8 @@ chunk ranges overlap exchanges exactly the overlap (a *segment*), so both see th
     N = 3:  A = {0},    B = {1, 2}, L = 2:  segments (0,1): chunk 0, (0,2): chunk 1
 
 The A side of a segment records its statistics (each element is counted once in the world-wide sum).
+FSDP's reduce-scatter, where each rank keeps only its own shard of the mean, uses the same halves and segments
+(:class:`OwnerPlan`).
 
 Weights: rank ``r`` with ``n_r`` of the step's ``n`` samples scales its local gradient by ``w_r = 2 n_r / n``
 before the reduction. The shard pair is then ``(alpha g1, beta g2)`` with ``alpha = 2 n_A / n``,
