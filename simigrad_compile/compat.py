@@ -245,3 +245,8 @@ def is_compiled_function(obj) -> bool:
 def current_graph_task_id() -> int:
     """The id of the backward pass (autograd graph task) running on this thread; -1 outside a backward."""
     return torch._C._current_graph_task_id()
+
+
+def queue_backward_callback(fn) -> None:
+    """Run ``fn`` when the current backward's graph task finishes (after the callbacks queued before it)."""
+    torch.autograd.Variable._execution_engine.queue_callback(fn)

@@ -1,23 +1,20 @@
 """Data-parallel SimiGrad for the bytes of plain DDP: ``enable_ddp(ddp_model)``.
 
-Group mode ``ranks``: ``g1`` and ``g2`` are the mean gradients of the first and second half of the ranks.
-Per DDP bucket of S bytes on N ranks (ring bytes each rank sends):
+Group mode ``ranks``: ``g1`` and ``g2`` are the mean gradients of the first and second half of the ranks
+(DESIGN.md section 3). Per DDP bucket of S bytes on N ranks (ring bytes each rank sends):
 
 1. reduce-scatter inside the rank's half                        S (N-2)/N
 2. swap of the shard with the partner rank (r <-> r + N/2)       2S/N
-3. ``kernels.shard_stats_mean(shard_A, shard_B, out=shard)``: fp32 ``(g1.g2, |g1|^2, |g2|^2)`` of the shard
-   pair and the mean shard, one pass
+3. ``kernels.shard_stats_mean(shard_A, shard_B, out=shard)``: fp32 ``(d, a, b)`` and the mean shard, one pass
 4. all-gather inside the half                                   S (N-2)/N
 
 which is ``2S(N-1)/N``, a plain ring all-reduce (measured on loopback too: ``bench/bench_ddp.py``). The stages run in
-one worker thread (:mod:`.hook`), bucket after bucket, while the backward goes on. The per-bucket ``[buckets, 3]``
-fp32 rows are summed once per step, after the step's last bucket and before ``backward()`` returns (DDP waits on
-the hook's futures). At an even world both partners compute the same rows from the same shard pair, so the rows
-are summed inside a half only: nothing at world 2, one swap with the half's other rank at world 4 on gloo, an
-all-gather inside the half otherwise; at an odd world, one all-reduce over the world of the rows each rank
-counted (:meth:`.hook.SplitReduction._start_fold`). Every rank records identical values, so ``gradient_stats(ddp_model)`` is the same everywhere with no collective
-at read time. Scratch memory, kept across steps: the shard and the received shard per bucket (``2S/N`` at
-N >= 4, S at N = 2), plus a padded copy where a bucket does not divide into the layout's chunks.
+one worker thread (:mod:`.hook`), bucket after bucket, while the backward goes on. The per-bucket rows are
+folded by one all-reduce of a ``[buckets, 3]`` fp32 tensor per step (none at world 2, where both ranks compute
+every row), issued after the step's last bucket and completed before ``backward()`` returns (DDP waits on the
+hook's futures): every rank records identical values, so ``gradient_stats(ddp_model)`` is the same everywhere
+with no collective at read time. Scratch memory, kept across steps: the shard and the received shard per bucket (``2S/N`` at N >= 4, S at
+N = 2), plus a padded copy where a bucket does not divide into the layout's chunks.
 
 Why a comm hook rather than rewriting collectives in the graph: it is DDP's official per-bucket API; it works
 unchanged under eager DDP and ``torch.compile(ddp)`` (DDPOptimizer keeps DDP's reducer and its buckets); its
@@ -32,7 +29,7 @@ Rules:
   backend's single-process modes ``batch``/``microsteps`` apply).
 * Odd world size: halves of ``floor(N/2)`` and ``ceil(N/2)`` ranks, each group the sample-weighted mean of its
   ranks; the bucket is padded to a multiple of ``lcm`` of the half sizes so that both halves reduce-scatter
-  equal shards, and each overlapping (A, B) pair exchanges its overlap (:mod:`.layout`). No rank is
+  equal shards, and each overlapping (A, B) pair exchanges its overlap (:mod:`.distributed_layout`). No rank is
   left out; the total bytes equal plain DDP's, the busiest rank sends ``1 + 1/(4m(m+1))`` times plain's
   (``N = 2m + 1``).
 * Uneven batches: :func:`set_sample_counts` (the runtime calls it; default equal). The gradient is then
@@ -40,7 +37,8 @@ Rules:
   logged. A half with no samples gives NaN statistics (logged), which the controller skips.
 * Accumulation: under ``no_sync`` DDP calls no hook; the boundary's backward reduces the accumulated buckets.
 * bf16/fp16 buckets: communication in the bucket dtype, statistics accumulated in fp32 by the kernel.
-* Sharded gradients (FSDP2): :mod:`.fsdp` (reduce-scatter only, no all-gather).
+* Sharded gradients (FSDP2): :func:`enable_fsdp` (:mod:`.fsdp`): the reduce-scatter only, no all-gather; any
+  world size, the same halves and weights, :func:`set_sample_counts` too (docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -52,7 +50,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from .fsdp import enable_fsdp
+from .fsdp import enable_fsdp, fsdp_split
 from .hook import SplitReduction, ddp_hook
 from .layout import make_layout
 
@@ -101,11 +99,15 @@ def reduction(model: torch.nn.Module) -> Optional[SplitReduction]:
 
 
 def set_sample_counts(model: torch.nn.Module, counts: Optional[Sequence[int]]) -> None:
-    """Per-rank sample counts for the coming steps (the same list on every rank); ``None`` restores equal."""
-    state = reduction(model)
+    """Per-rank sample counts for the coming steps (the same list on every rank); ``None`` restores equal.
+    ``model``: a DDP model given to :func:`enable_ddp`, or an FSDP2 root given to :func:`enable_fsdp`."""
+    state = fsdp_split(model)
     if state is None:
-        raise RuntimeError("simigrad ddp: set_sample_counts needs enable_ddp(model) first (world size >= 2)")
+        state = reduction(model)
+    if state is None:
+        raise RuntimeError("simigrad: set_sample_counts needs enable_ddp(model) or enable_fsdp(model) first "
+                           "(world size >= 2)")
     state.set_sample_counts(counts)
 
 
-__all__ = ["enable_ddp", "enable_fsdp", "reduction", "set_sample_counts", "SplitReduction"]
+__all__ = ["enable_ddp", "enable_fsdp", "fsdp_split", "reduction", "set_sample_counts", "SplitReduction"]
