@@ -17,8 +17,9 @@ from collections import Counter
 from typing import Dict, Iterable, Optional, Sequence, Set, Tuple
 
 REASON = ("its gradient sums several backward nodes of one backward pass (a compiled graph called twice, or a "
-          "parameter used in two compiled graphs): the statistics of that sum need cross terms no node sees; "
-          "compile the whole model as one graph, or use group_mode='microsteps'")
+          "parameter shared by graphs that a graph break separates): the statistics of that sum need cross terms "
+          "no node sees. Fix: remove the graph break between the uses (torch._dynamo.explain names it), compile "
+          "with fullgraph=True, or use group_mode='microsteps'")
 
 Add = Tuple[int, Optional[Tuple[int, ...]]]
 """One :meth:`Sink.add` inside a backward pass: ``(graph task id, rows)``, rows None for every row."""
