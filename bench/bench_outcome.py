@@ -23,9 +23,10 @@ from pathlib import Path
 RUNS = ("fixed", "simigrad", "gns", "adascale")
 
 
-def reach(curve, loss):
-    """Samples at the first evaluation with a validation loss <= ``loss``; None when never."""
-    return next((s for s, v in curve if v <= loss), None)
+def reach(curve, loss, rtol=1e-4):
+    """Samples at the first evaluation with a validation loss <= ``loss * (1 + rtol)`` (``rtol``: run-to-run
+    rounding of identical runs); None when never."""
+    return next((s for s, v in curve if v <= loss * (1 + rtol)), None)
 
 
 def main(argv=None) -> int:
@@ -35,6 +36,8 @@ def main(argv=None) -> int:
     p.add_argument("--runs", nargs="+", default=list(RUNS), choices=RUNS)
     p.add_argument("--compiler", default="inductor", choices=("inductor", "aot_eager", "eager"))
     p.add_argument("--eval-points", type=int, default=8)
+    p.add_argument("--fixed-loss", type=float, default=None,
+                   help="the fixed-B0 run's final loss, when --runs leaves 'fixed' out (for 'reached fixed')")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
 
@@ -48,7 +51,7 @@ def main(argv=None) -> int:
     val = validation_batches(val_set, s.eval_sequences)
     rows = []
     for seed in args.seeds:
-        fixed_loss = None
+        fixed_loss = args.fixed_loss
         for kind in args.runs:
             os.environ["SIMIGRAD_CONTROLLER"] = "simigrad" if kind == "fixed" else kind
             top = s.batch_size if kind == "fixed" else s.max_batch_size
