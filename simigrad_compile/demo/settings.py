@@ -39,6 +39,8 @@ class DemoSettings:
     """The simigrad backend's code generator; ``aot_eager`` skips Inductor (fast compile, slow steps); ``eager``
     compiles nothing (the runtime then splits the micro-steps: accumulation >= 2, so B0 needs a rung of B0/2)."""
     progress: bool = True
+    smoke: bool = False
+    """A ``--quick`` run: too few samples and too small a model for its verdicts to mean anything."""
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -48,5 +50,11 @@ class DemoSettings:
 
 
 QUICK = dict(samples=192, batch_size=4, micro_batch_sizes=(4,), max_batch_size=64, dim=32, layers=1, heads=2,
-             context=32, eval_sequences=16, eval_points=2, compiler="aot_eager")
+             context=32, eval_sequences=16, eval_points=2, compiler="aot_eager", smoke=True)
 """``--quick``: a smoke run of seconds, not a measurement."""
+
+COST_FULL = ("measured on 2 idle CPU cores: about 1.5 minutes per seed with a warm compile cache, "
+             "<!--COLD--> the first time (Inductor compiles); several times longer on a loaded machine")
+"""The demo's cost, printed at its start (README "Install" gives the same figures)."""
+COST_QUICK = "a smoke run: <!--QUICK--> here; its verdicts mean nothing at this size"
+"""``--quick``'s cost, printed at its start."""
