@@ -115,10 +115,11 @@ def train_run(name: str, settings: DemoSettings, train_set, val_batches: list, s
                     result.curve.append((samples, evaluate(model, val_batches)))
                     result.eval_s += time.perf_counter() - t
                     if bar.disable and is_reporting_rank():
-                        elapsed = time.perf_counter() - start
+                        elapsed = time.perf_counter() - start - result.eval_s
+                        stepping = elapsed - (compile_seconds() - compile_start)  # the rate without the compiles
                         print(f"{name}: {samples}/{s.samples} seq, val loss {result.curve[-1][1]:.4f}, "
                               f"B {record['batch_size']}, step {record['step']}, {elapsed:.0f} s, "
-                              f"{_eta(elapsed, samples, s.samples)}", flush=True)
+                              f"{_eta(stepping, samples, s.samples)}", flush=True)
                     next_eval += s.samples / s.eval_points
                 if samples >= s.samples:
                     break
@@ -151,7 +152,7 @@ def is_reporting_rank() -> bool:
 
 
 def _eta(elapsed: float, done: int, total: int) -> str:
-    """The time left in this run at the rate so far (compiles included, so early estimates run high)."""
+    """The time left in this run at the rate of its first ``done`` samples, which took ``elapsed`` seconds."""
     if done <= 0 or done >= total:
         return "done" if done >= total else "ETA unknown"
     return f"about {elapsed * (total - done) / done:.0f} s left in this run"
