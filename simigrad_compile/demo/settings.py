@@ -1,4 +1,4 @@
-"""The demo's knobs, with defaults sized to finish three runs in about 6 minutes on 2 CPU cores.
+"""The demo's knobs, with defaults sized to finish three runs in about 1.5 minutes on 2 idle CPU cores (warm cache).
 
 The model is small (d=64, context 64: about 0.1M parameters) so that 36k sequences per run fit the time; with
 d=128 and context 128 only about 12k sequences fit, a regime where every run is still limited by its number of
@@ -57,8 +57,8 @@ QUICK = dict(samples=192, batch_size=4, micro_batch_sizes=(4,), max_batch_size=6
              context=32, eval_sequences=16, eval_points=2, compiler="aot_eager", threads=1, smoke=True)
 """``--quick``: a smoke run of seconds, not a measurement."""
 
-COST_FULL = ("measured on 2 idle CPU cores: about 1.5 minutes per seed with a warm compile cache, "
-             "<!--COLD--> the first time (Inductor compiles); several times longer on a loaded machine")
+COST_FULL = ("measured on a 2-core CPU machine: about 1.5 minutes per seed on idle cores with a warm compile cache; "
+             "on a busy machine 4 minutes warm, 12.5 minutes the first time (5 of them Inductor's compiles)")
 """The demo's cost, printed at its start (README "Install" gives the same figures)."""
 COST_QUICK = ("a smoke run: about 20-25 s on a loaded 2-core machine, with a cold or a warm cache alike (no Inductor); "
               "its verdicts mean nothing at this size")
