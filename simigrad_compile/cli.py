@@ -31,7 +31,7 @@ def _parser() -> argparse.ArgumentParser:
                       help="run 3's LR: sqrt(B/B0) x lr like SimiGrad, or lr unscaled (sqrt)")
     demo.add_argument("--out", default="simigrad-demo", help="folder for results.json and the PNG plots")
     demo.add_argument("--quick", action="store_true", help="a seconds-long smoke run (tiny model, no Inductor)")
-    demo.add_argument("--threads", type=int, default=None, help="torch intra-op threads (torch's default)")
+    demo.add_argument("--threads", type=int, default=None, help="torch intra-op threads (torch's default; --quick: 1)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars: one line per evaluation instead")
     demo.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     return parser
@@ -53,7 +53,7 @@ def _settings(args):
 
     s = DemoSettings(**QUICK) if args.quick else DemoSettings()
     changes = {k: getattr(args, k) for k in ("samples", "batch_size", "target", "max_batch_size", "lr",
-                                             "fixed_lr_scaling") if getattr(args, k) is not None}
+                                             "fixed_lr_scaling", "threads") if getattr(args, k) is not None}
     return s.replace(progress=not args.no_progress, **changes)
 
 
@@ -62,10 +62,10 @@ def demo(args) -> int:
     from .demo.report import save_json, save_plots, table
 
     settings = _settings(args)
-    if args.threads:
+    if settings.threads:
         import torch
 
-        torch.set_num_threads(args.threads)
+        torch.set_num_threads(settings.threads)
     rank = _init_distributed()
     os.makedirs(args.out, exist_ok=True)
     start = time.perf_counter()

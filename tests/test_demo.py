@@ -9,7 +9,8 @@ import torch
 from simigrad_compile.cli import main
 from simigrad_compile.demo.data import stdlib_files
 from simigrad_compile.demo.experiment import equal_average_batch
-from simigrad_compile.demo.train import lr_factor
+from simigrad_compile.demo.report import SMOKE_NOTE, table
+from simigrad_compile.demo.train import RunResult, _eta, lr_factor
 
 pytest.importorskip("matplotlib")
 pytest.importorskip("tqdm")
@@ -39,6 +40,26 @@ def test_run_three_batch_divides_the_budget_and_is_the_nearest_such(average, sam
     assert all(abs(b - average) <= abs(c - average) for c in others)
 
 
+def _runs(smoke: bool) -> list:
+    """One seed's three runs: SimiGrad 2.5x fewer steps than B0 at a 1% worse loss, 1% better than run 3."""
+    def run(name, loss, steps):
+        return RunResult(name=name, seed=0, batch_size="16", lr=1e-3, val_loss=loss, steps=steps, samples=1000,
+                         smoke=smoke)
+    return [[run("fixed B=16", 2.00, 100), run("SimiGrad B>=16", 2.02, 40), run("fixed B=24 (avg)", 2.04, 40)]]
+
+
+def test_table_judges_a_measured_run_and_not_a_smoke_run():
+    measured, smoke = table(_runs(smoke=False)), table(_runs(smoke=True))
+    assert "(within 2%: yes)" in measured and "(>= 2x: yes)" in measured and "(no worse: yes)" in measured
+    assert SMOKE_NOTE not in measured
+    assert "yes)" not in smoke and "NO)" not in smoke and smoke.count("not judged") == 3 and SMOKE_NOTE in smoke
+
+
+def test_eta_extrapolates_the_rate_so_far():
+    assert _eta(30.0, 1000, 4000) == "about 90 s left in this run"
+    assert _eta(30.0, 4000, 4000) == "done" and _eta(0.0, 0, 4000) == "ETA unknown"
+
+
 def test_run_three_batch_refuses_a_budget_of_odd_halves():
     with pytest.raises(ValueError, match="--samples 37 is not a multiple of 2"):
         equal_average_batch(20.0, 37)
@@ -53,6 +74,10 @@ def test_quick_demo_runs_three_runs_and_writes_results(tmp_path, capsys):
         torch.set_num_threads(threads)
     out = capsys.readouterr().out
     assert "SimiGrad vs fixed B0" in out
+    # what it costs, first; then verdicts that a smoke run cannot show are not given
+    assert out.startswith("simigrad demo: 1 seed(s) x 3 runs x 260 sequences; a smoke run"), out[:300]
+    assert "(within 2%: not judged)" in out and "(>= 2x: not judged)" in out and ": NO)" not in out
+    assert SMOKE_NOTE in out
     doc = json.loads((tmp_path / "results.json").read_text())
     (fixed, simigrad, average), = doc["seeds"]
     assert doc["settings"]["samples"] == 260

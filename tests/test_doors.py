@@ -1,13 +1,11 @@
 """Every door over the one core: the same scripted sequence through the hand loop (``AdaptiveBatching``),
 ``SIMIGRAD=1`` (a subprocess), the Hugging Face Trainer and Lightning gives the same parameters after every step,
-equal to a hand-written fp64 plain loop; and every snippet of docs/doors.md runs as written."""
+equal to a hand-written fp64 plain loop. The README's four door snippets run as written in tests/test_doc_blocks.py."""
 
 import copy
-import csv
 import json
 import math
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -207,54 +205,3 @@ def test_one_scripted_sequence_through_every_door(clip, tmp_path):
         for mine, theirs in zip(door_history[:-1], history[:-1]):  # the epoch's cut-short step: see docs
             assert mine["cosine"] == pytest.approx(theirs["cosine"], abs=1e-5, nan_ok=True), name
             assert mine["loss"] == pytest.approx(theirs["loss"], rel=1e-5, nan_ok=True), name
-
-
-# --- the README's four doors, run as written -------------------------------------------------------------------------------
-FOUR_DOORS = re.search(r"\n## Four doors\n(.*?)\nThe statistics alone", (REPO / "README.md").read_text(), re.S).group(1)
-BLOCKS = re.findall(r"```(python|bash)\n(.*?)```", FOUR_DOORS, re.S)
-RUNNER = "exec(compile(open({path!r}).read(), {path!r}, 'exec'))"
-
-
-def _env():
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SIMIGRAD")}
-    # The backend's passes without Inductor's code generation (minutes on this CPU); the same passes run.
-    env.update(PYTHONPATH=str(REPO), SIMIGRAD_COMPILER="aot_eager", HF_HUB_OFFLINE="1",
-               PATH=os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", ""))
-    return env
-
-
-def test_docs_have_four_doors():
-    kinds = [kind for kind, _ in BLOCKS]
-    assert kinds == ["python", "python", "bash", "python", "python"]
-    assert BLOCKS[1][1].startswith("# train.py")
-
-
-@pytest.mark.parametrize("index", [0, 3, 4], ids=["hand loop", "Hugging Face", "Lightning"])
-def test_doc_snippet_runs_as_written(index, tmp_path):
-    path = tmp_path / "snippet.py"
-    path.write_text(BLOCKS[index][1])
-    out = subprocess.run([sys.executable, "-c", RUNNER.format(tests=str(TESTS), path=str(path))], env=_env(),
-                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert out.returncode == 0, out.stderr[-4000:]
-    record = out.stdout.strip().splitlines()[-1]
-    assert record.startswith("{'step': ") and "'batch_size': " in record, out.stdout[-2000:]
-
-
-def test_simigrad_1_train_py_prints_its_line_and_writes_csv_and_plot(tmp_path):
-    """``SIMIGRAD=1 ... python train.py`` exactly as the README shows it, in a subprocess."""
-    (tmp_path / "train.py").write_text(BLOCKS[1][1])
-    command = BLOCKS[2][1].strip()
-    out = subprocess.run(["bash", "-c", command], env=_env(), capture_output=True, text=True, timeout=300,
-                         cwd=tmp_path)
-    assert out.returncode == 0, out.stderr[-4000:]
-    lines = [line for line in out.stderr.splitlines() if line.startswith("simigrad: SIMIGRAD=1 adapts")]
-    log_dir = tmp_path / "simigrad-log"
-    assert len(lines) == 1 and "micro-batch 16" in lines[0] and "B0 32" in lines[0], out.stderr[-3000:]
-    assert str(Path("simigrad-log") / "simigrad.csv") in lines[0] and "simigrad.png" in lines[0]
-    with open(log_dir / "simigrad.csv") as f:
-        rows = list(csv.DictReader(f))
-    assert rows and sum(int(r["batch_size"]) for r in rows) == 2 * 256      # two epochs, every sample once
-    assert all(r["loss"] not in ("", None) for r in rows)                   # the loss, from backward()
-    assert {int(r["micro_batch_size"]) for r in rows} == {16}
-    png = (log_dir / "simigrad.png").read_bytes()
-    assert png.startswith(b"\x89PNG") and len(png) > 10_000

@@ -12,8 +12,8 @@ from __future__ import annotations
 import logging
 
 from .data import load_splits
-from .settings import DemoSettings
-from .train import RunResult, train_run, world_size
+from .settings import COST_FULL, COST_QUICK, DemoSettings
+from .train import RunResult, is_reporting_rank, train_run, world_size
 
 log = logging.getLogger("simigrad_compile.demo")
 
@@ -39,14 +39,21 @@ def equal_average_batch(average: float, samples: int, world: int = 1) -> int:
     return min(fits, key=lambda b: (abs(b - average), -b))
 
 
+def cost_line(settings: DemoSettings, seeds: int) -> str:
+    """What the demo is about to do and what it cost here, printed before it starts."""
+    what = f"{seeds} seed(s) x 3 runs x {settings.samples} sequences"
+    return f"simigrad demo: {what}; {COST_QUICK if settings.smoke else COST_FULL}"
+
+
 def run_seed(settings: DemoSettings, seed: int, train_set, val_batches: list) -> list:
     b0, world = settings.batch_size, world_size()
-    fixed = train_run(f"fixed B={b0}", settings, train_set, val_batches, seed, b0, b0)
-    adaptive = train_run(f"SimiGrad B>={b0}", settings, train_set, val_batches, seed, b0, settings.max_batch_size)
+    fixed = train_run(f"fixed B={b0}", settings, train_set, val_batches, seed, b0, b0, position="1/3")
+    adaptive = train_run(f"SimiGrad B>={b0}", settings, train_set, val_batches, seed, b0, settings.max_batch_size,
+                         position="2/3")
     b3 = equal_average_batch(adaptive.average_batch, settings.samples, world)
     log.info("run 3: SimiGrad's average batch %.1f -> fixed B=%d", adaptive.average_batch, b3)
     same_average = train_run(f"fixed B={b3} (avg)", settings.replace(micro_batch_sizes=(b3 // world,)), train_set,
-                             val_batches, seed, b3, b3)
+                             val_batches, seed, b3, b3, position="3/3")
     return [fixed, adaptive, same_average]
 
 
@@ -61,6 +68,8 @@ def run_demo(settings: DemoSettings, seeds: list) -> list:
         if settings.batch_size % world:
             raise ValueError(f"demo: --batch-size {settings.batch_size} is not a multiple of the {world} ranks")
         settings = settings.replace(micro_batch_sizes=tuple(max(1, m // world) for m in settings.micro_batch_sizes))
+    if is_reporting_rank():
+        print(cost_line(settings, len(seeds)), flush=True)
     train_set, val_set = load_splits(settings.context)
     val_batches = validation_batches(val_set, settings.eval_sequences)
     log.info("data: %d training and %d validation windows of %d bytes", len(train_set), len(val_set),

@@ -41,6 +41,8 @@ class RunResult:
     """``(samples, validation loss)`` pairs."""
     history: list = field(default_factory=list)
     """``run.history``: one record per optimizer step."""
+    smoke: bool = False
+    """From a ``--quick`` run (:attr:`DemoSettings.smoke`): its figures show that the code runs, nothing more."""
 
     @property
     def average_batch(self) -> float:
@@ -69,8 +71,9 @@ def evaluate(model: torch.nn.Module, batches: list) -> float:
 
 
 def train_run(name: str, settings: DemoSettings, train_set, val_batches: list, seed: int,
-              min_batch: int, max_batch: int) -> RunResult:
-    """Train for ``settings.samples`` sequences with the batch starting at ``min_batch`` within the bounds."""
+              min_batch: int, max_batch: int, position: str = "") -> RunResult:
+    """Train for ``settings.samples`` sequences with the batch starting at ``min_batch`` within the bounds;
+    ``position`` (``"2/3"``) labels the progress bar."""
     s = settings
     compat.reset_dynamo()  # a fresh model gets its own compiled regions; the FX-graph cache keeps this cheap
     torch.manual_seed(seed)
@@ -86,8 +89,8 @@ def train_run(name: str, settings: DemoSettings, train_set, val_batches: list, s
         compiled, optimizer, batch_size=min_batch, min_batch_size=min_batch, max_batch_size=max_batch,
         target_similarity=s.target, micro_batch_sizes=s.micro_batch_sizes)
     label = str(min_batch) if min_batch == max_batch else f"{min_batch}..{max_batch}"
-    result = RunResult(name=name, seed=seed, batch_size=label, lr=lr)
-    bar = _progress_bar(name, s)
+    result = RunResult(name=name, seed=seed, batch_size=label, lr=lr, smoke=s.smoke)
+    bar = _progress_bar(f"run {position} {name}" if position else name, s)
     compile_start, start = compile_seconds(), time.perf_counter()
     next_eval, samples = s.samples / s.eval_points, 0
     with run:
@@ -111,10 +114,12 @@ def train_run(name: str, settings: DemoSettings, train_set, val_batches: list, s
                     t = time.perf_counter()
                     result.curve.append((samples, evaluate(model, val_batches)))
                     result.eval_s += time.perf_counter() - t
-                    if bar.disable and _is_reporting_rank():
+                    if bar.disable and is_reporting_rank():
+                        elapsed = time.perf_counter() - start - result.eval_s
+                        stepping = elapsed - (compile_seconds() - compile_start)  # the rate without the compiles
                         print(f"{name}: {samples}/{s.samples} seq, val loss {result.curve[-1][1]:.4f}, "
-                              f"B {record['batch_size']}, step {record['step']}, "
-                              f"{time.perf_counter() - start - result.eval_s:.0f} s", flush=True)
+                              f"B {record['batch_size']}, step {record['step']}, {elapsed:.0f} s, "
+                              f"{_eta(stepping, samples, s.samples)}", flush=True)
                     next_eval += s.samples / s.eval_points
                 if samples >= s.samples:
                     break
@@ -142,12 +147,22 @@ def _data_parallel(model: torch.nn.Module) -> torch.nn.Module:
     return torch.nn.parallel.DistributedDataParallel(model)
 
 
-def _is_reporting_rank() -> bool:
+def is_reporting_rank() -> bool:
     return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
 
 
+def _eta(elapsed: float, done: int, total: int) -> str:
+    """The time left in this run at the rate of its first ``done`` samples, which took ``elapsed`` seconds."""
+    if done <= 0 or done >= total:
+        return "done" if done >= total else "ETA unknown"
+    return f"about {elapsed * (total - done) / done:.0f} s left in this run"
+
+
 def _progress_bar(name: str, s: DemoSettings):
+    """One bar per run over its sample budget (a known total: tqdm shows elapsed<remaining and the rate)."""
     from tqdm.auto import tqdm
 
-    quiet = not s.progress or not _is_reporting_rank()
-    return tqdm(total=s.samples, desc=f"{name:<22}", unit="seq", disable=quiet, dynamic_ncols=True)
+    quiet = not s.progress or not is_reporting_rank()
+    return tqdm(total=s.samples, desc=f"{name:<26}", unit="seq", disable=quiet, dynamic_ncols=True, mininterval=0.5,
+                bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} seq [{elapsed}<{remaining} left, "
+                           "{rate_fmt}{postfix}]")
