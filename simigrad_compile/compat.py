@@ -94,3 +94,75 @@ def current_autograd_node():
 def graph_task_keeps_graph() -> bool:
     """Whether the running backward was called with ``retain_graph=True`` (or ``create_graph``)."""
     return torch._C._autograd._get_current_graph_task_keep_graph()
+
+
+# --- runtime, integrations, stats and distributed (the step-state branch) ---------------------------------------
+# Private torch names that the runtime, the doors, the statistics readers and the FSDP split use. Each is one
+# function or alias here, so that a torch release that moves one breaks in this block only.
+
+foreach_norm = torch._foreach_norm
+"""``torch._foreach_norm(tensors, ord)``: one norm per tensor, one launch per device and dtype."""
+
+foreach_mul_ = torch._foreach_mul_
+"""``torch._foreach_mul_(tensors, scalar)``: every tensor multiplied in place."""
+
+foreach_copy_ = torch._foreach_copy_
+"""``torch._foreach_copy_(dst, src)``: every ``dst[i]`` overwritten by ``src[i]``."""
+
+
+def share_step_hooks(wrapper: torch.optim.Optimizer, inner: torch.optim.Optimizer) -> None:
+    """Make ``wrapper``'s optimizer step pre/post hook registries ``inner``'s: a hook registered on either runs
+    when ``inner`` steps (``Optimizer.register_step_pre_hook`` writes ``_optimizer_step_*_hooks``)."""
+    wrapper._optimizer_step_pre_hooks = inner._optimizer_step_pre_hooks
+    wrapper._optimizer_step_post_hooks = inner._optimizer_step_post_hooks
+
+
+def dataloader_iterator_class() -> type:
+    """The base class of every ``DataLoader`` iterator (``_BaseDataLoaderIter``): its ``__next__`` sees every
+    batch a loop fetches."""
+    from torch.utils.data.dataloader import _BaseDataLoaderIter
+
+    return _BaseDataLoaderIter
+
+
+def declared_batch_size(iterator):
+    """The ``batch_size`` of the batch sampler behind a ``DataLoader`` iterator, or None (no automatic
+    batching, or a batch sampler without one)."""
+    sampler = iterator._index_sampler if iterator._auto_collation else None
+    return getattr(sampler, "batch_size", None)
+
+
+def module_slots(module: torch.nn.Module):
+    """``(module._parameters, module._modules)``: a module's own parameters and children as registered (names
+    to objects, ``None`` entries included), read without ``named_parameters``'s recursion."""
+    return module._parameters, module._modules
+
+
+def queue_engine_callback(callback) -> None:
+    """Run ``callback`` once the running backward pass has finished (the autograd engine's callback queue)."""
+    torch.autograd.Variable._execution_engine.queue_callback(callback)
+
+
+def fsdp_reduce_scatter_base() -> type:
+    """FSDP2's ``ReduceScatter`` comm interface, which ``set_custom_reduce_scatter`` takes a subclass of."""
+    from torch.distributed.fsdp._fully_shard._fsdp_api import ReduceScatter
+
+    return ReduceScatter
+
+
+def fsdp_sharded_params(unit) -> list:
+    """The sharded parameters of one ``fully_shard`` unit, in FSDP2's param-group order."""
+    state = unit._get_fsdp_state()
+    return [fp.sharded_param for group in state._fsdp_param_groups for fp in group.fsdp_params]
+
+COMPILED_INNER = "_orig_mod"
+"""The attribute of ``torch.compile(module)``'s wrapper (``OptimizedModule``) that holds the module."""
+
+COMPILED_IN_PLACE = "_compiled_call_impl"
+"""Set on a module compiled in place with ``module.compile()``."""
+
+COMPILED_FUNCTION_MARK = "_torchdynamo_orig_callable"
+"""Set on the function ``torch.compile`` returns for a function (or an unwrapped compiled module)."""
+
+MODULE_REGISTRIES = ("_parameters", "_buffers", "_modules")
+"""Where ``nn.Module`` keeps its parameters, buffers and children (what its ``__getattr__`` searches)."""

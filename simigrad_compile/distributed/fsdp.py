@@ -24,8 +24,8 @@ from typing import List, Optional
 import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule
-from torch.distributed.fsdp._fully_shard._fsdp_api import ReduceScatter
 
+from .. import compat
 from .collectives import reduce_scatter, swap
 from .hook import _shard_stats_mean
 from ..stats.gradient_stats import Sink
@@ -52,7 +52,7 @@ class FsdpSplit:
     def record(self, unit: int, stats: torch.Tensor) -> None:
         if self.pending is None:
             self.pending = torch.zeros(len(self.sink.names), 3, dtype=torch.float32, device=stats.device)
-            torch.autograd.Variable._execution_engine.queue_callback(self.fold)
+            compat.queue_engine_callback(self.fold)
         self.pending[unit] += stats.reshape(3).to(torch.float32)
         self.pending_units.add(unit)
 
@@ -65,11 +65,10 @@ class FsdpSplit:
 
 
 def _unit_params(unit: FSDPModule) -> List[torch.nn.Parameter]:
-    state = unit._get_fsdp_state()
-    return [fp.sharded_param for group in state._fsdp_param_groups for fp in group.fsdp_params]
+    return compat.fsdp_sharded_params(unit)
 
 
-class SplitReduceScatter(ReduceScatter):
+class SplitReduceScatter(compat.fsdp_reduce_scatter_base()):
     def __init__(self, split: FsdpSplit, unit: int) -> None:
         self.split, self.unit = split, unit
 

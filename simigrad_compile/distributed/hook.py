@@ -86,7 +86,7 @@ class SplitReduction:
         self._sink_key: Optional[tuple] = None
         self._step = _Step()
         self._worker = Serial("simigrad-ddp")
-        self._buffers: Dict[tuple, torch.Tensor] = {}
+        self._scratch: Dict[tuple, torch.Tensor] = {}
         self._build_groups()
 
     def _build_groups(self) -> None:
@@ -161,9 +161,9 @@ class SplitReduction:
     def _buffer(self, index: int, role: str, numel: int, like: torch.Tensor) -> torch.Tensor:
         """A scratch buffer reused across steps (fresh large CPU allocations page-fault on every step)."""
         key = (index, role)
-        old = self._buffers.get(key)
+        old = self._scratch.get(key)
         if old is None or old.numel() != numel or old.dtype != like.dtype or old.device != like.device:
-            old = self._buffers[key] = like.new_empty(numel)
+            old = self._scratch[key] = like.new_empty(numel)
         return old
 
     def _scaled(self, index: int, buf: torch.Tensor) -> torch.Tensor:

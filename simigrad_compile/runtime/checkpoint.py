@@ -8,7 +8,7 @@ import logging
 
 from ..config import SimigradConfig
 from .controller import BatchSizeController
-from .ladder import Ladder, Plan
+from .ladder import BatchPlan, Ladder
 
 log = logging.getLogger("simigrad_compile")
 STATE_KEYS = ("controller", "ladder", "plan", "epoch", "position", "samples", "steps", "similarity", "history")
@@ -52,7 +52,7 @@ def validated_state(state: dict, config: SimigradConfig, world_size: int, base_a
     acc = _number("plan[1]", plan_state[1], minimum=1)
     if micro not in ladder.rungs:
         raise ValueError(f"simigrad: checkpoint plan micro-batch {micro} is not a rung of {ladder.rungs}")
-    plan = Plan(micro, acc, world_size)
+    plan = BatchPlan(micro, acc, world_size)
     lo, hi = config.min_batch_size, config.max_batch_size
     clamped = min(max(controller.batch_size, lo), hi)
     if clamped != controller.batch_size or not lo <= plan.batch_size <= hi:

@@ -22,8 +22,9 @@ from typing import List, Optional
 
 import torch
 
+from .. import compat
 from ..stats.gradient_stats import StatsRead
-from .optim import restore_lr, scale_lr
+from .lr import restore_lr, scale_lr
 
 log = logging.getLogger("simigrad_compile")
 _NARROW = (torch.float16, torch.bfloat16)
@@ -113,7 +114,7 @@ class StepRules:
         clip, amp, loss = self._clip, self.amp, self._loss
         norm_type = clip[1] if clip is not None else 2.0
         total_sq = w.stats.total_sq if w.stats is not None and clip is None and amp is None else None
-        norms = torch._foreach_norm(_wide(grads), norm_type) if grads and total_sq is None else []
+        norms = compat.foreach_norm(_wide(grads), norm_type) if grads and total_sq is None else []
         sums = read.sums if type(read) is StatsRead else None  # the statistics' sums, still on the device
         checks = amp.checks() if amp is not None else ()
         scalars = norms if loss is None and not checks else [*norms, *([loss] if loss is not None else ()), *checks]
@@ -151,7 +152,7 @@ class StepRules:
         if clip is not None:
             factor *= min(1.0, clip[0] / (grad_norm + 1e-6))
         if factor != 1.0 and grads:
-            torch._foreach_mul_(grads, factor)
+            compat.foreach_mul_(grads, factor)
         self._saved_lr = scale_lr(self.inner, lr_scale) if lr_scale != 1.0 else None  # 1.0: lr untouched
         return True
 

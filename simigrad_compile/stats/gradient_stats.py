@@ -14,6 +14,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
+from .. import compat
 from .compiled_once import chain_unchanged, check_compiled_once, checked_chain
 from .split_stats import SplitStats
 
@@ -140,7 +141,7 @@ class _Plan:
         void = weakref.WeakMethod(self._void)
         tree = []
         for m in module.modules():
-            p, c = m._parameters, m._modules
+            p, c = compat.module_slots(m)
             watched = [m] + [v for v in p.values() if v is not None]
             self.watchers += [weakref.ref(v, lambda _: _call(void)) for v in watched]
             tree.append((weakref.ref(m), tuple(p) if p else None, tuple(map(id, p.values())) if p else None,
@@ -155,7 +156,10 @@ class _Plan:
             return False
         for ref, p_names, p_ids, c_names, c_ids in self.tree:
             m = ref()
-            if m is None or not _same(m._parameters, p_names, p_ids) or not _same(m._modules, c_names, c_ids):
+            if m is None:
+                return False
+            params, children = compat.module_slots(m)
+            if not _same(params, p_names, p_ids) or not _same(children, c_names, c_ids):
                 return False
         return True
 

@@ -11,6 +11,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from .. import compat
 from ..kernels import pair_stats
 from .split_stats import SplitStats
 
@@ -42,7 +43,7 @@ class MicrostepStats:
                 src.append(grad)
             taken[id(p)] = copy
         if dst:
-            torch._foreach_copy_(dst, src)
+            compat.foreach_copy_(dst, src)
         self._taken = taken
         if len(copies) > len(taken):  # else every copy is of a parameter that has a gradient now
             live = {id(p) for p in params}
