@@ -48,7 +48,9 @@ def _shard_stats_mean() -> Callable:
     return _KERNEL
 
 
-class _Step:
+class _StepRows:
+    """One optimizer step's statistics rows, per bucket: what the fold at the step's end sums."""
+
     def __init__(self) -> None:
         self.rows: Dict[int, torch.Tensor] = {}
         self.params: Dict[int, Tuple[torch.nn.Parameter, ...]] = {}
@@ -84,7 +86,7 @@ class SplitReduction:
         """(numel, dtype) of each bucket of the last reduced step."""
         self._sinks: List[Sink] = []
         self._sink_key: Optional[tuple] = None
-        self._step = _Step()
+        self._step = _StepRows()
         self._worker = Serial("simigrad-ddp")
         self._scratch: Dict[tuple, torch.Tensor] = {}
         self._build_groups()
@@ -117,7 +119,7 @@ class SplitReduction:
     def __call__(self, bucket: dist.GradBucket) -> Future:
         index = bucket.index()
         if index == 0:
-            self._step = _Step()
+            self._step = _StepRows()
         step = self._step
         self._mark(index, "hook")
         step.params[index] = tuple(bucket.parameters())
@@ -260,7 +262,7 @@ class SplitReduction:
 
         return finish
 
-    def _sink_for(self, step: _Step) -> Sink:
+    def _sink_for(self, step: _StepRows) -> Sink:
         key = tuple(tuple(id(p) for p in step.params[i]) for i in range(len(step.params)))
         if key != self._sink_key:
             names = {id(p): n for n, p in self.module.named_parameters()}

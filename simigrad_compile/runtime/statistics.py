@@ -27,11 +27,15 @@ def no_stats_cause(stats: Union[SplitStats, StatsRead]) -> str:
 
 
 class StatisticsChoice:
+    """Which statistics each step uses (module docstring); ``batch_seen`` survives a checkpoint."""
+
     def __init__(self, model: torch.nn.Module, ladder: Ladder, world_size: int, base_accumulation: int):
         self.model, self.ladder = model, ladder
         self.world_size, self.base_accumulation = world_size, base_accumulation
         self.batch_seen = False
         self.one_step_without = 0
+        self.compile_hint = "compile the model with torch.compile(model, backend='simigrad')"
+        """How to get ``batch`` statistics, named by the warning about a model without them (a door sets its own)."""
 
     def read(self, w: Window, step: int) -> Tuple[Union[SplitStats, StatsRead], Optional[str]]:
         """The step's statistics (sinks read and reset) and, when it has none, why. The ``batch`` and ``ranks``
@@ -53,7 +57,7 @@ class StatisticsChoice:
         if not self.batch_seen and self.ladder.min_accumulation < 2:
             log.warning("simigrad: no split statistics for this model (%s); planning >= 2 micro-steps per step "
                         "from now on so that the microsteps statistics exist (undone as soon as the model records "
-                        "batch statistics)", cause)
+                        "batch statistics). For statistics from one micro-step, %s.", cause, self.compile_hint)
             self.ladder.require_accumulation(2)
         elif self.batch_seen:
             self.one_step_without += 1
