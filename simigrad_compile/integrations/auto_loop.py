@@ -315,6 +315,7 @@ def _open(optimizer: torch.optim.Optimizer) -> _Door:
 
     config = one_rung(_config, micro).replace(log_dir=log_dir)
     run = AdaptiveBatching(_OptimizerParams(optimizer), optimizer, config=config)
+    run.allow_direct_steps()  # the loop steps the optimizer on every micro-batch; those steps act on no gradient
     door = _Door(optimizer, run, log_dir)
     print(_effect_line(optimizer, config, micro, fetches), file=sys.stderr, flush=True)
     if not _exit_registered:

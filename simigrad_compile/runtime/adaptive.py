@@ -20,7 +20,7 @@ from ..stats.compiled_once import check_compiled_once
 from ..stats.gradient_stats import gradient_stats
 from .core import StepCore
 from .data import AdaptiveLoader
-from .optim import AdaptiveOptimizer
+from .optim import AdaptiveOptimizer, DirectStepError
 
 log = logging.getLogger("simigrad_compile")
 EXTRA_RECOMPILES = 8
@@ -50,20 +50,31 @@ class AdaptiveBatching(StepCore):
         ddp = _ranks_reduction(model, config, world_size)
         super().__init__(model, optimizer, config, world_size=world_size, rank=rank, scaler=scaler,
                          bucket_views=bool(getattr(ddp, "gradient_as_bucket_view", False)))
-        self._wrapper: Optional[AdaptiveOptimizer] = None
+        self.optimizer = AdaptiveOptimizer(optimizer, self)
+        """What the hand-written loop steps: ``run.optimizer.step()``, ``zero_grad()``, ``scaler.step(...)``."""
+        self._guard = optimizer.register_step_pre_hook(self._refuse_direct_step)
         self._dynamo_saved = self._raise_recompile_limit()
         self._ddp = ddp
         log.info("simigrad: %r, initial plan %s (target %d)", self.ladder, self.plan, self.controller.batch_size)
 
-    @property
-    def optimizer(self) -> AdaptiveOptimizer:
-        """The optimizer to step in the hand-written loop (``run.optimizer.step()``, ``zero_grad()``, or
-        ``scaler.step(run.optimizer)``); from its creation on, stepping ``run.user_optimizer`` directly raises
-        :class:`~simigrad_compile.runtime.optim.DirectStepError`. A door that steps the user's optimizer itself
-        (Hugging Face, Lightning) never asks for it."""
-        if self._wrapper is None:
-            self._wrapper = AdaptiveOptimizer(self.user_optimizer, self)
-        return self._wrapper
+    def _refuse_direct_step(self, optimizer, args, kwargs) -> None:
+        """The user's optimizer steps only at a step's boundary (from ``run.optimizer.step()``, or from a door
+        that drives the protocol and steps it between ``begin_step`` and ``end_step``)."""
+        if not self.state.at_boundary:
+            name = type(optimizer).__name__
+            raise DirectStepError(
+                f"simigrad: {name}.step() was called on the optimizer passed to AdaptiveBatching, inside a step "
+                f"(micro-step {self.state.micro_step + 1} of {self.state.micro_steps}). Step the wrapper instead: "
+                f"run.optimizer.step() and run.optimizer.zero_grad() (or scaler.step(run.optimizer)); it steps the "
+                f"{name} once per optimizer step, at the last micro-batch, with the step's mean gradient and the "
+                "scaled LR.")
+
+    def allow_direct_steps(self) -> None:
+        """Let the user's optimizer be stepped inside a step (a door whose loop steps it on every micro-batch
+        while the gradients are held aside: ``SIMIGRAD=1``)."""
+        if self._guard is not None:
+            self._guard.remove()
+            self._guard = None
 
     # --- compile settings -------------------------------------------------------------------------------------
     def _raise_recompile_limit(self) -> Optional[int]:
@@ -91,8 +102,7 @@ class AdaptiveBatching(StepCore):
         if self._dynamo_saved is not None:
             compat.dynamo_config().recompile_limit = self._dynamo_saved
             self._dynamo_saved = None
-        if self._wrapper is not None:
-            self._wrapper.close()
+        self.allow_direct_steps()
 
     def __enter__(self) -> "AdaptiveBatching":
         return self

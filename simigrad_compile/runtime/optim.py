@@ -8,8 +8,8 @@ LR scale, runs the wrapped ``step()`` and puts the exact original ``lr`` objects
 ``step()`` call applied an update (False inside a window and for a skipped step): advance a per-step scheduler
 only then. ``run.sync_gradients`` tells whether it ended a step.
 
-The optimizer the user passed in (``run.user_optimizer``) is stepped only by the wrapper: stepping it directly
-raises :class:`DirectStepError`, which names ``run.optimizer``.
+The optimizer the user passed in (``run.user_optimizer``) steps only at a step's boundary: ``AdaptiveBatching``
+refuses a direct ``step()`` of it anywhere else with :class:`DirectStepError`, which names ``run.optimizer``.
 
 ``_step_supports_amp_scaling`` makes ``GradScaler.step(run.optimizer)`` call ``step()`` on every micro-batch
 with the scale attached instead of unscaling the running sum (see :mod:`simigrad_compile.runtime.amp`).
@@ -59,9 +59,7 @@ class AdaptiveOptimizer(torch.optim.Optimizer):
         self.optimizer = optimizer
         self.core = core
         self.stepped = False
-        self._stepping = False
         compat.share_step_hooks(self, optimizer)
-        self._guard = optimizer.register_step_pre_hook(self._refuse_direct_step)
 
     param_groups = _shared("param_groups")
     state = _shared("state")
@@ -69,15 +67,6 @@ class AdaptiveOptimizer(torch.optim.Optimizer):
 
     def __repr__(self) -> str:
         return f"AdaptiveOptimizer({self.optimizer!r})"
-
-    def _refuse_direct_step(self, optimizer, args, kwargs) -> None:
-        if not self._stepping:
-            name = type(optimizer).__name__
-            raise DirectStepError(
-                f"simigrad: {name}.step() was called on the optimizer passed to AdaptiveBatching. Step the "
-                f"wrapper instead: run.optimizer.step() and run.optimizer.zero_grad() (or "
-                f"scaler.step(run.optimizer)); it steps the {name} once per optimizer step, at the last micro-batch, "
-                "with the step's mean gradient and the scaled LR.")
 
     def state_dict(self):
         return self.optimizer.state_dict()
@@ -121,21 +110,13 @@ class AdaptiveOptimizer(torch.optim.Optimizer):
         try:
             applied = self.core.begin_step()
             if applied:
-                self._stepping = True
-                try:
-                    self.optimizer.step()
-                finally:
-                    self._stepping = False
+                self.optimizer.step()
         except BaseException:
             self.core.restore_lr()
             raise
         self.core.end_step()
         self.stepped = applied
         return None
-
-    def close(self) -> None:
-        """Stop refusing direct steps of the wrapped optimizer (the run is over)."""
-        self._guard.remove()
 
 
 __all__ = ["AdaptiveOptimizer", "ClosureStepError", "DirectStepError", "restore_lr", "scale_lr"]
