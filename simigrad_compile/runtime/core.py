@@ -5,7 +5,7 @@ the AMP unscale, the history and the checkpoint state; the boundary's rules (``b
 :mod:`simigrad_compile.runtime.step_rules`. :class:`~simigrad_compile.runtime.adaptive.AdaptiveBatching` is the
 hand-written loop's door over it: an optimizer wrapper, a loader, compile settings.
 
-The step contract (DESIGN.md, section 8): an optimizer step applies exactly what the user's plain loop would
+The step contract (``docs/loop_rules.md``): an optimizer step applies exactly what the user's plain loop would
 apply to the **mean gradient of the step's samples**: after clipping of that mean (if asked), after unscaling
 (AMP), or not at all (a non-finite loss, gradient or statistic skips the whole step, as ``GradScaler`` does).
 Everything else raises an error that names the cause and the fix.
@@ -49,18 +49,8 @@ act on nothing, and folds each fresh gradient back into them in place (``held.ad
 before ``micro_step_done``: ``p.grad`` must be the tensor the window saw at its last micro-step.
 ``tests/test_core_protocol.py`` has that door in 40 lines, checked against the plain loop.
 
-Statistics, per step. On one process a window of >= 2 micro-steps uses the ``microsteps`` split (the backend's
-``batch`` sinks are read with ``reset=True`` and ignored for that step). A window of one micro-step uses the
-``batch`` statistics of the compiled backward; when it has none (a micro-batch the split pass refused: a tail
-of one sample, a shape Dynamo made dynamic) that step has none, the cause is logged and recorded (``note``),
-and the next step is split again. Only while the model has *never* recorded ``batch`` statistics (not compiled
-with the backend, or every graph refused) the ladder plans >= 2 micro-steps, with a warning naming the cause;
-the first ``batch`` statistics seen undo that. Under data parallelism the statistics are the ``ranks`` split.
-
-Non-finite steps. The skip reasons, in the history's ``skipped`` with ``stepped=False``:
-``non-finite-loss``, ``non-finite-gradient``, ``non-finite-statistics``, ``amp-overflow``. A step that was
-applied can still leave the controller unmoved: ``no-statistics``, ``interval``, ``non-finite-cosine`` (a zero
-half: the cosine is undefined although the gradient is finite).
+The statistics each step uses: :mod:`simigrad_compile.runtime.statistics`; the skip reasons:
+:mod:`simigrad_compile.runtime.step_rules`; the checkpoint: :mod:`simigrad_compile.runtime.checkpoint`.
 """
 
 from __future__ import annotations
@@ -76,26 +66,19 @@ from ..config import SimigradConfig
 from ..stats.gradient_stats import gradient_stats
 from ..stats.microsteps import MicrostepStats
 from .amp import ScalerBridge
-from .checkpoint import validated_state
+from .checkpoint import CheckpointState
 from .controller import BatchSizeController
 from .history import History
-from ..config import resolve_group_mode
 from .driven import mark_driven
 from .ladder import BatchPlan, Ladder
-from .statistics import StatisticsChoice
+from .statistics import StatisticsChoice, base_accumulation
 from .step_rules import NonFiniteStep, StepRules  # noqa: F401  (re-exported: the core's public exception)
 from .step_state import StepState
 from .window import Window, optimizer_params
 
 log = logging.getLogger("simigrad_compile")
 
-def base_accumulation(config: SimigradConfig, world_size: int) -> int:
-    """The fewest micro-steps a step may have: 2 where the statistics come from the micro-steps on one process
-    (``group_mode="microsteps"``), else 1."""
-    return 2 if world_size == 1 and resolve_group_mode(config.group_mode, world_size) == "microsteps" else 1
-
-
-class StepCore(StepRules):
+class StepCore(StepRules, CheckpointState):
     """Owns one optimizer step at a time; see the module docstring for the protocol.
 
     Args:
@@ -166,14 +149,6 @@ class StepCore(StepRules):
         self.state.plan = plan
 
     @property
-    def _window(self) -> Optional[Window]:
-        return self.state.window
-
-    @_window.setter
-    def _window(self, window: Optional[Window]) -> None:
-        self.state.window = window
-
-    @property
     def batch_size(self) -> int:
         """The global batch size of the next (or current) optimizer step (``state.batch_size``)."""
         return self.state.batch_size
@@ -226,18 +201,18 @@ class StepCore(StepRules):
     # --- the window -------------------------------------------------------------------------------------------
     def _new_window(self, sizes: Sequence[int]) -> Window:
         stats = self.microsteps if self.world_size == 1 else None
-        self._window = Window(sizes, optimizer_params(self.user_optimizer), stats, allow_views=self.bucket_views,
-                              name_of=self._param_name, live=self._live_params)
+        self.state.window = Window(sizes, optimizer_params(self.user_optimizer), stats,
+                                   allow_views=self.bucket_views, name_of=self._param_name, live=self._live_params)
         self.state.sync_gradients = len(sizes) == 1
-        return self._window
+        return self.state.window
 
     def _current_window(self) -> Window:
-        if self._pending is not None or (self._window is not None and self._window.complete):
+        if self._pending is not None or (self.state.window is not None and self.state.window.complete):
             raise RuntimeError("simigrad: the last step's boundary is not finished (begin_step()/end_step()); "
                                "after an error there, drop it with run.discard_step()")
-        if self._window is None:
+        if self.state.window is None:
             self._new_window((self.plan.micro_batch_size,) * self.plan.accumulation)
-        return self._window
+        return self.state.window
 
     # --- the loader's side of the window -----------------------------------------------------------------------
     def window_sizes(self, remaining: int, drop_last: bool = False) -> Tuple[int, ...]:
@@ -256,7 +231,7 @@ class StepCore(StepRules):
 
         Raises:
             RuntimeError: the last step is unfinished (fewer ``step()`` calls than micro-batches)."""
-        w = self._window
+        w = self.state.window
         if w is not None and (w.done > 0 or self._pending is not None):
             raise RuntimeError(
                 f"simigrad: a new step started after {w.done} of {w.accumulation} micro-steps of the last one: "
@@ -295,7 +270,7 @@ class StepCore(StepRules):
 
     def micro_step_done(self, samples: Optional[int] = None, loss=None) -> bool:
         """One micro-step's backward is done; True when it ends the step (then ``begin_step``/``end_step``)."""
-        w = self._window
+        w = self.state.window
         if w is None or w.done == w.accumulation or self._pending is not None:
             w = self._current_window()
         if loss is not None:
@@ -306,9 +281,9 @@ class StepCore(StepRules):
 
     def end_window(self) -> bool:
         """The data ran out: the micro-steps done so far form the step. True when there is a step to finish."""
-        w = self._window
+        w = self.state.window
         if w is None or w.done == 0:
-            self._window = None
+            self.state.window = None
             return False
         if not w.complete:
             w.truncate()
@@ -350,7 +325,7 @@ class StepCore(StepRules):
         self.state.target_batch_size = self.controller.batch_size
 
     def _reset_step(self) -> None:
-        self._window = None
+        self.state.window = None
         self._pending = None
         self._loss = None
         self._clip = None
@@ -375,7 +350,7 @@ class StepCore(StepRules):
     def discard_step(self) -> None:
         """Drop the open (or failed) step: its gradients, loss, clip request and statistics. The run goes on
         from the last completed step: a new ``for batch in loader`` starts at that step's position."""
-        w = self._window
+        w = self.state.window
         self.restore_lr()
         if w is None:
             return
@@ -404,45 +379,5 @@ class StepCore(StepRules):
         """Similarity (with the target line), batch size, LR multiplier and loss against samples (one PNG)."""
         self._history.plot(path, self.config.target_similarity)
 
-    # --- checkpoint -------------------------------------------------------------------------------------------
-    def state_dict(self) -> dict:
-        if self._window is not None and (self._window.done or self._pending is not None):
-            raise RuntimeError("simigrad: state_dict() inside an accumulation window; save after the step's last "
-                               "run.optimizer.step() (run.sync_gradients is True), or drop the unfinished step "
-                               "with run.discard_step() first")
-        return {
-            "version": 2,
-            "controller": self.controller.state_dict(),
-            "ladder": self.ladder.state_dict(),
-            "plan": [self.plan.micro_batch_size, self.plan.accumulation],
-            "epoch": self.state.epoch, "position": self.state.position, "samples": self.state.samples,
-            "steps": self.state.steps,
-            "similarity": self.similarity,
-            "history": self._history.state_dict(),
-            "skipped_steps": dict(self.skipped_steps),
-            "batch_stats_seen": self.statistics.batch_seen,
-        }
 
-    def load_state_dict(self, state: dict) -> None:
-        """Validate everything, then change everything: a bad checkpoint raises and leaves the run untouched.
-        The new config's bounds win over the checkpoint's plan (clamped, logged)."""
-        if self.window_open or self._pending is not None:
-            raise RuntimeError("simigrad: load_state_dict() inside an accumulation window; call run.discard_step() "
-                               "first")
-        staged = validated_state(state, self.config, self.world_size, self.base_accumulation)
-        self.controller, self.ladder, self.plan = staged["controller"], staged["ladder"], staged["plan"]
-        self.statistics.ladder = self.ladder
-        now = self.state
-        now.epoch, now.position = staged["epoch"], staged["position"]
-        now.samples, now.steps = staged["samples"], staged["steps"]
-        now.target_batch_size = self.controller.batch_size
-        self.similarity = staged["similarity"]
-        self._history.load_state_dict(staged["history"])
-        self.skipped_steps = Counter(staged["skipped_steps"])
-        self.statistics.batch_seen = staged["batch_stats_seen"]
-        self._window = None
-        self._reset_step()
-        now.sync_gradients = self.plan.accumulation == 1
-
-
-__all__ = ["NonFiniteStep", "StepCore", "base_accumulation"]
+__all__ = ["NonFiniteStep", "StepCore"]

@@ -23,7 +23,7 @@ import torch
 
 from .. import compat
 from .amp import AmpMisuse
-from .lr import restore_lr, scale_lr  # noqa: F401  (re-exported: their names before runtime/lr.py)
+from .lr import restore_lr, scale_lr  # noqa: F401  (re-exported for importers of this module)
 
 
 class DirectStepError(RuntimeError):

@@ -10,6 +10,11 @@ Every gradient is reduced once per step: that reduction is the non-finite check 
 so it is the same check. The ``batch`` statistics cannot stand in for it: they see only the contributions of
 the compiled backward, and a parameter that is also used outside the compiled graph (or a gradient hook) can
 make the gradient non-finite while the statistics are finite (``tests/test_step_rules.py``).
+
+Non-finite steps. The skip reasons, in the history's ``skipped`` with ``stepped=False``:
+``non-finite-loss``, ``non-finite-gradient``, ``non-finite-statistics``, ``amp-overflow``. A step that was
+applied can still leave the controller unmoved: ``no-statistics``, ``interval``, ``non-finite-cosine`` (a zero
+half: the cosine is undefined although the gradient is finite).
 """
 
 from __future__ import annotations
@@ -125,7 +130,7 @@ class StepRules:
     # --- the boundary -----------------------------------------------------------------------------------------
     def begin_step(self) -> bool:
         """Prepare the boundary's optimizer step; False when it must be skipped (core's module docstring)."""
-        w = self._window
+        w = self.state.window
         if w is None or w.done != w.accumulation or self._pending is not None:
             raise RuntimeError("simigrad: begin_step() needs a window whose last micro-step is done "
                                "(micro_step_done() returned True) and no step in progress")
@@ -182,8 +187,8 @@ class StepRules:
         count = sum(self.skipped_steps.values())
         if self.config.on_non_finite == "raise" and reason != "amp-overflow":
             self._pending = None
-            raise NonFiniteStep(f"simigrad: step {self.state.steps + 1}: {reason} (on_non_finite='raise'). Drop the step "
-                                "with run.discard_step() to go on, or use on_non_finite='skip'.")
+            raise NonFiniteStep(f"simigrad: step {self.state.steps + 1}: {reason} (on_non_finite='raise'). Drop the "
+                                "step with run.discard_step() to go on, or use on_non_finite='skip'.")
         level = logging.INFO if reason == "amp-overflow" else logging.WARNING
         log.log(level, "simigrad: step %d skipped (%s): parameters, optimizer state and LR schedule untouched; "
                 "%d skipped step(s) so far", self.state.steps + 1, reason, count)
