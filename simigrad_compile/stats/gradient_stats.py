@@ -107,7 +107,7 @@ class _Entry:
         self.ids = {i for _, ids in groups for i in ids}
 
 
-class _Plan:
+class _ReadPlan:
     """Which sink rows hold a model's statistics, and which of its parameters no sink holds.
 
     Valid while no sink was made or died, and every module of the tree holds the same parameters and children
@@ -178,13 +178,13 @@ def _call(method: weakref.WeakMethod) -> None:
         fn()
 
 
-_PLANS: Dict[int, Tuple[weakref.ref, _Plan]] = {}
+_PLANS: Dict[int, Tuple[weakref.ref, _ReadPlan]] = {}
 """id(model) -> (a weak reference to the model, its plan); the entry goes with the model."""
 
 
-def _plan(model) -> _Plan:
+def _plan(model) -> _ReadPlan:
     if not (isinstance(model, torch.nn.Module) or callable(model)):
-        return _Plan([(f"param{i}", p) for i, p in enumerate(model)], None)
+        return _ReadPlan([(f"param{i}", p) for i, p in enumerate(model)], None)
     key = id(model)
     known = _PLANS.get(key)
     if known is not None and known[0]() is model:
@@ -192,7 +192,7 @@ def _plan(model) -> _Plan:
         if plan.valid() and chain_unchanged(plan.chain):
             return plan
     module = check_compiled_once(model)
-    plan = _Plan(list(module.named_parameters()), module)
+    plan = _ReadPlan(list(module.named_parameters()), module)
     plan.chain = checked_chain(model)
     _PLANS[key] = (weakref.ref(model, lambda _: _PLANS.pop(key, None)), plan)
     return plan
