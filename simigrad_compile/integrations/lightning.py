@@ -103,6 +103,7 @@ class SimigradCallback(Callback):
             raise RuntimeError("simigrad: SimigradCallback cannot tell the training loader's batch size; give "
                                "the DataLoader a batch_size")
         run = AdaptiveBatching(pl_module, self._optimizer, config=one_rung(self.config, micro))
+        run.allow_direct_steps()  # Lightning's step runs the closure (the last backward) before begin_step
         if self._state is not None:
             run.load_state_dict(self._state)
             self._state = None
