@@ -96,18 +96,171 @@ def graph_task_keeps_graph() -> bool:
     return torch._C._autograd._get_current_graph_task_keep_graph()
 
 
-# --- runtime, integrations, stats and distributed (the step-state branch) ---------------------------------------
-# Private torch names that the runtime, the doors, the statistics readers and the FSDP split use. Each is one
-# function or alias here, so that a torch release that moves one breaks in this block only.
+def autograd_sequence_nr() -> int:
+    """The sequence number the next autograd node created on this thread will get (numbers only grow, per thread;
+    ``AccumulateGrad`` nodes carry the largest integer instead)."""
+    return torch._C._autograd._get_sequence_nr()
+
+
+def node_sequence_nr(node) -> int:
+    return node._sequence_nr()
+
+
+_COMPILED_FUNCTION = "CompiledFunction"  # AOTAutograd's autograd.Function, one class per compiled graph
+
+
+def compiled_function_of(node):
+    """AOTAutograd's ``CompiledFunction`` class whose backward ``node`` is; None for any other node (its double
+    backward's node included)."""
+    cls = getattr(node, "_forward_cls", None)
+    return cls if getattr(cls, "__name__", None) == _COMPILED_FUNCTION else None
+
+
+def backward_single_use(compiled_function) -> bool:
+    """Whether AOTAutograd already compiled this ``CompiledFunction``'s backward with donated buffers: it may
+    overwrite the tensors it saved, so it runs once per forward. (A backward first compiled under
+    ``retain_graph=True`` donates nothing.) Read with defaults: a torch without these attributes reads False."""
+    metadata = getattr(compiled_function, "metadata", None)
+    return (getattr(compiled_function, "compiled_bw", None) is not None
+            and bool(getattr(metadata, "bw_donated_idxs", None)))
+
+
+# =====================================================================================================================
+# compile/ and stats/: the split pass's view of AOTAutograd, Dynamo and Inductor, and of nn.Module's registries
+# =====================================================================================================================
+
+
+def op_schema(target):
+    """The ``torch._C.FunctionSchema`` of an ATen overload (``aten.mm.default``), or None for any other target."""
+    return getattr(target, "_schema", None)
+
+
+def aot_gradient_slots(descs) -> dict:
+    """Primal index -> output slot of its gradient, from AOTAutograd's labels of the joint graph's outputs
+    (``output.meta["desc"]``: ``GradAOTOutput`` of a ``PlainAOTInput``)."""
+    return {d.grad_of.idx: j for j, d in enumerate(descs) if type(d).__name__ == "GradAOTOutput"
+            and type(getattr(d, "grad_of", None)).__name__ == "PlainAOTInput"}
+
+
+def aot_tangent_output(tangent_desc):
+    """The label of the forward output a tangent placeholder is the gradient of (None when unlabelled)."""
+    return getattr(tangent_desc, "output", None)
+
+
+def keep_in_backward(node: "torch.fx.Node") -> None:
+    """Tells the min-cut partitioner to compute ``node`` in the backward graph, never to save it."""
+    node.meta["partitioner_tag"] = "must_be_in_backward"
+
+
+def quiet_fake_tensor_log():
+    """A context that mutes FakeTensorMode's log of a kernel's exception (a probe that expects rejections)."""
+    import contextlib
+    import logging
+
+    @contextlib.contextmanager
+    def quiet():
+        logger = logging.getLogger("torch._subclasses.fake_tensor")
+        level = logger.level
+        logger.setLevel(logging.CRITICAL)
+        try:
+            yield
+        finally:
+            logger.setLevel(level)
+
+    return quiet()
+
+
+def dynamo_source(node: "torch.fx.Node"):
+    """The Dynamo ``Source`` a placeholder of Dynamo's graph was read from (None when not recorded)."""
+    return getattr(node.meta.get("grapharg"), "source", None)
+
+
+def source_is_local(source) -> bool:
+    """``source`` is a local variable of the compiled frame (``LocalSource``)."""
+    return type(source).__name__ == "LocalSource"
+
+
+def source_is_attribute(source) -> bool:
+    """``source`` is an attribute, a module's member, or a global (not data the caller passed in)."""
+    cls = type(source).__name__
+    return "Attr" in cls or "NNModule" in cls or "Global" in cls
+
+
+def source_base(source):
+    """The source ``source`` was derived from (its ``base``), None at a root."""
+    return getattr(source, "base", None)
+
+
+def foreach_copy_(dst, src) -> None:
+    """``dst[i].copy_(src[i])`` for every i, in one multi-tensor call."""
+    torch._foreach_copy_(dst, src)
+
+
+def module_registries(module: torch.nn.Module):
+    """``(parameters, children)``: the dicts an ``nn.Module`` keeps its direct parameters and submodules in."""
+    return module._parameters, module._modules
+
+
+_MISSING = object()
+
+
+def module_member(module: torch.nn.Module, name: str):
+    """``getattr(module, name, None)``, without ``nn.Module.__getattr__``'s costly miss where the class leaves
+    the lookup to it (a parameter, buffer or submodule is found in its registry)."""
+    cls = type(module)
+    if cls.__getattr__ is not torch.nn.Module.__getattr__ or hasattr(cls, name):
+        return getattr(module, name, None)
+    d = module.__dict__
+    value = d.get(name, _MISSING)
+    if value is not _MISSING:
+        return value
+    for registry in ("_parameters", "_buffers", "_modules"):
+        found = d.get(registry)
+        if found and name in found:
+            return found[name]
+    return None
+
+
+def compiled_original(module: torch.nn.Module):
+    """The module a ``torch.compile(module)`` wrapper (``OptimizedModule``) wraps (its ``_orig_mod``); None when
+    ``module`` has none."""
+    return module_member(module, "_orig_mod")
+
+
+def is_compile_wrapper(module: torch.nn.Module) -> bool:
+    """``module`` is the wrapper ``torch.compile(module)`` returns."""
+    return compiled_original(module) is not None and module_member(module, "dynamo_ctx") is not None
+
+
+def compiled_in_place(module: torch.nn.Module) -> bool:
+    """``module.compile()`` was called on ``module``."""
+    return module_member(module, "_compiled_call_impl") is not None
+
+
+def is_compiled_function(obj) -> bool:
+    """``obj`` is a function made by ``torch.compile``."""
+    return callable(obj) and hasattr(obj, "_torchdynamo_orig_callable")
+
+
+def current_graph_task_id() -> int:
+    """The id of the backward pass (autograd graph task) running on this thread; -1 outside a backward."""
+    return torch._C._current_graph_task_id()
+
+
+def queue_backward_callback(fn) -> None:
+    """Run ``fn`` when the current backward's graph task finishes (after the callbacks queued before it)."""
+    torch.autograd.Variable._execution_engine.queue_callback(fn)
+
+
+# =====================================================================================================================
+# runtime/ and integrations/: the optimizer's step hooks, the DataLoader iterator, the multi-tensor ops
+# =====================================================================================================================
 
 foreach_norm = torch._foreach_norm
 """``torch._foreach_norm(tensors, ord)``: one norm per tensor, one launch per device and dtype."""
 
 foreach_mul_ = torch._foreach_mul_
 """``torch._foreach_mul_(tensors, scalar)``: every tensor multiplied in place."""
-
-foreach_copy_ = torch._foreach_copy_
-"""``torch._foreach_copy_(dst, src)``: every ``dst[i]`` overwritten by ``src[i]``."""
 
 
 def share_step_hooks(wrapper: torch.optim.Optimizer, inner: torch.optim.Optimizer) -> None:
@@ -130,39 +283,3 @@ def declared_batch_size(iterator):
     batching, or a batch sampler without one)."""
     sampler = iterator._index_sampler if iterator._auto_collation else None
     return getattr(sampler, "batch_size", None)
-
-
-def module_slots(module: torch.nn.Module):
-    """``(module._parameters, module._modules)``: a module's own parameters and children as registered (names
-    to objects, ``None`` entries included), read without ``named_parameters``'s recursion."""
-    return module._parameters, module._modules
-
-
-def queue_engine_callback(callback) -> None:
-    """Run ``callback`` once the running backward pass has finished (the autograd engine's callback queue)."""
-    torch.autograd.Variable._execution_engine.queue_callback(callback)
-
-
-def fsdp_reduce_scatter_base() -> type:
-    """FSDP2's ``ReduceScatter`` comm interface, which ``set_custom_reduce_scatter`` takes a subclass of."""
-    from torch.distributed.fsdp._fully_shard._fsdp_api import ReduceScatter
-
-    return ReduceScatter
-
-
-def fsdp_sharded_params(unit) -> list:
-    """The sharded parameters of one ``fully_shard`` unit, in FSDP2's param-group order."""
-    state = unit._get_fsdp_state()
-    return [fp.sharded_param for group in state._fsdp_param_groups for fp in group.fsdp_params]
-
-COMPILED_INNER = "_orig_mod"
-"""The attribute of ``torch.compile(module)``'s wrapper (``OptimizedModule``) that holds the module."""
-
-COMPILED_IN_PLACE = "_compiled_call_impl"
-"""Set on a module compiled in place with ``module.compile()``."""
-
-COMPILED_FUNCTION_MARK = "_torchdynamo_orig_callable"
-"""Set on the function ``torch.compile`` returns for a function (or an unwrapped compiled module)."""
-
-MODULE_REGISTRIES = ("_parameters", "_buffers", "_modules")
-"""Where ``nn.Module`` keeps its parameters, buffers and children (what its ``__getattr__`` searches)."""

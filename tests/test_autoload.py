@@ -50,7 +50,7 @@ print(json.dumps({"loss": loss.item().hex(), "params": digest.hexdigest(), "lr":
 STEP_LINE = re.compile(r"simigrad step (\d+): cos (\S+) \((\S+)\) batch (\d+) = (\d+) x (\d+), lr x([\d.]+)")
 
 
-def run(code: str, env: dict, timeout: float = 120) -> subprocess.CompletedProcess:
+def run(code: str, env: dict, timeout: float = 600) -> subprocess.CompletedProcess:
     full = {k: v for k, v in os.environ.items() if not k.startswith("SIMIGRAD")}
     full.update(env)
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=full, capture_output=True, text=True,

@@ -26,10 +26,7 @@ PRIVATE_ATTRS = frozenset({
 PRIVATE_CLASSES = ("CompiledFunction", "GradAOTOutput", "_BaseDataLoaderIter")
 """torch classes that code may match by name: a string holding one is flagged."""
 
-TEMPORARY = {
-    # compile/ is being moved behind compat.py on another branch; remove each entry when it lands.
-    "compile/region.py", "compile/passes/split_backward.py",
-}
+TEMPORARY: set = set()
 """Files allowed to hold private torch names for now (each entry is a known debt, reported in the PR)."""
 
 

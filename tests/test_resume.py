@@ -56,7 +56,7 @@ def test_resume_in_fresh_process_continues_exactly(tmp_path):
     expected = train(model, run, loader, 10)
     assert len({b for b, _, _ in expected}) > 1, "the batch size should move in the resumed stretch"
     assert epoch >= 1 and position > 0, "the checkpoint should sit inside an epoch after the first"
-    out = subprocess.run([sys.executable, __file__, str(ckpt)], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, __file__, str(ckpt)], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     got = [tuple(r) for r in json.loads(out.stdout.strip().splitlines()[-1])]
     assert got == expected

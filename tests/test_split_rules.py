@@ -237,7 +237,7 @@ def test_ops_that_mix_samples_are_refused(name):
 def test_a_failing_rewrite_becomes_a_named_refusal(monkeypatch):
     """Reintroduce the position-ids bug (the index side left whole): the pass's own check catches it, undoes the
     rewrite and names the refusal; the compile and the gradient are unaffected."""
-    from simigrad_compile.compile.passes import leaf_operands, split_backward
+    from simigrad_compile.compile.passes import leaf_operands, split_context
 
     original = leaf_operands.cuts_for
 
@@ -245,7 +245,7 @@ def test_a_failing_rewrite_becomes_a_named_refusal(monkeypatch):
         how, cuts = original(node, info_of)
         return how, {path: info for path, info in cuts.items() if len(path) == 1}  # drops cuts inside the index list
 
-    monkeypatch.setattr(split_backward, "cuts_for", index_left_whole)
+    monkeypatch.setattr(split_context, "cuts_for", index_left_whole)  # the rewrite's cuts; the analysis keeps its own
     torch.manual_seed(4)
     model, x = PositionIds(), torch.randn(B, 5, 4)
     got, stats = compile_and_step(model, (x,))
@@ -381,3 +381,23 @@ def test_sparse_embedding_gradients_are_refused_by_name(layer):
     compiled(torch.randint(0, 20, (4, 3))).pow(2).mean().backward()
     stats = simigrad_compile.gradient_stats(model, reset=True)
     assert stats.mode == "none" and "use sparse=False" in stats.unsplit["0.weight"]
+
+
+def test_arguments_are_found_by_schema_name_in_every_form_a_graph_passes_them():
+    """``op_args`` reads ``output_mask`` (position 10 in ``native_functions.yaml``'s schema) positionally, by
+    keyword, and falls back to the schema's default; ``with_argument`` keeps the form the call used."""
+    from simigrad_compile.compile.passes.op_args import argument, position, with_argument
+
+    aten = torch.ops.aten
+    assert position(aten.convolution_backward.default, "output_mask") == 10
+    assert position(aten._embedding_bag_backward.default, "scale_grad_by_freq") == 7
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    positional = graph.call_function(aten.index_put.default, (x, [x], x, True))
+    keyword = graph.call_function(aten.index_put.default, (x, [x], x), {"accumulate": True})
+    default = graph.call_function(aten.index_put.default, (x, [x], x))
+    assert [argument(n, "accumulate") for n in (positional, keyword, default)] == [True, True, False]
+    assert with_argument(positional, "accumulate", False) == ((x, [x], x, False), {})
+    assert with_argument(default, "accumulate", True) == ((x, [x], x), {"accumulate": True})
+    with pytest.raises(KeyError, match="no argument 'bogus'"):
+        argument(default, "bogus")

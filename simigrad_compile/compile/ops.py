@@ -56,7 +56,7 @@ def _(own, total, alpha, beta):
 
 @torch.library.custom_op("simigrad::record_stats", mutates_args=(), tags=_UNSAFE)
 def record_stats(stats: torch.Tensor, primal_indices: List[int]) -> None:
-    """Records ``stats`` rows ``(d, a, b)`` of the parameters ``primal_indices`` into the active region."""
+    """Records ``stats`` rows ``(dot, sq_norm_1, sq_norm_2)`` of the parameters ``primal_indices`` into the active region."""
     recorder = _regions.current("record_stats")
     if recorder is not None:
         recorder.record(stats, primal_indices)

@@ -8,22 +8,36 @@ their rows go is decided per call, not per graph:
   parameters it was actually called with and picks (or makes) the :class:`~..stats.gradient_stats.Sink` of
   exactly those tensors. Sinks hold the parameters weakly, and a sink is dropped when one of its parameters
   dies, so a sweep (compile, train, delete, compile another) keeps nothing of the deleted models.
-* **Per backward node.** The forward tags its ``CompiledFunctionBackward`` node with that sink's
+* **Per backward node.** The forward tags its own ``CompiledFunctionBackward`` node with that sink's
   :class:`Recorder`; the ops look up the node the autograd engine is running
   (``torch._C._current_autograd_node()``). There is no stack to push and pop, so a backward that raises leaves
   nothing behind, and concurrent backwards on other threads (one per device) do not see each other's regions.
 
+Its own node is the ``CompiledFunction`` node that this call created: the autograd sequence number is read
+before the call, and the search from the outputs goes back only through nodes numbered from there on. An output
+that is a view of an input, or the input itself, leads back to an earlier graph's node, numbered before the call,
+and is not followed; a graph whose only effect is an in-place update of an input is found through that input's
+new history. Each region also keeps the ``CompiledFunction`` class of the first node it bound (AOTAutograd makes
+one class per compiled graph) and binds only nodes of that class. A call with gradients on but no output (or
+updated input) that needs a gradient creates no backward that runs: nothing is bound, nothing can be recorded,
+and the calls are counted (:attr:`Region.unbound_calls`, and a log line per region).
+
 Every backward through the node records: a second ``backward(retain_graph=True)`` or a
 ``torch.autograd.grad`` adds its ``(d, a, b)`` to the sink like a second backward adds to ``.grad``.
+
+Known limit: a parameter whose gradient is the sum of two nodes' gradients (one graph called twice with the same
+parameters in one forward, or one parameter an input of two graphs) gets the sum of each node's ``(d, a, b)``,
+without the cross terms ``g1(1).g2(2) + g1(2).g2(1)`` (``tests/test_region_binding.py`` holds it as a strict
+xfail).
 
 A graph loaded from a warm cache in another process records into that process's sinks (the graph holds only
 primal indices). Under compiled autograd the ops run outside any node and their rows are dropped, with a
 warning.
 
-Private torch state used here: the running autograd node and whether its graph task keeps the graph (both
-through :mod:`simigrad_compile.compat`), and AOTAutograd's ``CompiledFunction.compiled_bw`` and
-``.metadata.bw_donated_idxs`` (read with defaults: if they move, the retain_graph guard turns off and torch's own
-check remains).
+Private torch state used here, all through :mod:`simigrad_compile.compat`: the running autograd node, whether
+its graph task keeps the graph, autograd sequence numbers, a node's ``CompiledFunction`` class, and whether that
+class's backward was compiled for single use (read with defaults: if it moves, the retain_graph guard turns off
+and torch's own check remains).
 """
 
 from __future__ import annotations
@@ -35,7 +49,8 @@ import weakref
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
-from ..compat import current_autograd_node, graph_task_keeps_graph, tree_leaves
+from ..compat import (autograd_sequence_nr, backward_single_use, compiled_function_of, current_autograd_node,
+                      graph_task_keeps_graph, node_sequence_nr, tree_leaves)
 
 from ..stats.gradient_stats import Sink
 
@@ -59,6 +74,9 @@ class Recorder:
 
 
 class Region:
+    unbound_calls = 0
+    """Calls, over all regions, that created no backward to bind (no output or updated input needs a gradient)."""
+
     def __init__(self, params: Sequence[Tuple[int, str]]):
         """``params``: ``(primal index, name)`` pairs of the graph's parameter inputs."""
         self.indices = [index for index, _ in params]
@@ -68,15 +86,19 @@ class Region:
         self._gather = many or (lambda inputs: tuple(inputs[i] for i in self.indices))
         self._recorders: Dict[Tuple[int, ...], Recorder] = {}
         self._last: Tuple[Optional[Tuple[int, ...]], Optional[Recorder]] = (None, None)
+        self._function = None  # the CompiledFunction class of this graph, from its first bound node
+        self.unbound = 0
 
     def wrap(self, compiled):
         boxed = getattr(compiled, "_boxed_call", False)
 
         def run(*args):
-            boxed_args = len(args) == 1 and isinstance(args[0], list)
-            recorder = self.recorder_for(args[0] if boxed_args else args)  # before a boxed call empties the list
+            inputs = args[0] if len(args) == 1 and isinstance(args[0], list) else args
+            recorder = self.recorder_for(inputs)
+            inputs = tuple(inputs)  # a boxed call empties its list; an input updated in place leads to the node
+            start = autograd_sequence_nr()
             outputs = compiled(*args)
-            self.attach(outputs, recorder)
+            self.attach(outputs, inputs, start, recorder)
             return outputs
 
         run._boxed_call = boxed
@@ -110,39 +132,40 @@ class Region:
         if self._last[1] is recorder:
             self._last = (None, None)
 
-    @staticmethod
-    def attach(outputs, recorder: Recorder) -> None:
-        node = _compiled_backward(outputs)
+    def attach(self, outputs, inputs: Sequence, start: int, recorder: Recorder) -> None:
+        """Tags the backward node that the call numbered from ``start`` created with ``recorder``."""
+        if not torch.is_grad_enabled():
+            return  # no autograd node was created
+        node = self._own_node(tree_leaves(outputs), start) or self._own_node(inputs, start)
         if node is None:
+            self.unbound += 1
+            Region.unbound_calls += 1
+            (log.info if self.unbound == 1 else log.debug)(
+                "simigrad: a compiled graph with parameters %s ran with no output that needs a gradient: its "
+                "backward never runs, so it records nothing (%d such calls of this graph)",
+                ", ".join(self.names), self.unbound)
             return
         setattr(node, _TAG, recorder)
-        node.register_prehook(functools.partial(_refuse_second_backward, getattr(node, "_forward_cls", None)))
+        node.register_prehook(functools.partial(_refuse_second_backward, self._function))
 
-
-def _compiled_backward(outputs):
-    for t in tree_leaves(outputs):
-        if not isinstance(t, torch.Tensor) or t.grad_fn is None:
-            continue
-        frontier = [t.grad_fn]
-        for _ in range(4):
-            for fn in frontier:
-                if "CompiledFunction" in type(fn).__name__:
-                    return fn
-            frontier = [nxt for fn in frontier for nxt, _ in fn.next_functions if nxt is not None]
-    return None
-
-
-def _single_use(compiled_function) -> bool:
-    """Whether AOTAutograd already compiled this function's backward with donated buffers: it may overwrite the
-    tensors it saved, so it runs once per forward. (A backward first compiled under ``retain_graph=True`` donates
-    nothing.) Private AOTAutograd state; a torch without it reads as False."""
-    metadata = getattr(compiled_function, "metadata", None)
-    return (getattr(compiled_function, "compiled_bw", None) is not None
-            and bool(getattr(metadata, "bw_donated_idxs", None)))
+    def _own_node(self, tensors: Sequence, start: int):
+        """The ``CompiledFunction`` node of this graph reached from ``tensors`` through nodes numbered ``start`` or
+        later (made by this call on this thread); None when there is none."""
+        stack = [t.grad_fn for t in tensors if isinstance(t, torch.Tensor) and t.grad_fn is not None]
+        while stack:
+            node = stack.pop()
+            if node_sequence_nr(node) < start:
+                continue  # made before this call: an input's history, another graph's node
+            function = compiled_function_of(node)
+            if function is not None and (self._function is None or function is self._function):
+                self._function = function
+                return node
+            stack.extend(nxt for nxt, _ in node.next_functions if nxt is not None)
+        return None
 
 
 def _refuse_second_backward(compiled_function, grad_outputs) -> None:
-    if not graph_task_keeps_graph() or not _single_use(compiled_function):
+    if not graph_task_keeps_graph() or not backward_single_use(compiled_function):
         return
     raise RuntimeError(
         "simigrad: backward(retain_graph=True) (or create_graph, or autograd.grad with retain_graph) through a "

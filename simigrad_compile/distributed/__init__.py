@@ -37,7 +37,8 @@ Rules:
   logged. A half with no samples gives NaN statistics (logged), which the controller skips.
 * Accumulation: under ``no_sync`` DDP calls no hook; the boundary's backward reduces the accumulated buckets.
 * bf16/fp16 buckets: communication in the bucket dtype, statistics accumulated in fp32 by the kernel.
-* Sharded gradients (FSDP2): :mod:`.distributed_fsdp` (reduce-scatter only, no all-gather).
+* Sharded gradients (FSDP2): :func:`enable_fsdp` (:mod:`.fsdp`): the reduce-scatter only, no all-gather; any
+  world size, the same halves and weights, :func:`set_sample_counts` too (docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from .. import compat
-from .fsdp import enable_fsdp
+from .fsdp import enable_fsdp, fsdp_split
 from .hook import SplitReduction, ddp_hook
 from .layout import make_layout
 
@@ -63,7 +64,7 @@ def find_ddp(model: torch.nn.Module) -> DistributedDataParallel:
     """The ``DistributedDataParallel`` module under ``model``'s compile wrappers; TypeError when there is none."""
     m = model
     while not isinstance(m, DistributedDataParallel):
-        inner = getattr(m, compat.COMPILED_INNER, None)
+        inner = compat.compiled_original(m)
         if not isinstance(inner, torch.nn.Module):
             raise TypeError(f"simigrad: expected a DistributedDataParallel model (or its compiled wrapper), got {type(model).__name__}")
         m = inner
@@ -100,11 +101,16 @@ def reduction(model: torch.nn.Module) -> Optional[SplitReduction]:
 
 
 def set_sample_counts(model: torch.nn.Module, counts: Optional[Sequence[int]]) -> None:
-    """Per-rank sample counts for the coming steps (the same list on every rank); ``None`` restores equal."""
-    state = reduction(model)
+    """Per-rank sample counts for the coming steps (the same list on every rank); ``None`` restores equal.
+    ``model``: a DDP model given to :func:`enable_ddp`, or an FSDP2 root given to :func:`enable_fsdp`."""
+    state = fsdp_split(model)
     if state is None:
-        raise RuntimeError("simigrad ddp: set_sample_counts needs enable_ddp(model) first (world size >= 2)")
+        state = reduction(model)
+    if state is None:
+        raise RuntimeError("simigrad: set_sample_counts needs enable_ddp(model) or enable_fsdp(model) first "
+                           "(world size >= 2)")
     state.set_sample_counts(counts)
 
 
-__all__ = ["enable_ddp", "enable_fsdp", "find_ddp", "reduction", "set_sample_counts", "SplitReduction"]
+__all__ = ["enable_ddp", "enable_fsdp", "find_ddp", "fsdp_split", "reduction", "set_sample_counts",
+           "SplitReduction"]

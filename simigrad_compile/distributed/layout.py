@@ -9,6 +9,8 @@ chunk ranges overlap exchanges exactly the overlap (a *segment*), so both see th
     N = 3:  A = {0},    B = {1, 2}, L = 2:  segments (0,1): chunk 0, (0,2): chunk 1
 
 The A side of a segment records its statistics (each element is counted once in the world-wide sum).
+FSDP's reduce-scatter, where each rank keeps only its own shard of the mean, uses the same halves and segments
+(:class:`OwnerPlan`).
 
 Weights: rank ``r`` with ``n_r`` of the step's ``n`` samples scales its local gradient by ``w_r = 2 n_r / n``
 before the reduction. The shard pair is then ``(alpha g1, beta g2)`` with ``alpha = 2 n_A / n``,
@@ -125,3 +127,63 @@ def check_counts(counts: Sequence[int], world: int) -> Tuple[int, ...]:
     if sum(counts) == 0:
         raise ValueError("sample counts sum to 0: no rank has samples")
     return counts
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """One (A rank, B rank) segment of the FSDP owner exchange, seen from this rank."""
+
+    peer: int
+    segment: Segment
+    send: Tuple[int, int]
+    """Element range of this rank's piece (its half's sums of the other half's shards) that the peer owns."""
+    recv: Tuple[int, int]
+    """Element range of this rank's own shard that the peer sends (the other half's sum)."""
+
+
+@dataclass(frozen=True)
+class OwnerPlan:
+    """FSDP's reduce-scatter as the split reduction: rank ``r`` ends with the mean of its own shard ``s_r``.
+
+    Each shard is padded to ``shard`` elements (a multiple of ``lcm(L/|A|, L/|B|)``). The shards owned by a half
+    form that half's *region*; both regions are cut into the layout's ``L`` chunks. In a region, the owners hold
+    the chunks of their own half's ranges and the *senders* (the other half) those of theirs, so a segment
+    ``(a, b, lo, hi)`` is, in A's region, what ``b`` sends to ``a``, and in B's region what ``a`` sends to ``b``.
+    A rank's half reduce-scatters rows ``[own shard | piece]``, where ``piece`` (``o * shard / h`` elements) is
+    its sender range of the other region; then each rank sends every part of its piece to its owner::
+
+        N = 3: A = {0}, B = {1, 2}: rank 0 reduces nothing, sends s_1 to 1 and s_2 to 2 (A's sums);
+               rank 1 reduces [s_1 | first half of s_0] over B and sends that half to 0, rank 2 the second.
+
+    Every rank sends ``(N - 1) * shard`` elements, a ring reduce-scatter's (:attr:`sent`).
+    """
+
+    shard: int
+    piece: int
+    half: int
+    transfers: Tuple[Transfer, ...]
+
+    @property
+    def sent(self) -> int:
+        """Elements this rank sends: the ring reduce-scatter inside its half, then its piece."""
+        return (self.half - 1) * (self.shard + self.piece) + self.piece
+
+
+def owner_plan(layout: Layout, shard_numel: int) -> OwnerPlan:
+    a, b, L = len(layout.half_a), len(layout.half_b), layout.chunks
+    multiple = math.lcm(L // a, L // b)
+    shard = -(-shard_numel // multiple) * multiple
+    h = len(layout.half)
+    o = layout.world - h
+    own_chunk, send_chunk = h * shard // L, o * shard // L
+    first = layout.own_chunks[0]
+    transfers = tuple(
+        Transfer(
+            peer=s.b_rank if layout.in_a else s.a_rank,
+            segment=s,
+            send=((s.lo - first) * send_chunk, (s.hi - first) * send_chunk),
+            recv=((s.lo - first) * own_chunk, (s.hi - first) * own_chunk),
+        )
+        for s in layout.my_segments
+    )
+    return OwnerPlan(shard=shard, piece=o * shard // h, half=h, transfers=transfers)

@@ -9,30 +9,10 @@ import torch
 
 from .. import compat
 
-_MISSING = object()
-
-
-def _attr(module: torch.nn.Module, name: str):
-    """``getattr(module, name, None)``, without ``nn.Module.__getattr__``'s costly miss where the class leaves
-    the lookup to it (read at every statistics read)."""
-    cls = type(module)
-    if cls.__getattr__ is not torch.nn.Module.__getattr__ or hasattr(cls, name):
-        return getattr(module, name, None)
-    d = module.__dict__
-    value = d.get(name, _MISSING)
-    if value is not _MISSING:
-        return value
-    for registry in compat.MODULE_REGISTRIES:
-        found = d.get(registry)
-        if found and name in found:
-            return found[name]
-    return None
-
 
 def _compiled(module: torch.nn.Module) -> bool:
     """``torch.compile(module)``'s wrapper, or a module compiled in place with ``module.compile()``."""
-    is_wrapper = _attr(module, compat.COMPILED_INNER) is not None and _attr(module, "dynamo_ctx") is not None
-    return is_wrapper or _attr(module, compat.COMPILED_IN_PLACE) is not None
+    return compat.is_compile_wrapper(module) or compat.compiled_in_place(module)
 
 
 _SUBMODULES_CHECKED: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
@@ -51,7 +31,7 @@ def check_compiled_once(model) -> torch.nn.Module:
     fix = ("Compile the model once: model = torch.compile(model, backend='simigrad') (or "
            "model.compile(backend='simigrad')), and pass that model or the module it wraps.")
     if not isinstance(model, torch.nn.Module):
-        if callable(model) and hasattr(model, compat.COMPILED_FUNCTION_MARK):
+        if compat.is_compiled_function(model):
             raise TypeError(
                 "simigrad: got a function made by torch.compile, not a module. torch.compile of an already compiled "
                 "module unwraps it and compiles the inner forward again with the outer backend only (the first "
@@ -64,7 +44,7 @@ def check_compiled_once(model) -> torch.nn.Module:
     while True:
         if _compiled(m):
             layers.append(type(m).__name__)
-        inner = _attr(m, compat.COMPILED_INNER) or _attr(m, "module")
+        inner = compat.compiled_original(m) or compat.module_member(m, "module")
         if not isinstance(inner, torch.nn.Module):
             break
         m = inner
@@ -78,7 +58,7 @@ def check_compiled_once(model) -> torch.nn.Module:
             f"simigrad: {type(m).__name__} is compiled more than once ({', '.join(layers)}): torch.compile was "
             "applied to a module that was already compiled. Only one of the backends runs, so statistics may "
             "silently be missing. " + fix)
-    _CHAINS[model] = tuple((weakref.ref(c), _attr(c, compat.COMPILED_IN_PLACE) is not None) for c in chain)
+    _CHAINS[model] = tuple((weakref.ref(c), compat.compiled_in_place(c)) for c in chain)
     return m
 
 
@@ -86,7 +66,7 @@ def chain_unchanged(chain) -> bool:
     """No module of a checked wrapper chain was compiled in place (``module.compile()``) or died since."""
     for ref, in_place in chain:
         m = ref()
-        if m is None or (_attr(m, compat.COMPILED_IN_PLACE) is not None) is not in_place:
+        if m is None or compat.compiled_in_place(m) is not in_place:
             return False
     return True
 

@@ -1,4 +1,5 @@
-"""Split-group statistics: where ``(d, a, b) = (g1.g2, |g1|^2, |g2|^2)`` are accumulated and read back.
+"""Split-group statistics: where the rows ``(dot, sq_norm_1, sq_norm_2) = (g1.g2, |g1|^2, |g2|^2)`` are accumulated
+and read back.
 
 Producers (a compiled backward graph, the DDP reduction, the micro-step accumulator) own a :class:`Sink`. A sink
 holds groups of parameters (one parameter per group for a compiled graph, one bucket per group under DDP)
@@ -16,17 +17,18 @@ import torch
 
 from .. import compat
 from .compiled_once import chain_unchanged, check_compiled_once, checked_chain
+from .repeated_rows import REASON as REPEATED, Add, repeated_parameters
 from .split_stats import SplitStats
 
 log = logging.getLogger("simigrad_compile")
 
 _SINKS: "weakref.WeakSet[Sink]" = weakref.WeakSet()
 _created = 0
-"""Sinks made so far: a read plan made before the last one may miss it."""
+"""Sinks made so far: a :class:`_ModelRows` made before the last one may miss it."""
 
 
 class Sink:
-    """Accumulates ``(d, a, b)`` rows for fixed groups of parameters."""
+    """Accumulates ``(dot, sq_norm_1, sq_norm_2)`` rows for fixed groups of parameters."""
 
     def __init__(self, mode: str, groups: Sequence[Sequence[Tuple[str, torch.nn.Parameter]]]):
         global _created
@@ -39,6 +41,8 @@ class Sink:
         self.count = 0
         self.unsplit: Dict[str, str] = {}
         """Parameters a split pass left whole in a graph that ran since the last reset, with the reason."""
+        self.adds: List[Add] = []
+        """The adds made inside a backward pass since the last reset (:mod:`.repeated_rows`)."""
         _SINKS.add(self)
         _created += 1
 
@@ -46,6 +50,9 @@ class Sink:
         """Add ``rows`` (``[k, 3]``) to groups ``index`` (default: all groups, in order). After a reset the
         accumulator is stale: the first add writes every group it covers and zeroes the rest (no zeroing op at
         the reset, which runs once per step)."""
+        task = compat.current_graph_task_id()
+        if task >= 0:
+            self.adds.append((task, None if index is None else tuple(index)))
         rows = rows.detach()
         if rows.dtype != torch.float32:
             rows = rows.to(torch.float32)
@@ -90,6 +97,8 @@ class Sink:
 
     def reset(self) -> None:
         self.count = 0  # the accumulator is stale from now on (see add)
+        if self.adds:
+            self.adds = []
         if self.unsplit:
             self.unsplit = {}
 
@@ -107,22 +116,24 @@ class _Entry:
         self.ids = {i for _, ids in groups for i in ids}
 
 
-class _ReadPlan:
+class _ModelRows:
     """Which sink rows hold a model's statistics, and which of its parameters no sink holds.
 
     Valid while no sink was made or died, and every module of the tree holds the same parameters and children
     under the same names: checked at each read by ids, without the ``named_parameters`` walk. Ids are sound
-    because every module and parameter of the tree is watched by a weak reference that voids the plan when it
-    dies. The plan holds nothing strongly: a hook of a parameter that refers back to its module must not keep
+    because every module and parameter of the tree is watched by a weak reference that voids the map when it
+    dies. The map holds nothing strongly: a hook of a parameter that refers back to its module must not keep
     the model alive."""
 
     __slots__ = ("sinks_key", "tree", "watchers", "chain", "named", "owned", "entries", "uncovered", "dead",
                  "__weakref__")
 
-    def __init__(self, named: List[Tuple[str, torch.nn.Parameter]], module: Optional[torch.nn.Module]):
+    def __init__(self, named: List[Tuple[str, torch.nn.Parameter]], module: Optional[torch.nn.Module],
+                 chain: tuple = ()):
         self.dead = False
         self.watchers: List[weakref.ref] = []
-        self.chain = ()
+        self.chain = chain
+        """The wrapper chain checked when the map was made (:func:`~.compiled_once.chain_unchanged`)."""
         self.sinks_key = (_created, len(_SINKS))
         self.tree = self._tree(module) if module is not None else None
         self.named = [(n, weakref.ref(p)) for n, p in named]
@@ -141,7 +152,7 @@ class _ReadPlan:
         void = weakref.WeakMethod(self._void)
         tree = []
         for m in module.modules():
-            p, c = compat.module_slots(m)
+            p, c = compat.module_registries(m)
             watched = [m] + [v for v in p.values() if v is not None]
             self.watchers += [weakref.ref(v, lambda _: _call(void)) for v in watched]
             tree.append((weakref.ref(m), tuple(p) if p else None, tuple(map(id, p.values())) if p else None,
@@ -158,7 +169,7 @@ class _ReadPlan:
             m = ref()
             if m is None:
                 return False
-            params, children = compat.module_slots(m)
+            params, children = compat.module_registries(m)
             if not _same(params, p_names, p_ids) or not _same(children, c_names, c_ids):
                 return False
         return True
@@ -178,24 +189,23 @@ def _call(method: weakref.WeakMethod) -> None:
         fn()
 
 
-_PLANS: Dict[int, Tuple[weakref.ref, _ReadPlan]] = {}
-"""id(model) -> (a weak reference to the model, its plan); the entry goes with the model."""
+_MODEL_ROWS: Dict[int, Tuple[weakref.ref, _ModelRows]] = {}
+"""id(model) -> (a weak reference to the model, its :class:`_ModelRows`); the entry goes with the model."""
 
 
-def _plan(model) -> _ReadPlan:
+def _model_rows(model) -> _ModelRows:
     if not (isinstance(model, torch.nn.Module) or callable(model)):
-        return _ReadPlan([(f"param{i}", p) for i, p in enumerate(model)], None)
+        return _ModelRows([(f"param{i}", p) for i, p in enumerate(model)], None)
     key = id(model)
-    known = _PLANS.get(key)
+    known = _MODEL_ROWS.get(key)
     if known is not None and known[0]() is model:
-        plan = known[1]
-        if plan.valid() and chain_unchanged(plan.chain):
-            return plan
+        model_rows = known[1]
+        if model_rows.valid() and chain_unchanged(model_rows.chain):
+            return model_rows
     module = check_compiled_once(model)
-    plan = _ReadPlan(list(module.named_parameters()), module)
-    plan.chain = checked_chain(model)
-    _PLANS[key] = (weakref.ref(model, lambda _: _PLANS.pop(key, None)), plan)
-    return plan
+    model_rows = _ModelRows(list(module.named_parameters()), module, checked_chain(model))
+    _MODEL_ROWS[key] = (weakref.ref(model, lambda _: _MODEL_ROWS.pop(key, None)), model_rows)
+    return model_rows
 
 
 class StatsRead:
@@ -208,29 +218,32 @@ class StatsRead:
     def __init__(self, host: List[float], sums: Optional[torch.Tensor], mode: str, per_parameter, missing, unsplit,
                  reason):
         self.host = host
-        """fp64 ``(d, a, b)`` of the rows on the CPU."""
+        """fp64 ``(dot, sq_norm_1, sq_norm_2)`` of the rows on the CPU."""
         self.sums = sums
-        """fp64 ``[3]`` ``(d, a, b)`` of the rows on the accelerator, still there; None when there are none."""
+        """fp64 ``[3]`` ``(dot, sq_norm_1, sq_norm_2)`` of the rows on the accelerator, still there; None when
+        there are none."""
         self.mode, self.per_parameter, self.missing, self.unsplit, self.reason = (
             mode, per_parameter, missing, unsplit, reason)
 
     def result(self, sums: Optional[Sequence[float]] = None) -> SplitStats:
         """The statistics; ``sums``: :attr:`sums` already copied to the host (else copied here)."""
-        dot, a, b = self.host
+        dot, sq_norm_1, sq_norm_2 = self.host
         if self.sums is not None:
-            d2, a2, b2 = self.sums.tolist() if sums is None else sums
-            dot, a, b = dot + d2, a + a2, b + b2
-        return SplitStats(dot, a, b, self.mode, self.per_parameter, self.missing, self.unsplit, self.reason)
+            more = self.sums.tolist() if sums is None else sums
+            dot, sq_norm_1, sq_norm_2 = dot + more[0], sq_norm_1 + more[1], sq_norm_2 + more[2]
+        return SplitStats(dot, sq_norm_1, sq_norm_2, self.mode, self.per_parameter, self.missing, self.unsplit,
+                          self.reason)
 
 
 def read_stats(model, reset: bool = False, per_parameter: bool = False) -> StatsRead:
     """:func:`gradient_stats` that leaves the sums of accelerator rows on the device (see :class:`StatsRead`)."""
-    plan = _plan(model)
-    owned = plan.owned
+    model_rows = _model_rows(model)
+    owned = model_rows.owned
     host, total = [0.0, 0.0, 0.0], None
     breakdown: Dict[str, Tuple[float, float, float]] = {}
     unsplit, modes, idle, sinks = {}, set(), [], 0
-    for entry in plan.entries:
+    repeated = _repeated(model_rows.entries)
+    for entry in model_rows.entries:
         sink = entry.sink()
         if sink is None:
             continue
@@ -244,31 +257,49 @@ def read_stats(model, reset: bool = False, per_parameter: bool = False) -> Stats
                 sink.reset()
             continue
         modes.add(sink.mode)
+        use, dropped = entry.rows, ()
+        if repeated:
+            dropped = [i for i, ids in entry.groups if repeated.intersection(ids)]
+            if dropped:
+                use = [i for i, _ in entry.groups if i not in dropped]
+                unsplit.update({model_rows.owned[k]: REPEATED for i, ids in entry.groups if i in dropped
+                                for k in ids})
         rows = acc.tolist() if acc.is_cpu or per_parameter else None  # fp32 values are exact as floats
         if acc.is_cpu:
-            for j, column in enumerate(zip(*(rows if entry.rows is None else [rows[i] for i in entry.rows]))):
+            for j, column in enumerate(zip(*(rows if use is None else [rows[i] for i in use]))):
                 host[j] += sum(column)
-        else:
-            part = (acc if entry.rows is None else acc.index_select(0, sink.index(entry.rows, acc.device))).sum(
+        elif use is None or use:
+            part = (acc if use is None else acc.index_select(0, sink.index(use, acc.device))).sum(
                 0, dtype=torch.float64)
             total = part if total is None else total + part.to(total.device)
         if per_parameter:
             for i, ids in entry.groups:
+                if i in dropped:
+                    continue
                 key = ",".join(owned[k] for k in ids)
                 prev = breakdown.get(key, (0.0, 0.0, 0.0))
                 breakdown[key] = tuple(x + y for x, y in zip(prev, rows[i]))
         if reset:
             sink.reset()
     if idle:
-        covered = set().union(*(e.ids for e in plan.entries if e not in idle))
-        missing = _with_grad(plan.named, covered)
+        covered = set().union(*(e.ids for e in model_rows.entries if e not in idle))
+        missing = _with_grad(model_rows.named, covered)
     else:
-        missing = _with_grad(plan.uncovered, ()) if plan.uncovered else ()
+        missing = _with_grad(model_rows.uncovered, ()) if model_rows.uncovered else ()
     reason = _reason(modes, sinks, unsplit, missing) if unsplit or missing or not modes else ""
     if missing and modes:
         log.warning("simigrad: %d parameter(s) have gradients but no statistics: %s", len(missing), ", ".join(missing))
     mode = "+".join(sorted(modes)) if modes else "none"
     return StatsRead(host, total, mode, breakdown if per_parameter else None, missing, unsplit, reason)
+
+
+def _repeated(entries: List[_Entry]) -> set:
+    """Parameter ids with rows from several backward nodes of one backward pass (:mod:`.repeated_rows`)."""
+    live = [(e, e.sink()) for e in entries]
+    if not any(sink is not None and sink.adds for _, sink in live):
+        return set()
+    return repeated_parameters((len(sink.names), sink.adds, dict(e.groups)) for e, sink in live
+                               if sink is not None and sink.count and sink.adds)
 
 
 def _with_grad(named, covered) -> Tuple[str, ...]:
@@ -287,9 +318,9 @@ def gradient_stats(model, reset: bool = False, per_parameter: bool = False) -> S
     ``model`` may be the compiled module, a DDP wrapper, the module they wrap, or an iterable of parameters
     (named ``param<i>``). ``reset=True`` zeroes the accumulators after reading, and forgets which graphs were
     left unsplit, so ``unsplit`` and ``reason`` describe the backwards since the previous reset (one step, when
-    the runtime reads once per step). ``per_parameter=True`` adds a name -> ``(d, a, b)`` breakdown (a bucket of
-    parameters under DDP appears as one entry named by its parameters). The rows are summed on their device in
-    fp64 and copied to the host once.
+    the runtime reads once per step). ``per_parameter=True`` adds a name -> ``(dot, sq_norm_1, sq_norm_2)``
+    breakdown (a bucket of parameters under DDP appears as one entry named by its parameters). The rows are
+    summed on their device in fp64 and copied to the host once.
     """
     return read_stats(model, reset, per_parameter).result()
 

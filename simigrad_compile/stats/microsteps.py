@@ -64,9 +64,9 @@ class MicrostepStats:
         self.total_sq = None
         if not own:  # no gradient at all: no statistics
             return SplitStats(float("nan"), float("nan"), float("nan"), "none")
-        (dot, a, b), self.total_sq = _pair_rows(own, total, n_last / n_mid, -1.0)
+        (dot, sq_norm_1, sq_norm_2), self.total_sq = _pair_rows(own, total, n_last / n_mid, -1.0)
         s1, s2 = n_mid / n1, n_mid / n2
-        return SplitStats(dot * s1 * s2, a * s1 * s1, b * s2 * s2, "microsteps")
+        return SplitStats(dot * s1 * s2, sq_norm_1 * s1 * s1, sq_norm_2 * s2 * s2, "microsteps")
 
 
 def _pair_rows(own: List[torch.Tensor], total: List[torch.Tensor], alpha: float,

@@ -1,4 +1,5 @@
-"""``SplitStats``: the value a statistics read returns (sums of ``(d, a, b)`` on the host, and what they cover)."""
+"""``SplitStats``: the value a statistics read returns (the sums ``dot``, ``sq_norm_1``, ``sq_norm_2`` on the host,
+and what they cover)."""
 
 from __future__ import annotations
 
@@ -9,11 +10,13 @@ from typing import Dict, Optional, Tuple
 
 @dataclass(frozen=True, repr=False)
 class SplitStats:
-    """Sums of ``d = g1.g2``, ``a = |g1|^2``, ``b = |g2|^2`` over parameters, in fp32 on the host.
+    """Sums of ``dot = g1.g2``, ``sq_norm_1 = |g1|^2``, ``sq_norm_2 = |g2|^2`` over parameters, on the host
+    (fp32 rows summed in fp64).
 
     Every backward since the last reset adds its own rows, so a second backward over the same graph
-    (``retain_graph=True``) or a ``torch.autograd.grad`` call adds its ``(d, a, b)`` again, as it adds its
-    gradient to ``.grad``: two identical backwards double ``d``, ``a`` and ``b`` and leave the cosine unchanged.
+    (``retain_graph=True``) or a ``torch.autograd.grad`` call adds its three sums again, as it adds its
+    gradient to ``.grad``: two identical backwards double ``dot``, ``sq_norm_1`` and ``sq_norm_2`` and leave the
+    cosine unchanged.
     """
 
     dot: float
@@ -22,6 +25,7 @@ class SplitStats:
     mode: str = "none"
     """Where the groups came from: ``batch``, ``microsteps``, ``ranks``, or ``none`` when nothing recorded."""
     per_parameter: Optional[Dict[str, Tuple[float, float, float]]] = None
+    """Name -> ``(dot, sq_norm_1, sq_norm_2)`` when asked for (a DDP bucket is one entry named by its parameters)."""
     missing: Tuple[str, ...] = ()
     """Trainable parameters with a gradient but no statistics (outside any compiled region, or unsplit)."""
     unsplit: Dict[str, str] = field(default_factory=dict)
@@ -32,7 +36,7 @@ class SplitStats:
 
     @property
     def cosine(self) -> float:
-        """``d / (sqrt(a) sqrt(b))``; NaN when a norm is zero or a statistic is not finite."""
+        """``dot / (sqrt(sq_norm_1) sqrt(sq_norm_2))``; NaN when a norm is zero or a statistic is not finite."""
         den = math.sqrt(max(self.sq_norm_1, 0.0)) * math.sqrt(max(self.sq_norm_2, 0.0))
         if den == 0.0 or not math.isfinite(den) or not math.isfinite(self.dot):
             return float("nan")

@@ -242,10 +242,10 @@ def main(checks) -> None:
 
             run_runtime_check(MLP, RANK, WORLD)
             continue
-        if name == "fsdp":
-            from simigrad_testkit.fsdp_check import run_fsdp_check  # noqa: PLC0415 - only where asked
+        if name.startswith("fsdp"):
+            from simigrad_testkit.fsdp_cases import run_fsdp_case  # noqa: PLC0415 - only where asked
 
-            run_fsdp_check(RANK, WORLD)
+            run_fsdp_case(name, RANK, WORLD)
             continue
         table[name]()
     dist.barrier()

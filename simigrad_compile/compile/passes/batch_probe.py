@@ -13,13 +13,12 @@ Some ops act on a whole tensor without a dim argument and keep its shape: those 
 
 from __future__ import annotations
 
-import logging
 import re
 from typing import List, Optional, Tuple
 
 import torch
 import torch.fx as fx
-from ...compat import tree_flatten, tree_map
+from ...compat import op_schema, quiet_fake_tensor_log, tree_flatten, tree_map
 
 from .batch_lattice import UNKNOWN, BatchDim, Info, is_static, same, size
 
@@ -35,7 +34,7 @@ NOT_PER_SAMPLE = {
 
 def derive(prop, node: fx.Node) -> Tuple[Info, Optional[str]]:
     """``(info, why)``: the derived info, or UNKNOWN with the reason."""
-    schema = getattr(node.target, "_schema", None)
+    schema = op_schema(node.target)
     if schema is None:
         return UNKNOWN, "no batch-dim rule (not an ATen op)"
     if node.target in NOT_PER_SAMPLE:
@@ -106,17 +105,12 @@ def _run(prop, node, batched, new_batch: int):
     fake_mode = prop.fake_mode
     if fake_mode is None:
         return None
-    quiet = logging.getLogger("torch._subclasses.fake_tensor")
-    level = quiet.level
-    quiet.setLevel(logging.CRITICAL)  # a kernel that rejects the size logs the exception before raising it
-    try:
-        with fake_mode:
+    try:  # a kernel that rejects the size logs the exception before raising it: muted
+        with quiet_fake_tensor_log(), fake_mode:
             args, kwargs = tree_map(resized, (node.args, node.kwargs))
             return _outputs(node.target(*args, **kwargs))
     except Exception:  # the kernel rejects the size: not a per-sample op we can derive
         return None
-    finally:
-        quiet.setLevel(level)
 
 
 def _follow(prop, batched, out, probes) -> Info:

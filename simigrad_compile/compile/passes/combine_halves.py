@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
-from typing import Optional
+from typing import Dict, List, Optional
 
 import torch
 import torch.fx as fx
 
 from .. import ops as _ops  # noqa: F401  (registers simigrad::pair_stats)
+from .split_context import FIRST, SECOND, SplitContext
 
 aten, prims = torch.ops.aten, torch.ops.prims
 _ACCUMULATING = (torch.float32, torch.float64)
@@ -34,46 +35,54 @@ _ACCUMULATING = (torch.float32, torch.float64)
 
 @dataclass
 class Pair:
+    """One parameter's two halves, in the ``separate`` form (``g2``) or the ``accumulate`` form (``total``)."""
+
     index: int
     """The primal's index (the statistics row's parameter)."""
     grad: fx.Node
     """The whole-batch gradient of the original graph."""
     g1: fx.Node
+    """The first half's gradient."""
     g2: Optional[fx.Node] = None
     """``separate``: the second half's gradient."""
     total: Optional[fx.Node] = None
     """``accumulate``: the gradient with the second half's ``mm`` written into the first's."""
 
 
-def accumulates(split, grad: fx.Node) -> bool:
+def accumulates(ctx: SplitContext, grad: fx.Node) -> bool:
     """Whether every contraction of ``grad`` is an fp32/fp64 ``mm`` (so ``addmm`` can take the second half)."""
-    leaves = split.linear.leaves(grad) or []
+    leaves = ctx.linear.leaves(grad) or []
     return bool(leaves) and all(leaf.target is aten.mm.default and leaf.meta["val"].dtype in _ACCUMULATING
                                 for leaf in leaves)
 
 
 class Accumulated:
-    """``node``'s whole-batch value with each ``mm`` contraction as ``addmm(first half, second half's operands)``."""
+    """``node``'s whole-batch value with each ``mm`` contraction as ``addmm(first half, second half's operands)``::
 
-    def __init__(self, split):
-        self.split, self.memo = split, {}
+        before:  mm_4 = mm(permute_7, view);  permute_8 = permute(mm_4, [1, 0])
+        after:   mm_5 = mm(slice_1, slice_2)                       # the first half (SplitContext.emit)
+                 addmm_1 = addmm(mm_5, slice_3, slice_4)           # + the second half's operands
+                 permute_9 = permute(addmm_1, [1, 0])              # returned
+    """
+
+    def __init__(self, ctx: SplitContext):
+        self.ctx = ctx
+        self.memo: Dict[fx.Node, fx.Node] = {}
 
     def __call__(self, node):
-        split = self.split
-        if not isinstance(node, fx.Node) or split.linear.leaves(node) is None:
+        ctx = self.ctx
+        if not isinstance(node, fx.Node) or ctx.linear.leaves(node) is None:
             return node
         if node in self.memo:
             return self.memo[node]
-        if split.linear.is_contraction(node):
-            first, second = split._emit(node, 0), split._emit(node, 1)
+        if ctx.linear.is_contraction(node):
+            first, second = ctx.emit(node, FIRST), ctx.emit(node, SECOND)
             assert node.target is aten.mm.default, node.format_node()
-            with split.graph.inserting_after(_later(first, second)):
-                copy = split._call(aten.addmm.default, first, *second.args)
+            with ctx.graph.inserting_after(_later(first, second)):
+                copy = ctx.call(aten.addmm.default, first, *second.args)
         else:
-            with split.graph.inserting_after(node):
-                copy = split.graph.node_copy(node, self)
-            split.created.append(copy)
-            split._fake(copy)
+            with ctx.graph.inserting_after(node):
+                copy = ctx.copy(node, self)
         self.memo[node] = copy
         return copy
 
@@ -90,11 +99,18 @@ def _later(a: fx.Node, b: fx.Node) -> fx.Node:
         x, y = x.next, y.next
 
 
-def in_graph(split, graph: fx.Graph, output: fx.Node, pairs, outs, slots) -> str:
+def in_graph(ctx: SplitContext, output: fx.Node, pairs: List[Pair], outs: list, slots: Dict[int, int]) -> str:
     """CPU: the sum (``separate``) and the three fp32 dot products as graph ops, so Inductor fuses them into one
-    loop over each pair (one read of both tensors); ``simigrad::record_stats`` takes the rows."""
+    loop over each pair (one read of both tensors); ``simigrad::record_stats`` takes the rows::
+
+        add_1 = add(g1, g2)                                   # -> the gradient's output slot
+        row_1 = cat([view(sum(mul(g1, g2)), [1]), view(sum(mul(g1, g1)), [1]), view(sum(mul(g2, g2)), [1])])
+        record_stats(view(cat([row_1, ...]), [pairs, 3]), [primal indices])
+
+    Returns a line for the pass's log."""
+    graph = ctx.graph
     order = {n: i for i, n in enumerate(graph.nodes)}
-    rows, call = [], split._call
+    rows, call = [], ctx.call
     for p in pairs:
         second = p.g2 if p.total is None else p.total
         with graph.inserting_before(max(p.g1, second, key=order.get).next):
@@ -113,9 +129,15 @@ def in_graph(split, graph: fx.Graph, output: fx.Node, pairs, outs, slots) -> str
     return "sums and dot products left to Inductor"
 
 
-def in_kernel(split, graph: fx.Graph, pairs, outs, slots, bucket_bytes: int) -> str:
+def in_kernel(ctx: SplitContext, pairs: List[Pair], outs: list, slots: Dict[int, int], bucket_bytes: int) -> str:
     """GPU: per bucket of at most ``bucket_bytes`` of halves, one ``simigrad::split_grads`` launch for the
-    ``separate`` pairs and one ``simigrad::pair_stats`` (``g2 = g - g1`` per element) for the accumulated ones."""
+    ``separate`` pairs and one ``simigrad::pair_stats`` (``g2 = g - g1`` per element) for the accumulated ones::
+
+        split_grads_1 = split_grads([g1_a, g1_b], [g2_a, g2_b], [3, 5])
+        grad_a, grad_b = split_grads_1[0], split_grads_1[1]   # -> the gradients' output slots
+
+    Returns a line for the pass's log."""
+    graph = ctx.graph
     order = {n: i for i, n in enumerate(graph.nodes)}
     buckets, size, launches = [[]], 0, 0
     for pair in sorted(pairs, key=lambda p: order[p.grad]):
@@ -132,21 +154,21 @@ def in_kernel(split, graph: fx.Graph, pairs, outs, slots, bucket_bytes: int) -> 
         node = last
         if accumulated:
             with graph.inserting_after(node):
-                stats = split._call(torch.ops.simigrad.pair_stats.default, [p.g1 for p in accumulated],
+                stats = ctx.call(torch.ops.simigrad.pair_stats.default, [p.g1 for p in accumulated],
                                     [p.total for p in accumulated], 1.0, -1.0)
             with graph.inserting_after(stats):
-                node = split._call(torch.ops.simigrad.record_stats.default, stats, [p.index for p in accumulated])
+                node = ctx.call(torch.ops.simigrad.record_stats.default, stats, [p.index for p in accumulated])
             for p in accumulated:
                 outs[slots[p.index]] = p.total
             launches += 1
         if separate:
             with graph.inserting_after(node):
-                fused = split._call(torch.ops.simigrad.split_grads.default, [p.g1 for p in separate],
+                fused = ctx.call(torch.ops.simigrad.split_grads.default, [p.g1 for p in separate],
                                     [p.g2 for p in separate], [p.index for p in separate])
             node = fused
             for j, p in enumerate(separate):
                 with graph.inserting_after(node):
-                    node = split._call(operator.getitem, fused, j)
+                    node = ctx.call(operator.getitem, fused, j)
                 outs[slots[p.index]] = node
             launches += 1
     return f"{launches} fused statistics launch(es) in {len(buckets)} bucket(s)"

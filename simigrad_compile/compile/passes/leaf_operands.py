@@ -17,9 +17,11 @@ import torch.fx as fx
 
 from .batch_lattice import BatchDim, same, shape_of
 from .index_layout import IndexLayout
+from .op_args import argument, position
 
 aten = torch.ops.aten
-Path = Tuple  # (arg position,) or (arg position, list position)
+Path = Tuple
+"""Where an operand sits in the call's ``args``: ``(arg position,)`` or ``(arg position, list position)``."""
 
 
 class NoCut(Exception):
@@ -38,10 +40,10 @@ def cuts_for(node: fx.Node, info_of) -> Tuple[str, Dict[Path, BatchDim]]:
         i = a if isinstance(a, BatchDim) else b
         return "slice", {(0,): i.at(off + 1), (1,): i.at(off)}
     if target is aten.embedding_dense_backward.default:
-        i = _batched(info_of, node.args[0])
-        cuts = {(0,): i}
-        if i.dim < len(shape_of(node.args[1])):
-            cuts[(1,)] = i
+        i = _batched(info_of, argument(node, "grad_output"))
+        cuts = {_path(target, "grad_output"): i}
+        if i.dim < len(shape_of(argument(node, "indices"))):
+            cuts[_path(target, "indices")] = i
         return "slice", cuts
     if target in (aten.index_put.default, aten._unsafe_index_put.default,
                   aten._unsafe_masked_index_put_accumulate.default):
@@ -58,21 +60,26 @@ def _batched(info_of, arg) -> BatchDim:
     return i
 
 
+def _path(target, name: str) -> Path:
+    return (position(target, name),)
+
+
 def _index_put_cuts(node: fx.Node, info_of) -> Dict[Path, BatchDim]:
-    masked = node.target is aten._unsafe_masked_index_put_accumulate.default
-    base, values = node.args[0], node.args[3 if masked else 2]
-    position = 2 if masked else 1
-    indices = list(node.args[position])
+    target = node.target
+    masked = target is aten._unsafe_masked_index_put_accumulate.default
+    base, values = argument(node, "self"), argument(node, "values")
+    at = position(target, "indices")
+    indices = list(argument(node, "indices"))
     layout = IndexLayout(len(shape_of(base)), [shape_of(t) if isinstance(t, fx.Node) else None for t in indices])
     vi = _batched(info_of, values)
     r = vi.dim + layout.ndim - len(shape_of(values))
     k = layout.block_position(r)
     if k is None:
         raise NoCut("index_put's batch is not in the indexed block")
-    cuts = {(3 if masked else 2,): vi}
-    aligned = [((position, j), t, k - layout.block) for j, t in enumerate(indices) if isinstance(t, fx.Node)]
+    cuts = {_path(target, "values"): vi}
+    aligned = [((at, j), t, k - layout.block) for j, t in enumerate(indices) if isinstance(t, fx.Node)]
     if masked:  # the mask broadcasts against the indexed shape, like the values
-        aligned.append(((1,), node.args[1], r - layout.ndim))
+        aligned.append((_path(target, "mask"), argument(node, "mask"), r - layout.ndim))
     for path, t, from_right in aligned:
         shape = shape_of(t)
         dim = len(shape) + from_right

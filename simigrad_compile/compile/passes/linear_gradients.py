@@ -18,6 +18,7 @@ import torch
 import torch.fx as fx
 
 from .batch_dims import UNKNOWN, BatchDim, BatchDimPropagation
+from .op_args import argument
 
 aten, prims = torch.ops.aten, torch.ops.prims
 
@@ -40,6 +41,8 @@ _LINEAR_IN_FIRST = {
     aten._weight_norm_interface_backward.default,  # (grad_v, grad_g) is linear in grad_w for fixed v, g
 }
 _JOIN = {aten.cat.default, aten.stack.default}
+CONV_WEIGHT_AND_BIAS = (1, 2)
+"""The outputs of ``convolution_backward`` (``grad_input, grad_weight, grad_bias``) that contract over the batch."""
 VALUE_FREE = {aten.zeros_like.default, aten.ones_like.default, aten.empty_like.default, aten.full_like.default,
               aten.new_zeros.default, aten.new_ones.default, aten.new_empty.default, aten.new_full.default,
               aten.new_empty_strided.default, aten.sym_size.int, aten.sym_stride.int, aten.sym_numel.default}
@@ -62,18 +65,17 @@ class LinearGradients:
     def _is_leaf(self, node: fx.Node) -> bool:
         if node.target is operator.getitem:
             parent = node.args[0]
-            return parent.target is aten.convolution_backward.default and node.args[1] in (1, 2)
+            return parent.target is aten.convolution_backward.default and node.args[1] in CONV_WEIGHT_AND_BIAS
         if node.target not in ADDITIVE:
             return False
         if node.target in (aten._unsafe_masked_index_put_accumulate.default, aten.index_put.default,
                            aten._unsafe_index_put.default):
-            if not is_zeros(node.args[0]):
+            if not is_zeros(argument(node, "self")):
                 raise Refuse(f"{node.target} accumulates into a non-zero tensor")
-        if node.target is aten.embedding_dense_backward.default and node.args[4]:
+        if node.target is aten.embedding_dense_backward.default and argument(node, "scale_grad_by_freq"):
             raise Refuse("embedding with scale_grad_by_freq mixes the batch's counts")
         if node.target in (aten._embedding_bag_dense_backward.default, aten._embedding_bag_backward.default):
-            scale = node.args[6] if node.target is aten._embedding_bag_dense_backward.default else node.args[7]
-            if scale:
+            if argument(node, "scale_grad_by_freq"):
                 raise Refuse("embedding_bag with scale_grad_by_freq mixes the batch's counts")
         return True
 
@@ -115,7 +117,7 @@ class LinearGradients:
             if inner is None or any(rest):
                 raise Refuse(f"{target} mixes two gradient contributions")
             return inner
-        if target is aten.constant_pad_nd.default and _value(node, 2, "value", 0) == 0:
+        if target is aten.constant_pad_nd.default and argument(node, "value") == 0:
             return self.leaves(node.args[0])
         if target in _JOIN:
             parts = [self.leaves(t) for t in node.args[0]]
@@ -146,9 +148,9 @@ class LinearGradients:
     def _select(self, node: fx.Node) -> List[fx.Node]:
         """``where(c, x, 0)``, ``where(c, 0, x)``, ``masked_fill(x, c, 0)``: linear in ``x``."""
         if node.target is aten.where.self:
-            cond, branches = node.args[0], list(node.args[1:3])
+            cond, branches = argument(node, "condition"), [argument(node, "self"), argument(node, "other")]
         else:
-            cond, branches = node.args[1], [node.args[0], node.args[2]]
+            cond, branches = argument(node, "mask"), [argument(node, "self"), argument(node, "value")]
         if self.leaves(cond):
             raise Refuse(f"{node.target}'s condition depends on a gradient contribution")
         parts = [self.leaves(b) for b in branches]
@@ -159,19 +161,14 @@ class LinearGradients:
         raise Refuse(f"{node.target} mixes a gradient with a non-zero value")
 
 
-def _value(node: fx.Node, position: int, name: str, default):
-    return node.args[position] if len(node.args) > position else node.kwargs.get(name, default)
-
-
 def _scattered_values(node: fx.Node):
     """``(values, base)`` of an op that scatter-adds ``values`` at fixed indices (into ``base``, which must be
     zeros; None for embedding_dense_backward): linear in ``values``. ``(None, None)`` for any other op."""
-    if node.target is aten._unsafe_masked_index_put_accumulate.default:
-        return node.args[3], node.args[0]
-    if node.target in (aten.index_put.default, aten._unsafe_index_put.default) and len(node.args) > 3 and node.args[3]:
-        return node.args[2], node.args[0]
-    if node.target is aten.embedding_dense_backward.default and not node.args[4]:
-        return node.args[0], None
+    if node.target is aten._unsafe_masked_index_put_accumulate.default or (
+            node.target in (aten.index_put.default, aten._unsafe_index_put.default) and argument(node, "accumulate")):
+        return argument(node, "values"), argument(node, "self")
+    if node.target is aten.embedding_dense_backward.default and not argument(node, "scale_grad_by_freq"):
+        return argument(node, "grad_output"), None
     return None, None
 
 
@@ -185,9 +182,9 @@ def is_zeros(node) -> bool:
     if target in (aten.zeros.default, aten.zeros_like.default, aten.new_zeros.default):
         return True
     if target in (aten.full.default, aten.new_full.default, aten.full_like.default):
-        return node.args[1] == 0
+        return argument(node, "fill_value") == 0
     if target is aten.scalar_tensor.default:
-        return node.args[0] == 0
+        return argument(node, "s") == 0
     if target in (aten.expand.default, aten.view.default, aten.clone.default, aten._to_copy.default,
                   prims.convert_element_type.default):
         return is_zeros(node.args[0])

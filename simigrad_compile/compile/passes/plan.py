@@ -8,11 +8,12 @@ deterministic across processes, so it can enter the passes' cache key.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import List, Optional, Sequence, Tuple
 
 import torch
 
+from ...compat import dynamo_source, source_base, source_is_attribute, source_is_local
 from ...config import SimigradConfig
 
 _PART = re.compile(r"\.?_(?:modules|parameters|buffers)\['([^']+)'\]|\.([A-Za-z_][A-Za-z0-9_]*)")
@@ -20,43 +21,52 @@ _PART = re.compile(r"\.?_(?:modules|parameters|buffers)\['([^']+)'\]|\.([A-Za-z_
 
 @dataclass(frozen=True)
 class InputRole:
+    """What one input of the compiled region is."""
+
     kind: str
     """``param``, ``input`` or ``other``."""
     name: str
+    """The parameter's name in the module (``fc.weight``), the input's local name, or the placeholder's."""
     batch_dim: Optional[int] = None
+    """An input's batch dim (None for a 0-dim input and for every other kind)."""
 
 
 @dataclass(frozen=True)
 class RegionPlan:
+    """Everything the passes read about one compiled region: its inputs' roles and the options that apply.
+
+    Every field enters the passes' cache key (:meth:`key`)."""
+
     roles: Tuple[InputRole, ...]
     mode: str
     """``batch`` (split or raise), ``auto`` (split or fall back), ``off`` (no split pass)."""
     bucket_bytes: int
+    """The most bytes of gradient halves per fused statistics launch (``stats_bucket_mb``)."""
     disabled: Tuple[str, ...] = ()
+    """Names of passes not to run."""
     stats_sum: str = "auto"
+    """``graph``, ``kernel`` or ``auto`` (graph ops on CPU): see ``SimigradConfig.stats_sum``."""
     split_contraction: str = "separate"
+    """``separate`` or ``accumulate``: see :mod:`.combine_halves`."""
 
     def key(self) -> str:
-        return repr((self.roles, self.mode, self.bucket_bytes, self.disabled, self.stats_sum, self.split_contraction))
+        """Every field's value, in field order: the part of the passes' cache key that the options make."""
+        return repr(tuple(getattr(self, f.name) for f in fields(self)))
 
     @property
     def params(self) -> List[Tuple[int, str]]:
         return [(i, r.name) for i, r in enumerate(self.roles) if r.kind == "param"]
 
 
-def _source(node: torch.fx.Node):
-    grapharg = node.meta.get("grapharg")
-    return getattr(grapharg, "source", None)
-
-
 def _is_user_input(source) -> bool:
+    """``source`` reads data the caller passed in (a local of the frame, or a part of one), not a module's or a
+    global's member."""
     while source is not None:
-        cls = type(source).__name__
-        if cls == "LocalSource":
+        if source_is_local(source):
             return True
-        if "Attr" in cls or "NNModule" in cls or "Global" in cls:
+        if source_is_attribute(source):
             return False
-        source = getattr(source, "base", None)
+        source = source_base(source)
     return False
 
 
@@ -69,8 +79,8 @@ def _param_name(source, fallback: str) -> str:
 
 
 def _local_name(source) -> str:
-    while source is not None and type(source).__name__ != "LocalSource":
-        source = getattr(source, "base", None)
+    while source is not None and not source_is_local(source):
+        source = source_base(source)
     return getattr(source, "local_name", "")
 
 
@@ -84,10 +94,12 @@ def _user_dim(config: SimigradConfig, index: int, name: str) -> Optional[int]:
 
 
 def plan_region(gm: torch.fx.GraphModule, example_inputs: Sequence, config: SimigradConfig, mode: str) -> RegionPlan:
+    """The plan of Dynamo's graph ``gm``: each placeholder's role (a ``Parameter`` example input is a parameter;
+    a tensor the caller passed is an input, with its ``config.batch_dim``), and ``config``'s options."""
     roles, user_index = [], 0
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     for node, value in zip(placeholders, example_inputs):
-        source = _source(node)
+        source = dynamo_source(node)
         if isinstance(value, torch.nn.Parameter):
             roles.append(InputRole("param", _param_name(source, node.name)))
         elif isinstance(value, torch.Tensor) and _is_user_input(source):
