@@ -22,6 +22,7 @@ LrScaling = Literal["sqrt", "linear", "none"]
 StatsSum = Literal["auto", "kernel", "graph"]
 SplitContraction = Literal["separate", "accumulate"]
 OnNonFinite = Literal["skip", "raise"]
+ControllerKind = Literal["simigrad", "gns", "adascale"]
 BatchDim = Union[int, tuple, dict]
 
 PASS_NAMES = ("split_backward",)
@@ -82,6 +83,17 @@ class SimigradConfig:
     groups parameters into launches of at most this many bytes of half-gradients."""
 
     # --- controller ---
+    controller: ControllerKind = "simigrad"
+    """Which rule sets the next step's batch and LR (:mod:`simigrad_compile.runtime.controller`; formulas in
+    ``docs/statistics.md``). ``simigrad``: the paper's rule on the cosine (``target_similarity``). ``gns``: the
+    target batch follows McCandlish et al.'s noise scale ``B_simple`` (EMA ``noise_ema``), at most x1.1 / x0.9 per
+    step, within the bounds. ``adascale``: the batch stays at ``batch_size``; the LR is multiplied by AdaScale's
+    gain ratio for the two groups (``r`` in [1, 2]; ``lr_scaling`` is not used)."""
+
+    noise_ema: float = 0.99
+    """Decay of the exponential averages of the noise and signal estimates behind ``gns`` and ``gain`` (both
+    controllers and the history): ``s <- noise_ema*s + (1-noise_ema)*x``; 0 uses each step's estimate alone."""
+
     target_similarity: float = 0.2
     """The cosine similarity the controller steers towards: below it the batch grows, above it shrinks."""
 
@@ -230,6 +242,8 @@ def _check_relations(cfg: SimigradConfig) -> None:
         )
     if not 0.0 <= cfg.ema < 1.0:
         _fail("ema", cfg.ema, "a number in [0, 1)")
+    if not 0.0 <= cfg.noise_ema < 1.0:
+        _fail("noise_ema", cfg.noise_ema, "a number in [0, 1)")
     if not -1.0 <= cfg.target_similarity <= 1.0:
         _fail("target_similarity", cfg.target_similarity, "a cosine in [-1, 1]")
     if cfg.lr_adjust_factor < 0:

@@ -129,3 +129,67 @@ def test_unreachable_bounds_warn(caplog):
 def test_tail_runs_only_the_current_rung(world, min_acc, remaining, micro, expected):
     lad = Ladder(SimigradConfig(), world, min_acc, rungs=(1, 2, 4, 8, 16))
     assert lad.tail(remaining, micro) == expected
+
+
+# --- the last step of a sample budget (Ladder.cut, run.limit_next_step) ----------------------------------------
+def cut_sequence(lad, remainder, plan):
+    """The steps a budget's remainder takes: cut, then cut the rest from the planned step, until nothing is left."""
+    out = []
+    while remainder:
+        p = lad.cut(remainder, plan)
+        assert p is not None and 1 <= p.batch_size <= remainder, (remainder, p)
+        out.append(p)
+        remainder -= p.batch_size
+        plan = lad.plan(256)
+    return out
+
+
+@pytest.mark.parametrize("remainder", [1, 3, 7, 8, 100, 136, 200, 255, 257, 511, 1000, 4095])
+@pytest.mark.parametrize("min_acc", [1, 2])
+def test_cut_ends_exactly_on_any_remainder_with_the_default_ladder(remainder, min_acc):
+    lad = ladder(min_acc=min_acc)  # rungs 1 .. 256
+    plan = lad.plan(4096)
+    steps = cut_sequence(lad, remainder, plan)
+    assert sum(p.batch_size for p in steps) == remainder
+    assert len(steps) <= 1 + math.ceil(math.log2(remainder + 1))
+    assert all(p.accumulation <= max(ACCUMULATION_SLACK * math.ceil(remainder / 256), min_acc, plan.accumulation)
+               for p in steps)
+
+
+def test_cut_prefers_exact_then_statistics_then_the_current_rung():
+    lad = ladder(min_acc=2, max_micro_batch_size=16)
+    current = lad.plan(128)                                          # 16 x 8
+    assert (current.micro_batch_size, current.accumulation) == (16, 8)
+    assert lad.cut(64, current) == type(current)(16, 4)              # same rung, fewer micro-steps
+    assert lad.cut(8, current) == type(current)(4, 2)                # exact, two groups (not 8 x 1)
+    assert lad.cut(24, current) == type(current)(8, 3)               # exact on a smaller rung
+    assert ladder(micro_batch_sizes=(4,)).cut(3, current) is None     # no rung fits
+
+
+def test_limit_next_step_ends_exactly_on_budgets_off_the_rung():
+    """Default ladder (rungs up to 256), B0 = 256: budgets that are no multiple of the rung end exactly on the
+    budget (the issue's 136 of 256 raised before), every sample trained once, in order."""
+    import torch
+
+    import simigrad_compile as sc
+    from simigrad_testkit.loop_reference import Net, dataset, loss_of
+
+    for budget in (392, 256 + 255, 300):
+        torch.manual_seed(0)
+        model = Net()
+        run = sc.AdaptiveBatching(model, torch.optim.SGD(model.parameters(), lr=0.01), batch_size=256,
+                                  group_mode="microsteps")
+        seen = 0
+        for x, y in run.dataloader(dataset(1000)):
+            loss_of(model, x, y).backward()
+            run.optimizer.step()
+            run.optimizer.zero_grad()
+            if run.sync_gradients:
+                seen = run.history[-1]["samples"]
+                if seen >= budget:
+                    break
+                if budget - seen < run.batch_size:
+                    run.limit_next_step(budget - seen)
+        assert seen == budget, [r["batch_size"] for r in run.history]
+        assert all(r["skipped"] == "short-step" for r in run.history[1:])
+        run.close()

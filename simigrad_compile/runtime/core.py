@@ -67,7 +67,7 @@ from ..stats.gradient_stats import gradient_stats
 from ..stats.microsteps import MicrostepStats
 from .amp import ScalerBridge
 from .checkpoint import CheckpointState
-from .controller import BatchSizeController
+from .controller import BatchSizeController, step_statistics
 from .history import History
 from .driven import mark_driven
 from .ladder import BatchPlan, Ladder
@@ -300,11 +300,13 @@ class StepCore(StepRules, CheckpointState):
         w, stats, reason = pending.window, pending.stats, pending.reason
         cosine = stats.cosine
         target = self.controller.batch_size
-        skipped = reason
-        if reason is None:
-            skipped = "no-statistics" if stats.mode == "none" else self.controller.update(cosine).skipped
         samples = w.samples
         realised = samples * self.world_size
+        step = step_statistics(stats, w.sizes, w.half, self.world_size,
+                               full=realised >= self.ladder.plan(target).batch_size)
+        skipped = reason
+        if reason is None:
+            skipped = "no-statistics" if stats.mode == "none" else self.controller.observe(step).skipped
         state = self.state
         state.steps += 1
         state.samples += realised
@@ -313,9 +315,11 @@ class StepCore(StepRules, CheckpointState):
         self._history.append({
             "step": state.steps, "samples": state.samples, "target_batch_size": target, "batch_size": realised,
             "micro_batch_size": w.sizes[0], "accumulation": w.accumulation, "statistics": stats.mode,
-            "cosine": cosine if math.isfinite(cosine) else math.nan, "lr_scale": pending.lr_scale,
-            "stepped": reason is None, "skipped": skipped, "grad_norm": pending.grad_norm,
-            "loss": pending.loss_sum / samples if self._loss is not None else None, "note": pending.note,
+            "cosine": cosine if math.isfinite(cosine) else math.nan, "signal": step.signal, "noise": step.noise,
+            "gns": self.controller.noise_scale, "gain": self.controller.gain(realised),
+            "lr_scale": pending.lr_scale, "stepped": reason is None, "skipped": skipped,
+            "grad_norm": pending.grad_norm, "loss": pending.loss_sum / samples if self._loss is not None else None,
+            "note": pending.note,
         })
         self._reset_step()
         self._replan()
@@ -333,19 +337,24 @@ class StepCore(StepRules, CheckpointState):
             self.amp.reset()
 
     def limit_next_step(self, samples: int) -> None:
-        """Cut the next step to at most ``samples`` samples (global) by fewer micro-steps of the same rung: the
-        last step of a sample budget, so that runs compared on a budget see the same samples. No new graph."""
+        """Cut the next step to at most ``samples`` samples (global): the last step of a sample budget, so that runs
+        compared on a budget see the same samples. Exactly ``samples`` where a plan realises it within the
+        accumulation cap, else the largest that fits (call it again for the rest); fewer micro-steps of the current
+        rung where they do, else a smaller rung (``Ladder.cut``). Such a step does not steer the controller
+        (``short-step``)."""
         if self.window_open:
             raise RuntimeError("simigrad: limit_next_step() inside a step; call it after the step's last micro-batch")
-        per_micro = self.plan.micro_batch_size * self.world_size
-        if samples < per_micro:
-            raise ValueError(f"simigrad: limit_next_step({samples}) is below one micro-batch of the current rung "
-                             f"({per_micro} samples)")
-        accumulation = min(self.plan.accumulation, samples // per_micro)
-        if accumulation < self.plan.accumulation:
-            log.info("simigrad: next step cut to %d x %d micro-batches (at most %d samples)",
-                     accumulation, self.plan.micro_batch_size, samples)
-            self.plan = BatchPlan(self.plan.micro_batch_size, accumulation, self.world_size)
+        samples = int(samples)
+        if samples >= self.plan.batch_size:
+            return
+        plan = self.ladder.cut(samples, self.plan)
+        if plan is None:
+            raise ValueError(f"simigrad: limit_next_step({samples}) is below one micro-batch of the smallest rung "
+                             f"({self.ladder.rungs[0] * self.world_size} samples): no step of that size exists; "
+                             "add a smaller rung (micro_batch_sizes) or end the budget on the last step")
+        log.info("simigrad: next step cut to %d x %d micro-batches (%d samples, at most %d)", plan.accumulation,
+                 plan.micro_batch_size, plan.batch_size, samples)
+        self.plan = plan
 
     def discard_step(self) -> None:
         """Drop the open (or failed) step: its gradients, loss, clip request and statistics. The run goes on

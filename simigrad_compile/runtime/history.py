@@ -5,10 +5,15 @@ A record has the keys of :data:`KEYS`:
 * ``step`` (1-based, skipped steps included), ``samples`` (seen so far), ``target_batch_size`` (the controller's),
   ``batch_size`` (realised, global), ``micro_batch_size``, ``accumulation``;
 * ``statistics``: where the split came from (``batch``, ``microsteps``, ``ranks``, ``none``), ``cosine``;
+* the noise family (formulas in ``docs/statistics.md``): ``signal`` and ``noise``, this step's unbiased estimates
+  of ``|G|^2`` and ``tr(Sigma)`` (NaN without split statistics); ``gns``, the noise scale ``B_simple`` of their
+  exponential averages (``noise_ema``) after this step; ``gain``, AdaScale's gain ratio of the step's batch over
+  its halves from the same averages;
 * ``lr_scale``: the LR multiplier of the realised batch;
 * ``stepped``: whether the optimizer applied the step; ``skipped``: why it did not (``non-finite-loss``,
   ``non-finite-gradient``, ``non-finite-statistics``, ``amp-overflow``) or, for an applied step, why the
-  controller did not move (``no-statistics``, ``interval``, ``non-finite-cosine``), else None;
+  controller did not move (``no-statistics``, ``interval``, ``non-finite-cosine``, ``short-step``,
+  ``no-noise-estimate``), else None;
 * ``grad_norm``: the total norm of the step's mean gradient (unscaled, before clipping; in the clip's norm
   type when ``run.clip_grad_norm_`` was called, else the 2-norm);
 * ``loss``: the sample-weighted mean loss when the loop passes it (``run.log_loss``), else None;
@@ -30,7 +35,7 @@ from typing import List, Optional
 log = logging.getLogger("simigrad_compile")
 
 KEYS = ("step", "samples", "target_batch_size", "batch_size", "micro_batch_size", "accumulation", "statistics",
-        "cosine", "lr_scale", "stepped", "skipped", "grad_norm", "loss", "note")
+        "cosine", "signal", "noise", "gns", "gain", "lr_scale", "stepped", "skipped", "grad_norm", "loss", "note")
 CSV_NAME = "simigrad.csv"
 
 
@@ -41,6 +46,11 @@ def _summary_writer(log_dir: str):
         log.info("simigrad: TensorBoard logging off (%s); the CSV in %s has the same records", exc, log_dir)
         return None
     return SummaryWriter(log_dir)
+
+
+def _series(records: List[dict], key: str) -> List[float]:
+    """``records``' values of ``key`` as floats (NaN where missing)."""
+    return [float("nan") if r.get(key) is None else float(r[key]) for r in records]
 
 
 class History:
@@ -71,7 +81,7 @@ class History:
         self._csv_writer().writerow(record)
         self._file.flush()
         if self._writer is not None:
-            for key in ("cosine", "batch_size", "target_batch_size", "micro_batch_size", "accumulation",
+            for key in ("cosine", "signal", "noise", "gns", "gain", "batch_size", "target_batch_size", "micro_batch_size", "accumulation",
                         "lr_scale", "grad_norm", "loss"):
                 value = record[key]
                 if value is not None and math.isfinite(value):
@@ -86,8 +96,8 @@ class History:
             self._writer = None
 
     def plot(self, path: str, target_similarity: Optional[float] = None) -> None:
-        """Similarity (with the target line), batch size, LR multiplier and loss against samples, in one PNG
-        (needs matplotlib)."""
+        """Similarity (with the target line), batch size (with the noise scale), gain ratio, LR multiplier and loss
+        against samples, in one PNG (needs matplotlib)."""
         try:
             import matplotlib
 
@@ -96,14 +106,18 @@ class History:
         except ImportError as exc:
             raise ImportError("run.plot() needs matplotlib: pip install 'simigrad-compile[plot]'") from exc
         x = [r["samples"] for r in self.records]
-        panels = [("cosine", "similarity"), ("batch_size", "batch size"), ("lr_scale", "LR multiplier"),
-                  ("loss", "loss")]
-        fig, axes = plt.subplots(len(panels), 1, sharex=True, figsize=(7, 9))
+        panels = [("cosine", "similarity"), ("batch_size", "batch size"), ("gain", "gain ratio"),
+                  ("lr_scale", "LR multiplier"), ("loss", "loss")]
+        fig, axes = plt.subplots(len(panels), 1, sharex=True, figsize=(7, 11))
         for ax, (key, label) in zip(axes, panels):
-            y = [float("nan") if r[key] is None else r[key] for r in self.records]
-            ax.plot(x, y, lw=1)
+            ax.plot(x, _series(self.records, key), lw=1)
             if key == "batch_size":
                 ax.plot(x, [r["target_batch_size"] for r in self.records], lw=1, ls="--", label="target")
+                gns = _series(self.records, "gns")
+                if any(math.isfinite(v) and v > 0 for v in gns):
+                    ax.plot(x, [v if math.isfinite(v) and v > 0 else float("nan") for v in gns], lw=1, ls=":",
+                            label="noise scale B_simple")
+                    ax.set_yscale("log")
                 ax.legend()
             if key == "cosine" and target_similarity is not None:
                 ax.axhline(target_similarity, color="k", lw=0.8, ls="--", label=f"target {target_similarity:g}")

@@ -163,6 +163,26 @@ class Ladder:
             return plan
         return BatchPlan(-best[2], best[1], w)
 
+    def cut(self, samples: int, current: BatchPlan) -> Optional[BatchPlan]:
+        """The plan for a step of at most ``samples`` (global) samples, the last of a sample budget (for
+        ``limit_next_step``); None when no rung fits. Over the rungs ``m`` with ``world * m <= samples``, each at
+        the most micro-steps ``k`` that fit, up to ``cap = max(ACCUMULATION_SLACK * ceil(samples / (world * top
+        rung)), min_accumulation, current.accumulation)``, the first by: the fewest samples short of ``samples``
+        (exact first), then at least ``min_accumulation`` micro-steps, then the current rung (no new graph), then
+        the fewest micro-steps. With a rung of 1 (the default ladder) and ``samples`` a multiple of the world size,
+        repeated cuts end exactly on the budget: a remainder the cap leaves is cut again on the next step. The
+        bounds ``[min_batch_size, max_batch_size]`` do not apply to this step."""
+        w, lo = self.world_size, self.min_accumulation
+        cap = max(ACCUMULATION_SLACK * -(-samples // (w * self.rungs[-1])), lo, current.accumulation)
+        best = None
+        for m in self.rungs:
+            k = min(samples // (w * m), cap)
+            if k < 1:
+                continue
+            key = (samples - w * m * k, k < lo, m != current.micro_batch_size, k, -m)
+            best = key if best is None or key < best else best
+        return None if best is None else BatchPlan(-best[4], best[3], w)
+
     def tail(self, remaining: int, micro: int) -> int:
         """How many micro-batches of ``micro`` (the current rung) the last step of an epoch runs for its last
         ``remaining`` samples (per rank): enough to cover them, and at least ``min_accumulation`` and two

@@ -48,6 +48,13 @@ def run_runtime_check(model_cls, rank: int, world: int) -> None:
     if abs(first["cosine"] - cos) > 1e-5:
         raise AssertionError(f"runtime: first cosine {first['cosine']} vs fp64 reference {cos}")
     mean = sum(every) / world
+    n1, n2 = samples * half, samples * (world - half)  # the noise family: McCandlish's two-batch estimators,
+    big, n = float(mean @ mean), n1 + n2                # small = each group, big = all, averaged
+    pairs = [((n * big - m * float(g @ g)) / (n - m), (float(g @ g) - big) / (1 / m - 1 / n)) for g, m in
+             ((g1, n1), (g2, n2))]
+    for key, want in (("signal", (pairs[0][0] + pairs[1][0]) / 2), ("noise", (pairs[0][1] + pairs[1][1]) / 2)):
+        if abs(first[key] - want) > 1e-4 * abs(want) + 1e-7:
+            raise AssertionError(f"runtime: first {key} {first[key]} vs fp64 reference {want}")
     offset = 0
     for p0, p1 in zip(local.parameters(), after_first):
         want = p0.detach().double() - 0.1 * first["lr_scale"] * mean[offset: offset + p0.numel()].view_as(p0)
