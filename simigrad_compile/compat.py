@@ -250,3 +250,36 @@ def current_graph_task_id() -> int:
 def queue_backward_callback(fn) -> None:
     """Run ``fn`` when the current backward's graph task finishes (after the callbacks queued before it)."""
     torch.autograd.Variable._execution_engine.queue_callback(fn)
+
+
+# =====================================================================================================================
+# runtime/ and integrations/: the optimizer's step hooks, the DataLoader iterator, the multi-tensor ops
+# =====================================================================================================================
+
+foreach_norm = torch._foreach_norm
+"""``torch._foreach_norm(tensors, ord)``: one norm per tensor, one launch per device and dtype."""
+
+foreach_mul_ = torch._foreach_mul_
+"""``torch._foreach_mul_(tensors, scalar)``: every tensor multiplied in place."""
+
+
+def share_step_hooks(wrapper: torch.optim.Optimizer, inner: torch.optim.Optimizer) -> None:
+    """Make ``wrapper``'s optimizer step pre/post hook registries ``inner``'s: a hook registered on either runs
+    when ``inner`` steps (``Optimizer.register_step_pre_hook`` writes ``_optimizer_step_*_hooks``)."""
+    wrapper._optimizer_step_pre_hooks = inner._optimizer_step_pre_hooks
+    wrapper._optimizer_step_post_hooks = inner._optimizer_step_post_hooks
+
+
+def dataloader_iterator_class() -> type:
+    """The base class of every ``DataLoader`` iterator (``_BaseDataLoaderIter``): its ``__next__`` sees every
+    batch a loop fetches."""
+    from torch.utils.data.dataloader import _BaseDataLoaderIter
+
+    return _BaseDataLoaderIter
+
+
+def declared_batch_size(iterator):
+    """The ``batch_size`` of the batch sampler behind a ``DataLoader`` iterator, or None (no automatic
+    batching, or a batch sampler without one)."""
+    sampler = iterator._index_sampler if iterator._auto_collation else None
+    return getattr(sampler, "batch_size", None)

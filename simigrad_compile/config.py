@@ -2,7 +2,8 @@
 
 Every field is reachable three ways: ``torch.compile(..., options={...})``, keyword arguments of the Python
 API (``AdaptiveBatching(..., field=value)``), and the ``SIMIGRAD_<FIELD>`` environment variable
-(see :mod:`simigrad_compile.envvars`). Unknown keys and bad values raise :class:`ConfigError`, which names the
+(see :mod:`simigrad_compile.envvars`, the only module that reads it; the entry points ask it for the base config
+and put their own options on top). This module imports nothing of the package. Unknown keys and bad values raise :class:`ConfigError`, which names the
 key and lists the valid ones.
 """
 
@@ -255,20 +256,55 @@ def _check_relations(cfg: SimigradConfig) -> None:
 
 
 def from_mapping(options: Optional[Mapping[str, Any]], base: Optional[SimigradConfig] = None) -> SimigradConfig:
-    """Build a config from ``options`` on top of ``base`` (default: the environment's config)."""
+    """Build a config from ``options`` on top of ``base``.
+
+    Args:
+        options: config field names to values; None or empty for none.
+        base: the config the options change; None: the defaults (``SimigradConfig()``). The environment is not
+            read here: an entry point that honours ``SIMIGRAD_*`` passes ``base=envvars.config_from_env()``.
+
+    Returns:
+        A new, validated :class:`SimigradConfig`.
+
+    Raises:
+        ConfigError: an unknown key (the message lists the valid ones) or a bad value.
+
+    Example::
+
+        >>> from_mapping({"target_similarity": 0.3}).target_similarity
+        0.3
+    """
     options = dict(options or {})
     unknown = sorted(set(options) - set(FIELD_NAMES))
     if unknown:
         raise ConfigError(
             f"unknown simigrad option(s) {', '.join(map(repr, unknown))}; valid options: {', '.join(FIELD_NAMES)}"
         )
-    if base is None:
-        from .envvars import config_from_env
-
-        base = config_from_env()
-    merged = base.as_dict()
+    merged = (base if base is not None else SimigradConfig()).as_dict()
     merged.update(options)
     return SimigradConfig(**merged)
 
 
-__all__ = ["SimigradConfig", "ConfigError", "FIELD_NAMES", "PASS_NAMES", "MAX_SAMPLES", "from_mapping"]
+def resolve_group_mode(group_mode: str, world_size: int) -> str:
+    """Where a run's statistics come from: the one rule for ``group_mode="auto"``.
+
+    Args:
+        group_mode: a :attr:`SimigradConfig.group_mode`.
+        world_size: the number of data-parallel processes.
+
+    Returns:
+        ``"ranks"`` for ``auto`` under data parallelism (``world_size >= 2``), else ``group_mode`` unchanged
+        (``"auto"`` on one process: the ``batch`` split, ``microsteps`` for a graph the split pass refuses).
+
+    Example::
+
+        >>> resolve_group_mode("auto", 4), resolve_group_mode("auto", 1), resolve_group_mode("batch", 4)
+        ('ranks', 'auto', 'batch')
+    """
+    if group_mode == "auto" and world_size >= 2:
+        return "ranks"
+    return group_mode
+
+
+__all__ = ["SimigradConfig", "ConfigError", "FIELD_NAMES", "PASS_NAMES", "MAX_SAMPLES", "from_mapping",
+           "resolve_group_mode"]

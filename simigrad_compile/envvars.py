@@ -3,15 +3,18 @@
 ``SIMIGRAD=1`` routes a plain ``torch.compile(model)`` to this backend (see :mod:`simigrad_compile.integrations.autoload`).
 ``SIMIGRAD_<FIELD>`` sets config field ``<field>``; for example ``SIMIGRAD_TARGET_SIMILARITY=0.3``.
 Values are parsed as JSON when they parse (numbers, lists, ``true``), else taken as strings.
+
+This is the only module that reads ``SIMIGRAD_*``, and only when a caller asks (:func:`config_from_env`):
+the entry points (the backend, ``AdaptiveBatching``, the doors) take it as the base of their own options.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Mapping, Optional
+from typing import Any, Mapping, Optional
 
-from .config import FIELD_NAMES, ConfigError, SimigradConfig
+from .config import FIELD_NAMES, ConfigError, SimigradConfig, from_mapping
 
 PREFIX = "SIMIGRAD_"
 ENABLE = "SIMIGRAD"
@@ -33,7 +36,26 @@ def _parse(text: str):
         return text
 
 
-def config_from_env(environ: Optional[Mapping[str, str]] = None) -> SimigradConfig:
+def config_from_env(environ: Optional[Mapping[str, str]] = None,
+                    defaults: Optional[Mapping[str, Any]] = None) -> SimigradConfig:
+    """The config that the ``SIMIGRAD_<FIELD>`` variables set, over ``defaults``.
+
+    Args:
+        environ: the variables; None: ``os.environ``.
+        defaults: field values that apply where no variable sets the field (a door's own defaults, such as the
+            Hugging Face Trainer's batch); unknown keys raise.
+
+    Returns:
+        A validated :class:`~simigrad_compile.config.SimigradConfig`.
+
+    Raises:
+        ConfigError: an unknown ``SIMIGRAD_*`` variable or a bad value (the message names the variables).
+
+    Example::
+
+        >>> config_from_env({"SIMIGRAD_TARGET_SIMILARITY": "0.3"}, defaults={"batch_size": 8}).batch_size
+        8
+    """
     environ = os.environ if environ is None else environ
     values = {}
     for name, text in environ.items():
@@ -48,6 +70,9 @@ def config_from_env(environ: Optional[Mapping[str, str]] = None) -> SimigradConf
             value = tuple(value)
         values[key] = value
     try:
-        return SimigradConfig(**values)
+        return from_mapping({**(defaults or {}), **values})
     except ConfigError as err:
         raise ConfigError(f"from environment ({', '.join(PREFIX + k.upper() for k in values)}): {err}") from None
+
+
+__all__ = ["ENABLE", "PREFIX", "config_from_env", "enabled"]

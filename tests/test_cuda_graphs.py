@@ -65,7 +65,7 @@ def test_cuda_graph_per_rung_no_recompile():
     for _ in range(2):  # cudagraph trees record on the second or third call of each rung
         loader = run.dataloader(ds, device="cuda")
         for m in run.ladder.rungs:
-            step(loader._finish(loader.collate_fn([ds[i] for i in range(m)])))
+            step(loader.prepare(loader.collate_fn([ds[i] for i in range(m)])))
     model.zero_grad(set_to_none=True)
     simigrad_compile.reset_stats(model)
     warm = counters["stats"]["unique_graphs"]

@@ -76,7 +76,7 @@ def check_epochs(stream, n, passes, run):
         assert Counter(stream[e * n:(e + 1) * n]) == Counter(range(n)), f"epoch {e}"
     rest = stream[len(stream) // n * n:]
     assert len(set(rest)) == len(rest) and set(rest) <= set(range(n))
-    assert run.epoch == passes and len(stream) == passes * n + run._position
+    assert run.epoch == passes and len(stream) == passes * n + run.state.position
 
 
 @pytest.mark.parametrize("n, shuffle, workers", [(203, True, 0), (197, False, 0), (150, True, 2), (61, False, 2)])
@@ -131,7 +131,7 @@ def test_dataset_smaller_than_a_step():
     """5 samples, plan 8 x 2: the one step of a pass takes epochs 0-2 and one sample of epoch 3."""
     run = make_run(batch_size=16, min_batch_size=16, max_batch_size=16)
     seen, steps = one_pass(run, run.dataloader(Indexed(5), shuffle=True, collate_fn=collate_ids))
-    assert steps == [[8, 8]] and (run.epoch, run._position) == (3, 1)
+    assert steps == [[8, 8]] and (run.epoch, run.state.position) == (3, 1)
     for e in range(3):
         assert sorted(seen[5 * e:5 * e + 5]) == list(range(5))
 
@@ -139,7 +139,7 @@ def test_dataset_smaller_than_a_step():
 def test_drop_last_drops_only_the_partial_step():
     run = make_run(batch_size=32, max_micro_batch_size=16)
     seen, _ = one_pass(run, run.dataloader(Indexed(100), drop_last=True, collate_fn=collate_ids))
-    assert seen == list(range(96)) and run.epoch == 1 and run._position == 0
+    assert seen == list(range(96)) and run.epoch == 1 and run.state.position == 0
 
 
 class Counting:
@@ -199,7 +199,7 @@ def test_tail_step_is_the_mean_gradient_of_its_samples():
                 ids_of_step = []
     assert [len(s) for s in steps] == [8, 8, 8] and {r["micro_batch_size"] for r in run.history} == {4}
     check_epochs(sum(steps, []), 10, 2, run)
-    assert run._position == 4
+    assert run.state.position == 4
     for ids, g in zip(steps, grads):
         ref = copy.deepcopy(model).double()
         x = torch.stack([Indexed(10)[i]["x"] for i in ids]).double()
@@ -212,7 +212,7 @@ def test_state_after_a_padded_tail_resumes_the_stream_exactly():
     run = make_run()
     loader = run.dataloader(Indexed(37), shuffle=True, collate_fn=collate_ids)
     one_pass(run, loader, random.Random(3))
-    assert run._position > 0, "the tail should have borrowed from epoch 1"
+    assert run.state.position > 0, "the tail should have borrowed from epoch 1"
     state = copy.deepcopy(run.state_dict())
     expected, _ = one_pass(run, loader, random.Random(4))
     fresh = make_run()

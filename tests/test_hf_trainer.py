@@ -50,13 +50,13 @@ def sgd(model):
     return torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
 
 
-def trainer(tmp_path, model, data, **args):
+def trainer(tmp_path, model, data, simigrad=OPTIONS, **args):
     settings = dict(output_dir=str(tmp_path), learning_rate=LR, per_device_train_batch_size=4, logging_steps=1,
                     save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True, seed=SEED,
                     lr_scheduler_type="constant")
     settings.update(args)
     return SimigradTrainer(model=model, args=TrainingArguments(**settings), train_dataset=data,
-                           data_collator=default_data_collator, optimizers=(sgd(model), None), simigrad=OPTIONS)
+                           data_collator=default_data_collator, optimizers=(sgd(model), None), simigrad=simigrad)
 
 
 def plain_fp64(model, data, order, records, clip=None, schedule=lambda applied: 1.0):
@@ -151,3 +151,30 @@ def test_unsupported_settings_are_refused_by_name(tmp_path):
     tr = trainer(tmp_path, tiny_bert(), Tokens(), max_steps=1, gradient_accumulation_steps=2)
     with pytest.raises(NotImplementedError, match="gradient_accumulation_steps=2"):
         tr.train()
+
+
+ONE_MICRO_STEP = dict(OPTIONS, group_mode="auto", min_batch_size=8, max_batch_size=8, max_micro_batch_size=8)
+
+
+def test_an_uncompiled_model_is_told_how_to_compile_it_and_that_way_works(tmp_path, caplog):
+    """Without the backend the first step has no statistics: the warning names the compile call that works under
+    this door (``model.compile(backend="simigrad")`` before the Trainer; accelerate refuses
+    ``torch_compile_backend="simigrad"``). Compiled that way, a one-micro-step step has ``batch`` statistics."""
+    with caplog.at_level("WARNING", logger="simigrad_compile"):
+        tr = trainer(tmp_path / "plain", tiny_bert(), Tokens(), simigrad=ONE_MICRO_STEP, max_steps=2)
+        tr.train()
+    warned = [r.getMessage() for r in caplog.records if "no split statistics for this model" in r.getMessage()]
+    assert len(warned) == 1 and "model.compile(backend='simigrad')" in warned[0], warned
+    assert "torch_compile_backend" in warned[0]
+    with pytest.raises(ValueError, match="DynamoBackend"):  # why the warning does not suggest TrainingArguments
+        from accelerate.utils import TorchDynamoPlugin
+
+        TorchDynamoPlugin(backend="simigrad")
+    caplog.clear()
+    model = tiny_bert()
+    model.compile(backend="simigrad", options={"compiler": "aot_eager"})
+    with caplog.at_level("WARNING", logger="simigrad_compile"):
+        tr = trainer(tmp_path / "compiled", model, Tokens(), simigrad=ONE_MICRO_STEP, max_steps=2)
+        tr.train()
+    assert [r["statistics"] for r in tr.simigrad.history] == ["batch", "batch"]
+    assert not [r for r in caplog.records if "no split statistics" in r.getMessage()]

@@ -52,7 +52,7 @@ def test_resume_in_fresh_process_continues_exactly(tmp_path):
     train(model, run, loader, 30)
     ckpt = tmp_path / "ckpt.pt"
     save(ckpt, model, run)
-    epoch, position = run.epoch, run._position
+    epoch, position = run.epoch, run.state.position
     expected = train(model, run, loader, 10)
     assert len({b for b, _, _ in expected}) > 1, "the batch size should move in the resumed stretch"
     assert epoch >= 1 and position > 0, "the checkpoint should sit inside an epoch after the first"

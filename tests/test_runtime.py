@@ -195,8 +195,8 @@ def test_history_csv_plot_and_loss(tmp_path):
     run.close()
     assert all(set(r) == set(KEYS) and r["loss"] is not None for r in run.history)
     # one pass: the 100 samples of epoch 0, its tail completed with the first `position` samples of epoch 1
-    assert sum(r["batch_size"] for r in run.history) == 100 + run._position == run.history[-1]["samples"]
-    assert run.epoch == 1 and 0 <= run._position < run.history[-1]["batch_size"]
+    assert sum(r["batch_size"] for r in run.history) == 100 + run.state.position == run.history[-1]["samples"]
+    assert run.epoch == 1 and 0 <= run.state.position < run.history[-1]["batch_size"]
     with open(tmp_path / CSV_NAME) as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == len(run.history) and [int(r["step"]) for r in rows] == list(range(1, len(rows) + 1))

@@ -50,6 +50,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from .. import compat
 from .fsdp import enable_fsdp, fsdp_split
 from .hook import SplitReduction, ddp_hook
 from .layout import make_layout
@@ -59,10 +60,11 @@ log = logging.getLogger("simigrad_compile")
 _ATTR = "_simigrad_reduction"
 
 
-def _find_ddp(model: torch.nn.Module) -> DistributedDataParallel:
+def find_ddp(model: torch.nn.Module) -> DistributedDataParallel:
+    """The ``DistributedDataParallel`` module under ``model``'s compile wrappers; TypeError when there is none."""
     m = model
     while not isinstance(m, DistributedDataParallel):
-        inner = getattr(m, "_orig_mod", None)
+        inner = compat.compiled_original(m)
         if not isinstance(inner, torch.nn.Module):
             raise TypeError(f"simigrad: expected a DistributedDataParallel model (or its compiled wrapper), got {type(model).__name__}")
         m = inner
@@ -72,7 +74,7 @@ def _find_ddp(model: torch.nn.Module) -> DistributedDataParallel:
 def enable_ddp(ddp_model: torch.nn.Module) -> Optional[SplitReduction]:
     """Install the split-group reduction on ``ddp_model`` (DDP or ``torch.compile(DDP)``), before its first
     backward. Returns its state, or None at world size 1."""
-    ddp = _find_ddp(ddp_model)
+    ddp = find_ddp(ddp_model)
     if getattr(ddp, _ATTR, None) is not None:
         return getattr(ddp, _ATTR)
     group = ddp.process_group
@@ -95,7 +97,7 @@ def enable_ddp(ddp_model: torch.nn.Module) -> Optional[SplitReduction]:
 
 
 def reduction(model: torch.nn.Module) -> Optional[SplitReduction]:
-    return getattr(_find_ddp(model), _ATTR, None)
+    return getattr(find_ddp(model), _ATTR, None)
 
 
 def set_sample_counts(model: torch.nn.Module, counts: Optional[Sequence[int]]) -> None:
@@ -110,4 +112,5 @@ def set_sample_counts(model: torch.nn.Module, counts: Optional[Sequence[int]]) -
     state.set_sample_counts(counts)
 
 
-__all__ = ["enable_ddp", "enable_fsdp", "fsdp_split", "reduction", "set_sample_counts", "SplitReduction"]
+__all__ = ["enable_ddp", "enable_fsdp", "find_ddp", "fsdp_split", "reduction", "set_sample_counts",
+           "SplitReduction"]

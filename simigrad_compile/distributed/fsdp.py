@@ -67,7 +67,7 @@ class FsdpSplit:
         self.shards: Dict[int, int] = {}
         """Unit -> the ``c`` (elements a rank keeps) of its last reduce-scatter."""
         self._plans: Dict[int, OwnerPlan] = {}
-        self._buffers: Dict[tuple, torch.Tensor] = {}
+        self._scratch: Dict[tuple, torch.Tensor] = {}
 
     def set_sample_counts(self, counts: Optional[Sequence[int]]) -> None:
         """Per-rank sample counts of the coming steps (the same list on every rank); ``None``: equal."""
@@ -88,9 +88,9 @@ class FsdpSplit:
     def buffer(self, unit: int, role: str, numel: int, like: torch.Tensor) -> torch.Tensor:
         """A scratch buffer reused across steps (fresh large CPU allocations page-fault on every step)."""
         key = (unit, role)
-        old = self._buffers.get(key)
+        old = self._scratch.get(key)
         if old is None or old.numel() != numel or old.dtype != like.dtype or old.device != like.device:
-            old = self._buffers[key] = like.new_empty(numel)
+            old = self._scratch[key] = like.new_empty(numel)
         return old
 
     def record(self, unit: int, stats: torch.Tensor) -> None:
@@ -235,6 +235,6 @@ def fsdp_split(root: torch.nn.Module) -> Optional[FsdpSplit]:
     """The state :func:`enable_fsdp` installed on ``root`` (or its compiled wrapper), else None."""
     m = root
     while m is not None and getattr(m, _ATTR, None) is None:
-        inner = getattr(m, "_orig_mod", None)
+        inner = compat.compiled_original(m)
         m = inner if isinstance(inner, torch.nn.Module) else None
     return None if m is None else getattr(m, _ATTR)

@@ -48,7 +48,9 @@ def _shard_stats_mean() -> Callable:
     return _KERNEL
 
 
-class _Step:
+class _StepRows:
+    """One optimizer step's statistics rows, per bucket: what the fold at the step's end sums."""
+
     def __init__(self) -> None:
         self.rows: Dict[int, torch.Tensor] = {}
         self.params: Dict[int, Tuple[torch.nn.Parameter, ...]] = {}
@@ -84,9 +86,9 @@ class SplitReduction:
         """(numel, dtype) of each bucket of the last reduced step."""
         self._sinks: List[Sink] = []
         self._sink_key: Optional[tuple] = None
-        self._step = _Step()
+        self._step = _StepRows()
         self._worker = Serial("simigrad-ddp")
-        self._buffers: Dict[tuple, torch.Tensor] = {}
+        self._scratch: Dict[tuple, torch.Tensor] = {}
         self._build_groups()
 
     def _build_groups(self) -> None:
@@ -117,7 +119,7 @@ class SplitReduction:
     def __call__(self, bucket: dist.GradBucket) -> Future:
         index = bucket.index()
         if index == 0:
-            self._step = _Step()
+            self._step = _StepRows()
         step = self._step
         self._mark(index, "hook")
         step.params[index] = tuple(bucket.parameters())
@@ -161,9 +163,9 @@ class SplitReduction:
     def _buffer(self, index: int, role: str, numel: int, like: torch.Tensor) -> torch.Tensor:
         """A scratch buffer reused across steps (fresh large CPU allocations page-fault on every step)."""
         key = (index, role)
-        old = self._buffers.get(key)
+        old = self._scratch.get(key)
         if old is None or old.numel() != numel or old.dtype != like.dtype or old.device != like.device:
-            old = self._buffers[key] = like.new_empty(numel)
+            old = self._scratch[key] = like.new_empty(numel)
         return old
 
     def _scaled(self, index: int, buf: torch.Tensor) -> torch.Tensor:
@@ -260,7 +262,7 @@ class SplitReduction:
 
         return finish
 
-    def _sink_for(self, step: _Step) -> Sink:
+    def _sink_for(self, step: _StepRows) -> Sink:
         key = tuple(tuple(id(p) for p in step.params[i]) for i in range(len(step.params)))
         if key != self._sink_key:
             names = {id(p): n for n, p in self.module.named_parameters()}

@@ -34,7 +34,8 @@ The ladder has one rung, the training loader's batch: the step's batch is ``accu
 
 Epoch end. When the training loader's iterator is exhausted inside a window, the micro-steps so far form the
 step (``end_window``): the door takes that step itself and leaves ``p.grad`` None, as the loop's last
-``zero_grad`` would. A loop that stops early leaves its last window unapplied; at exit the door says so.
+``zero_grad`` would. A loop that stops early leaves its last window unapplied: at exit the core discards it and
+says so (``StepCore.close``, the rule of every door).
 
 Output. One line on stderr when the door takes effect (the first ``step()`` of an optimizer), naming the config
 and where the log goes; one INFO record per step on the ``simigrad_compile`` logger. ``SIMIGRAD_LOG_DIR``: the
@@ -56,7 +57,9 @@ import torch
 
 from .. import compat
 from ..config import SimigradConfig
+from ..runtime.driven import driven, mark_driven
 from .batches import samples_in
+from .door_rules import one_rung
 from .loop_feed import Fed, Fetch
 
 log = logging.getLogger("simigrad_compile")
@@ -66,7 +69,6 @@ _config: Optional[SimigradConfig] = None
 _handles: list = []
 _originals: dict = {}
 _doors: "weakref.WeakKeyDictionary[torch.optim.Optimizer, _Door]" = weakref.WeakKeyDictionary()
-_excluded: "weakref.WeakSet[torch.optim.Optimizer]" = weakref.WeakSet()
 _exit_registered = False
 
 
@@ -97,7 +99,6 @@ class _Door:
         self.source = None
         self.boundary = False
         self.reported = 0
-        self.open_micro_steps = self.open_samples = 0
 
     def _restore(self) -> List[torch.nn.Parameter]:
         params = self.run.params
@@ -115,7 +116,7 @@ class _Door:
             run.discard_step()
             self.aside = None
         fetches, samples, source, loss = _fed.take()
-        samples = samples or run.plan.micro_batch_size
+        samples = samples or run.state.micro_batch_size
         fresh = [p.grad for p in run.params]
         params = self._restore()
         run.next_micro_batch(samples)
@@ -130,10 +131,7 @@ class _Door:
             for p in params:
                 p.grad = None
             self.source = source
-            self.open_micro_steps += 1
-            self.open_samples += samples
             return
-        self.open_micro_steps = self.open_samples = 0
         self.boundary = True
         run.begin_step()  # False: the gradients are dropped and the optimizer's step is a no-op
 
@@ -147,7 +145,6 @@ class _Door:
         """The training loader ran out inside a window: its micro-steps form the step, taken here."""
         params = self._restore()
         self.source = None
-        self.open_micro_steps = self.open_samples = 0
         if self.run.end_window():
             _fed.own_step = True
             try:
@@ -173,16 +170,13 @@ class _Door:
         self.reported = len(self.run.history)
 
     def close(self, plot: bool = True) -> None:
-        if self.open_micro_steps:
-            log.warning("simigrad: %s: the loop ended inside a step; its last %d micro-batch(es) (%d samples) were "
-                        "not applied", type(self.optimizer).__name__, self.open_micro_steps, self.open_samples)
+        self.run.close()  # a step left open is discarded, with a warning (the rule of every door)
         if plot and self.log_dir is not None and self.run.history:
             path = os.path.join(self.log_dir, PLOT_NAME)
             try:
                 self.run.plot(path)
             except ImportError as exc:
                 log.warning("simigrad: no plot at %s: %s", path, exc)
-        self.run.close()
 
 
 def install(config: SimigradConfig) -> None:
@@ -192,13 +186,13 @@ def install(config: SimigradConfig) -> None:
     if _handles:
         return
     from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
-    from torch.utils.data.dataloader import _BaseDataLoaderIter
 
+    iterator = compat.dataloader_iterator_class()
     _handles.append(register_optimizer_step_pre_hook(_pre_step))
     _handles.append(register_optimizer_step_post_hook(_post_step))
-    _originals.update(next=_BaseDataLoaderIter.__next__, backward=torch.Tensor.backward,
+    _originals.update(next=iterator.__next__, backward=torch.Tensor.backward,
                       scale=torch.amp.GradScaler.scale, update=torch.amp.GradScaler.update)
-    _BaseDataLoaderIter.__next__ = _next_recording
+    iterator.__next__ = _next_recording
     torch.Tensor.backward = _backward_recording
     torch.amp.GradScaler.scale = _scale_marking
     torch.amp.GradScaler.update = _update_dropping
@@ -208,12 +202,10 @@ def install(config: SimigradConfig) -> None:
 
 def uninstall() -> None:
     """Remove the hooks; close every door (without plotting)."""
-    from torch.utils.data.dataloader import _BaseDataLoaderIter
-
     while _handles:
         _handles.pop().remove()
     if _originals:
-        _BaseDataLoaderIter.__next__ = _originals.pop("next")
+        compat.dataloader_iterator_class().__next__ = _originals.pop("next")
         torch.Tensor.backward = _originals.pop("backward")
         torch.amp.GradScaler.scale = _originals.pop("scale")
         torch.amp.GradScaler.update = _originals.pop("update")
@@ -225,8 +217,9 @@ def uninstall() -> None:
 
 
 def exclude(optimizer: torch.optim.Optimizer) -> None:
-    """Leave ``optimizer`` alone (an optimizer that another door, such as ``AdaptiveBatching``, drives)."""
-    _excluded.add(optimizer)
+    """Leave ``optimizer`` alone (an optimizer that another door drives; every core marks its own optimizer,
+    :func:`simigrad_compile.runtime.core.mark_driven`)."""
+    mark_driven(optimizer)
 
 
 def history(optimizer: torch.optim.Optimizer) -> List[dict]:
@@ -244,12 +237,11 @@ def _next_recording(self):
             if door.aside is not None and door.source is not None and door.source() is self:
                 door.flush()
         raise
-    sampler = self._index_sampler if self._auto_collation else None
     from ..runtime.data import mark_static
 
     dim = _config.batch_dim if isinstance(_config.batch_dim, int) else 0
     compat.tree_map(mark_static(dim, None), batch)  # a short last batch gets its own graph, not a dynamic batch dim
-    _fed.last = Fetch(weakref.ref(self), getattr(sampler, "batch_size", None), samples_in(batch, _config.batch_dim))
+    _fed.last = Fetch(weakref.ref(self), compat.declared_batch_size(self), samples_in(batch, _config.batch_dim))
     return batch
 
 
@@ -284,7 +276,7 @@ def _pre_step(optimizer, args, kwargs) -> None:
         return
     door = _doors.get(optimizer)
     if door is None:
-        if optimizer in _excluded:  # another door drives it; what the loop fed belongs to that door's step
+        if driven(optimizer):  # another door drives it; what the loop fed belongs to that door's step
             _fed.drop()
             return
         if kwargs.get("closure") is not None or len(args) > 1:  # args[0] is the optimizer
@@ -316,13 +308,14 @@ def _open(optimizer: torch.optim.Optimizer) -> _Door:
         raise RuntimeError(
             "simigrad: SIMIGRAD=1 needs the micro-batch size: no DataLoader batch fed a backward before the first "
             "optimizer.step(); set SIMIGRAD_BATCH_SIZE to the batch your loop feeds")
-    from ..runtime.adaptive import AdaptiveBatching
-
     log_dir = _config.log_dir
     if log_dir is not None and _doors:
         log_dir = os.path.join(log_dir, f"optimizer{len(_doors)}")
-    config = _config.replace(micro_batch_sizes=(micro,), batch_size=_config.batch_size or micro, log_dir=log_dir)
+    from ..runtime.adaptive import AdaptiveBatching
+
+    config = one_rung(_config, micro).replace(log_dir=log_dir)
     run = AdaptiveBatching(_OptimizerParams(optimizer), optimizer, config=config)
+    run.allow_direct_steps()  # the loop steps the optimizer on every micro-batch; those steps act on no gradient
     door = _Door(optimizer, run, log_dir)
     print(_effect_line(optimizer, config, micro, fetches), file=sys.stderr, flush=True)
     if not _exit_registered:

@@ -27,6 +27,12 @@ Configuration: ``SimigradTrainer(..., simigrad={...})`` (config fields, or a ``S
 ``SIMIGRAD_*`` environment. Unless set there, ``batch_size`` (B0) and ``max_micro_batch_size`` (the largest rung)
 are ``per_device_train_batch_size``.
 
+Compiling. The ``batch`` statistics (one micro-step per step) need the model compiled with the backend before the
+Trainer is built: ``model.compile(backend="simigrad")`` (in place, the model stays a ``PreTrainedModel``).
+``TrainingArguments(torch_compile_backend="simigrad")`` does not work: accelerate accepts only its own list of
+backends. An uncompiled model trains on the ``microsteps`` statistics (>= 2 micro-steps per step), with a warning
+that says this.
+
 Steps and epochs. ``max_steps`` counts optimizer steps, as always. With ``num_train_epochs`` the number of steps
 per epoch is not known in advance: the loader reports the most an epoch can take (every step at
 ``max(min_batch_size, 2)`` samples), which is the horizon the Trainer gives its LR scheduler; set ``max_steps`` for
@@ -41,7 +47,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from typing import Any, Mapping, Optional, Union
 
 import torch
@@ -51,13 +56,17 @@ from .. import envvars
 from ..config import SimigradConfig, from_mapping
 from ..runtime.adaptive import AdaptiveBatching
 from .batches import samples_in
+from .door_rules import logged, refuse, shared_refusals
 from .schedule import ScheduleHold
 
 log = logging.getLogger("simigrad_compile")
-LOGGED = ("cosine", "batch_size", "lr_scale")
+COMPILE_HINT = ("compile the model with the backend before building the Trainer: model.compile(backend='simigrad') "
+                "(TrainingArguments(torch_compile_backend='simigrad') does not work: accelerate accepts only its "
+                "own list of backends)")
+"""How to compile a model for this door; the core's warning about a model without statistics names it."""
 
 
-class _Step:
+class _StepBatches:
     """One optimizer step's micro-batches: the first, cut when the Trainer fetched the step, and the rest."""
 
     def __init__(self, first: Any, rest):
@@ -65,7 +74,7 @@ class _Step:
 
 
 class _StepLoader:
-    """The Trainer's training "loader": one :class:`_Step` per optimizer step."""
+    """The Trainer's training "loader": one :class:`_StepBatches` per optimizer step."""
 
     def __init__(self, trainer: "SimigradTrainer", dataset, collate_fn):
         self.trainer, self.dataset, self.collate_fn = trainer, dataset, collate_fn
@@ -91,7 +100,7 @@ class _StepLoader:
             stepped = False
             for first in micro:  # the Trainer pulls the rest of the step's micro-batches in training_step
                 stepped = True
-                yield _Step(first, micro)
+                yield _StepBatches(first, micro)
             if not self.endless or not stepped:
                 return
 
@@ -107,7 +116,7 @@ class _Boundary(TrainerCallback):
         run = self.trainer.simigrad
         run.end_step()
         if not run.history[-1]["stepped"]:
-            self.hold = ScheduleHold([self.trainer.lr_scheduler], run.inner)
+            self.hold = ScheduleHold([self.trainer.lr_scheduler], run.user_optimizer)
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.hold is not None:
@@ -137,27 +146,17 @@ class SimigradTrainer(Trainer):
         options = self.simigrad_options
         if isinstance(options, SimigradConfig):
             return options
-        options = dict(options or {})
         per_device = self.args.per_device_train_batch_size
-        for key in ("batch_size", "max_micro_batch_size"):
-            if key not in options and envvars.PREFIX + key.upper() not in os.environ:
-                options[key] = per_device
-        return from_mapping(options)
+        base = envvars.config_from_env(defaults={"batch_size": per_device, "max_micro_batch_size": per_device})
+        return from_mapping(options, base=base)
 
     # --- refusals ---------------------------------------------------------------------------------------------
     def _check_supported(self, resume_from_checkpoint) -> None:
         args = self.args
-        problems = []
-        if args.gradient_accumulation_steps != 1:
-            problems.append(f"gradient_accumulation_steps={args.gradient_accumulation_steps}: the run chooses the "
-                            "accumulation; leave it at 1")
-        if args.world_size > 1:
-            problems.append(f"world size {args.world_size}: one process only for now (use AdaptiveBatching with "
-                            "enable_ddp)")
-        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
-            problems.append("DeepSpeed/FSDP")
-        if args.fp16:
-            problems.append("fp16 (its GradScaler would change the scale inside an accumulation window); use bf16")
+        problems = shared_refusals(
+            accumulation_option="gradient_accumulation_steps", accumulation=args.gradient_accumulation_steps,
+            world_size=args.world_size, grad_scaler="fp16" if args.fp16 else None,
+            self_accumulating="DeepSpeed/FSDP" if self.is_deepspeed_enabled or self.is_fsdp_enabled else None)
         if args.auto_find_batch_size:
             problems.append("auto_find_batch_size (the run chooses the batch)")
         if getattr(args, "include_num_input_tokens_seen", "no") not in ("no", False):
@@ -168,8 +167,7 @@ class SimigradTrainer(Trainer):
             problems.append("an IterableDataset (the run's loader needs the dataset's length)")
         if resume_from_checkpoint:
             problems.append("resume_from_checkpoint (the run's state is not in the Trainer's checkpoints yet)")
-        if problems:
-            raise NotImplementedError("simigrad: SimigradTrainer does not support " + "; ".join(problems))
+        refuse("SimigradTrainer", problems)
 
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
         self._check_supported(resume_from_checkpoint)
@@ -182,6 +180,7 @@ class SimigradTrainer(Trainer):
         if self.simigrad is not None:
             self.simigrad.close()
         self.simigrad = AdaptiveBatching(self.model, optimizer, config=self.simigrad_config())
+        self.simigrad.statistics.compile_hint = COMPILE_HINT
         self._simigrad_logged = 0
         return optimizer
 
@@ -208,7 +207,7 @@ class SimigradTrainer(Trainer):
             return [], None
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        if not isinstance(inputs, _Step):
+        if not isinstance(inputs, _StepBatches):
             raise TypeError("simigrad: SimigradTrainer.training_step takes the steps of its own train loader")
         run, dim = self.simigrad, self.simigrad.config.batch_dim
         micro, total, samples = inputs.first, None, 0
@@ -225,15 +224,15 @@ class SimigradTrainer(Trainer):
         return total / samples
 
     def floating_point_ops(self, inputs) -> float:
-        return inputs.flops if isinstance(inputs, _Step) else super().floating_point_ops(inputs)
+        return inputs.flops if isinstance(inputs, _StepBatches) else super().floating_point_ops(inputs)
 
     def log(self, logs: dict, start_time: Optional[float] = None) -> None:
         run = self.simigrad
         if run is not None and "loss" in logs and len(run.history) > self._simigrad_logged:
             record = run.history[-1]
-            logs = {**logs, **{key: record[key] for key in LOGGED}}
+            logs = {**logs, **logged(record)}
             self._simigrad_logged = len(run.history)
         super().log(logs, start_time)
 
 
-__all__ = ["SimigradTrainer"]
+__all__ = ["COMPILE_HINT", "SimigradTrainer"]

@@ -42,13 +42,14 @@ import torch
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import GradientAccumulationScheduler
 
+from .. import envvars
 from ..config import SimigradConfig, from_mapping
 from ..runtime.adaptive import AdaptiveBatching
 from .batches import samples_in
+from .door_rules import logged, one_rung, refuse, shared_refusals
 from .schedule import ScheduleHold
 
 log = logging.getLogger("simigrad_compile")
-LOGGED = ("cosine", "batch_size", "lr_scale")
 
 
 class SimigradCallback(Callback):
@@ -56,7 +57,7 @@ class SimigradCallback(Callback):
     ``config=SimigradConfig``) over the ``SIMIGRAD_*`` environment; B0 defaults to the loader's batch."""
 
     def __init__(self, config: Optional[SimigradConfig] = None, **options: Any):
-        self.config = from_mapping(options, base=config)
+        self.config = from_mapping(options, base=config if config is not None else envvars.config_from_env())
         self.run: Optional[AdaptiveBatching] = None
         self._optimizer = None
         self._hook = None
@@ -65,8 +66,6 @@ class SimigradCallback(Callback):
         self._reset_window()
 
     def _reset_window(self) -> None:
-        self._done = 0          # micro-steps of the open window
-        self._planned = 1       # its planned micro-steps
         self._divisor = 1       # this batch's accumulate_grad_batches
         self._loss = None
         self._boundary = False  # this batch ran the core's begin_step
@@ -76,29 +75,25 @@ class SimigradCallback(Callback):
     def setup(self, trainer, pl_module, stage: str) -> None:
         if stage != "fit":
             return
-        problems = []
-        if trainer.accumulate_grad_batches != 1:
-            problems.append(f"accumulate_grad_batches={trainer.accumulate_grad_batches} (the callback sets it; "
-                            "leave it at 1)")
+        problems = shared_refusals(accumulation_option="accumulate_grad_batches",
+                                   accumulation=trainer.accumulate_grad_batches, world_size=trainer.world_size,
+                                   grad_scaler=None, self_accumulating=None)
         if any(isinstance(c, GradientAccumulationScheduler) for c in trainer.callbacks):
             problems.append("a GradientAccumulationScheduler (the callback sets accumulate_grad_batches)")
-        if trainer.world_size > 1:
-            problems.append(f"world size {trainer.world_size} (one process only for now)")
-        if problems:
-            raise NotImplementedError("simigrad: SimigradCallback does not support " + "; ".join(problems))
+        refuse("SimigradCallback", problems)
 
     def on_train_start(self, trainer, pl_module) -> None:
-        problems = []
+        scaler = getattr(trainer.precision_plugin, "scaler", None) is not None
+        strategy = trainer.strategy
+        problems = shared_refusals(
+            accumulation_option="accumulate_grad_batches", accumulation=1, world_size=1,
+            grad_scaler="precision '16-mixed' (bf16-mixed and 32-true work)" if scaler else None,
+            self_accumulating=type(strategy).__name__ if strategy.handles_gradient_accumulation else None)
         if not pl_module.automatic_optimization:
             problems.append("manual optimization")
         if len(trainer.optimizers) != 1:
             problems.append(f"{len(trainer.optimizers)} optimizers (one)")
-        if getattr(trainer.precision_plugin, "scaler", None) is not None:
-            problems.append("a GradScaler (precision '16-mixed'; use 'bf16-mixed' or '32-true')")
-        if trainer.strategy.handles_gradient_accumulation:
-            problems.append(f"{type(trainer.strategy).__name__}, which accumulates by itself")
-        if problems:
-            raise NotImplementedError("simigrad: SimigradCallback does not support " + "; ".join(problems))
+        refuse("SimigradCallback", problems)
         self._optimizer = trainer.optimizers[0]
 
     def _open(self, trainer, pl_module, batch) -> AdaptiveBatching:
@@ -107,8 +102,8 @@ class SimigradCallback(Callback):
         if not micro:
             raise RuntimeError("simigrad: SimigradCallback cannot tell the training loader's batch size; give "
                                "the DataLoader a batch_size")
-        config = self.config.replace(micro_batch_sizes=(micro,), batch_size=self.config.batch_size or micro)
-        run = AdaptiveBatching(pl_module, self._optimizer, config=config)
+        run = AdaptiveBatching(pl_module, self._optimizer, config=one_rung(self.config, micro))
+        run.allow_direct_steps()  # Lightning's step runs the closure (the last backward) before begin_step
         if self._state is not None:
             run.load_state_dict(self._state)
             self._state = None
@@ -119,15 +114,14 @@ class SimigradCallback(Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
         if self.run is None:
             self.run = self._open(trainer, pl_module, batch)
-        run = self.run
-        if self._done == 0:
-            self._planned = run.plan.accumulation
+        run, state = self.run, self.run.state
+        if state.micro_step == 0:
             pl_module.optimizer_zero_grad(trainer.current_epoch, batch_idx, self._optimizer)
         samples = samples_in(batch, run.config.batch_dim)
         if samples:
             run.next_micro_batch(samples)
-        last = self._done == self._planned - 1
-        self._divisor = 1 if self._planned == 1 else (batch_idx + 1 if last else batch_idx + 2)
+        last = state.micro_step == state.micro_steps - 1
+        self._divisor = 1 if state.micro_steps == 1 else (batch_idx + 1 if last else batch_idx + 2)
         trainer.accumulate_grad_batches = self._divisor
         self._boundary = False
 
@@ -142,7 +136,6 @@ class SimigradCallback(Callback):
         if not run.micro_step_done(loss=self._loss):
             run.end_window()  # the epoch's last batch: Lightning steps, the window ends here
         self._loss = None
-        self._done = 0
         self._boundary = True
         run.begin_step()  # False: the gradients are dropped, the optimizer's step and the clipping change nothing
 
@@ -163,13 +156,12 @@ class SimigradCallback(Callback):
                 raise RuntimeError("simigrad: Lightning did not step at the end of the core's window; "
                                    "accumulate_grad_batches was changed by someone else")
             self._loss = None
-            self._done += 1
             return
         if self._hold is not None:
             self._hold.restore()
             self._hold = None
         record = run.history[-1]
-        pl_module.log_dict({key: float(record[key]) for key in LOGGED}, on_step=True, on_epoch=False)
+        pl_module.log_dict(logged(record), on_step=True, on_epoch=False)
 
     def on_fit_start(self, trainer, pl_module) -> None:
         self._trainer = trainer
@@ -186,11 +178,7 @@ class SimigradCallback(Callback):
             self._hook.remove()
             self._hook = None
         if self.run is not None:
-            if self._done:
-                log.warning("simigrad: training ended inside a step; its last %d micro-batch(es) were not applied",
-                            self._done)
-                self.run.discard_step()
-            self.run.close()
+            self.run.close()  # a step left open is discarded, with a warning (the rule of every door)
 
     # --- checkpoints ------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -2,7 +2,8 @@
 
 A step the core skips (a non-finite loss, gradient or statistic) must leave the LR schedule's position untouched,
 as ``GradScaler`` does. A trainer that steps its schedulers after every optimizer step (Hugging Face, Lightning)
-gets a :class:`ScheduleHold` taken after the skipped step and restored after the schedulers stepped.
+gets a :class:`ScheduleHold` taken after the skipped step and restored after the schedulers stepped. The ``lr``
+values are saved and restored by :mod:`simigrad_compile.runtime.lr`, as the core's LR scaling does.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from typing import Iterable
 
 import torch
 
+from ..runtime.lr import restore_lr, save_lr
+
 
 class ScheduleHold:
     """The schedulers' state and the optimizer's ``lr`` values now; :meth:`restore` puts them back."""
@@ -19,16 +22,12 @@ class ScheduleHold:
     def __init__(self, schedulers: Iterable, optimizer: torch.optim.Optimizer):
         self.schedulers = [(s, copy.deepcopy(s.state_dict())) for s in schedulers if s is not None]
         self.optimizer = optimizer
-        self.lrs = [(g["lr"], g["lr"].clone() if isinstance(g["lr"], torch.Tensor) else None)
-                    for g in optimizer.param_groups]
+        self.lrs = save_lr(optimizer)
 
     def restore(self) -> None:
         for scheduler, state in self.schedulers:
             scheduler.load_state_dict(state)
-        for group, (lr, value) in zip(self.optimizer.param_groups, self.lrs):
-            if value is not None:
-                lr.copy_(value)
-            group["lr"] = lr
+        restore_lr(self.optimizer, self.lrs)
 
 
 __all__ = ["ScheduleHold"]

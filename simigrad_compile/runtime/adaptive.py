@@ -1,24 +1,26 @@
 """``AdaptiveBatching``: the hand-written loop's door over the step core.
 
 It is :class:`~simigrad_compile.runtime.core.StepCore` with ``run.optimizer`` (an optimizer wrapper that drives
-the core's protocol), ``run.dataloader()`` (micro-batches of the current rung) and the compile settings.
+the core's protocol), ``run.dataloader()`` (micro-batches of the current rung), the compile settings and, under
+data parallelism, the split-group DDP reduction. The Hugging Face and Lightning doors build one too and drive
+its protocol themselves (they never touch ``run.optimizer``, so the user's optimizer is theirs to step).
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any, List, Optional
+from typing import Any, Optional
 
 import torch
 
 from .. import compat
-from ..config import SimigradConfig, from_mapping
+from .. import envvars
+from ..config import SimigradConfig, from_mapping, resolve_group_mode
 from ..stats.compiled_once import check_compiled_once
 from ..stats.gradient_stats import gradient_stats
 from .core import StepCore
 from .data import AdaptiveLoader
-from .optim import AdaptiveOptimizer
-from .window import optimizer_params
+from .optim import AdaptiveOptimizer, DirectStepError
 
 log = logging.getLogger("simigrad_compile")
 EXTRA_RECOMPILES = 8
@@ -41,21 +43,38 @@ class AdaptiveBatching(StepCore):
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *,
                  config: Optional[SimigradConfig] = None, scaler=None, **options: Any):
-        config = from_mapping(options, base=config)
+        config = from_mapping(options, base=config if config is not None else envvars.config_from_env())
         if isinstance(model, torch.nn.Module):
             check_compiled_once(model)
         world_size, rank = _world()
-        super().__init__(model, optimizer, config, world_size=world_size, rank=rank, scaler=scaler)
+        ddp = _ranks_reduction(model, config, world_size)
+        super().__init__(model, optimizer, config, world_size=world_size, rank=rank, scaler=scaler,
+                         bucket_views=bool(getattr(ddp, "gradient_as_bucket_view", False)))
         self.optimizer = AdaptiveOptimizer(optimizer, self)
+        """What the hand-written loop steps: ``run.optimizer.step()``, ``zero_grad()``, ``scaler.step(...)``."""
+        self._guard = optimizer.register_step_pre_hook(self._refuse_direct_step)
         self._dynamo_saved = self._raise_recompile_limit()
-        self._ddp = self._install_ranks_reduction()
-        self._bucket_views = bool(getattr(self._ddp, "gradient_as_bucket_view", False))
+        self._ddp = ddp
         log.info("simigrad: %r, initial plan %s (target %d)", self.ladder, self.plan, self.controller.batch_size)
 
-    @property
-    def params(self) -> List[torch.nn.Parameter]:
-        """The parameters the optimizer steps that require a gradient (read live from its param_groups)."""
-        return optimizer_params(self.inner)
+    def _refuse_direct_step(self, optimizer, args, kwargs) -> None:
+        """The user's optimizer steps only at a step's boundary (from ``run.optimizer.step()``, or from a door
+        that drives the protocol and steps it between ``begin_step`` and ``end_step``)."""
+        if not self.state.at_boundary:
+            name = type(optimizer).__name__
+            raise DirectStepError(
+                f"simigrad: {name}.step() was called on the optimizer passed to AdaptiveBatching, inside a step "
+                f"(micro-step {self.state.micro_step + 1} of {self.state.micro_steps}). Step the wrapper instead: "
+                f"run.optimizer.step() and run.optimizer.zero_grad() (or scaler.step(run.optimizer)); it steps the "
+                f"{name} once per optimizer step, at the last micro-batch, with the step's mean gradient and the "
+                "scaled LR.")
+
+    def allow_direct_steps(self) -> None:
+        """Let the user's optimizer be stepped inside a step (a door whose loop steps it on every micro-batch
+        while the gradients are held aside: ``SIMIGRAD=1``)."""
+        if self._guard is not None:
+            self._guard.remove()
+            self._guard = None
 
     # --- compile settings -------------------------------------------------------------------------------------
     def _raise_recompile_limit(self) -> Optional[int]:
@@ -69,36 +88,21 @@ class AdaptiveBatching(StepCore):
                  old, need, len(self.ladder.rungs))
         return old
 
-    def _install_ranks_reduction(self):
-        """Under data parallelism (group mode ``auto``/``ranks``) the statistics come from the split-group DDP
-        reduction; returns the DDP module, whose gradient sync the loader turns off inside a window."""
-        if self.world_size < 2 or self.config.group_mode not in ("auto", "ranks"):
-            return None
-        from ..distributed import _find_ddp, enable_ddp
-
-        try:
-            ddp = _find_ddp(self.model)
-        except TypeError:
-            log.warning("simigrad: world size %d but the model is not DistributedDataParallel: no 'ranks' "
-                        "statistics; each rank uses its own", self.world_size)
-            return None
-        enable_ddp(ddp)
-        return ddp
-
-    def _sync_gradients(self, sync: bool) -> None:
-        """Called by the loader before each micro-batch: DDP reduces (and the statistics are taken) only at the
-        window's last micro-step, as under ``no_sync``."""
-        self._sync = sync
+    def set_sync_gradients(self, sync: bool) -> None:
+        """Before each micro-batch (the loader): DDP reduces (and the statistics are taken) only at the window's
+        last micro-step, as under ``no_sync``."""
+        super().set_sync_gradients(sync)
         if self._ddp is not None:
             self._ddp.require_backward_grad_sync = sync
 
     def close(self) -> None:
+        """End the run (:meth:`StepCore.close`), put Dynamo's recompile limit back, and let the user's optimizer
+        be stepped directly again."""
+        super().close()
         if self._dynamo_saved is not None:
             compat.dynamo_config().recompile_limit = self._dynamo_saved
             self._dynamo_saved = None
-        if self.amp is not None:
-            self.amp.close()
-        self._history.close()
+        self.allow_direct_steps()
 
     def __enter__(self) -> "AdaptiveBatching":
         return self
@@ -110,10 +114,6 @@ class AdaptiveBatching(StepCore):
         """Micro-batches of the current rung; ``DataLoader`` keyword arguments plus ``seed``/``device``."""
         return AdaptiveLoader(self, dataset, **kwargs)
 
-    def plot(self, path: str) -> None:
-        """Similarity (with the target line), batch size, LR multiplier and loss against samples (one PNG)."""
-        self._history.plot(path, self.config.target_similarity)
-
     def warm_up(self, fn, dataset, collate_fn=None) -> None:
         """Compile every rung now: ``fn(batch)`` runs forward + backward on a micro-batch of each rung (the first
         samples of ``dataset``). Gradients, statistics and the module's buffers are restored afterwards."""
@@ -123,21 +123,29 @@ class AdaptiveBatching(StepCore):
             if m > len(dataset):
                 log.warning("simigrad: warm-up skips rung %d: the dataset has %d samples", m, len(dataset))
                 continue
-            fn(loader._finish(loader.collate_fn([dataset[i] for i in range(m)])))
+            fn(loader.prepare(loader.collate_fn([dataset[i] for i in range(m)])))
         self.model.load_state_dict(buffers)
         for p in self.params:
             p.grad = None
         gradient_stats(self.model, reset=True)
 
-    # --- the window protocol (loader and optimizer) -----------------------------------------------------------
-    def _window_sizes(self, remaining: int, drop_last: bool) -> tuple:
-        """The next step's micro-batch sizes with ``remaining`` samples (per rank) left in the epoch: the plan's,
-        or at the tail the plan's micro-batches that cover ``remaining`` (``Ladder.tail``; the loader completes
-        them from the next epoch); ``()`` when ``drop_last`` drops the tail."""
-        m, k = self.plan.micro_batch_size, self.plan.accumulation
-        if remaining >= m * k:
-            return (m,) * k
-        return () if drop_last else (m,) * self.ladder.tail(remaining, m)
+
+def _ranks_reduction(model, config: SimigradConfig, world_size: int):
+    """Under data parallelism (group mode ``auto``/``ranks``) the statistics come from the split-group DDP
+    reduction: installs it and returns the DDP module, whose gradient sync the loader turns off inside a window;
+    else None."""
+    if world_size < 2 or resolve_group_mode(config.group_mode, world_size) != "ranks":
+        return None
+    from ..distributed import enable_ddp, find_ddp
+
+    try:
+        ddp = find_ddp(model)
+    except TypeError:
+        log.warning("simigrad: world size %d but the model is not DistributedDataParallel: no 'ranks' "
+                    "statistics; each rank uses its own", world_size)
+        return None
+    enable_ddp(ddp)
+    return ddp
 
 
 __all__ = ["AdaptiveBatching"]

@@ -1,14 +1,16 @@
-"""Checking a ``run.state_dict()`` before the core takes any of it: every key, type and range, the ladder, and
-the new config's bounds (which win over the checkpoint's plan). :func:`validated_state` builds fresh objects and
-changes nothing, so a bad checkpoint leaves the run untouched."""
+"""A run's checkpoint: :class:`CheckpointState` (``run.state_dict()``/``run.load_state_dict()``, mixed into
+:class:`~simigrad_compile.runtime.core.StepCore`), and the check of a checkpoint before the core takes any of it:
+every key, type and range, the ladder, and the new config's bounds (which win over the checkpoint's plan).
+:func:`validated_state` builds fresh objects and changes nothing, so a bad checkpoint leaves the run untouched."""
 
 from __future__ import annotations
 
 import logging
+from collections import Counter
 
 from ..config import SimigradConfig
 from .controller import BatchSizeController
-from .ladder import Ladder, Plan
+from .ladder import BatchPlan, Ladder
 
 log = logging.getLogger("simigrad_compile")
 STATE_KEYS = ("controller", "ladder", "plan", "epoch", "position", "samples", "steps", "similarity", "history")
@@ -52,7 +54,7 @@ def validated_state(state: dict, config: SimigradConfig, world_size: int, base_a
     acc = _number("plan[1]", plan_state[1], minimum=1)
     if micro not in ladder.rungs:
         raise ValueError(f"simigrad: checkpoint plan micro-batch {micro} is not a rung of {ladder.rungs}")
-    plan = Plan(micro, acc, world_size)
+    plan = BatchPlan(micro, acc, world_size)
     lo, hi = config.min_batch_size, config.max_batch_size
     clamped = min(max(controller.batch_size, lo), hi)
     if clamped != controller.batch_size or not lo <= plan.batch_size <= hi:
@@ -77,4 +79,54 @@ def validated_state(state: dict, config: SimigradConfig, world_size: int, base_a
     }
 
 
-__all__ = ["STATE_KEYS", "validated_state"]
+
+
+class CheckpointState:
+    """The checkpoint half of :class:`~simigrad_compile.runtime.core.StepCore` (its state is the core's)."""
+
+    def state_dict(self) -> dict:
+        """The run's state between steps: controller, ladder, plan, stream position, history, skip counts.
+
+        Raises:
+            RuntimeError: inside an accumulation window (save after the step's last micro-batch)."""
+        w = self.state.window
+        if w is not None and (w.done or self._pending is not None):
+            raise RuntimeError("simigrad: state_dict() inside an accumulation window; save after the step's last "
+                               "run.optimizer.step() (run.sync_gradients is True), or drop the unfinished step "
+                               "with run.discard_step() first")
+        return {
+            "version": 2,
+            "controller": self.controller.state_dict(),
+            "ladder": self.ladder.state_dict(),
+            "plan": [self.plan.micro_batch_size, self.plan.accumulation],
+            "epoch": self.state.epoch, "position": self.state.position, "samples": self.state.samples,
+            "steps": self.state.steps,
+            "similarity": self.similarity,
+            "history": self._history.state_dict(),
+            "skipped_steps": dict(self.skipped_steps),
+            "batch_stats_seen": self.statistics.batch_seen,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Validate everything, then change everything: a bad checkpoint raises and leaves the run untouched.
+        The new config's bounds win over the checkpoint's plan (clamped, logged)."""
+        if self.window_open or self._pending is not None:
+            raise RuntimeError("simigrad: load_state_dict() inside an accumulation window; call run.discard_step() "
+                               "first")
+        staged = validated_state(state, self.config, self.world_size, self.base_accumulation)
+        self.controller, self.ladder, self.plan = staged["controller"], staged["ladder"], staged["plan"]
+        self.statistics.ladder = self.ladder
+        now = self.state
+        now.epoch, now.position = staged["epoch"], staged["position"]
+        now.samples, now.steps = staged["samples"], staged["steps"]
+        now.target_batch_size = self.controller.batch_size
+        self.similarity = staged["similarity"]
+        self._history.load_state_dict(staged["history"])
+        self.skipped_steps = Counter(staged["skipped_steps"])
+        self.statistics.batch_seen = staged["batch_stats_seen"]
+        now.window = None
+        self._reset_step()
+        now.sync_gradients = self.plan.accumulation == 1
+
+
+__all__ = ["CheckpointState", "STATE_KEYS", "validated_state"]

@@ -137,7 +137,7 @@ class _Issuer:
             if not p.pending:
                 if p.cursor >= orders.length:
                     return
-                p.pending = list(run._window_sizes(orders.length - p.cursor, self.drop_last))
+                p.pending = list(run.window_sizes(orders.length - p.cursor, self.drop_last))
                 if not p.pending:
                     return
             size = p.pending.pop(0)
@@ -159,7 +159,10 @@ def mark_static(dim: int, device: Any) -> Callable[[Any], Any]:
 
 
 class AdaptiveLoader:
-    """Iterate once per epoch; yields micro-batches whose sizes follow ``run``'s plan."""
+    """Iterate once per epoch; yields micro-batches whose sizes follow ``run``'s plan.
+
+    ``run`` is any :class:`~simigrad_compile.runtime.core.StepCore`: the loader reads ``run.state`` and drives
+    the window through ``window_sizes``, ``open_window``, ``set_sync_gradients`` and ``finish_epoch``."""
 
     def __init__(self, run, dataset, *, shuffle: bool = False, collate_fn: Optional[Callable] = None,
                  drop_last: bool = False, seed: int = 0, device: Any = None, **dataloader_kwargs):
@@ -199,9 +202,10 @@ class AdaptiveLoader:
 
     def __len__(self) -> int:
         """Per-rank samples left in this epoch (the number of micro-batches depends on future batch sizes)."""
-        return (len(self.dataset) if self.iterable else self.orders.length) - self.run._position
+        return (len(self.dataset) if self.iterable else self.orders.length) - self.run.state.position
 
-    def _finish(self, batch: Any) -> Any:
+    def prepare(self, batch: Any) -> Any:
+        """A collated micro-batch as the loader yields it: moved to ``device``, its batch dims marked static."""
         if type(batch) in (tuple, list):
             return type(batch)(self._mark(t) if isinstance(t, torch.Tensor) else compat.tree_map(self._mark, t)
                                for t in batch)
@@ -212,25 +216,25 @@ class AdaptiveLoader:
 
     # --- map-style: workers collate micro-batches ----------------------------------------------------------
     def _stream(self) -> Iterator[Any]:
-        run, length = self.run, self.orders.length
-        pos = run._position
-        p = self.issuer.current = _Pass(run._epoch, pos)
+        run, state, length = self.run, self.run.state, self.orders.length
+        pos = state.position
+        p = self.issuer.current = _Pass(state.epoch, pos)
         batches = None
         while pos < length:
-            sizes = run._window_sizes(length - pos, self.drop_last)
+            sizes = run.window_sizes(length - pos, self.drop_last)
             if not sizes:
-                log.info("simigrad: drop_last drops the last %d samples of epoch %d", length - pos, run._epoch)
+                log.info("simigrad: drop_last drops the last %d samples of epoch %d", length - pos, state.epoch)
                 break
-            window = run._open_window(sizes)
+            window = run.open_window(sizes)
             for j, size in enumerate(sizes):
                 _check_progress(window, j, sizes)
                 batch, batches = self._take(batches, p, pos, sizes[j:])
-                run._sync_gradients(j == len(sizes) - 1)
-                yield self._finish(batch)
+                run.set_sync_gradients(j == len(sizes) - 1)
+                yield self.prepare(batch)
                 pos += size
             _check_complete(window, sizes)
         self.discarded += len(p.issued)  # prefetched past the pass's end
-        self._end_pass(length)
+        run.finish_epoch(length)
 
     def _take(self, batches, p: _Pass, pos: int, sizes: Sequence[int]):
         """The micro-batch at stream position ``pos`` of size ``sizes[0]``; ``sizes``: the step's rest."""
@@ -258,31 +262,21 @@ class AdaptiveLoader:
                   "discarded (%d so far)", sizes[0], pos, len(p.issued), self.discarded + len(p.issued))
         p.restart(pos, sizes)
 
-    def _end_pass(self, length: int) -> None:
-        """Close the epoch; the samples a tail borrowed from the next epoch(s) count as trained there."""
-        run = self.run
-        over = max(run._position - length, 0)
-        run._end_epoch()
-        while over >= length > 0:
-            run._end_epoch()
-            over -= length
-        run._position = over
-
     # --- iterable: samples collated in the main process ----------------------------------------------------
     def _samples(self) -> Iterator[Any]:
         """Samples from ``run``'s position on: the rest of the current pass over the iterable, then the next
         passes (each followed by ``_END``)."""
-        run = self.run
+        state = self.run.state
         carry, self._carry = self._carry, None
-        if carry is not None and carry[0] == (run._epoch, run._position):
+        if carry is not None and carry[0] == (state.epoch, state.position):
             return carry[1]
-        if run._position:
+        if state.position:
             log.info("simigrad: resuming an IterableDataset at sample %d of epoch %d: reading and skipping the "
-                     "samples before it", run._position, run._epoch)
-        return _passes(self.loader, run._position)
+                     "samples before it", state.position, state.epoch)
+        return _passes(self.loader, state.position)
 
     def _stream_iterable(self) -> Iterator[Any]:
-        run = self.run
+        run, state = self.run, self.run.state
         samples = self._samples()
         buffer: List[Any] = []
         length, ended = None, False
@@ -292,14 +286,14 @@ class AdaptiveLoader:
                 s = next(samples)
                 if s is _END:
                     ended = True
-                    length = run._position + len(buffer)
+                    length = state.position + len(buffer)
                 else:
                     buffer.append(s)
             if not buffer:
                 break
-            sizes = run._window_sizes(len(buffer) if ended else need, self.drop_last)
+            sizes = run.window_sizes(len(buffer) if ended else need, self.drop_last)
             if not sizes:
-                log.info("simigrad: drop_last drops the last %d samples of epoch %d", len(buffer), run._epoch)
+                log.info("simigrad: drop_last drops the last %d samples of epoch %d", len(buffer), state.epoch)
                 break
             while len(buffer) < sum(sizes):
                 s = next(samples)
@@ -307,17 +301,17 @@ class AdaptiveLoader:
                     raise ValueError("simigrad: the IterableDataset yields fewer samples in a pass than one "
                                      f"step's tail needs ({sum(sizes)})")
                 buffer.append(s)
-            window = run._open_window(sizes)
+            window = run.open_window(sizes)
             for j, size in enumerate(sizes):
                 _check_progress(window, j, sizes)
                 batch, buffer = buffer[:size], buffer[size:]
-                run._sync_gradients(j == len(sizes) - 1)
-                yield self._finish(self.collate_fn(batch))
+                run.set_sync_gradients(j == len(sizes) - 1)
+                yield self.prepare(self.collate_fn(batch))
             _check_complete(window, sizes)
             if ended and not buffer:
                 break
-        self._end_pass(length)
-        self._carry = ((run._epoch, run._position), samples)
+        run.finish_epoch(length)
+        self._carry = ((state.epoch, state.position), samples)
 
 
 def _passes(loader: tud.DataLoader, skip: int) -> Iterator[Any]:
@@ -341,15 +335,20 @@ def _identity(sample: Any) -> Any:
     return sample
 
 
+_FIX = ("call run.optimizer.step() once per micro-batch, after its backward: run.optimizer, the wrapper that "
+        "AdaptiveBatching made, not the optimizer you passed to it")
+
+
 def _check_progress(window, j: int, sizes: Sequence[int]) -> None:
     if window.done != j:
-        raise RuntimeError(f"simigrad: call run.optimizer.step() once per micro-batch (micro-batch {j} of "
-                           f"{len(sizes)} requested after {window.done} step() calls)")
+        raise RuntimeError(f"simigrad: micro-batch {j + 1} of {len(sizes)} was requested after {window.done} "
+                           f"run.optimizer.step() calls; {_FIX}")
 
 
 def _check_complete(window, sizes: Sequence[int]) -> None:
     if not window.complete:
-        raise RuntimeError(f"simigrad: the step ended after {window.done} of {len(sizes)} step() calls")
+        raise RuntimeError(f"simigrad: the step ended after {window.done} of {len(sizes)} run.optimizer.step() "
+                           f"calls; {_FIX}")
 
 
 __all__ = ["AdaptiveLoader", "rank_order"]

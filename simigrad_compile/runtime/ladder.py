@@ -52,7 +52,15 @@ realise a batch inside the bounds (tier 3 of the rounding rule)."""
 
 
 @dataclass(frozen=True)
-class Plan:
+class BatchPlan:
+    """One optimizer step's batch: ``world_size x micro_batch_size x accumulation`` samples.
+
+    Example::
+
+        >>> BatchPlan(16, 3, world_size=2).batch_size
+        96
+    """
+
     micro_batch_size: int
     """Samples per micro-step on each rank (a rung)."""
     accumulation: int
@@ -138,7 +146,7 @@ class Ladder:
         k = min(lo for lo, _ in ranges.values())
         return min((abs(self.world_size * m * k - target), k, -m) for m, (lo, hi) in ranges.items() if lo <= k <= hi)
 
-    def _plan(self, target: int) -> Plan:
+    def _plan(self, target: int) -> BatchPlan:
         """The plan realising ``target`` (a global batch size) by the rounding rule of the module docstring."""
         target = min(max(int(target), self.lower), self.upper)
         w, top, lo = self.world_size, self.rungs[-1], self.min_accumulation
@@ -149,13 +157,13 @@ class Ladder:
             or self._nearest(target, lo, None, True)
         if best is None:
             best = self._nearest(target, lo, cap, False)
-            plan = Plan(-best[2], best[1], w)
+            plan = BatchPlan(-best[2], best[1], w)
             log.warning("simigrad: no plan of %r realises a batch in [%d, %d] near target %d; using %s (batch %d) "
                         "outside the bounds", self, self.lower, self.upper, target, plan, plan.batch_size)
             return plan
-        return Plan(-best[2], best[1], w)
+        return BatchPlan(-best[2], best[1], w)
 
-    def cut(self, samples: int, current: Plan) -> Optional[Plan]:
+    def cut(self, samples: int, current: BatchPlan) -> Optional[BatchPlan]:
         """The plan for a step of at most ``samples`` (global) samples, the last of a sample budget (for
         ``limit_next_step``); None when no rung fits. Over the rungs ``m`` with ``world * m <= samples``, each at
         the most micro-steps ``k`` that fit, up to ``cap = max(ACCUMULATION_SLACK * ceil(samples / (world * top
@@ -173,7 +181,7 @@ class Ladder:
                 continue
             key = (samples - w * m * k, k < lo, m != current.micro_batch_size, k, -m)
             best = key if best is None or key < best else best
-        return None if best is None else Plan(-best[4], best[3], w)
+        return None if best is None else BatchPlan(-best[4], best[3], w)
 
     def tail(self, remaining: int, micro: int) -> int:
         """How many micro-batches of ``micro`` (the current rung) the last step of an epoch runs for its last
@@ -200,4 +208,7 @@ class Ladder:
         self.require_accumulation(int(state["min_accumulation"]))
 
 
-__all__ = ["Ladder", "Plan", "RESOLUTION", "ACCUMULATION_SLACK", "default_rungs"]
+Plan = BatchPlan
+"""Deprecated alias of :class:`BatchPlan` (the name other modules' "plans" shared)."""
+
+__all__ = ["Ladder", "BatchPlan", "Plan", "RESOLUTION", "ACCUMULATION_SLACK", "default_rungs"]

@@ -8,17 +8,31 @@ LR scale, runs the wrapped ``step()`` and puts the exact original ``lr`` objects
 ``step()`` call applied an update (False inside a window and for a skipped step): advance a per-step scheduler
 only then. ``run.sync_gradients`` tells whether it ended a step.
 
+The optimizer the user passed in (``run.user_optimizer``) steps only at a step's boundary: ``AdaptiveBatching``
+refuses a direct ``step()`` of it anywhere else with :class:`DirectStepError`, which names ``run.optimizer``.
+
 ``_step_supports_amp_scaling`` makes ``GradScaler.step(run.optimizer)`` call ``step()`` on every micro-batch
 with the scale attached instead of unscaling the running sum (see :mod:`simigrad_compile.runtime.amp`).
 """
 
 from __future__ import annotations
 
-from typing import Callable, List, Optional
+from typing import Callable, Optional
 
 import torch
 
+from .. import compat
 from .amp import AmpMisuse
+from .lr import restore_lr, scale_lr  # noqa: F401  (re-exported for importers of this module)
+
+
+class DirectStepError(RuntimeError):
+    """The optimizer passed to ``AdaptiveBatching`` was stepped directly instead of through ``run.optimizer``."""
+
+
+class ClosureStepError(NotImplementedError):
+    """``run.optimizer.step(closure)``: a closure re-evaluates the gradients inside the step, which cannot be
+    accumulated over micro-batches."""
 
 
 def _shared(name: str) -> property:
@@ -26,41 +40,26 @@ def _shared(name: str) -> property:
     return property(lambda self: getattr(self.optimizer, name), lambda self, v: setattr(self.optimizer, name, v))
 
 
-def scale_lr(optimizer: torch.optim.Optimizer, scale: float) -> List:
-    """Multiply every param group's ``lr`` by ``scale``; returns what :func:`restore_lr` puts back."""
-    saved = []
-    for group in optimizer.param_groups:
-        lr = group["lr"]
-        if isinstance(lr, torch.Tensor):
-            saved.append((lr, lr.clone()))
-            lr.mul_(scale)
-        else:
-            saved.append((lr, None))
-            group["lr"] = lr * scale
-    return saved
-
-
-def restore_lr(optimizer: torch.optim.Optimizer, saved: List) -> None:
-    """Put back the exact ``lr`` objects (a tensor LR keeps its identity and gets its value back)."""
-    for group, (lr, value) in zip(optimizer.param_groups, saved):
-        if value is not None:
-            lr.copy_(value)
-        group["lr"] = lr
-
-
 class AdaptiveOptimizer(torch.optim.Optimizer):
+    """``run.optimizer``: steps the wrapped optimizer at accumulation boundaries only (module docstring).
+
+    Args:
+        optimizer: the user's optimizer (shared ``param_groups``, ``state`` and ``defaults``).
+        core: the :class:`~simigrad_compile.runtime.core.StepCore` whose protocol ``step()`` drives.
+
+    Raises (from ``step``):
+        ClosureStepError: ``step(closure)``.
+        AmpMisuse: a GradScaler given to the run but ``step()`` called directly, or the reverse.
+    """
+
     _step_supports_amp_scaling = True
 
     def __init__(self, optimizer: torch.optim.Optimizer, core):
         # No super().__init__: the wrapped optimizer owns the parameter groups and the state.
-        from ..integrations import auto_loop
-
-        auto_loop.exclude(optimizer)  # under SIMIGRAD=1 the global loop hooks must not accumulate a second time
         self.optimizer = optimizer
         self.core = core
         self.stepped = False
-        self._optimizer_step_pre_hooks = optimizer._optimizer_step_pre_hooks
-        self._optimizer_step_post_hooks = optimizer._optimizer_step_post_hooks
+        compat.share_step_hooks(self, optimizer)
 
     param_groups = _shared("param_groups")
     state = _shared("state")
@@ -98,7 +97,12 @@ class AdaptiveOptimizer(torch.optim.Optimizer):
 
     def step(self, closure: Optional[Callable] = None):
         if closure is not None:
-            raise NotImplementedError("run.optimizer.step(closure) is not supported with gradient accumulation")
+            raise ClosureStepError(
+                f"simigrad: run.optimizer.step(closure) is not supported: the closure recomputes the gradients "
+                f"inside the step, so they cannot be accumulated over the step's micro-batches. Fix: call "
+                f"loss.backward() yourself and then run.optimizer.step() with no closure; an optimizer that needs "
+                f"its closure ({type(self.optimizer).__name__}, such as torch.optim.LBFGS) cannot adapt its batch: "
+                f"use SGD, Adam or AdamW with AdaptiveBatching, or train it without AdaptiveBatching.")
         self.stepped = False
         self._check_amp()
         if not self.core.micro_step_done():
@@ -115,4 +119,4 @@ class AdaptiveOptimizer(torch.optim.Optimizer):
         return None
 
 
-__all__ = ["AdaptiveOptimizer", "restore_lr", "scale_lr"]
+__all__ = ["AdaptiveOptimizer", "ClosureStepError", "DirectStepError", "restore_lr", "scale_lr"]

@@ -10,6 +10,11 @@ Every gradient is reduced once per step: that reduction is the non-finite check 
 so it is the same check. The ``batch`` statistics cannot stand in for it: they see only the contributions of
 the compiled backward, and a parameter that is also used outside the compiled graph (or a gradient hook) can
 make the gradient non-finite while the statistics are finite (``tests/test_step_rules.py``).
+
+Non-finite steps. The skip reasons, in the history's ``skipped`` with ``stepped=False``:
+``non-finite-loss``, ``non-finite-gradient``, ``non-finite-statistics``, ``amp-overflow``. A step that was
+applied can still leave the controller unmoved: ``no-statistics``, ``interval``, ``non-finite-cosine`` (a zero
+half: the cosine is undefined although the gradient is finite).
 """
 
 from __future__ import annotations
@@ -18,12 +23,13 @@ import dataclasses
 import logging
 import math
 import operator
-from typing import List, Optional
+from typing import Any, List, NamedTuple, Optional
 
 import torch
 
+from .. import compat
 from ..stats.gradient_stats import StatsRead
-from .optim import restore_lr, scale_lr
+from .lr import restore_lr, scale_lr
 
 log = logging.getLogger("simigrad_compile")
 _NARROW = (torch.float16, torch.bfloat16)
@@ -33,7 +39,28 @@ _NO_AMP = (1.0, 0.0, 0.0)
 
 
 class NonFiniteStep(FloatingPointError):
-    """A step's loss, gradient or statistics are not finite and ``on_non_finite="raise"``."""
+    """A step's loss, gradient or statistics are not finite and ``on_non_finite="raise"``.
+
+    Catch it around ``run.optimizer.step()`` (``from simigrad_compile import NonFiniteStep``) and call
+    ``run.discard_step()`` to go on from the last completed step."""
+
+
+class PendingStep(NamedTuple):
+    """What ``begin_step`` decided, kept for ``end_step``."""
+
+    window: Any
+    """The step's :class:`~simigrad_compile.runtime.window.Window`."""
+    stats: Any
+    """Its statistics (a :class:`~simigrad_compile.stats.split_stats.SplitStats`), unscaled."""
+    note: Optional[str]
+    """Why the step has no statistics, or None."""
+    reason: Optional[str]
+    """The skip reason (``non-finite-loss`` ...), or None for a step that is applied."""
+    lr_scale: float
+    grad_norm: float
+    """The total norm of the step's mean gradient (NaN when not finite)."""
+    loss_sum: float
+    """The sample-weighted sum of the micro-steps' mean losses."""
 
 
 def _wide(grads: List[torch.Tensor]) -> List[torch.Tensor]:
@@ -103,17 +130,17 @@ class StepRules:
     # --- the boundary -----------------------------------------------------------------------------------------
     def begin_step(self) -> bool:
         """Prepare the boundary's optimizer step; False when it must be skipped (core's module docstring)."""
-        w = self._window
+        w = self.state.window
         if w is None or w.done != w.accumulation or self._pending is not None:
             raise RuntimeError("simigrad: begin_step() needs a window whose last micro-step is done "
                                "(micro_step_done() returned True) and no step in progress")
         w.check("the boundary")
-        read, note = self.statistics.read(w, self._steps + 1)
+        read, note = self.statistics.read(w, self.state.steps + 1)
         grads = w.grads()
         clip, amp, loss = self._clip, self.amp, self._loss
         norm_type = clip[1] if clip is not None else 2.0
         total_sq = w.stats.total_sq if w.stats is not None and clip is None and amp is None else None
-        norms = torch._foreach_norm(_wide(grads), norm_type) if grads and total_sq is None else []
+        norms = compat.foreach_norm(_wide(grads), norm_type) if grads and total_sq is None else []
         sums = read.sums if type(read) is StatsRead else None  # the statistics' sums, still on the device
         checks = amp.checks() if amp is not None else ()
         scalars = norms if loss is None and not checks else [*norms, *([loss] if loss is not None else ()), *checks]
@@ -144,15 +171,15 @@ class StepRules:
         elif stats.mode != "none" and not stats.finite:
             reason = "non-finite-statistics"
         lr_scale = self.controller.lr_scale(w.samples * self.world_size)
-        self._pending = (w, stats, note, reason, lr_scale, grad_norm if math.isfinite(grad_norm) else math.nan,
-                         loss_sum)
+        self._pending = PendingStep(w, stats, note, reason, lr_scale,
+                                    grad_norm if math.isfinite(grad_norm) else math.nan, loss_sum)
         if reason is not None:
             return self._skip(w, reason)
         if clip is not None:
             factor *= min(1.0, clip[0] / (grad_norm + 1e-6))
         if factor != 1.0 and grads:
-            torch._foreach_mul_(grads, factor)
-        self._saved_lr = scale_lr(self.inner, lr_scale) if lr_scale != 1.0 else None  # 1.0: lr untouched
+            compat.foreach_mul_(grads, factor)
+        self._saved_lr = scale_lr(self.user_optimizer, lr_scale) if lr_scale != 1.0 else None  # 1.0: lr untouched
         return True
 
     def _skip(self, w, reason: str) -> bool:
@@ -160,11 +187,11 @@ class StepRules:
         count = sum(self.skipped_steps.values())
         if self.config.on_non_finite == "raise" and reason != "amp-overflow":
             self._pending = None
-            raise NonFiniteStep(f"simigrad: step {self._steps + 1}: {reason} (on_non_finite='raise'). Drop the step "
-                                "with run.discard_step() to go on, or use on_non_finite='skip'.")
+            raise NonFiniteStep(f"simigrad: step {self.state.steps + 1}: {reason} (on_non_finite='raise'). Drop the "
+                                "step with run.discard_step() to go on, or use on_non_finite='skip'.")
         level = logging.INFO if reason == "amp-overflow" else logging.WARNING
         log.log(level, "simigrad: step %d skipped (%s): parameters, optimizer state and LR schedule untouched; "
-                "%d skipped step(s) so far", self._steps + 1, reason, count)
+                "%d skipped step(s) so far", self.state.steps + 1, reason, count)
         for p in w.params:
             p.grad = None
         return False
@@ -172,8 +199,8 @@ class StepRules:
     def restore_lr(self) -> None:
         """Put back the exact ``lr`` objects after ``begin_step`` (``end_step`` and ``discard_step`` do it)."""
         if self._saved_lr is not None:
-            restore_lr(self.inner, self._saved_lr)
+            restore_lr(self.user_optimizer, self._saved_lr)
             self._saved_lr = None
 
 
-__all__ = ["NonFiniteStep", "StepRules"]
+__all__ = ["NonFiniteStep", "PendingStep", "StepRules"]

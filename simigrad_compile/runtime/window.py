@@ -34,6 +34,7 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 
+from .. import compat
 from ..stats.split_stats import SplitStats
 from ..stats.microsteps import MicrostepStats
 
@@ -109,7 +110,7 @@ class Window:
         if factor != 1.0:
             grads = self.grads()
             if grads:
-                torch._foreach_mul_(grads, factor)
+                compat.foreach_mul_(grads, factor)
 
     def _prepare(self, size: int) -> None:
         """Make ``p.grad = W / size`` for a backward over ``size`` samples."""
