@@ -13,8 +13,8 @@ from typing import Optional
 
 import torch
 
-from .. import compat
-from ..config import from_mapping
+from .. import compat, envvars
+from ..config import from_mapping, resolve_group_mode
 from .passes.manager import SimigradPassManager
 from .passes.plan import plan_region
 from . import ops as _ops  # noqa: F401  (registers the simigrad:: graph ops)
@@ -24,16 +24,15 @@ log = logging.getLogger("simigrad_compile")
 
 
 def _split_mode(group_mode: str) -> str:
-    if group_mode == "batch":
-        return "batch"
-    if group_mode in ("microsteps", "ranks"):
-        return "off"
+    """The split pass's mode for a graph compiled in this process: ``batch`` (split, refusals logged), ``auto``
+    (split where sound) or ``off`` (the statistics come from micro-steps or ranks)."""
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    return "off" if distributed and torch.distributed.get_world_size() >= 2 else "auto"
+    mode = resolve_group_mode(group_mode, torch.distributed.get_world_size() if distributed else 1)
+    return {"batch": "batch", "auto": "auto"}.get(mode, "off")
 
 
 def simigrad_backend(gm: torch.fx.GraphModule, example_inputs, options: Optional[dict] = None, mode=None, **_):
-    config = from_mapping(options)
+    config = from_mapping(options, base=envvars.config_from_env())  # options over SIMIGRAD_* over defaults
     plan = plan_region(gm, example_inputs, config, _split_mode(config.group_mode))
     manager = SimigradPassManager(plan)
     region = Region(plan.params) if manager.passes and plan.params else None
