@@ -1,0 +1,165 @@
+"""A fuzzer for the split pass: ``hypothesis`` draws small models from the grammar of
+:mod:`simigrad_testkit.model_grammar` (the constructs library models use, graph breaks, inputs that broadcast
+with a batch of 1), compiles each with ``backend="simigrad"`` and checks:
+
+* the gradient equals plain ``aot_eager``'s (never a crash);
+* every parameter with a gradient has statistics or is named in ``unsplit`` with its reason (never silently
+  missing), and models whose blocks all split are not refused;
+* each covered parameter's ``(d, a, b)``, and their totals, equal two separate fp64 half-batch passes (each
+  weighted by its share of the samples, odd batches included); where a block mixes samples (BatchNorm in
+  training mode) the halves are contributions under the whole batch, checked by ``|g1 + g2|^2 == |g|^2``.
+
+The default run draws ``FUZZ_EXAMPLES`` (25) models, derandomized; ``SIMIGRAD_FUZZ_EXAMPLES=2000 pytest --slow
+tests/test_split_fuzz.py -k long`` is the long run. The named tests below are what earlier runs found.
+"""
+
+import copy
+import math
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+
+import simigrad_compile
+from simigrad_testkit.model_grammar import Spec, build, loss_of, narrow, specs
+
+FUZZ_EXAMPLES = 25
+MAY_REFUSE = {
+    "learned_pos_break": "a parameter's tensor crosses a graph break batch-free: its gradient is summed over the "
+                         "batch inside the next graph, which hands the earlier graph one whole gradient",
+    "rotary_2d_break": "a [T, D] table reaching a later graph is taken for a batched input (batch_dim 0)",
+}
+"""Blocks whose refusal is expected, with why; a model without them must split."""
+
+
+def _grads(model):
+    return {n: p.grad.detach().double().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _flat(grads):
+    return torch.cat([g.flatten() for _, g in sorted(grads.items())])
+
+
+def half_references(model, inputs, dims, batch):
+    """Per-parameter g1, g2 from two separate eager fp64 passes on the halves, each weighted by its share."""
+    ref = copy.deepcopy(model).double()
+    xs = tuple(x.double() if x is not None and x.is_floating_point() else x for x in inputs)
+    halves = []
+    for start, end in ((0, batch // 2), (batch // 2, batch)):
+        ref.zero_grad(set_to_none=True)
+        (loss_of(ref(*narrow(xs, dims, start, end - start))) * ((end - start) / batch)).backward()
+        halves.append(_grads(ref))
+    return halves
+
+
+def run_spec(spec: Spec):
+    """Compiles ``spec``'s model with the plain and the simigrad backend; returns what :func:`check_spec` needs."""
+    model, inputs, dims = build(spec)
+    results = {}
+    for backend in ("aot_eager", "simigrad"):
+        copy_ = copy.deepcopy(model)
+        torch._dynamo.reset()
+        options = {"options": {"compiler": "aot_eager", **spec.options}} if backend == "simigrad" else {}
+        compiled = torch.compile(copy_, backend=backend, **options)
+        loss_of(compiled(*inputs)).backward()
+        results[backend] = (copy_, _grads(copy_))
+    ours, got = results["simigrad"]
+    stats = simigrad_compile.gradient_stats(ours, reset=True, per_parameter=True)
+    torch._dynamo.reset()
+    return model, inputs, dims, results["aot_eager"][1], got, stats
+
+
+def check_spec(spec: Spec):
+    model, inputs, dims, plain, got, stats = run_spec(spec)
+    bf16 = spec.dtype == "bfloat16"
+    assert set(got) == set(plain), "the backends disagree on which parameters have gradients"
+    g_plain, g_got = _flat(plain), _flat(got)
+    assert torch.isfinite(g_got).all(), "non-finite gradient"
+    assert (g_got - g_plain).norm() <= (3e-2 if bf16 else 1e-5) * g_plain.norm() + 1e-12, \
+        "the gradient differs from plain aot_eager's"
+
+    per = stats.per_parameter or {}
+    unsplit = dict(stats.unsplit)
+    silent = set(got) - set(per) - set(unsplit) - set(stats.missing)
+    assert not silent, f"parameters with a gradient but neither statistics nor a named refusal: {sorted(silent)}"
+    assert not stats.missing or stats.reason, "parameters missing from the statistics without a reason"
+    assert all(isinstance(why, str) and why for why in unsplit.values()), unsplit
+    if unsplit:
+        assert stats.reason, "parameters left unsplit but the statistics give no reason"
+        allowed = [k for k in spec.seq_blocks + spec.image_blocks if k in MAY_REFUSE]
+        assert allowed, f"refused a model whose blocks all split: {unsplit}"
+    covered = sorted(set(per) - set(unsplit))
+    if not covered:
+        return stats
+
+    tol = 5e-2 if bf16 else 1e-4
+    if spec.cross_sample:
+        for name in covered:
+            d, a, b = per[name]
+            whole = plain[name].flatten().dot(plain[name].flatten()).item()
+            scale = (math.sqrt(max(a, 0)) + math.sqrt(max(b, 0))) ** 2 + 1e-12
+            assert abs(a + b + 2 * d - whole) <= tol * scale, f"{name}: |g1 + g2|^2 != |g|^2 ({a + b + 2 * d} vs {whole})"
+        return stats
+
+    g1s, g2s = half_references(model, inputs, dims, spec.batch)
+    totals = [0.0, 0.0, 0.0]
+    norm1 = math.sqrt(sum(g.flatten().dot(g.flatten()).item() for n, g in g1s.items() if n in covered))
+    norm2 = math.sqrt(sum(g.flatten().dot(g.flatten()).item() for n, g in g2s.items() if n in covered))
+    for name in covered:
+        g1, g2 = g1s[name].flatten(), g2s[name].flatten()
+        want = (g1.dot(g2).item(), g1.dot(g1).item(), g2.dot(g2).item())
+        n1, n2 = g1.norm().item(), g2.norm().item()
+        floor = 1e-6 * norm1 * norm2 if not bf16 else 1e-3 * norm1 * norm2
+        for got_v, want_v, scale, what in zip(per[name], want, (n1 * n2, n1 * n1, n2 * n2), "dab"):
+            assert abs(got_v - want_v) <= tol * scale + floor, \
+                f"{name}: {what} = {got_v}, two half-batch passes give {want_v}"
+        totals = [t + w for t, w in zip(totals, want)]
+    for got_v, want_v, scale in zip((stats.dot, stats.sq_norm_1, stats.sq_norm_2), totals,
+                                    (norm1 * norm2, norm1 ** 2, norm2 ** 2)):
+        assert abs(got_v - want_v) <= tol * scale + 1e-12, f"total {got_v} vs {want_v}"
+    return stats
+
+
+def _fuzz(examples: int):
+    @settings(max_examples=examples, deadline=None, derandomize=True, database=None, print_blob=True,
+              suppress_health_check=list(HealthCheck))
+    @given(specs())
+    def fuzz(spec):
+        check_spec(spec)
+
+    fuzz()
+
+
+def test_split_fuzz_short():
+    _fuzz(FUZZ_EXAMPLES)
+
+
+@pytest.mark.slow
+def test_split_fuzz_long():
+    _fuzz(int(os.environ.get("SIMIGRAD_FUZZ_EXAMPLES", "2000")))
+
+
+# --- regressions: what the fuzzer found, one named test each ---
+
+def test_size_one_input_broadcasting_against_the_batch_is_not_another_batch():
+    """HF's rotary ``position_embeddings`` (``cos``, ``sin`` of shape ``[1, T, D]``) reach the graph after a graph
+    break as inputs; they broadcast against the batch and used to refuse every parameter with "the inputs
+    disagree on the batch size" (two inputs of size 1 even outvoted the one of size B)."""
+    stats = check_spec(Spec(batch=5, dtype="float32", stem="seq", seq_blocks=("rotary_break", "linear"), t=6))
+    assert not stats.unsplit and stats.mode == "batch"
+    assert {"blocks.0.fc.weight", "blocks.1.fc.weight"} <= set(stats.per_parameter)
+
+
+def test_user_input_of_batch_one_broadcasts():
+    """A user input of shape ``[1, T, D]`` next to the batched one: batch-free, the model splits."""
+    stats = check_spec(Spec(batch=4, dtype="float32", stem="tokens", seq_blocks=("broadcast_input", "linear")))
+    assert not stats.unsplit
+
+
+def test_every_input_of_batch_one_is_a_batch_of_one():
+    """When every input has one sample the batch is 1: refused by name, the gradient exact."""
+    model, inputs, dims, plain, got, stats = run_spec(Spec(batch=1, dtype="float32", stem="seq",
+                                                           seq_blocks=("rotary_break", "linear")))
+    assert set(stats.unsplit) == set(got)
+    assert all("batch of 1" in why for why in stats.unsplit.values()), stats.unsplit
