@@ -19,7 +19,7 @@ import os
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, given, reject, settings
 
 import simigrad_compile
 from simigrad_testkit.model_grammar import Spec, build, loss_of, narrow, specs
@@ -53,6 +53,13 @@ def half_references(model, inputs, dims, batch):
     return halves
 
 
+class PlainBackendFails(Exception):
+    """Plain ``aot_eager`` itself fails on this model (a torch bug, not ours): the example is rejected."""
+
+
+PLAIN_FAILURES = []
+
+
 def run_spec(spec: Spec):
     """Compiles ``spec``'s model with the plain and the simigrad backend; returns what :func:`check_spec` needs."""
     model, inputs, dims = build(spec)
@@ -62,7 +69,12 @@ def run_spec(spec: Spec):
         torch._dynamo.reset()
         options = {"options": {"compiler": "aot_eager", **spec.options}} if backend == "simigrad" else {}
         compiled = torch.compile(copy_, backend=backend, **options)
-        loss_of(compiled(*inputs)).backward()
+        try:
+            loss_of(compiled(*inputs)).backward()
+        except Exception as error:
+            if backend == "aot_eager":
+                raise PlainBackendFails(f"{type(error).__name__}: {error}") from error
+            raise
         results[backend] = (copy_, _grads(copy_))
     ours, got = results["simigrad"]
     stats = simigrad_compile.gradient_stats(ours, reset=True, per_parameter=True)
@@ -103,21 +115,25 @@ def check_spec(spec: Spec):
         return stats
 
     g1s, g2s = half_references(model, inputs, dims, spec.batch)
-    totals = [0.0, 0.0, 0.0]
+    # bf16: the allowance grows with the error the plain bf16 backend itself makes on each parameter's gradient
+    error = {n: (plain[n] - g1s[n] - g2s[n]).norm().item() if bf16 else 0.0 for n in covered}
+    totals, slack = [0.0, 0.0, 0.0], 0.0
     norm1 = math.sqrt(sum(g.flatten().dot(g.flatten()).item() for n, g in g1s.items() if n in covered))
     norm2 = math.sqrt(sum(g.flatten().dot(g.flatten()).item() for n, g in g2s.items() if n in covered))
     for name in covered:
         g1, g2 = g1s[name].flatten(), g2s[name].flatten()
         want = (g1.dot(g2).item(), g1.dot(g1).item(), g2.dot(g2).item())
         n1, n2 = g1.norm().item(), g2.norm().item()
-        floor = 1e-6 * norm1 * norm2 if not bf16 else 1e-3 * norm1 * norm2
+        e = error[name]
+        floor = (1e-6 if not bf16 else 1e-3) * norm1 * norm2 + 4 * e * (n1 + n2 + e)
         for got_v, want_v, scale, what in zip(per[name], want, (n1 * n2, n1 * n1, n2 * n2), "dab"):
             assert abs(got_v - want_v) <= tol * scale + floor, \
                 f"{name}: {what} = {got_v}, two half-batch passes give {want_v}"
         totals = [t + w for t, w in zip(totals, want)]
+        slack += floor
     for got_v, want_v, scale in zip((stats.dot, stats.sq_norm_1, stats.sq_norm_2), totals,
                                     (norm1 * norm2, norm1 ** 2, norm2 ** 2)):
-        assert abs(got_v - want_v) <= tol * scale + 1e-12, f"total {got_v} vs {want_v}"
+        assert abs(got_v - want_v) <= tol * scale + slack + 1e-12, f"total {got_v} vs {want_v}"
     return stats
 
 
@@ -126,9 +142,15 @@ def _fuzz(examples: int):
               suppress_health_check=list(HealthCheck))
     @given(specs())
     def fuzz(spec):
-        check_spec(spec)
+        try:
+            check_spec(spec)
+        except PlainBackendFails as error:
+            PLAIN_FAILURES.append((spec, str(error)[:200]))
+            reject()
 
     fuzz()
+    print(f"split fuzz: {examples} examples; plain aot_eager failed on {len(PLAIN_FAILURES)} (rejected):",
+          *PLAIN_FAILURES[:5], sep="\n  ")
 
 
 def test_split_fuzz_short():

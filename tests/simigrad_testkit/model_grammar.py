@@ -125,8 +125,10 @@ class SeqBlock(nn.Module):
             return h + self.fc2(F.gelu(self.fc(h)))
         if kind in ("layernorm", "rmsnorm"):
             return self.norm(h)
-        if kind in ("groupnorm", "batchnorm_train", "batchnorm_eval"):  # contiguous: plain aot_eager fails
-            return self.norm(h.transpose(1, 2).contiguous()).transpose(1, 2)  # on a transposed bf16 BatchNorm
+        if kind == "groupnorm":
+            return self.norm(h.transpose(1, 2)).transpose(1, 2)
+        if kind in ("batchnorm_train", "batchnorm_eval"):  # over the B*T rows: torch 2.13's plain aot_eager
+            return self.norm(h.reshape(b * t, d)).view(b, t, d)  # fails on BatchNorm1d of h.transpose(1, 2)
         if kind.startswith(("attention", "sdpa")):
             return self._attention(h, keep)
         if kind == "class_token":
