@@ -91,6 +91,11 @@ def current_autograd_node():
     return torch._C._current_autograd_node()
 
 
+def current_graph_task_id() -> int:
+    """The id of the backward call the engine is running on this thread (-1 outside a backward)."""
+    return torch._C._current_graph_task_id()
+
+
 def graph_task_keeps_graph() -> bool:
     """Whether the running backward was called with ``retain_graph=True`` (or ``create_graph``)."""
     return torch._C._autograd._get_current_graph_task_keep_graph()

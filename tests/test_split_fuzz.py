@@ -29,6 +29,8 @@ MAY_REFUSE = {
     "learned_pos_break": "a parameter's tensor crosses a graph break batch-free: its gradient is summed over the "
                          "batch inside the next graph, which hands the earlier graph one whole gradient",
     "rotary_2d_break": "a [T, D] table reaching a later graph is taken for a batched input (batch_dim 0)",
+    "linear_shared": "a weight shared by graphs that a graph break separates: the graphs' statistics do not add up",
+    "conv_shared": "the same, for a convolution",
 }
 """Blocks whose refusal is expected, with why; a model without them must split."""
 
@@ -185,3 +187,42 @@ def test_every_input_of_batch_one_is_a_batch_of_one():
                                                            seq_blocks=("rotary_break", "linear")))
     assert set(stats.unsplit) == set(got)
     assert all("batch of 1" in why for why in stats.unsplit.values()), stats.unsplit
+
+
+def test_weight_shared_across_a_graph_break_is_refused_by_name():
+    """One ``nn.Linear`` used before and after a graph break: each graph's halves are right, but the statistics
+    of the summed gradient are not the sum of the graphs' (``(g1a + g1b).(g2a + g2b)`` has cross terms). Found
+    by the fuzzer as a wrong ``d``; the parameter is now named in ``unsplit``, its rows left out of the sums,
+    the gradient exact and the other parameters' statistics still right."""
+    from simigrad_compile.stats.gradient_stats import RECORDED_TWICE
+
+    for blocks in (("linear_shared", "graph_break", "linear_shared"),
+                   ("linear_shared", "rotary_break", "layernorm", "linear_shared")):
+        stats = check_spec(Spec(batch=5, dtype="float32", stem="seq", seq_blocks=blocks, seed=1))
+        assert stats.unsplit == {"blocks.0.fc.weight": RECORDED_TWICE, "blocks.0.fc.bias": RECORDED_TWICE}
+        assert stats.per_parameter["blocks.0.fc.weight"] == (0.0, 0.0, 0.0)
+        assert "inp.weight" in stats.per_parameter
+
+
+def test_a_module_called_twice_in_one_graph_still_splits():
+    """The same weight twice inside one graph is one gradient of the graph: split, not refused."""
+    stats = check_spec(Spec(batch=6, dtype="float32", stem="seq", seq_blocks=("linear_shared", "linear_shared")))
+    assert not stats.unsplit
+
+
+def test_two_backwards_through_one_graph_add_their_statistics():
+    """Recording twice is refused only within one backward call: two backwards (two micro-steps) add rows."""
+    import torch.nn as nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2))
+    compiled = torch.compile(model, backend="simigrad", options={"compiler": "aot_eager"})
+    torch._dynamo.reset()
+    x = torch.randn(6, 4)
+    for _ in range(2):
+        compiled(x).pow(2).mean().backward()
+    twice = simigrad_compile.gradient_stats(model, reset=True)
+    compiled(x).pow(2).mean().backward()
+    once = simigrad_compile.gradient_stats(model, reset=True)
+    torch._dynamo.reset()
+    assert not twice.unsplit and twice.dot == pytest.approx(2 * once.dot, rel=1e-5)

@@ -14,6 +14,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
+from ..compat import current_graph_task_id
 from .compiled_once import chain_unchanged, check_compiled_once, checked_chain
 from .split_stats import SplitStats
 
@@ -38,6 +39,9 @@ class Sink:
         self.count = 0
         self.unsplit: Dict[str, str] = {}
         """Parameters a split pass left whole in a graph that ran since the last reset, with the reason."""
+        self._ids = [tuple(id(p) for _, p in g) for g in groups]
+        self._void: set = set()
+        """Rows whose statistics are void until the reset (see :func:`_recorded_twice`)."""
         _SINKS.add(self)
         _created += 1
 
@@ -46,6 +50,9 @@ class Sink:
         accumulator is stale: the first add writes every group it covers and zeroes the rest (no zeroing op at
         the reset, which runs once per step)."""
         rows = rows.detach()
+        task = current_graph_task_id()
+        if task >= 0:
+            _recorded_twice(self, task, range(len(self.names)) if index is None else index)
         if rows.dtype != torch.float32:
             rows = rows.to(torch.float32)
         acc = self.acc
@@ -64,6 +71,15 @@ class Sink:
                 acc.zero_()
             acc.index_add_(0, at, rows)
         self.count += 1
+        if self._void:
+            acc.index_fill_(0, self.index(sorted(self._void), acc.device), 0.0)
+
+    def void(self, row: int, why: str) -> None:
+        """Row ``row``'s statistics are wrong until the reset: zeroed, and its parameters named in ``unsplit``."""
+        self._void.add(row)
+        self.unsplit.update({name: why for name in self.names[row]})
+        if self.acc is not None and self.count:
+            self.acc[row].zero_()
 
     def _covers_all(self, index: Sequence[int]) -> bool:
         key = tuple(index)
@@ -91,6 +107,33 @@ class Sink:
         self.count = 0  # the accumulator is stale from now on (see add)
         if self.unsplit:
             self.unsplit = {}
+        self._void = set()
+
+
+_TASK: List = [-1, {}]
+"""The backward call that recorded last, and which sink row recorded each parameter in it."""
+RECORDED_TWICE = (
+    "its gradient is summed from several compiled graphs in one backward (a weight shared by graphs that a graph "
+    "break separates, or a module called again after one), and the halves' statistics of separate graphs do not "
+    "add up (their cross terms are missing). Fix: remove the graph break between the uses (torch._dynamo.explain "
+    "names it), or compile with fullgraph=True")
+
+
+def _recorded_twice(sink: Sink, task: int, index: Iterable[int]) -> None:
+    """Voids the rows of parameters that another record of the same backward call already covered."""
+    if _TASK[0] != task:
+        _TASK[0], _TASK[1] = task, {}
+    seen = _TASK[1]
+    for row in index:
+        for pid in sink._ids[row]:
+            earlier = seen.get(pid)
+            if earlier is None:
+                seen[pid] = (weakref.ref(sink), row)
+                continue
+            first = earlier[0]()
+            if first is not None:
+                first.void(earlier[1], RECORDED_TWICE)
+            sink.void(row, RECORDED_TWICE)
 
 
 class _Entry:
