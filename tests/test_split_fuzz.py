@@ -10,7 +10,7 @@ with a batch of 1), compiles each with ``backend="simigrad"`` and checks:
   training mode) the halves are contributions under the whole batch, checked by ``|g1 + g2|^2 == |g|^2``.
 
 The default run draws ``FUZZ_EXAMPLES`` (25) models, derandomized; ``SIMIGRAD_FUZZ_EXAMPLES=2000 pytest --slow
-tests/test_split_fuzz.py -k long`` is the long run. The named tests below are what earlier runs found.
+tests/test_split_fuzz.py -k long -s`` is the long run (it lists every failure at the end instead of stopping). The named tests below are what earlier runs found.
 """
 
 import copy
@@ -19,7 +19,8 @@ import os
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, reject, settings
+from hypothesis import HealthCheck, Phase, given, reject, settings
+from hypothesis import seed as hypothesis_seed
 
 import simigrad_compile
 from simigrad_testkit.model_grammar import Spec, build, loss_of, narrow, specs
@@ -109,11 +110,19 @@ def check_spec(spec: Spec):
 
     tol = 5e-2 if bf16 else 1e-4
     if spec.cross_sample:
+        # the allowance grows with the error plain aot_eager makes against one fp64 pass (a gradient that is
+        # zero in exact arithmetic, BatchNorm's bias before another BatchNorm, is rounding noise in both)
+        ref = copy.deepcopy(model).double()
+        xs = tuple(x.double() if x is not None and x.is_floating_point() else x for x in inputs)
+        loss_of(ref(*xs)).backward()
+        exact = _grads(ref)
         for name in covered:
             d, a, b = per[name]
             whole = plain[name].flatten().dot(plain[name].flatten()).item()
-            scale = (math.sqrt(max(a, 0)) + math.sqrt(max(b, 0))) ** 2 + 1e-12
-            assert abs(a + b + 2 * d - whole) <= tol * scale, f"{name}: |g1 + g2|^2 != |g|^2 ({a + b + 2 * d} vs {whole})"
+            e = (plain[name] - exact[name]).norm().item()
+            scale = (math.sqrt(max(a, 0)) + math.sqrt(max(b, 0))) ** 2
+            allowed = tol * scale + 8 * e * (math.sqrt(whole) + e) + 1e-20
+            assert abs(a + b + 2 * d - whole) <= allowed, f"{name}: |g1 + g2|^2 != |g|^2 ({a + b + 2 * d} vs {whole})"
         return stats
 
     g1s, g2s = half_references(model, inputs, dims, spec.batch)
@@ -139,20 +148,35 @@ def check_spec(spec: Spec):
     return stats
 
 
-def _fuzz(examples: int):
-    @settings(max_examples=examples, deadline=None, derandomize=True, database=None, print_blob=True,
-              suppress_health_check=list(HealthCheck))
+def _fuzz(examples: int, keep_going: bool = False, seed=None):
+    """``keep_going``: record each failing model and go on (no shrinking), then fail listing them all."""
+    failures, refusals, done = [], {}, [0]
+
+    @settings(max_examples=examples, deadline=None, derandomize=seed is None, database=None, print_blob=True,
+              suppress_health_check=list(HealthCheck), phases=[Phase.generate] if keep_going else list(Phase))
     @given(specs())
     def fuzz(spec):
+        done[0] += 1
         try:
-            check_spec(spec)
+            stats = check_spec(spec)
         except PlainBackendFails as error:
             PLAIN_FAILURES.append((spec, str(error)[:200]))
             reject()
+        except Exception as error:
+            if not keep_going:
+                raise
+            failures.append(f"{spec!r}: {type(error).__name__}: {str(error)[:300]}")
+            print("FAIL", failures[-1], flush=True)
+            return
+        for why in set(stats.unsplit.values()) if stats is not None else ():
+            refusals[why[:120]] = refusals.get(why[:120], 0) + 1
+        if done[0] % 50 == 0:
+            print(f"split fuzz: {done[0]} models, {len(failures)} failures", flush=True)
 
-    fuzz()
-    print(f"split fuzz: {examples} examples; plain aot_eager failed on {len(PLAIN_FAILURES)} (rejected):",
-          *PLAIN_FAILURES[:5], sep="\n  ")
+    (fuzz if seed is None else hypothesis_seed(seed)(fuzz))()
+    print(f"split fuzz: {done[0]} models; plain aot_eager failed on {len(PLAIN_FAILURES)} (rejected):",
+          *PLAIN_FAILURES[:5], "refusals:", *(f"{n} x {why}" for why, n in refusals.items()), sep="\n  ")
+    assert not failures, "\n".join(failures)
 
 
 def test_split_fuzz_short():
@@ -161,7 +185,11 @@ def test_split_fuzz_short():
 
 @pytest.mark.slow
 def test_split_fuzz_long():
-    _fuzz(int(os.environ.get("SIMIGRAD_FUZZ_EXAMPLES", "2000")))
+    """``SIMIGRAD_FUZZ_EXAMPLES`` models (2000), every failure listed at the end; ``SIMIGRAD_FUZZ_SEED`` picks
+    another draw (default: derandomized)."""
+    seed = os.environ.get("SIMIGRAD_FUZZ_SEED")
+    _fuzz(int(os.environ.get("SIMIGRAD_FUZZ_EXAMPLES", "2000")), keep_going=True,
+          seed=int(seed) if seed is not None else None)
 
 
 # --- regressions: what the fuzzer found, one named test each ---
