@@ -4,6 +4,11 @@ Producers (a compiled backward graph, the DDP reduction, the micro-step accumula
 holds groups of parameters (one parameter per group for a compiled graph, one bucket per group under DDP)
 and one fp32 ``[groups, 3]`` accumulator on the gradients' device, so recording never synchronises with the
 host. :func:`gradient_stats` sums every live sink's rows that belong to a model's parameters.
+
+Rows of different backward calls add up (a second backward adds its statistics like its gradient), but rows of
+one parameter recorded twice within one backward call (two compiled graphs, or one graph run twice, hold the
+same weight across a graph break) do not: the statistics of ``g1a + g1b`` are not those of its parts. Such a
+parameter's rows are left out until the reset and the parameter is named in ``unsplit``.
 """
 
 from __future__ import annotations
