@@ -63,6 +63,13 @@ class PlainBackendFails(Exception):
 PLAIN_FAILURES = []
 
 
+def full_reference(model, inputs):
+    """The gradient of one eager fp64 pass over the whole batch."""
+    ref = copy.deepcopy(model).double()
+    loss_of(ref(*(x.double() if x is not None and x.is_floating_point() else x for x in inputs))).backward()
+    return _grads(ref)
+
+
 def run_spec(spec: Spec):
     """Compiles ``spec``'s model with the plain and the simigrad backend; returns what :func:`check_spec` needs."""
     model, inputs, dims = build(spec)
@@ -89,9 +96,13 @@ def check_spec(spec: Spec):
     model, inputs, dims, plain, got, stats = run_spec(spec)
     bf16 = spec.dtype == "bfloat16"
     assert set(got) == set(plain), "the backends disagree on which parameters have gradients"
+    exact = full_reference(model, inputs)
     g_plain, g_got = _flat(plain), _flat(got)
     assert torch.isfinite(g_got).all(), "non-finite gradient"
-    assert (g_got - g_plain).norm() <= (3e-2 if bf16 else 1e-5) * g_plain.norm() + 1e-12, \
+    # the allowance grows with the error plain aot_eager itself makes against one fp64 pass (bf16 BatchNorm of
+    # a nearly constant channel is all rounding)
+    slack = 2 * (g_plain - _flat(exact)).norm()
+    assert (g_got - g_plain).norm() <= (3e-2 if bf16 else 1e-5) * g_plain.norm() + slack + 1e-12, \
         "the gradient differs from plain aot_eager's"
 
     per = stats.per_parameter or {}
@@ -112,10 +123,6 @@ def check_spec(spec: Spec):
     if spec.cross_sample:
         # the allowance grows with the error plain aot_eager makes against one fp64 pass (a gradient that is
         # zero in exact arithmetic, BatchNorm's bias before another BatchNorm, is rounding noise in both)
-        ref = copy.deepcopy(model).double()
-        xs = tuple(x.double() if x is not None and x.is_floating_point() else x for x in inputs)
-        loss_of(ref(*xs)).backward()
-        exact = _grads(ref)
         for name in covered:
             d, a, b = per[name]
             whole = plain[name].flatten().dot(plain[name].flatten()).item()
