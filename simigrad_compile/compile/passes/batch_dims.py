@@ -60,7 +60,6 @@ class BatchDimPropagation:
         self.batch: Optional[Size] = None
         self.batch_symint = None
         self.problems: List[str] = []
-        self.broadcast_inputs: List[fx.Node] = []
         self.fake_mode = next((n.meta["val"].fake_mode for n in graph.nodes
                                if hasattr(n.meta.get("val"), "fake_mode")), None)
         self.names = names or {}
@@ -94,9 +93,7 @@ class BatchDimPropagation:
             else:
                 found[node] = (dim, shape[dim])
         if any(not same(n, 1) for _, n in found.values()):
-            self.broadcast_inputs = [node for node, (_, n) in found.items() if same(n, 1)]
-            for node in self.broadcast_inputs:
-                del found[node]
+            found = {node: (dim, n) for node, (dim, n) in found.items() if not same(n, 1)}  # broadcast: None
         groups: List[list] = []
         for node, (dim, n) in found.items():
             group = next((g for g in groups if same(g[0][1], n)), None)
