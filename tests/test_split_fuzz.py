@@ -122,13 +122,15 @@ def check_spec(spec: Spec):
     tol = 5e-2 if bf16 else 1e-4
     if spec.cross_sample:
         # the allowance grows with the error plain aot_eager makes against one fp64 pass (a gradient that is
-        # zero in exact arithmetic, BatchNorm's bias before another BatchNorm, is rounding noise in both)
+        # zero in exact arithmetic, BatchNorm's bias before another BatchNorm, is rounding noise in both, and
+        # the halves round differently from the whole: the floor is the rounding of the model's whole gradient)
+        noise = ((1e-6 if not bf16 else 1e-3) * g_plain.norm().item()) ** 2
         for name in covered:
             d, a, b = per[name]
             whole = plain[name].flatten().dot(plain[name].flatten()).item()
             e = (plain[name] - exact[name]).norm().item()
             scale = (math.sqrt(max(a, 0)) + math.sqrt(max(b, 0))) ** 2
-            allowed = tol * scale + 8 * e * (math.sqrt(whole) + e) + 1e-20
+            allowed = tol * scale + 8 * e * (math.sqrt(whole) + e) + noise
             assert abs(a + b + 2 * d - whole) <= allowed, f"{name}: |g1 + g2|^2 != |g|^2 ({a + b + 2 * d} vs {whole})"
         return stats
 
@@ -269,7 +271,9 @@ def test_two_backwards_through_one_graph_add_their_statistics():
          "mlp_residual"), head="pool_linear", t=4, seed=1026),
     Spec(batch=7, dtype="float32", stem="bag", seq_blocks=("batchnorm_train", "linear_shared", "batchnorm_train",
          "linear_shared", "batchnorm_train"), head="pool_linear", t=4, seed=7),
-], ids=["batch_of_2_under_batchnorm", "batchnorm_bias_before_batchnorm"])
+    Spec(batch=6, dtype="float32", stem="image2d", image_blocks=("pad_replicate_conv", "pad_replicate_conv",
+         "batchnorm_train"), seq_blocks=("pad_features",), head="pool_linear", t=6, seed=57),
+], ids=["batch_of_2_under_batchnorm", "batchnorm_bias_before_batchnorm", "conv_bias_before_batchnorm"])
 def test_batchnorm_rounding_is_not_a_wrong_split(spec):
     """What the long run first flagged: BatchNorm in training mode over a batch of 2, or a parameter whose
     gradient is zero in exact arithmetic (a BatchNorm's bias followed by another BatchNorm), is rounding noise
@@ -291,3 +295,13 @@ def test_the_check_catches_halves_cut_one_sample_late(monkeypatch):
     monkeypatch.setattr(split_backward.SplitBackwardPass, "_cut", late)
     with pytest.raises(AssertionError, match="two half-batch passes give"):
         check_spec(Spec(batch=5, dtype="float32", stem="seq", seq_blocks=("linear", "layernorm")))
+
+
+@pytest.mark.xfail(strict=True, reason="open: in bf16 each half's contraction is rounded to bf16 before g = g1 + g2; "
+                   "under BatchNorm in training mode the halves nearly cancel, so the sum loses precision "
+                   "(fix in split_backward/combine_halves: the halves in fp32 until the sum)")
+def test_bf16_halves_that_cancel_under_batchnorm_keep_the_plain_precision():
+    """Found by the long run: bf16, BatchNorm (training) after the stem. Plain aot_eager's gradient is within
+    1% of fp64, ours within 7% (67% on ``stem_conv.weight``, whose halves nearly cancel)."""
+    check_spec(Spec(batch=4, dtype="bfloat16", stem="image1d", image_blocks=("batchnorm_train", "conv", "groupnorm"),
+                    seq_blocks=("causal_conv", "linear", "linear"), head="flat", t=4, seed=13))
