@@ -91,6 +91,11 @@ def current_autograd_node():
     return torch._C._current_autograd_node()
 
 
+def current_graph_task_id() -> int:
+    """The id of the backward call the engine is running on this thread (-1 outside a backward)."""
+    return torch._C._current_graph_task_id()
+
+
 def graph_task_keeps_graph() -> bool:
     """Whether the running backward was called with ``retain_graph=True`` (or ``create_graph``)."""
     return torch._C._autograd._get_current_graph_task_keep_graph()
@@ -240,11 +245,6 @@ def compiled_in_place(module: torch.nn.Module) -> bool:
 def is_compiled_function(obj) -> bool:
     """``obj`` is a function made by ``torch.compile``."""
     return callable(obj) and hasattr(obj, "_torchdynamo_orig_callable")
-
-
-def current_graph_task_id() -> int:
-    """The id of the backward pass (autograd graph task) running on this thread; -1 outside a backward."""
-    return torch._C._current_graph_task_id()
 
 
 def queue_backward_callback(fn) -> None:

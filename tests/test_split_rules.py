@@ -314,11 +314,24 @@ def test_recurrent_layers_split(name):
 
 
 def test_an_initial_state_without_its_batch_dim_is_refused_by_name():
-    model, inputs = Recurrent("GRU"), (torch.randn(4, 3, 3), torch.randn(1, 4, 6))
+    """Two layers: ``h0`` has 2 entries along its (default) batch dim 0 against the batch of 4."""
+    model, inputs = Recurrent("GRU", layers=2), (torch.randn(4, 3, 3), torch.randn(2, 4, 6))
     with torch._dynamo.config.patch(allow_rnn=True):
         got, stats = compile_and_step(model, inputs)
     assert stats.mode == "none"
     assert all("'h0'" in why and "batch_dim" in why for why in stats.unsplit.values()), stats.unsplit
+
+
+@pytest.mark.parametrize("kind", ["GRU", "LSTM"])
+def test_an_initial_state_of_one_layer_splits_without_its_batch_dim(kind):
+    """``h0`` of shape ``[1, B, H]`` under the default batch dim 0 has 1 entry there: batch-free for the pass
+    (a size-1 dim broadcasts), yet exact, because every contraction that lines ``h0`` up with the batch cuts
+    it along with the batched operand; checked against half passes that cut ``h0`` along its dim 1."""
+    torch.manual_seed(6)
+    model, inputs = Recurrent(kind), (torch.randn(4, 3, 3), torch.randn(1, 4, 6))
+    with torch._dynamo.config.patch(allow_rnn=True), torch.backends.mkldnn.flags(enabled=False):
+        got, stats = compile_and_step(model, inputs)
+    assert_split_like_halves(got, stats, *half_gradients(model, inputs, dims=(0, 1)))
 
 
 def test_aot_eager_max_pool_in_a_fresh_process():

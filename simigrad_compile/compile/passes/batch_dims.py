@@ -73,7 +73,13 @@ class BatchDimPropagation:
 
     def _inputs(self, input_dims: Dict[fx.Node, Optional[int]]) -> None:
         """The user's tensors: the batch is the size most of them have along their ``batch_dim`` (an int, or a
-        symbol where Dynamo made the batch dynamic; the halves are then ``floor(B/2)`` and the rest)."""
+        symbol where Dynamo made the batch dynamic; the halves are then ``floor(B/2)`` and the rest).
+
+        An input with 1 entry along its ``batch_dim`` while others have more is batch-free: it broadcasts
+        against the batch (Hugging Face's rotary ``position_embeddings`` of shape ``[1, T, D]`` reaching a graph
+        after a graph break), the same values for every sample. The ops that could treat it as a sample of its
+        own (``cat`` along the batch dim, a loss term of its own) refuse batch-free operands there. When every
+        input has 1 entry, the batch is 1, which cannot be halved anyway."""
         found = {}
         for node, dim in input_dims.items():
             shape = shape_of(node)
@@ -86,6 +92,8 @@ class BatchDimPropagation:
                 self.info[node] = UNKNOWN
             else:
                 found[node] = (dim, shape[dim])
+        if any(not same(n, 1) for _, n in found.values()):
+            found = {node: (dim, n) for node, (dim, n) in found.items() if not same(n, 1)}  # broadcast: None
         groups: List[list] = []
         for node, (dim, n) in found.items():
             group = next((g for g in groups if same(g[0][1], n)), None)
