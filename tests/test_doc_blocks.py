@@ -34,8 +34,9 @@ FILE_BLOCK = re.compile(r"# ([\w-]+\.py)\b")
 LISTED = {
     r"python3 -m venv \S+ && \S+/bin/pip install -r requirements/\w+\.txt -e \.( && .+)?": "creates an environment",
     r"(\S+/bin/)?pip install .+": "installs packages",
-    r"(\S+/bin/)?python bench/bench_\w+\.py.*": "a benchmark or the census: minutes to hours",
+    r"(\w+=\S+ )*(\S+/bin/)?python bench/bench_\w+\.py.*": "a benchmark or the census: minutes to hours",
     r"(\S+/bin/)?pytest( .*)?": "the test suite runs itself",
+    r"cd tests && torchrun .+ -m simigrad_testkit\.\w+.*": "a test worker's launch: tests/test_distributed.py runs it",
     r"(\S+/bin/)?mkdocs build .+": "tests/test_docs_build.py builds the docs",
     r"bash requirements/refresh\.sh.*": "re-resolves the locks from the package index",
 }
