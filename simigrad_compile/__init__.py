@@ -8,12 +8,14 @@ ranks for the bytes of plain DDP.
 
 from .config import ConfigError, SimigradConfig
 from .runtime.adaptive import AdaptiveBatching
+from .runtime.compile_cache import load_compile_cache, save_compile_cache
 from .stats.gradient_stats import gradient_stats, reset_stats
 from .stats.split_stats import SplitStats
 
 __version__ = "0.1.0"
 _DISTRIBUTED = ("enable_ddp", "enable_fsdp", "set_sample_counts")
-__all__ = ["AdaptiveBatching", "ConfigError", "SimigradConfig", "SplitStats", "gradient_stats", "reset_stats",
+__all__ = ["AdaptiveBatching", "ConfigError", "SimigradConfig", "SplitStats", "gradient_stats",
+           "load_compile_cache", "reset_stats", "save_compile_cache",
            *_DISTRIBUTED]
 
 

@@ -15,6 +15,7 @@ from .. import compat
 from ..config import SimigradConfig, from_mapping
 from ..stats.compiled_once import check_compiled_once
 from ..stats.gradient_stats import gradient_stats
+from .compile_cache import EnvCompileCache
 from .core import StepCore
 from .data import AdaptiveLoader
 from .optim import AdaptiveOptimizer
@@ -36,7 +37,9 @@ class AdaptiveBatching(StepCore):
     Compilation. Rungs compile lazily, on their first micro-batch; :meth:`warm_up` compiles every rung up front.
     Dynamo keeps one graph per rung only if it may hold that many: while the run is open, the runtime raises
     ``torch._dynamo.config.recompile_limit`` to ``len(rungs) + 8`` if it is lower (logged), and :meth:`close`
-    (or leaving ``with run:``) puts the old value back.
+    (or leaving ``with run:``) puts the old value back. With ``SIMIGRAD_COMPILE_CACHE=path`` the run loads the
+    compiled graphs from ``path`` when it is created and (rank 0) saves them there after :meth:`warm_up` and at
+    :meth:`close` (:mod:`~simigrad_compile.runtime.compile_cache`).
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *,
@@ -48,6 +51,7 @@ class AdaptiveBatching(StepCore):
         super().__init__(model, optimizer, config, world_size=world_size, rank=rank, scaler=scaler)
         self.optimizer = AdaptiveOptimizer(optimizer, self)
         self._dynamo_saved = self._raise_recompile_limit()
+        self.compile_cache = EnvCompileCache(rank)
         self._ddp = self._install_ranks_reduction()
         self._bucket_views = bool(getattr(self._ddp, "gradient_as_bucket_view", False))
         log.info("simigrad: %r, initial plan %s (target %d)", self.ladder, self.plan, self.controller.batch_size)
@@ -93,6 +97,7 @@ class AdaptiveBatching(StepCore):
             self._ddp.require_backward_grad_sync = sync
 
     def close(self) -> None:
+        self.compile_cache.save("close")
         if self._dynamo_saved is not None:
             compat.dynamo_config().recompile_limit = self._dynamo_saved
             self._dynamo_saved = None
@@ -128,6 +133,7 @@ class AdaptiveBatching(StepCore):
         for p in self.params:
             p.grad = None
         gradient_stats(self.model, reset=True)
+        self.compile_cache.save("warm-up")
 
     # --- the window protocol (loader and optimizer) -----------------------------------------------------------
     def _window_sizes(self, remaining: int, drop_last: bool) -> tuple:

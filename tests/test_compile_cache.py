@@ -1,0 +1,121 @@
+"""A ladder saved by one process is loaded by a fresh one (and by each rank under torchrun) with no new compile,
+and the statistics of the loaded graphs equal the fp64 two-half reference."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from simigrad_compile import envvars
+from simigrad_compile.runtime.compile_cache import ENV, CompileCacheError, EnvCompileCache, load_compile_cache
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+WORKER = "simigrad_testkit.compile_cache_worker"
+
+
+def _env(cache_dir, **extra):
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(cache_dir), OMP_NUM_THREADS="1", **extra)
+    for name in ("SIMIGRAD", ENV):
+        if name not in extra:
+            env.pop(name, None)
+    return env
+
+
+def _run(cache_dir, *args, **extra):
+    out = subprocess.run([sys.executable, "-m", WORKER, *args], env=_env(cache_dir, **extra), capture_output=True,
+                         text=True, timeout=900, cwd=TESTS)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _check_statistics(result):
+    for m, r in result["rungs"].items():
+        assert r["mode"] == "batch", (m, r)
+        assert r["cosine"] == pytest.approx(r["ref_cosine"], abs=1e-4), m
+        assert r["dot"] == pytest.approx(r["ref_dot"], rel=1e-4, abs=1e-7), m
+
+
+def _check_cold(result):
+    c = result["end_counters"]
+    assert result["pass_runs"] == 2 and c["fxgraph_miss"] >= 4 and c["autograd_miss"] == 2, result
+    _check_statistics(result)
+
+
+def _check_loaded(result):
+    """No graph compiled: Inductor and AOTAutograd hit for both rungs, the split pass never ran."""
+    c = result["end_counters"]
+    assert result["pass_runs"] == 0, result
+    assert c["fxgraph_miss"] == 0 and c["autograd_miss"] == 0, c
+    assert c["autograd_hit"] == 2, c
+    _check_statistics(result)
+
+
+def test_saved_ladder_loads_in_a_fresh_process(tmp_path):
+    path = tmp_path / "ladder.bin"
+    cold = _run(tmp_path / "inductor_a", "save", str(path))
+    _check_cold(cold)
+    assert cold["saved"]["inductor"] >= 4 and cold["saved"]["aot_autograd"] == 2
+    warm = _run(tmp_path / "inductor_b", "load", str(path))
+    assert warm["loaded"] == cold["saved"]
+    _check_loaded(warm)
+
+
+def test_environment_variable_saves_after_warm_up_and_loads_at_start(tmp_path):
+    path = tmp_path / "sub" / "ladder.bin"
+    cold = _run(tmp_path / "inductor_a", "env", **{ENV: str(path)})
+    assert not cold["env_loaded"] and cold["env_saved"] and path.exists()
+    _check_cold(cold)
+    size = path.stat().st_size
+    warm = _run(tmp_path / "inductor_b", "env", **{ENV: str(path)})
+    assert warm["env_loaded"] and not warm["env_saved"]
+    _check_loaded(warm)
+    assert path.stat().st_size == size
+
+
+@pytest.mark.slow
+def test_every_rank_loads_the_same_file_under_torchrun(tmp_path):
+    path = tmp_path / "ladder.bin"
+
+    def torchrun(name):
+        out_dir = tmp_path / name
+        out_dir.mkdir()
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0",
+               "-m", WORKER, "env"]
+        out = subprocess.run(cmd, env=_env(tmp_path / f"inductor_{name}", OUT_DIR=str(out_dir), **{ENV: str(path)}),
+                             capture_output=True, text=True, timeout=1800, cwd=TESTS)
+        assert out.returncode == 0, out.stderr[-4000:]
+        return [json.loads((out_dir / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+    cold = torchrun("cold")
+    assert [r["env_saved"] for r in cold] == [True, False] and path.exists()
+    for r in cold:
+        _check_cold(r)
+    warm = torchrun("warm")
+    for r in warm:
+        assert r["env_loaded"] and not r["env_saved"]
+        _check_loaded(r)
+
+
+def test_missing_and_unreadable_files_name_the_fix(tmp_path):
+    with pytest.raises(FileNotFoundError, match="save_compile_cache"):
+        load_compile_cache(str(tmp_path / "none.bin"))
+    bad = tmp_path / "bad.bin"
+    bad.write_bytes(b"not a cache")
+    with pytest.raises(CompileCacheError, match="delete it"):
+        load_compile_cache(str(bad))
+    door = EnvCompileCache(0, {ENV: str(bad)})  # the environment door warns and compiles from scratch
+    assert door.loaded is None
+
+
+def test_a_process_that_compiled_nothing_writes_no_file(tmp_path):
+    path = tmp_path / "x.bin"
+    code = f"import simigrad_compile as s; print(s.save_compile_cache({str(path)!r}))"
+    out = subprocess.run([sys.executable, "-c", code], env=_env(tmp_path), capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "None" and not path.exists(), out.stderr[-2000:]
+
+
+def test_the_variable_is_not_a_config_field():
+    assert envvars.config_from_env({ENV: "/tmp/x.bin", "SIMIGRAD_TARGET_SIMILARITY": "0.3"}).target_similarity == 0.3
