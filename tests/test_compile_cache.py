@@ -9,6 +9,8 @@ import sys
 import pytest
 
 from simigrad_compile import envvars
+from simigrad_compile.config import SimigradConfig
+from simigrad_compile.runtime.ladder import Ladder
 from simigrad_compile.runtime.compile_cache import ENV, CompileCacheError, EnvCompileCache, load_compile_cache
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -52,25 +54,20 @@ def _check_loaded(result):
     _check_statistics(result)
 
 
-def test_saved_ladder_loads_in_a_fresh_process(tmp_path):
-    path = tmp_path / "ladder.bin"
-    cold = _run(tmp_path / "inductor_a", "save", str(path))
-    _check_cold(cold)
-    assert cold["saved"]["inductor"] >= 4 and cold["saved"]["aot_autograd"] == 2
-    warm = _run(tmp_path / "inductor_b", "load", str(path))
-    assert warm["loaded"] == cold["saved"]
-    _check_loaded(warm)
-
-
-def test_environment_variable_saves_after_warm_up_and_loads_at_start(tmp_path):
+def test_a_saved_ladder_loads_in_fresh_processes(tmp_path):
+    """Saved through SIMIGRAD_COMPILE_CACHE after warm-up; loaded by load_compile_cache, then by the variable."""
     path = tmp_path / "sub" / "ladder.bin"
     cold = _run(tmp_path / "inductor_a", "env", **{ENV: str(path)})
     assert not cold["env_loaded"] and cold["env_saved"] and path.exists()
+    assert cold["saved"]["inductor"] >= 4 and cold["saved"]["aot_autograd"] == 2
     _check_cold(cold)
     size = path.stat().st_size
-    warm = _run(tmp_path / "inductor_b", "env", **{ENV: str(path)})
-    assert warm["env_loaded"] and not warm["env_saved"]
-    _check_loaded(warm)
+    loaded = _run(tmp_path / "inductor_b", "load", str(path))
+    assert loaded["loaded"] == cold["saved"]
+    _check_loaded(loaded)
+    by_env = _run(tmp_path / "inductor_c", "env", **{ENV: str(path)})
+    assert by_env["env_loaded"] and not by_env["env_saved"]
+    _check_loaded(by_env)
     assert path.stat().st_size == size
 
 
@@ -119,3 +116,44 @@ def test_a_process_that_compiled_nothing_writes_no_file(tmp_path):
 
 def test_the_variable_is_not_a_config_field():
     assert envvars.config_from_env({ENV: "/tmp/x.bin", "SIMIGRAD_TARGET_SIMILARITY": "0.3"}).target_similarity == 0.3
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 8])
+@pytest.mark.parametrize("kw", [dict(min_batch_size=16, max_batch_size=3000, max_micro_batch_size=64),
+                                dict(min_batch_size=1, max_batch_size=700, max_micro_batch_size=12),
+                                dict(min_batch_size=100, max_batch_size=5000, micro_batch_sizes=(3, 5, 8, 32)),
+                                dict(min_batch_size=256, max_batch_size=4096, max_micro_batch_size=256)])
+def test_reachable_rungs_against_every_target(world, kw):
+    """Every target in the bounds, at 1 and 2 minimum micro-steps, planned one by one (no shortcut)."""
+    ladder = Ladder(SimigradConfig(batch_size=kw["min_batch_size"], **kw), world)
+    every = set()
+    for k in (1, 2):
+        ladder.require_accumulation(k)
+        every |= {ladder.plan(t).micro_batch_size for t in range(ladder.lower, ladder.upper + 1)}
+    ladder.require_accumulation(1)
+    assert set(ladder.reachable_rungs()) == every
+
+
+def test_warm_up_compiles_only_the_reachable_rungs():
+    import torch
+
+    import simigrad_compile
+    from simigrad_testkit.models import MLP
+
+    torch._dynamo.reset()
+    shapes = []
+
+    def counting(gm, example_inputs):
+        shapes.append(next(t.shape[0] for t in example_inputs if isinstance(t, torch.Tensor)
+                           and not isinstance(t, torch.nn.Parameter) and t.shape[1:] == (12,)))
+        return gm.forward
+
+    model = MLP()
+    compiled = torch.compile(model, backend=counting)
+    run = simigrad_compile.AdaptiveBatching(compiled, torch.optim.SGD(model.parameters(), lr=0.1), batch_size=16,
+                                            min_batch_size=16, max_micro_batch_size=64, group_mode="microsteps")
+    data = torch.utils.data.TensorDataset(torch.randn(64, 12), torch.randn(64, 5))
+    run.warm_up(lambda b: torch.nn.functional.mse_loss(compiled(b[0]), b[1]).backward(), data)
+    run.close()
+    assert run.ladder.rungs == (1, 2, 4, 8, 16, 32, 64)
+    assert sorted(shapes) == [8, 16, 32, 64]

@@ -34,7 +34,8 @@ def _world() -> tuple:
 class AdaptiveBatching(StepCore):
     """Adaptive batching for a hand-written loop: ``run.optimizer``, ``run.dataloader()``, compile settings.
 
-    Compilation. Rungs compile lazily, on their first micro-batch; :meth:`warm_up` compiles every rung up front.
+    Compilation. Rungs compile lazily, on their first micro-batch; :meth:`warm_up` compiles every reachable rung
+    up front.
     Dynamo keeps one graph per rung only if it may hold that many: while the run is open, the runtime raises
     ``torch._dynamo.config.recompile_limit`` to ``len(rungs) + 8`` if it is lower (logged), and :meth:`close`
     (or leaving ``with run:``) puts the old value back. With ``SIMIGRAD_COMPILE_CACHE=path`` the run loads the
@@ -120,11 +121,17 @@ class AdaptiveBatching(StepCore):
         self._history.plot(path, self.config.target_similarity)
 
     def warm_up(self, fn, dataset, collate_fn=None) -> None:
-        """Compile every rung now: ``fn(batch)`` runs forward + backward on a micro-batch of each rung (the first
-        samples of ``dataset``). Gradients, statistics and the module's buffers are restored afterwards."""
+        """Compile every rung a plan can reach now (``Ladder.reachable_rungs``): ``fn(batch)`` runs forward +
+        backward on a micro-batch of each (the first samples of ``dataset``). Gradients, statistics and the
+        module's buffers are restored afterwards; the other rungs compile on first use, if ever."""
         loader = AdaptiveLoader(self, dataset, collate_fn=collate_fn)
         buffers = {k: v.clone() for k, v in self.model.state_dict().items()}
-        for m in self.ladder.rungs:
+        rungs = self.ladder.reachable_rungs()
+        if rungs != self.ladder.rungs:
+            log.info("simigrad: warm-up compiles the rungs %s that plans within [min_batch_size, max_batch_size] "
+                     "reach; %s compile on first use, if ever", rungs,
+                     tuple(m for m in self.ladder.rungs if m not in rungs))
+        for m in rungs:
             if m > len(dataset):
                 log.warning("simigrad: warm-up skips rung %d: the dataset has %d samples", m, len(dataset))
                 continue

@@ -1,9 +1,9 @@
 """One process of the compile-cache tests: warm a two-rung ladder, then check each rung's statistics.
 
-``python -m simigrad_testkit.compile_cache_worker {save PATH | load PATH | env}``: ``save`` compiles and writes
-``save_compile_cache(PATH)`` after warm-up; ``load`` calls ``load_compile_cache(PATH)`` first; ``env`` uses only
-``SIMIGRAD_COMPILE_CACHE`` (set by the caller). Under torchrun each rank does the same on its own samples.
-Prints one JSON line (rank 0 only under torchrun writes the JSON to ``$OUT_DIR/rank<r>.json`` for every rank).
+``python -m simigrad_testkit.compile_cache_worker {load PATH | env}``: ``load`` calls ``load_compile_cache(PATH)``
+first; ``env`` uses only ``SIMIGRAD_COMPILE_CACHE`` (set by the caller: loaded at start if the file exists,
+saved after warm-up). Under torchrun each rank does the same on its own samples.
+Prints one JSON line; with ``OUT_DIR`` set, each rank also writes it to ``$OUT_DIR/rank<r>.json``.
 """
 
 import json
@@ -40,7 +40,6 @@ def main(mode: str, path: str = None) -> dict:
                                             micro_batch_sizes=RUNGS, group_mode="batch")
     dataset = torch.utils.data.TensorDataset(idx, tgt)
     run.warm_up(lambda b: compiled(*b).backward(), dataset)
-    saved = simigrad_compile.save_compile_cache(path) if mode == "save" else None
     warm_counters = compat.compile_cache_counters()
 
     rungs = {}
@@ -54,9 +53,9 @@ def main(mode: str, path: str = None) -> dict:
         d, a, b, cos = half_reference(model, lambda rows: model(x[rows], y[rows]), m)
         rungs[m] = {"mode": stats.mode, "cosine": stats.cosine, "dot": stats.dot, "ref_cosine": cos, "ref_dot": d}
     run.close()
-    result = {"rank": rank, "loaded": loaded and loaded.artifacts, "saved": saved and saved.artifacts,
-              "env_loaded": bool(run.compile_cache.loaded),
-              "env_saved": bool(run.compile_cache.saved), "pass_runs": len(pass_runs),
+    door = run.compile_cache
+    result = {"rank": rank, "loaded": loaded and loaded.artifacts, "saved": door.saved and door.saved.artifacts,
+              "env_loaded": bool(door.loaded), "env_saved": bool(door.saved), "pass_runs": len(pass_runs),
               "warm_counters": warm_counters, "end_counters": compat.compile_cache_counters(), "rungs": rungs}
     if "RANK" in os.environ:
         dist.destroy_process_group()
