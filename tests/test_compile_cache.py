@@ -54,6 +54,7 @@ def _check_loaded(result):
     _check_statistics(result)
 
 
+@pytest.mark.timeout(2400)  # three processes, one of them a cold Inductor compile of two rungs
 def test_a_saved_ladder_loads_in_fresh_processes(tmp_path):
     """Saved through SIMIGRAD_COMPILE_CACHE after warm-up; loaded by load_compile_cache, then by the variable."""
     path = tmp_path / "sub" / "ladder.bin"
@@ -72,13 +73,14 @@ def test_a_saved_ladder_loads_in_fresh_processes(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)
 def test_every_rank_loads_the_same_file_under_torchrun(tmp_path):
     path = tmp_path / "ladder.bin"
 
     def torchrun(name):
         out_dir = tmp_path / name
         out_dir.mkdir()
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0",
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                "-m", WORKER, "env"]
         out = subprocess.run(cmd, env=_env(tmp_path / f"inductor_{name}", OUT_DIR=str(out_dir), **{ENV: str(path)}),
                              capture_output=True, text=True, timeout=1800, cwd=TESTS)

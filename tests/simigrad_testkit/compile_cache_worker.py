@@ -2,7 +2,7 @@
 
 ``python -m simigrad_testkit.compile_cache_worker {load PATH | env}``: ``load`` calls ``load_compile_cache(PATH)``
 first; ``env`` uses only ``SIMIGRAD_COMPILE_CACHE`` (set by the caller: loaded at start if the file exists,
-saved after warm-up). Under torchrun each rank does the same on its own samples.
+saved after warm-up). Under torchrun each rank does the same on its own samples, with its own local Inductor cache.
 Prints one JSON line; with ``OUT_DIR`` set, each rank also writes it to ``$OUT_DIR/rank<r>.json``.
 """
 
@@ -26,6 +26,8 @@ def main(mode: str, path: str = None) -> dict:
     if "RANK" in os.environ:
         dist.init_process_group("gloo")
         rank = dist.get_rank()
+        # each rank its own local cache, as on separate nodes: only the file travels between them
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(os.environ["TORCHINDUCTOR_CACHE_DIR"], f"rank{rank}")
     torch.manual_seed(0)
     model = TinyGPT()
     torch.manual_seed(1 + rank)
@@ -38,6 +40,8 @@ def main(mode: str, path: str = None) -> dict:
     compiled = torch.compile(model, backend="simigrad")
     run = simigrad_compile.AdaptiveBatching(compiled, torch.optim.SGD(model.parameters(), lr=0.1), batch_size=4,
                                             micro_batch_sizes=RUNGS, group_mode="batch")
+    if dist.is_initialized():
+        dist.barrier()  # every rank has looked for the file before rank 0 can write it
     dataset = torch.utils.data.TensorDataset(idx, tgt)
     run.warm_up(lambda b: compiled(*b).backward(), dataset)
     warm_counters = compat.compile_cache_counters()
