@@ -15,7 +15,8 @@ from just before ``torch.compile``:
 
 ``first_step_s``: to the end of the first optimizer step; ``warm_ladder_s``: to the end of ``run.warm_up``
 over every rung (for plain Inductor, its one graph: the first step). ``step_ms``: the median of a few
-forward+backward+step calls at the largest rung once everything is compiled. The JSON records every process.
+forward+backward+step calls at the largest rung once everything is compiled. The JSON records every process
+(``--append`` keeps the rows of the models not run now). Run it with ``OMP_NUM_THREADS=1`` on a shared machine.
 """
 
 from __future__ import annotations
@@ -85,7 +86,8 @@ def build(name: str, samples: int):
 
         config = BertConfig(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
                             intermediate_size=128, max_position_embeddings=64, num_labels=3)
-        model = BertForSequenceClassification(config, attn_implementation="eager")
+        config._attn_implementation = "eager"
+        model = BertForSequenceClassification(config)
         x, y = torch.randint(0, 1000, (samples, 32)), torch.randint(0, 3, (samples,))
         return model, torch.utils.data.TensorDataset(x, y), lambda m, b: m(input_ids=b[0], labels=b[1]).loss
     if name == "resnet":
@@ -176,13 +178,19 @@ def main(argv=None) -> int:
     p.add_argument("--max-micro", type=int, default=16)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--json", default=os.path.join(HERE, "results", "compile_cost.json"))
+    p.add_argument("--append", action="store_true", help="keep the JSON's rows of other models")
     p.add_argument("--worker", nargs=4, metavar=("MODEL", "COMPILER", "CACHE", "ARTIFACTS"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         name, compiler, cache, artifacts = args.worker
         print(json.dumps(worker(name, compiler, cache, args.max_micro, artifacts, args.repeats)))
         return 0
-    rows = []
+    rows, args.earlier_commands = [], []
+    if args.append and os.path.exists(args.json):
+        with open(args.json) as f:
+            earlier = json.load(f)
+        rows = [r for r in earlier["rows"] if r["model"] not in args.models]
+        args.earlier_commands = earlier.get("earlier_commands", []) + [earlier["command"]]
     for name in args.models:
         dirs = {c: tempfile.mkdtemp(prefix=f"simigrad-cost-{name}-{c}-") for c in args.compilers}
         for cache in args.caches:
@@ -196,7 +204,7 @@ def main(argv=None) -> int:
                 out = subprocess.run(cmd, capture_output=True, text=True, env=env)
                 if out.returncode != 0:
                     raise RuntimeError(f"{name}/{compiler}/{cache} failed:\n{out.stderr[-3000:]}")
-                rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+                rows.append(dict(json.loads(out.stdout.strip().splitlines()[-1]), command=_command(argv)))
                 r = rows[-1]
                 print(f"{name:>7} {compiler:>9} {cache:>7}: first step {r['first_step_s']:6.1f} s, warm ladder "
                       f"{r['warm_ladder_s']:6.1f} s ({len(r['rungs'])} rungs), {r['graphs_compiled']} graphs "
@@ -207,11 +215,15 @@ def main(argv=None) -> int:
     return 0
 
 
+def _command(argv) -> str:
+    return " ".join(["PYTHONPATH=. OMP_NUM_THREADS=1 python bench/bench_compile_cost.py", *(argv or sys.argv[1:])])
+
+
 def _save(args, argv, rows) -> None:
     sys.path.insert(0, HERE)
     from bench_common import hardware, versions
 
-    record = {"command": " ".join(["python", "bench/bench_compile_cost.py", *(argv or sys.argv[1:])]),
+    record = {"command": _command(argv), "earlier_commands": args.earlier_commands,
               "max_micro": args.max_micro, "rows": rows, "table": _table(rows), "hardware": hardware("cpu"),
               "versions": versions()}
     os.makedirs(os.path.dirname(args.json), exist_ok=True)

@@ -15,7 +15,8 @@ from .config import FIELD_NAMES, ConfigError, SimigradConfig
 
 PREFIX = "SIMIGRAD_"
 ENABLE = "SIMIGRAD"
-NOT_CONFIG = ("SIMIGRAD_COMPILE_CACHE",)
+COMPILE_CACHE = "SIMIGRAD_COMPILE_CACHE"
+NOT_CONFIG = (COMPILE_CACHE,)
 """``SIMIGRAD_*`` variables that are not config fields: ``SIMIGRAD_COMPILE_CACHE`` (a file the run loads its
 compiled graphs from and saves them to, see :mod:`simigrad_compile.runtime.compile_cache`)."""
 

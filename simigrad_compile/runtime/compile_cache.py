@@ -33,9 +33,9 @@ from typing import Dict, Optional
 import torch
 
 from .. import compat
+from ..envvars import COMPILE_CACHE as ENV
 
 log = logging.getLogger("simigrad_compile")
-ENV = "SIMIGRAD_COMPILE_CACHE"
 
 
 class CompileCacheError(RuntimeError):

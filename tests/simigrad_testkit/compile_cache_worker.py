@@ -37,7 +37,7 @@ def main(mode: str, path: str = None) -> dict:
     SplitBackwardPass.__call__ = lambda self, graph: (pass_runs.append(1), original(self, graph))[1]
 
     loaded = simigrad_compile.load_compile_cache(path) if mode == "load" else None
-    compiled = torch.compile(model, backend="simigrad")
+    compiled = torch.compile(model, backend="simigrad", options={"group_mode": "batch"})  # also under torchrun
     run = simigrad_compile.AdaptiveBatching(compiled, torch.optim.SGD(model.parameters(), lr=0.1), batch_size=4,
                                             micro_batch_sizes=RUNGS, group_mode="batch")
     if dist.is_initialized():
