@@ -15,7 +15,9 @@ from just before ``torch.compile``:
 
 ``first_step_s``: to the end of the first optimizer step; ``warm_ladder_s``: to the end of ``run.warm_up``
 over every rung (for plain Inductor, its one graph: the first step). ``step_ms``: the median of a few
-forward+backward+step calls at the largest rung once everything is compiled. The JSON records every process
+forward+backward+step calls at the largest rung once everything is compiled. Compile cost is what a fresh
+process pays, so each measurement has its own process (not one process interleaving both); the two compilers'
+processes alternate within each cache state. The JSON records every process
 (``--append`` keeps the rows of the models not run now). Run it with ``OMP_NUM_THREADS=1`` on a shared machine.
 """
 
@@ -162,7 +164,8 @@ def _table(rows) -> str:
         lines.append(f"| {r['model']} | {r['compiler']} | {len(r['rungs'])} | {r['cache']} | "
                      f"{r['first_step_s']:.1f} | {r['warm_ladder_s']:.1f} | {r['graphs_compiled']} | "
                      f"{r['step_ms']:.1f} |")
-    ratios = ["", "| model | cache | simigrad warm ladder / inductor first step (same cache state) |", "| --- | --- | --- |"]
+    ratios = ["", "| model | cache | simigrad warm ladder / inductor first step (same cache state) |",
+              "| --- | --- | --- |"]
     by = {(r["model"], r["compiler"], r["cache"]): r for r in rows}
     for (m, c, cache), r in by.items():
         if c == "simigrad" and (m, "inductor", cache) in by:
