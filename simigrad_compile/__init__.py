@@ -13,6 +13,7 @@ Every exception a message or the docs tell a user to catch is importable from he
 from .config import ConfigError, SimigradConfig
 from .runtime.adaptive import AdaptiveBatching
 from .runtime.amp import AmpMisuse
+from .runtime.compile_cache import CompileCacheError, load_compile_cache, save_compile_cache
 from .runtime.core import StepCore
 from .runtime.optim import ClosureStepError, DirectStepError
 from .runtime.step_rules import NonFiniteStep
@@ -24,8 +25,9 @@ from .stats.split_stats import SplitStats
 __version__ = "0.1.0"
 _DISTRIBUTED = ("enable_ddp", "enable_fsdp", "set_sample_counts")
 _COMPILE = ("SplitError",)
-__all__ = ["AdaptiveBatching", "AmpMisuse", "ClosureStepError", "ConfigError", "DirectStepError", "NonFiniteStep",
-           "SimigradConfig", "SplitStats", "StepCore", "StepState", "WindowMisuse", "gradient_stats", "reset_stats",
+__all__ = ["AdaptiveBatching", "AmpMisuse", "ClosureStepError", "CompileCacheError", "ConfigError",
+           "DirectStepError", "NonFiniteStep", "SimigradConfig", "SplitStats", "StepCore", "StepState",
+           "WindowMisuse", "gradient_stats", "load_compile_cache", "reset_stats", "save_compile_cache",
            *_COMPILE, *_DISTRIBUTED]
 
 

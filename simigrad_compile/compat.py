@@ -54,6 +54,17 @@ def compilation_time_metrics() -> dict:
     return metrics
 
 
+def compile_cache_counters() -> dict:
+    """Inductor's FX-graph cache and AOTAutograd's cache hits and misses in this process so far (Dynamo's
+    ``counters``): a miss is a graph compiled, a hit one loaded."""
+    from torch._dynamo.utils import counters
+
+    return {"fxgraph_hit": counters["inductor"]["fxgraph_cache_hit"],
+            "fxgraph_miss": counters["inductor"]["fxgraph_cache_miss"],
+            "autograd_hit": counters["aot_autograd"]["autograd_cache_hit"],
+            "autograd_miss": counters["aot_autograd"]["autograd_cache_miss"]}
+
+
 def inductor_compile(gm, example_inputs, mode, patches: dict):
     """Inductor's ``compile_fx`` with ``mode``'s options and ``patches`` (``config_patches``) applied."""
     from torch._inductor import list_mode_options

@@ -18,6 +18,10 @@ from .config import FIELD_NAMES, ConfigError, SimigradConfig, from_mapping
 
 PREFIX = "SIMIGRAD_"
 ENABLE = "SIMIGRAD"
+COMPILE_CACHE = "SIMIGRAD_COMPILE_CACHE"
+NOT_CONFIG = (COMPILE_CACHE,)
+"""``SIMIGRAD_*`` variables that are not config fields: ``SIMIGRAD_COMPILE_CACHE`` (a file the run loads its
+compiled graphs from and saves them to, see :mod:`simigrad_compile.runtime.compile_cache`)."""
 
 
 def enabled(environ: Optional[Mapping[str, str]] = None) -> bool:
@@ -59,12 +63,13 @@ def config_from_env(environ: Optional[Mapping[str, str]] = None,
     environ = os.environ if environ is None else environ
     values = {}
     for name, text in environ.items():
-        if not name.startswith(PREFIX):
+        if not name.startswith(PREFIX) or name in NOT_CONFIG:
             continue
         key = name[len(PREFIX):].lower()
         if key not in FIELD_NAMES:
             valid = ", ".join(PREFIX + f.upper() for f in FIELD_NAMES)
-            raise ConfigError(f"unknown environment variable {name}; valid ones: {ENABLE}, {valid}")
+            raise ConfigError(f"unknown environment variable {name}; valid ones: {ENABLE}, {valid}, "
+                              f"{', '.join(NOT_CONFIG)}")
         value = _parse(text)
         if isinstance(value, list):
             value = tuple(value)

@@ -18,6 +18,7 @@ from .. import envvars
 from ..config import SimigradConfig, from_mapping, resolve_group_mode
 from ..stats.compiled_once import check_compiled_once
 from ..stats.gradient_stats import gradient_stats
+from .compile_cache import EnvCompileCache
 from .core import StepCore
 from .data import AdaptiveLoader
 from .optim import AdaptiveOptimizer, DirectStepError
@@ -35,10 +36,13 @@ def _world() -> tuple:
 class AdaptiveBatching(StepCore):
     """Adaptive batching for a hand-written loop: ``run.optimizer``, ``run.dataloader()``, compile settings.
 
-    Compilation. Rungs compile lazily, on their first micro-batch; :meth:`warm_up` compiles every rung up front.
+    Compilation. Rungs compile lazily, on their first micro-batch; :meth:`warm_up` compiles every reachable rung
+    up front.
     Dynamo keeps one graph per rung only if it may hold that many: while the run is open, the runtime raises
     ``torch._dynamo.config.recompile_limit`` to ``len(rungs) + 8`` if it is lower (logged), and :meth:`close`
-    (or leaving ``with run:``) puts the old value back.
+    (or leaving ``with run:``) puts the old value back. With ``SIMIGRAD_COMPILE_CACHE=path`` the run loads the
+    compiled graphs from ``path`` when it is created and (rank 0) saves them there after :meth:`warm_up` and at
+    :meth:`close` (:mod:`~simigrad_compile.runtime.compile_cache`).
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *,
@@ -55,6 +59,7 @@ class AdaptiveBatching(StepCore):
         self._guard = optimizer.register_step_pre_hook(self._refuse_direct_step)
         self._dynamo_saved = self._raise_recompile_limit()
         self._ddp = ddp
+        self.compile_cache = EnvCompileCache(rank)
         log.info("simigrad: %r, initial plan %s (target %d)", self.ladder, self.plan, self.controller.batch_size)
 
     def _refuse_direct_step(self, optimizer, args, kwargs) -> None:
@@ -96,9 +101,10 @@ class AdaptiveBatching(StepCore):
             self._ddp.require_backward_grad_sync = sync
 
     def close(self) -> None:
-        """End the run (:meth:`StepCore.close`), put Dynamo's recompile limit back, and let the user's optimizer
-        be stepped directly again."""
+        """End the run (:meth:`StepCore.close`), save the compile cache where ``SIMIGRAD_COMPILE_CACHE`` asks,
+        put Dynamo's recompile limit back, and let the user's optimizer be stepped directly again."""
         super().close()
+        self.compile_cache.save("close")
         if self._dynamo_saved is not None:
             compat.dynamo_config().recompile_limit = self._dynamo_saved
             self._dynamo_saved = None
@@ -115,11 +121,17 @@ class AdaptiveBatching(StepCore):
         return AdaptiveLoader(self, dataset, **kwargs)
 
     def warm_up(self, fn, dataset, collate_fn=None) -> None:
-        """Compile every rung now: ``fn(batch)`` runs forward + backward on a micro-batch of each rung (the first
-        samples of ``dataset``). Gradients, statistics and the module's buffers are restored afterwards."""
+        """Compile every rung a plan can reach now (``Ladder.reachable_rungs``): ``fn(batch)`` runs forward +
+        backward on a micro-batch of each (the first samples of ``dataset``). Gradients, statistics and the
+        module's buffers are restored afterwards; the other rungs compile on first use, if ever."""
         loader = AdaptiveLoader(self, dataset, collate_fn=collate_fn)
         buffers = {k: v.clone() for k, v in self.model.state_dict().items()}
-        for m in self.ladder.rungs:
+        rungs = self.ladder.reachable_rungs()
+        if rungs != self.ladder.rungs:
+            log.info("simigrad: warm-up compiles the rungs %s that plans within [min_batch_size, max_batch_size] "
+                     "reach; %s compile on first use, if ever", rungs,
+                     tuple(m for m in self.ladder.rungs if m not in rungs))
+        for m in rungs:
             if m > len(dataset):
                 log.warning("simigrad: warm-up skips rung %d: the dataset has %d samples", m, len(dataset))
                 continue
@@ -128,6 +140,7 @@ class AdaptiveBatching(StepCore):
         for p in self.params:
             p.grad = None
         gradient_stats(self.model, reset=True)
+        self.compile_cache.save("warm-up")
 
 
 def _ranks_reduction(model, config: SimigradConfig, world_size: int):

@@ -5,6 +5,8 @@ Rungs
     ``max_micro_batch_size`` itself when it is not a power of two). Small rungs are what make batches such as
     ``min_batch_size=1000 > max_micro_batch_size=256`` exact (8 x 125); they cost nothing until a plan uses one,
     since rungs compile lazily. Each rung is one compiled graph (one shape of the batch dimension).
+    :meth:`Ladder.reachable_rungs` are the rungs some plan within the bounds uses (``min_batch_size=16`` on one
+    process leaves 8, 16, 32, 64 of the rungs up to 64).
 
 Rounding rule (:meth:`Ladder.plan`)
     A plan ``(micro, accumulation)`` realises ``R = world * micro * accumulation``. Candidates are the plans
@@ -182,6 +184,24 @@ class Ladder:
             key = (samples - w * m * k, k < lo, m != current.micro_batch_size, k, -m)
             best = key if best is None or key < best else best
         return None if best is None else BatchPlan(-best[4], best[3], w)
+
+    def reachable_rungs(self) -> Tuple[int, ...]:
+        """The rungs some plan uses for a target in ``[min_batch_size, max_batch_size]``, with 1 or 2 (or the
+        current) minimum micro-steps: the rungs a run can reach (``warm_up`` compiles only these). From
+        ``10 x world x top rung`` on, every target takes the top rung (tier 1: it realises the target within
+        ``RESOLUTION`` at the fewest micro-steps, and no smaller rung does there), so only the targets below
+        that are tried."""
+        saved = self.min_accumulation
+        top = self.world_size * self.rungs[-1]
+        targets = list(range(self.lower, min(self.upper, int(top / RESOLUTION)) + 1)) + [self.upper]
+        used = set()
+        try:
+            for k in sorted({1, 2, saved}):
+                self.min_accumulation = k
+                used.update(self._plan(t).micro_batch_size for t in targets)
+        finally:
+            self.min_accumulation = saved
+        return tuple(m for m in self.rungs if m in used)
 
     def tail(self, remaining: int, micro: int) -> int:
         """How many micro-batches of ``micro`` (the current rung) the last step of an epoch runs for its last
