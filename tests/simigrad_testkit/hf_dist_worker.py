@@ -146,6 +146,9 @@ def check_fixed(out: str) -> str:
     history = tr.simigrad.history
     assert [(r["batch_size"], r["micro_batch_size"], r["accumulation"], r["statistics"]) for r in history] == \
         [(16, 4, 2, "ranks")] * steps, history
+    # BERT's classification loss is a mean that ignores num_items_in_batch; told that the model takes it, the plain
+    # Trainer multiplies each micro-batch's loss by world x accumulation instead of dividing by the accumulation.
+    plain_model.accepts_loss_kwargs = False
     plain = Trainer(model=plain_model, args=arguments(os.path.join(out, "plain"), max_steps=steps,
                                                       gradient_accumulation_steps=2),
                     train_dataset=data, data_collator=default_data_collator, optimizers=(sgd(plain_model), None))
