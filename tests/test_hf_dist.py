@@ -67,10 +67,16 @@ def test_world_size_without_distributed_arguments_is_refused(tmp_path, monkeypat
         tr.train()
 
 
-def _launch(out, checks):
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+# On CPU, `accelerate launch --cpu --num_processes 2` starts one process (its simple launcher); --multi_gpu starts
+# two through torchrun, and TrainingArguments(use_cpu=True, ddp_backend="gloo") puts them on CPU.
+ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+
+
+def _launch(out, checks, launcher=TORCHRUN):
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "simigrad_testkit.hf_dist_worker", str(out), *checks]
+    cmd = [*launcher, "-m", "simigrad_testkit.hf_dist_worker", str(out), *checks]
     proc = subprocess.run(cmd, cwd=HERE, env=env, capture_output=True, text=True, timeout=600)
     text = proc.stdout + proc.stderr
     assert proc.returncode == 0, text[-6000:]
@@ -81,3 +87,8 @@ def _launch(out, checks):
 @pytest.mark.slow
 def test_two_processes_fixed_adaptive_and_resume(tmp_path):
     _launch(tmp_path, ["fixed", "adaptive", "resume"])
+
+
+@pytest.mark.slow
+def test_accelerate_launch_two_processes(tmp_path):
+    _launch(tmp_path, ["adaptive", "resume"], launcher=ACCELERATE)
