@@ -5,6 +5,7 @@ a pinned batch against the plain ``transformers.Trainer`` DDP run, an adaptive b
 and bit-identical across ranks, a resumed run against the uninterrupted one) are ``slow``."""
 
 import os
+import socket
 import subprocess
 import sys
 
@@ -74,8 +75,8 @@ ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
 
 
-def _launch(out, checks, launcher=TORCHRUN):
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+def _launch(out, checks, launcher=TORCHRUN, **env):
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **env)
     cmd = [*launcher, "-m", "simigrad_testkit.hf_dist_worker", str(out), *checks]
     proc = subprocess.run(cmd, cwd=HERE, env=env, capture_output=True, text=True, timeout=600)
     text = proc.stdout + proc.stderr
@@ -92,3 +93,15 @@ def test_two_processes_fixed_adaptive_and_resume(tmp_path):
 @pytest.mark.slow
 def test_accelerate_launch_two_processes(tmp_path):
     _launch(tmp_path, ["adaptive", "resume"], launcher=ACCELERATE)
+
+
+@pytest.mark.slow
+def test_a_lost_rank_restarts_and_resumes_exactly(tmp_path):
+    """torchrun restarts the ranks after rank 1 dies (FINDINGS: on torch 2.13 with gloo only the c10d rendezvous on
+    an explicit endpoint with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 restarts)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2", "--max-restarts=1",
+                "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}"]
+    _launch(tmp_path, ["restart"], launcher=launcher, TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")

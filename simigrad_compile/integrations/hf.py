@@ -70,6 +70,7 @@ from typing import Any, Mapping, Optional, Union
 
 import torch
 import torch.distributed as dist
+from accelerate.optimizer import AcceleratedOptimizer
 from transformers import Trainer, TrainerCallback
 
 from .. import envvars
@@ -214,7 +215,7 @@ class SimigradTrainer(Trainer):
     # --- the core ---------------------------------------------------------------------------------------------
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
         optimizer = super().create_optimizer(model)
-        self._simigrad_optimizer = getattr(optimizer, "optimizer", optimizer)  # under an AcceleratedOptimizer
+        self._simigrad_optimizer = optimizer.optimizer if isinstance(optimizer, AcceleratedOptimizer) else optimizer
         return optimizer
 
     def _start_run(self) -> None:
@@ -229,7 +230,6 @@ class SimigradTrainer(Trainer):
             config = config.replace(log_dir=None)  # one CSV/TensorBoard log, written by process 0
         self.simigrad = run = AdaptiveBatching(self.model_wrapped, self._simigrad_optimizer, config=config)
         run.statistics.compile_hint = COMPILE_HINT
-        self._simigrad_logged = 0
         if self._simigrad_resume is not None:
             run.load_state_dict(self._simigrad_resume)
             self._simigrad_resume = None

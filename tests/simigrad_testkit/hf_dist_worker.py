@@ -11,6 +11,8 @@ Checks (rank 0 prints ``CHECK <name> OK ...``; a failure raises, non-zero exit):
 * ``adaptive``: a growing batch on an MLP: parameters and history bit-identical on every rank; ``ranks``
   statistics; parameters equal a one-process fp64 loop over the same global batches (each rank's shard is
   ``r, r + world, ...`` of the sequential order, written out here), with the LR times ``sqrt(B/B0)``.
+* ``restart`` (launched with ``--max-restarts=1``, c10d rendezvous): rank 1 dies at step 8 of the adaptive run,
+  torchrun restarts both ranks, they resume from ``checkpoint-6`` and end bit-identical to the uninterrupted run.
 * ``resume``: the adaptive run stopped at a checkpoint and resumed from it (new model, new Trainer) ends with the
   uninterrupted run's parameters and history, bit for bit; the run's state is in the checkpoint folder once.
 
@@ -28,7 +30,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from transformers import Trainer, TrainingArguments, default_data_collator  # noqa: E402
+from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator  # noqa: E402
+from transformers.trainer_utils import get_last_checkpoint  # noqa: E402
 
 from simigrad_compile.integrations.hf import RUN_STATE_NAME, SimigradTrainer  # noqa: E402
 
@@ -201,7 +204,42 @@ def check_resume(out: str) -> str:
     return f"resumed at step 5 of 10: bit-identical; batches {[r['batch_size'] for r in b.simigrad.history]}"
 
 
-CHECKS = {"fixed": check_fixed, "adaptive": check_adaptive, "resume": check_resume}
+class _LoseRank(TrainerCallback):
+    """On torchrun's first attempt rank 1 exits as step ``at + 1`` begins (its first micro-batch fetched), while rank
+    0 goes on into the step and fails at its gradient reduction."""
+
+    def __init__(self, at: int):
+        self.at = at
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == self.at and dist.get_rank() == 1 and os.environ.get("TORCHELASTIC_RESTART_COUNT") == "0":
+            os._exit(1)
+
+
+def check_restart(out: str) -> str:
+    """Launched with ``--max-restarts=1``: the uninterrupted run, then the same run whose rank 1 dies as step 8
+    begins; torchrun restarts both ranks, which resume from the last checkpoint (step 6) and end with the uninterrupted
+    run's parameters and history, bit for bit."""
+    full_path = os.path.join(out, "full.pt")
+    if not os.path.isfile(full_path):
+        full = simigrad_trainer(MLP(), Regression(), os.path.join(out, "full"), ADAPTIVE, max_steps=10)
+        full.train()
+        if dist.get_rank() == 0:
+            torch.save({"params": flat(full.model), "history": repr(full.simigrad.history)}, full_path)
+        dist.barrier()
+    folder = os.path.join(out, "lost")
+    tr = simigrad_trainer(MLP(), Regression(), folder, ADAPTIVE, max_steps=10, save_strategy="steps", save_steps=3)
+    tr.add_callback(_LoseRank(at=7))
+    last = get_last_checkpoint(folder) if os.path.isdir(folder) else None
+    tr.train(resume_from_checkpoint=last)
+    expected = torch.load(full_path)
+    assert last is not None and last.endswith("checkpoint-6"), last
+    assert torch.equal(flat(tr.model), expected["params"]) and repr(tr.simigrad.history) == expected["history"]
+    same_on_every_rank("restart", flat(tr.model), tr.simigrad.history)
+    return f"rank 1 lost at step 8, restarted, resumed from {os.path.basename(last)}: bit-identical"
+
+
+CHECKS = {"fixed": check_fixed, "adaptive": check_adaptive, "resume": check_resume, "restart": check_restart}
 
 
 def main(argv) -> None:
