@@ -38,22 +38,43 @@ per epoch is not known in advance: the loader reports the most an epoch can take
 ``max(min_batch_size, 2)`` samples), which is the horizon the Trainer gives its LR scheduler; set ``max_steps`` for
 a schedule that ends where training ends.
 
-Refused by name (``train()`` raises): ``gradient_accumulation_steps != 1``, more than one process, DeepSpeed/FSDP,
-``fp16`` (GradScaler; ``bf16`` works), ``auto_find_batch_size``, ``include_num_input_tokens_seen``,
-``train_sampling_strategy`` other than ``random``/``sequential``, an ``IterableDataset``, ``resume_from_checkpoint``.
+Many processes (the Trainer's own DDP: ``torchrun`` or ``accelerate launch``; on CPU
+``TrainingArguments(use_cpu=True, ddp_backend="gloo")``). The core is built at ``on_train_begin`` from
+``trainer.model_wrapped``, the ``DistributedDataParallel`` module the Trainer made, so ``AdaptiveBatching`` installs
+the split-group comm hook on it (``ranks`` statistics, the bytes of plain DDP). The global batch is
+``world x micro x accumulation``; B0 defaults to ``per_device_train_batch_size x world``. The loader gives each rank
+its ``DistributedSampler``-like shard and turns DDP's gradient sync off for every micro-batch but the step's last
+(``run.state.sync_gradients``, as under ``no_sync``). The step's loss is the mean over every rank's samples (one
+all-reduce of two scalars per step), so every rank records the same history and skips the same steps. Logs and
+checkpoints follow the Trainer's rank-0 rules; the core's ``log_dir`` is written by process 0 only.
+
+Checkpoints. Every Trainer checkpoint also holds the run's state (``simigrad.pt``: controller, plan, data position,
+history; written by process 0, identical on every rank). ``train(resume_from_checkpoint=...)`` restores it and the
+loader resumes at the run's own position in the data, so a resumed run continues exactly as the uninterrupted one;
+the Trainer's own skipping of seen batches is not used (``ignore_data_skip`` changes nothing). A checkpoint without
+``simigrad.pt`` is refused. The door relies on the Trainer's ``_init_training_state``,
+``_save_optimizer_and_scheduler`` and ``_load_optimizer_and_scheduler`` (checked on transformers 5.25).
+
+Refused by name (``train()`` raises): ``gradient_accumulation_steps != 1``, DeepSpeed/FSDP, ``DataParallel``
+(several GPUs in one process), ``WORLD_SIZE > 1`` with a one-process ``TrainingArguments`` (each rank would train
+alone), ``fp16`` (GradScaler; ``bf16`` works), ``auto_find_batch_size``, ``include_num_input_tokens_seen``,
+``train_sampling_strategy`` other than ``random``/``sequential``, an ``IterableDataset``.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 from typing import Any, Mapping, Optional, Union
 
 import torch
+import torch.distributed as dist
+from accelerate.optimizer import AcceleratedOptimizer
 from transformers import Trainer, TrainerCallback
 
 from .. import envvars
-from ..config import SimigradConfig, from_mapping
+from ..config import SimigradConfig, from_mapping, resolve_group_mode
 from ..runtime.adaptive import AdaptiveBatching
 from .batches import samples_in
 from .door_rules import logged, refuse, shared_refusals
@@ -64,6 +85,8 @@ COMPILE_HINT = ("compile the model with the backend before building the Trainer:
                 "(TrainingArguments(torch_compile_backend='simigrad') does not work: accelerate accepts only its "
                 "own list of backends)")
 """How to compile a model for this door; the core's warning about a model without statistics names it."""
+RUN_STATE_NAME = "simigrad.pt"
+"""The run's state (``run.state_dict()``) in each Trainer checkpoint folder."""
 
 
 class _StepBatches:
@@ -112,6 +135,9 @@ class _Boundary(TrainerCallback):
         self.trainer = trainer
         self.hold: Optional[ScheduleHold] = None
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.trainer._start_run()
+
     def on_optimizer_step(self, args, state, control, **kwargs):
         run = self.trainer.simigrad
         run.end_step()
@@ -139,6 +165,8 @@ class SimigradTrainer(Trainer):
         self.simigrad_options = simigrad
         self.simigrad: Optional[AdaptiveBatching] = None
         self._simigrad_logged = 0
+        self._simigrad_optimizer: Optional[torch.optim.Optimizer] = None
+        self._simigrad_resume: Optional[dict] = None
         self.add_callback(_Boundary(self))
 
     def simigrad_config(self) -> SimigradConfig:
@@ -147,16 +175,28 @@ class SimigradTrainer(Trainer):
         if isinstance(options, SimigradConfig):
             return options
         per_device = self.args.per_device_train_batch_size
-        base = envvars.config_from_env(defaults={"batch_size": per_device, "max_micro_batch_size": per_device})
+        base = envvars.config_from_env(defaults={"batch_size": per_device * self.args.world_size,
+                                                 "max_micro_batch_size": per_device})
         return from_mapping(options, base=base)
 
     # --- refusals ---------------------------------------------------------------------------------------------
-    def _check_supported(self, resume_from_checkpoint) -> None:
+    def _check_supported(self) -> None:
         args = self.args
-        problems = shared_refusals(
+        problems = shared_refusals(  # world_size=1: the Trainer's DDP runs here; DeepSpeed/FSDP are refused
             accumulation_option="gradient_accumulation_steps", accumulation=args.gradient_accumulation_steps,
-            world_size=args.world_size, grad_scaler="fp16" if args.fp16 else None,
+            world_size=1, grad_scaler="fp16" if args.fp16 else None,
             self_accumulating="DeepSpeed/FSDP" if self.is_deepspeed_enabled or self.is_fsdp_enabled else None)
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        if launched > 1 and args.world_size == 1:
+            problems.append(f"WORLD_SIZE={launched} with a one-process TrainingArguments (each rank would train "
+                            "alone); on CPU set TrainingArguments(use_cpu=True, ddp_backend='gloo')")
+        mode = self.simigrad_config().group_mode
+        if args.world_size > 1 and resolve_group_mode(mode, args.world_size) != "ranks":
+            problems.append(f"group_mode={mode!r} on {args.world_size} processes (the statistics come from the "
+                            "ranks' halves there); use group_mode='auto' or 'ranks'")
+        if args.n_gpu > 1:
+            problems.append(f"DataParallel over {args.n_gpu} GPUs in one process; launch one process per GPU "
+                            "(torchrun or accelerate launch)")
         if args.auto_find_batch_size:
             problems.append("auto_find_batch_size (the run chooses the batch)")
         if getattr(args, "include_num_input_tokens_seen", "no") not in ("no", False):
@@ -165,24 +205,70 @@ class SimigradTrainer(Trainer):
             problems.append(f"train_sampling_strategy={args.train_sampling_strategy!r} (random or sequential)")
         if isinstance(self.train_dataset, torch.utils.data.IterableDataset):
             problems.append("an IterableDataset (the run's loader needs the dataset's length)")
-        if resume_from_checkpoint:
-            problems.append("resume_from_checkpoint (the run's state is not in the Trainer's checkpoints yet)")
         refuse("SimigradTrainer", problems)
 
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
-        self._check_supported(resume_from_checkpoint)
+        self._check_supported()
         return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial,
                              ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
 
     # --- the core ---------------------------------------------------------------------------------------------
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
         optimizer = super().create_optimizer(model)
+        self._simigrad_optimizer = optimizer.optimizer if isinstance(optimizer, AcceleratedOptimizer) else optimizer
+        return optimizer
+
+    def _start_run(self) -> None:
+        """Build the core on the model the Trainer wrapped (DDP under many processes: the comm hook goes on it)
+        and restore the run's state when resuming."""
         if self.simigrad is not None:
             self.simigrad.close()
-        self.simigrad = AdaptiveBatching(self.model, optimizer, config=self.simigrad_config())
-        self.simigrad.statistics.compile_hint = COMPILE_HINT
-        self._simigrad_logged = 0
-        return optimizer
+        if self._simigrad_optimizer is None:
+            raise RuntimeError("simigrad: training began without create_optimizer()")
+        config = self.simigrad_config()
+        if self.args.process_index != 0:
+            config = config.replace(log_dir=None)  # one CSV/TensorBoard log, written by process 0
+        self.simigrad = run = AdaptiveBatching(self.model_wrapped, self._simigrad_optimizer, config=config)
+        run.statistics.compile_hint = COMPILE_HINT
+        if self._simigrad_resume is not None:
+            run.load_state_dict(self._simigrad_resume)
+            self._simigrad_resume = None
+            length = self._epoch_length()
+            if run.state.position >= length:  # saved after an epoch's last step, before the loader closed it
+                run.finish_epoch(length)
+        self._simigrad_logged = len(run.history)
+
+    def _epoch_length(self) -> int:
+        """This rank's samples per epoch (``run.dataloader``'s shard: the dataset padded to the world size)."""
+        return -(-len(self.train_dataset) // self.args.world_size)
+
+    # --- checkpoints ------------------------------------------------------------------------------------------
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        super()._save_optimizer_and_scheduler(output_dir)
+        if self.simigrad is not None and self.args.should_save:
+            torch.save(self.simigrad.state_dict(), os.path.join(output_dir, RUN_STATE_NAME))
+
+    def _init_training_state(self, max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint,
+                             trial):
+        """The Trainer's state, and on resume the run's: the loader resumes at the run's position in the data, so
+        the Trainer skips no batch; its epoch is the run's."""
+        epochs, _ = super()._init_training_state(max_steps, num_update_steps_per_epoch, num_train_epochs,
+                                                 resume_from_checkpoint, trial)
+        self._simigrad_resume = None
+        if resume_from_checkpoint is None:
+            return epochs, 0
+        path = os.path.join(resume_from_checkpoint, RUN_STATE_NAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"simigrad: {path} is missing: the checkpoint was not written by SimigradTrainer, and without the "
+                "run's state (batch size, controller, position in the data) it cannot continue exactly; resume "
+                "from a SimigradTrainer checkpoint or start a new run")
+        self._simigrad_resume = state = torch.load(path, weights_only=True)
+        if self.args.max_steps > 0:  # one long "epoch" for the Trainer: the loader runs its passes by itself
+            return epochs, 0
+        length = self._epoch_length()
+        epoch, position = state["epoch"], state["position"]
+        return (epoch + position // length if length else epoch), 0
 
     def get_train_dataloader(self):
         if self.train_dataset is None:
@@ -210,6 +296,7 @@ class SimigradTrainer(Trainer):
         if not isinstance(inputs, _StepBatches):
             raise TypeError("simigrad: SimigradTrainer.training_step takes the steps of its own train loader")
         run, dim = self.simigrad, self.simigrad.config.batch_dim
+        many = run.world_size > 1
         micro, total, samples = inputs.first, None, 0
         while True:
             n = samples_in(micro, dim)
@@ -217,11 +304,16 @@ class SimigradTrainer(Trainer):
             loss = super().training_step(model, micro)
             total = loss * n if total is None else total + loss * n
             samples += n
-            if run.micro_step_done(loss=loss):
+            if many and run.state.sync_gradients:  # the step's last micro-batch: the loss over every rank
+                mean = _global_mean(total, samples)
+                done = run.micro_step_done(loss=mean * (samples / n))  # the core weighs it by n, divides by samples
+            else:
+                done = run.micro_step_done(loss=None if many else loss)
+            if done:
                 break
             micro = next(inputs.rest)
         run.begin_step()  # False: gradients dropped; the optimizer's step and the clipping then change nothing
-        return total / samples
+        return mean if many else total / samples
 
     def floating_point_ops(self, inputs) -> float:
         return inputs.flops if isinstance(inputs, _StepBatches) else super().floating_point_ops(inputs)
@@ -235,4 +327,11 @@ class SimigradTrainer(Trainer):
         super().log(logs, start_time)
 
 
-__all__ = ["COMPILE_HINT", "SimigradTrainer"]
+def _global_mean(total: torch.Tensor, samples: int) -> torch.Tensor:
+    """The sample-weighted mean loss of a step over every rank (the same value, bit for bit, on each)."""
+    both = torch.stack([total.detach().double().reshape(()), total.new_tensor(float(samples), dtype=torch.float64)])
+    dist.all_reduce(both)
+    return (both[0] / both[1]).to(total.dtype)
+
+
+__all__ = ["COMPILE_HINT", "RUN_STATE_NAME", "SimigradTrainer"]
