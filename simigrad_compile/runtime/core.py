@@ -121,7 +121,7 @@ class StepCore(StepRules, CheckpointState):
         self.ladder = Ladder(config, world_size, min_accumulation=self.base_accumulation)
         self.state = StepState(self.ladder.plan(self.controller.batch_size), self.controller.batch_size, world_size)
         self.microsteps = MicrostepStats()
-        self._history = History(config.log_dir)
+        self._history = History(config.log_dir if rank == 0 else None)  # one log per run: rank 0 writes it
         self.similarity = float("nan")
         self.skipped_steps: Counter = Counter()
         self.amp = ScalerBridge(scaler, self) if scaler is not None else None
