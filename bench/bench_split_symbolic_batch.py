@@ -23,8 +23,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def worker(mode: str, sizes, repeats: int) -> dict:
     import torch
 
-    sys.path.insert(0, os.path.join(HERE, "..", "tests"))
-    from models import TinyGPT
+    sys.path.append(os.path.join(HERE, "..", "tests"))
+    from simigrad_testkit.models import TinyGPT
 
     import simigrad_compile
 
