@@ -194,11 +194,10 @@ def test_split_fuzz_short():
 
 @pytest.mark.slow
 def test_split_fuzz_long():
-    """``SIMIGRAD_FUZZ_EXAMPLES`` models (2000), every failure listed at the end; ``SIMIGRAD_FUZZ_SEED`` picks
-    another draw (default: derandomized)."""
-    seed = os.environ.get("SIMIGRAD_FUZZ_SEED")
-    _fuzz(int(os.environ.get("SIMIGRAD_FUZZ_EXAMPLES", "2000")), keep_going=True,
-          seed=int(seed) if seed is not None else None)
+    """``SIMIGRAD_FUZZ_EXAMPLES`` models (100 in CI's slow step; 2000 for a long run by hand), every failure
+    listed at the end; ``SIMIGRAD_FUZZ_SEED`` picks the draw (default 7: other models than the short run's)."""
+    _fuzz(int(os.environ.get("SIMIGRAD_FUZZ_EXAMPLES", "100")), keep_going=True,
+          seed=int(os.environ.get("SIMIGRAD_FUZZ_SEED", "7")))
 
 
 # --- regressions: what the fuzzer found, one named test each ---
