@@ -64,8 +64,13 @@ class PendingStep(NamedTuple):
 
 
 def _wide(grads: List[torch.Tensor]) -> List[torch.Tensor]:
-    """fp16/bf16 gradients in fp32, for their norms."""
-    return [g.float() if g.dtype in _NARROW else g for g in grads]
+    """fp16/bf16 gradients in fp32, for their norms; a sparse gradient as its coalesced values (the same norm)."""
+    return [_values(g) if g.is_sparse else g.float() if g.dtype in _NARROW else g for g in grads]
+
+
+def _values(grad: torch.Tensor) -> torch.Tensor:
+    values = grad.coalesce().values()
+    return values.float() if values.dtype in _NARROW else values
 
 
 def _to_host(scalars: List[torch.Tensor], sums: Optional[torch.Tensor]) -> List[float]:
