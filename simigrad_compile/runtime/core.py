@@ -70,6 +70,7 @@ from .checkpoint import CheckpointState
 from .controller import BatchSizeController, step_statistics
 from .history import History
 from .driven import mark_driven
+from .coverage import CoverageWarning
 from .grad_watch import GradWatch
 from .ladder import BatchPlan, Ladder
 from .statistics import StatisticsChoice, base_accumulation
@@ -129,6 +130,7 @@ class StepCore(StepRules, CheckpointState):
         self.bucket_views = bucket_views
         self.grad_watch = GradWatch() if world_size == 1 and not bucket_views else None
         """Counts autograd's accumulations so that a window catches in-place changes of a gradient (one process)."""
+        self.coverage_warning = CoverageWarning()
         self._pending = None
         """Between ``begin_step`` and ``end_step``: the :class:`~simigrad_compile.runtime.step_rules.PendingStep`."""
         self._loss: Optional[torch.Tensor] = None
@@ -323,7 +325,8 @@ class StepCore(StepRules, CheckpointState):
             "gns": self.controller.noise_scale, "gain": self.controller.gain(realised),
             "lr_scale": pending.lr_scale, "stepped": reason is None, "skipped": skipped,
             "grad_norm": pending.grad_norm, "loss": pending.loss_sum / samples if self._loss is not None else None,
-            "note": pending.note,
+            "note": pending.note, "covered_elements": pending.coverage.elements,
+            "covered_sq_norm": pending.coverage.sq_norm,
         })
         self._reset_step()
         self._replan()
