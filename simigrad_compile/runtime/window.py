@@ -71,7 +71,7 @@ class Window:
     """One optimizer step's micro-steps: tracks progress and keeps ``p.grad`` in the ``W_i / d`` form."""
 
     __slots__ = ("sizes", "accumulation", "samples", "params", "done", "divisor", "stats", "half", "allow_views",
-                 "_grads", "name_of", "live", "watch", "_versions")
+                 "_grads", "name_of", "live", "watch", "_versions", "_ids")
 
     def __init__(self, sizes: Sequence[int], params: Sequence[torch.nn.Parameter],
                  stats: Optional[MicrostepStats] = None, allow_views: bool = False,
@@ -93,6 +93,7 @@ class Window:
         self.watch = watch
         """Counts autograd's accumulations (one process): with it, an in-place change of a gradient is an error."""
         self._versions: Optional[list] = None
+        self._ids = [id(p) for p in self.params]
         if watch is not None:
             watch.watch(self.params)
 
@@ -189,18 +190,27 @@ class Window:
 
     def _check_versions(self, where: str, versions: Optional[list]) -> None:
         """Each gradient tensor changed only by autograd's accumulations since the window's last micro-step
-        (:mod:`~simigrad_compile.runtime.grad_watch`); ``versions`` None: the window's first micro-step."""
+        (:mod:`~simigrad_compile.runtime.grad_watch`); ``versions`` None: the window's first micro-step, where
+        only the versions right after the last accumulations are known."""
         watch = self.watch
         counts, after = watch.counts, watch.after
         grads = self._grads if versions is not None else [p.grad for p in self.params]
-        for i, (p, now) in enumerate(zip(self.params, compat.versions(grads))):
-            if now is None or p.grad is not grads[i]:
+        now = compat.versions(grads)
+        if versions is not None and None not in versions:  # the common case, in a few list operations
+            if now == list(map(operator.add, versions, map(counts.__getitem__, self._ids))):
+                return
+        for i, p in enumerate(self.params):
+            g = grads[i]
+            if g is None or p.grad is not g:
                 continue  # a replaced tensor is check()'s error
             key = id(p)
-            seen = after.get(key)
-            if (seen is None or seen[0] != id(grads[i]) or seen[1] == now) and (
-                    versions is None or versions[i] is None or now == versions[i] + counts.get(key, 0)):
-                continue
+            if versions is not None and versions[i] is not None:
+                if now[i] == versions[i] + counts[key]:
+                    continue
+            else:
+                seen = after.get(key)
+                if seen is None or seen[0] != id(g) or seen[1] == now[i]:
+                    continue
             raise WindowMisuse(
                 f"simigrad: the gradient of parameter {self.name_of(p)} was changed in place inside an accumulation "
                 f"window (optimizer.zero_grad(set_to_none=False), p.grad.zero_(), p.grad.mul_(...), "
