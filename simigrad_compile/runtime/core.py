@@ -128,8 +128,7 @@ class StepCore(StepRules, CheckpointState):
         self.skipped_steps: Counter = Counter()
         self.amp = ScalerBridge(scaler, self) if scaler is not None else None
         self.bucket_views = bucket_views
-        self.grad_watch = GradWatch() if world_size == 1 and not bucket_views else None
-        """Counts autograd's accumulations so that a window catches in-place changes of a gradient (one process)."""
+        self.grad_watch = GradWatch() if world_size == 1 and not bucket_views else None  # in-place grad changes
         self.coverage_warning = CoverageWarning()
         self._pending = None
         """Between ``begin_step`` and ``end_step``: the :class:`~simigrad_compile.runtime.step_rules.PendingStep`."""
