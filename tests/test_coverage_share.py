@@ -110,15 +110,23 @@ def test_only_the_trunk_compiled_records_its_share_and_warns(caplog):
     assert len(warned) == 1 and "steered from the covered part" in warned[0] and "head.bias" in warned[0]
 
 
-def test_a_gradient_hook_after_the_batch_statistics_is_named():
+def _double_grad(param):
+    param.grad.mul_(2)
+
+
+@pytest.mark.parametrize("kind", ["tensor", "post-accumulate"])
+def test_a_gradient_hook_after_the_batch_statistics_is_named(kind):
     """One micro-step per step: the step is the plain loop's with the hook; the hooked parameter's statistic is
     of the gradient before the hook, so it is uncovered and named as such."""
     torch.manual_seed(0)
     model = TrunkHead()
     ref = copy.deepcopy(model).double()
     ref_opt = torch.optim.SGD(ref.parameters(), lr=0.05)
-    model.head.weight.register_hook(lambda g: 2 * g)
-    ref.head.weight.register_hook(lambda g: 2 * g)
+    for m in (model, ref):
+        if kind == "tensor":
+            m.head.weight.register_hook(lambda g: 2 * g)
+        else:
+            m.head.weight.register_post_accumulate_grad_hook(_double_grad)
     compiled = torch.compile(model, backend="simigrad", options={"compiler": "aot_eager"})
     run = run_for(compiled)
     x, y = data()
