@@ -118,3 +118,24 @@ def test_compiled_sparse_embedding_goes_on_with_two_micro_steps(caplog):
     assert [r["statistics"] for r in run.history] == ["none", "microsteps", "microsteps"]
     assert run.history[1]["accumulation"] == 2 and all(r["stepped"] for r in run.history)
     assert "sparse" in caplog.text
+
+
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, math.inf])
+def test_a_sparse_gradient_without_entries_has_norm_zero(norm_type):
+    """Found by the property test: a sparse gradient zeroed in place (no entries) in a one-micro-batch step, then
+    ``run.clip_grad_norm_`` of any norm type: the norm is 0 and the step (of zero gradients) is the plain loop's."""
+    torch.manual_seed(0)
+    model = Bag()
+    raw = torch.optim.SGD(model.parameters(), lr=0.1)
+    run = sc.AdaptiveBatching(model, raw, batch_size=4, max_micro_batch_size=4, group_mode="microsteps",
+                              lr_scaling="none")
+    before = flat(model).clone()
+    ids, y = data(4)
+    run.plan = Plan(4, 1)
+    F.mse_loss(model(ids), y.float()).backward()
+    raw.zero_grad(set_to_none=False)
+    assert model.emb.weight.grad.is_sparse and model.emb.weight.grad.coalesce().values().numel() == 0
+    assert float(run.clip_grad_norm_(0.01, norm_type)) == 0.0
+    run.optimizer.step()
+    assert run.history[-1]["stepped"] and run.history[-1]["grad_norm"] == 0.0
+    torch.testing.assert_close(flat(model), before, rtol=0, atol=0)

@@ -72,7 +72,10 @@ def _wide(grads: List[torch.Tensor]) -> List[torch.Tensor]:
 
 
 def _values(grad: torch.Tensor) -> torch.Tensor:
+    """A sparse gradient's coalesced values (one zero when it has none: its norm of every type is 0)."""
     values = grad.coalesce().values()
+    if values.numel() == 0:
+        values = values.new_zeros(1)
     return values.float() if values.dtype in _NARROW else values
 
 
