@@ -294,3 +294,19 @@ def declared_batch_size(iterator):
     batching, or a batch sampler without one)."""
     sampler = iterator._index_sampler if iterator._auto_collation else None
     return getattr(sampler, "batch_size", None)
+
+
+def versions(tensors) -> list:
+    """Each tensor's version counter (``tensor._version``: bumped by every in-place write), None for None."""
+    return [None if t is None else t._version for t in tensors]
+
+
+def version(tensor: torch.Tensor) -> int:
+    """``tensor._version``: the count of in-place writes to the tensor (and its views)."""
+    return tensor._version
+
+
+def parameter_hooks(param: torch.Tensor) -> tuple:
+    """``(tensor hooks, post-accumulate-grad hooks)`` registered on ``param`` (``register_hook``,
+    ``register_post_accumulate_grad_hook``), as dicts keyed by the handle's id; empty dicts when none."""
+    return (getattr(param, "_backward_hooks", None) or {}), (getattr(param, "_post_accumulate_grad_hooks", None) or {})

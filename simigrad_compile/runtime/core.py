@@ -70,6 +70,8 @@ from .checkpoint import CheckpointState
 from .controller import BatchSizeController, step_statistics
 from .history import History
 from .driven import mark_driven
+from .coverage import CoverageWarning
+from .grad_watch import GradWatch
 from .ladder import BatchPlan, Ladder
 from .statistics import StatisticsChoice, base_accumulation
 from .step_rules import NonFiniteStep, StepRules  # noqa: F401  (re-exported: the core's public exception)
@@ -126,6 +128,8 @@ class StepCore(StepRules, CheckpointState):
         self.skipped_steps: Counter = Counter()
         self.amp = ScalerBridge(scaler, self) if scaler is not None else None
         self.bucket_views = bucket_views
+        self.grad_watch = GradWatch() if world_size == 1 and not bucket_views else None  # in-place grad changes
+        self.coverage_warning = CoverageWarning()
         self._pending = None
         """Between ``begin_step`` and ``end_step``: the :class:`~simigrad_compile.runtime.step_rules.PendingStep`."""
         self._loss: Optional[torch.Tensor] = None
@@ -202,7 +206,8 @@ class StepCore(StepRules, CheckpointState):
     def _new_window(self, sizes: Sequence[int]) -> Window:
         stats = self.microsteps if self.world_size == 1 else None
         self.state.window = Window(sizes, optimizer_params(self.user_optimizer), stats,
-                                   allow_views=self.bucket_views, name_of=self._param_name, live=self._live_params)
+                                   allow_views=self.bucket_views, name_of=self._param_name, live=self._live_params,
+                                   watch=self.grad_watch)
         self.state.sync_gradients = len(sizes) == 1
         return self.state.window
 
@@ -319,7 +324,8 @@ class StepCore(StepRules, CheckpointState):
             "gns": self.controller.noise_scale, "gain": self.controller.gain(realised),
             "lr_scale": pending.lr_scale, "stepped": reason is None, "skipped": skipped,
             "grad_norm": pending.grad_norm, "loss": pending.loss_sum / samples if self._loss is not None else None,
-            "note": pending.note,
+            "note": pending.note, "covered_elements": pending.coverage.elements,
+            "covered_sq_norm": pending.coverage.sq_norm,
         })
         self._reset_step()
         self._replan()
@@ -382,6 +388,8 @@ class StepCore(StepRules, CheckpointState):
             self.discard_step()
         if self.amp is not None:
             self.amp.close()
+        if self.grad_watch is not None:
+            self.grad_watch.close()
         self._history.close()
 
     def plot(self, path: str) -> None:

@@ -17,7 +17,10 @@ A record has the keys of :data:`KEYS`:
 * ``grad_norm``: the total norm of the step's mean gradient (unscaled, before clipping; in the clip's norm
   type when ``run.clip_grad_norm_`` was called, else the 2-norm);
 * ``loss``: the sample-weighted mean loss when the loop passes it (``run.log_loss``), else None;
-* ``note``: why the step has no statistics, when it has none.
+* ``note``: why the step has no statistics, when it has none, or what its statistics leave out (partial coverage);
+* ``covered_elements``, ``covered_sq_norm``: the share of the step's gradient elements, and of its squared norm,
+  that the statistics cover (1.0 for ``microsteps``, 0.0 without statistics; the rule for partial coverage is in
+  :mod:`simigrad_compile.runtime.coverage`).
 
 With ``log_dir`` set, every record is appended to ``<log_dir>/simigrad.csv`` (flushed per row) and, when the
 ``tensorboard`` package is installed, written through ``torch.utils.tensorboard.SummaryWriter`` (tag
@@ -35,7 +38,8 @@ from typing import List, Optional
 log = logging.getLogger("simigrad_compile")
 
 KEYS = ("step", "samples", "target_batch_size", "batch_size", "micro_batch_size", "accumulation", "statistics",
-        "cosine", "signal", "noise", "gns", "gain", "lr_scale", "stepped", "skipped", "grad_norm", "loss", "note")
+        "cosine", "signal", "noise", "gns", "gain", "lr_scale", "stepped", "skipped", "grad_norm", "loss", "note",
+        "covered_elements", "covered_sq_norm")
 CSV_NAME = "simigrad.csv"
 
 
@@ -82,7 +86,7 @@ class History:
         self._file.flush()
         if self._writer is not None:
             for key in ("cosine", "signal", "noise", "gns", "gain", "batch_size", "target_batch_size", "micro_batch_size", "accumulation",
-                        "lr_scale", "grad_norm", "loss"):
+                        "lr_scale", "grad_norm", "loss", "covered_elements", "covered_sq_norm"):
                 value = record[key]
                 if value is not None and math.isfinite(value):
                     self._writer.add_scalar(f"simigrad/{key}", value, record["samples"])

@@ -29,6 +29,7 @@ import torch
 
 from .. import compat
 from ..stats.gradient_stats import StatsRead
+from .coverage import FULL, Coverage, coverage
 from .lr import restore_lr, scale_lr
 
 log = logging.getLogger("simigrad_compile")
@@ -61,11 +62,21 @@ class PendingStep(NamedTuple):
     """The total norm of the step's mean gradient (NaN when not finite)."""
     loss_sum: float
     """The sample-weighted sum of the micro-steps' mean losses."""
+    coverage: Coverage = FULL
+    """What share of the step's gradient the statistics cover (:mod:`simigrad_compile.runtime.coverage`)."""
 
 
 def _wide(grads: List[torch.Tensor]) -> List[torch.Tensor]:
-    """fp16/bf16 gradients in fp32, for their norms."""
-    return [g.float() if g.dtype in _NARROW else g for g in grads]
+    """fp16/bf16 gradients in fp32, for their norms; a sparse gradient as its coalesced values (the same norm)."""
+    return [_values(g) if g.is_sparse else g.float() if g.dtype in _NARROW else g for g in grads]
+
+
+def _values(grad: torch.Tensor) -> torch.Tensor:
+    """A sparse gradient's coalesced values (one zero when it has none: its norm of every type is 0)."""
+    values = grad.coalesce().values()
+    if values.numel() == 0:
+        values = values.new_zeros(1)
+    return values.float() if values.dtype in _NARROW else values
 
 
 def _to_host(scalars: List[torch.Tensor], sums: Optional[torch.Tensor]) -> List[float]:
@@ -171,8 +182,12 @@ class StepRules:
         elif stats.mode != "none" and not stats.finite:
             reason = "non-finite-statistics"
         lr_scale = self.controller.lr_scale(w.samples * self.world_size)
+        cover = coverage(w.params, stats, self.model, self._own_hooks,
+                         [v * v for v in values[:n]] if norm_type == 2.0 and total_sq is None else None)
+        if cover.uncovered:
+            note = self.coverage_warning.observe(self.state.steps + 1, cover)
         self._pending = PendingStep(w, stats, note, reason, lr_scale,
-                                    grad_norm if math.isfinite(grad_norm) else math.nan, loss_sum)
+                                    grad_norm if math.isfinite(grad_norm) else math.nan, loss_sum, cover)
         if reason is not None:
             return self._skip(w, reason)
         if clip is not None:
@@ -181,6 +196,11 @@ class StepRules:
             compat.foreach_mul_(grads, factor)
         self._saved_lr = scale_lr(self.user_optimizer, lr_scale) if lr_scale != 1.0 else None  # 1.0: lr untouched
         return True
+
+    def _own_hooks(self, param: torch.Tensor) -> frozenset:
+        """The ids of the run's own hooks on ``param`` (not the loop's)."""
+        watch = self.grad_watch
+        return watch.own_hooks(param) if watch is not None else frozenset()
 
     def _skip(self, w, reason: str) -> bool:
         self.skipped_steps[reason] += 1

@@ -37,6 +37,7 @@ import torch
 from .. import compat
 from ..stats.split_stats import SplitStats
 from ..stats.microsteps import MicrostepStats
+from .grad_watch import GradWatch
 
 
 class WindowMisuse(RuntimeError):
@@ -70,12 +71,12 @@ class Window:
     """One optimizer step's micro-steps: tracks progress and keeps ``p.grad`` in the ``W_i / d`` form."""
 
     __slots__ = ("sizes", "accumulation", "samples", "params", "done", "divisor", "stats", "half", "allow_views",
-                 "_grads", "name_of", "live")
+                 "_grads", "name_of", "live", "watch", "_versions", "_ids")
 
     def __init__(self, sizes: Sequence[int], params: Sequence[torch.nn.Parameter],
                  stats: Optional[MicrostepStats] = None, allow_views: bool = False,
                  name_of: Callable[[torch.nn.Parameter], str] = lambda p: f"of shape {tuple(p.shape)}",
-                 live: Optional[Callable[[], List[torch.nn.Parameter]]] = None):
+                 live: Optional[Callable[[], List[torch.nn.Parameter]]] = None, watch: Optional[GradWatch] = None):
         self.sizes = list(map(int, sizes))
         if not self.sizes or min(self.sizes) < 1:
             raise ValueError(f"an accumulation window needs micro-steps of >= 1 sample, got {tuple(sizes)}")
@@ -89,6 +90,12 @@ class Window:
         self._grads: List[Optional[torch.Tensor]] = []
         self.name_of = name_of
         self.live = live
+        self.watch = watch
+        """Counts autograd's accumulations (one process): with it, an in-place change of a gradient is an error."""
+        self._versions: Optional[list] = None
+        self._ids = [id(p) for p in self.params]
+        if watch is not None:
+            watch.watch(self.params)
 
     def _resized(self) -> None:
         """``accumulation`` (the number of micro-steps) and ``samples`` (per rank) after ``sizes`` changed."""
@@ -110,7 +117,11 @@ class Window:
         if factor != 1.0:
             grads = self.grads()
             if grads:
+                before = compat.versions(self._grads) if self._versions is not None else None
                 compat.foreach_mul_(grads, factor)
+                if before is not None:  # the window's own write: the versions it expects move with it
+                    self._versions = [e if e is None else e + a - b
+                                      for e, b, a in zip(self._versions, before, compat.versions(self._grads))]
 
     def _prepare(self, size: int) -> None:
         """Make ``p.grad = W / size`` for a backward over ``size`` samples."""
@@ -142,6 +153,9 @@ class Window:
         micro-step of this window."""
         if self.done == 0:
             return
+        versions = self._versions
+        if versions is not None:
+            self._check_versions(where, versions)
         for p, g in zip(self.params, self._grads):
             if p.grad is g and p.requires_grad:
                 continue
@@ -174,6 +188,38 @@ class Window:
                     "window's earlier micro-batches and the averaging. Change the parameter set between optimizer "
                     "steps (when run.sync_gradients is True), or drop this step with run.discard_step().")
 
+    def _check_versions(self, where: str, versions: Optional[list]) -> None:
+        """Each gradient tensor changed only by autograd's accumulations since the window's last micro-step
+        (:mod:`~simigrad_compile.runtime.grad_watch`); ``versions`` None: the window's first micro-step, where
+        only the versions right after the last accumulations are known."""
+        watch = self.watch
+        counts, after = watch.counts, watch.after
+        grads = self._grads if versions is not None else [p.grad for p in self.params]
+        now = compat.versions(grads)
+        if versions is not None and None not in versions:  # the common case, in a few list operations
+            if now == list(map(operator.add, versions, map(counts.__getitem__, self._ids))):
+                return
+        for i, p in enumerate(self.params):
+            g = grads[i]
+            if g is None or p.grad is not g:
+                continue  # a replaced tensor is check()'s error
+            key = id(p)
+            if versions is not None and versions[i] is not None:
+                if now[i] == versions[i] + counts[key]:
+                    continue
+            else:
+                seen = after.get(key)
+                if seen is None or seen[0] != id(g) or seen[1] == now[i]:
+                    continue
+            raise WindowMisuse(
+                f"simigrad: the gradient of parameter {self.name_of(p)} was changed in place inside an accumulation "
+                f"window (optimizer.zero_grad(set_to_none=False), p.grad.zero_(), p.grad.mul_(...), "
+                f"torch.nn.utils.clip_grad_norm_ or another write to p.grad; found at {where}, after {self.done} of "
+                f"{self.accumulation} micro-steps): the step would apply a partial or altered sum of its "
+                "micro-batches. Zero gradients only through run.optimizer.zero_grad() (a no-op inside a window), "
+                "clip with run.clip_grad_norm_(max_norm) (it clips the step's mean gradient at the boundary), scale "
+                "the loss rather than the gradient, or drop this step with run.discard_step().")
+
     def micro_step_done(self, samples: Optional[int] = None) -> None:
         """Call after each micro-step's backward; ``samples`` is checked against the size it was planned with."""
         if self.complete:
@@ -189,12 +235,17 @@ class Window:
             self.resize_next(int(samples))
         if j:
             self.check(f"micro-step {j + 1}")
+        elif self.watch is not None and self.accumulation > 1:  # one micro-step: its gradient is the step's
+            self._check_versions("micro-step 1", None)
         self.done = j = j + 1
         if self.stats is not None and j == self.half:
             self.stats.snapshot(self.params)
         if j < self.accumulation and self.sizes[j] != self.divisor:
             self._prepare(self.sizes[j])
         self._grads = [p.grad for p in self.params]
+        if self.watch is not None:
+            self._versions = compat.versions(self._grads)
+            self.watch.take()
 
     def split_stats(self) -> SplitStats:
         n1 = sum(self.sizes[: self.half])

@@ -1,7 +1,9 @@
 """The ``microsteps`` statistic: the midpoint gradient copy and the pair kernel at the boundary.
 
 The window arithmetic (which micro-steps form each half, ``W_h / N1`` against ``(W_k - W_h) / N2``) is in
-:mod:`simigrad_compile.runtime.window`. The parameters are the window's (the optimizer's live set), so a
+:mod:`simigrad_compile.runtime.window`. A sparse gradient (``nn.Embedding(sparse=True)``) is densified per
+parameter: its midpoint copy is dense (the parameter's size, allocated per window) and the pair is taken over
+its dense form at the boundary. The parameters are the window's (the optimizer's live set), so a
 parameter unfrozen or added between steps is covered from its first window on.
 """
 
@@ -35,6 +37,9 @@ class MicrostepStats:
                 continue
             if grad.requires_grad:
                 grad = grad.detach()
+            if grad.is_sparse:  # a sparse gradient (nn.Embedding(sparse=True)): its dense copy, taken afresh
+                taken[id(p)] = copies[id(p)] = grad.to_dense()
+                continue
             copy = copies.get(id(p))
             if copy is None or copy.shape != grad.shape or copy.dtype != grad.dtype or copy.device != grad.device:
                 copy = copies[id(p)] = grad.clone()
@@ -59,8 +64,9 @@ class MicrostepStats:
             if p.grad is None:
                 continue
             copy: Optional[torch.Tensor] = self._taken.get(id(p))
-            own.append(copy if copy is not None else torch.zeros_like(p.grad))
-            total.append(p.grad)
+            grad = dense(p.grad)
+            own.append(copy if copy is not None else torch.zeros_like(grad))
+            total.append(grad)
         self.total_sq = None
         if not own:  # no gradient at all: no statistics
             return SplitStats(float("nan"), float("nan"), float("nan"), "none")
@@ -93,6 +99,11 @@ def _pair_rows(own: List[torch.Tensor], total: List[torch.Tensor], alpha: float,
     return rows, None
 
 
+def dense(grad: torch.Tensor) -> torch.Tensor:
+    """``grad``, or its dense form when it is sparse (duplicate indices summed)."""
+    return grad.to_dense() if grad.is_sparse else grad
+
+
 FLATTEN = 1 << 16
 """At most this many gradient elements in all: one flat fp64 pair (small parameters, where the per-call cost
 of the kernel dominates)."""
@@ -114,4 +125,4 @@ def _flat64(tensors: List[torch.Tensor]) -> torch.Tensor:
     return torch.cat([t.reshape(-1).to(torch.float64) for t in tensors])
 
 
-__all__ = ["MicrostepStats"]
+__all__ = ["MicrostepStats", "dense"]

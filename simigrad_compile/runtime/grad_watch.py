@@ -1,0 +1,70 @@
+"""Autograd's accumulations into each parameter's gradient, counted, so that a window can tell them from in-place
+changes made by the loop.
+
+Every in-place write to a tensor bumps its version counter (``compat.versions``). Autograd's accumulation into an
+existing ``p.grad`` is one in-place add per backward pass that reaches ``p`` (the engine sums a parameter's
+uses within one pass before it accumulates), so between two micro-steps a gradient's version must advance by
+exactly the number of accumulations counted here (a post-accumulate-grad hook per parameter), and right after the
+last accumulation it must be the version the hook saw (this covers a change between a window's first backward and
+its first micro-step, before the window has a version of its own). Anything more is a
+write by the loop: ``optimizer.zero_grad(set_to_none=False)``, ``p.grad.zero_()``, ``p.grad.mul_``,
+``torch.nn.utils.clip_grad_norm_``. A door that keeps the running gradient aside and folds each fresh gradient in
+(``held.add_(fresh)``) is one add per accumulation too, so it keeps the count.
+
+Used on one process only: data-parallel reducers write the reduced gradient into ``p.grad`` themselves.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections import Counter
+from typing import Dict, Sequence
+
+import torch
+
+from ..compat import version
+
+
+class GradWatch:
+    """Counts accumulations per parameter (``counts``: ``id(param) -> n`` since the last :meth:`take`)."""
+
+    def __init__(self):
+        self.counts: Counter = Counter()
+        self.after: Dict[int, tuple] = {}
+        """``id(param) -> (id(param.grad), its version)`` right after the last accumulation since :meth:`take`."""
+        self._handles: Dict[int, tuple] = {}
+
+    def watch(self, params: Sequence[torch.nn.Parameter]) -> None:
+        """Count the accumulations of ``params`` from now on (a parameter already watched is skipped)."""
+        handles = self._handles
+        for p in params:
+            entry = handles.get(id(p))
+            if entry is not None and entry[0]() is p:
+                continue
+            handles[id(p)] = (weakref.ref(p), p.register_post_accumulate_grad_hook(self._count))
+
+    def _count(self, param: torch.Tensor) -> None:
+        key, grad = id(param), param.grad
+        self.counts[key] += 1
+        self.after[key] = (id(grad), version(grad))
+
+    def take(self) -> Counter:
+        """The counts since the last call, and start counting afresh."""
+        counts, self.counts = self.counts, Counter()
+        self.after = {}
+        return counts
+
+    def own_hooks(self, param: torch.Tensor) -> frozenset:
+        """The ids of the hook handles this watch registered on ``param``."""
+        entry = self._handles.get(id(param))
+        return frozenset((entry[1].id,)) if entry is not None and entry[0]() is param else frozenset()
+
+    def close(self) -> None:
+        for _, handle in self._handles.values():
+            handle.remove()
+        self._handles.clear()
+        self.counts.clear()
+        self.after = {}
+
+
+__all__ = ["GradWatch"]
