@@ -283,15 +283,15 @@ def test_batchnorm_rounding_is_not_a_wrong_split(spec):
 def test_the_check_catches_halves_cut_one_sample_late(monkeypatch):
     """The check can fail: halves cut after sample 3 of 5 instead of 2 keep the gradient exact but not the
     statistics of two half-batch passes."""
-    from simigrad_compile.compile.passes import split_backward
+    from simigrad_compile.compile.passes import half_operands
 
-    original = split_backward.SplitBackwardPass._cut
+    original = half_operands._cut
 
-    def late(self, node, info, consumer):
-        cut = original(self, node, info, consumer)
-        return cut + cut // (self.prop.batch // 2)
+    def late(ctx, node, info, consumer):
+        cut = original(ctx, node, info, consumer)
+        return cut + cut // (ctx.batch // 2)
 
-    monkeypatch.setattr(split_backward.SplitBackwardPass, "_cut", late)
+    monkeypatch.setattr(half_operands, "_cut", late)
     with pytest.raises(AssertionError, match="two half-batch passes give"):
         check_spec(Spec(batch=5, dtype="float32", stem="seq", seq_blocks=("linear", "layernorm")))
 
