@@ -283,3 +283,13 @@ def declared_batch_size(iterator):
     batching, or a batch sampler without one)."""
     sampler = iterator._index_sampler if iterator._auto_collation else None
     return getattr(sampler, "batch_size", None)
+
+
+def batches_left(iterator) -> "int | None":
+    """Batches a ``DataLoader`` iterator will still yield (``len(loader)`` minus those yielded), or None when the
+    loader has no length (an ``IterableDataset`` without ``__len__``)."""
+    try:
+        total = len(iterator)
+    except TypeError:
+        return None
+    return total - iterator._num_yielded
