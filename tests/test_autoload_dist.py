@@ -8,8 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import copy
+import math
+
 import pytest
 import torch
+from torch.utils.data import DistributedSampler
+
+from simigrad_testkit.autoload_dist_worker import problem
 
 HERE = Path(__file__).resolve().parent
 
@@ -26,6 +32,37 @@ def launch(out: Path, tag: str, batch: int, epochs: int, compile: bool = False, 
 
 def without_loss(history):
     return [{k: v for k, v in r.items() if k != "loss"} for r in history]
+
+
+def one_process_reference(history, b0: int, lr: float = 0.05):
+    """The plain loop on one process, in fp64, over the same global batches: each step the mean loss over both
+    ranks' samples of that step (in DistributedSampler's order, a window ending with the epoch), SGD with
+    momentum at ``lr x sqrt(batch / b0)``."""
+    data, net = problem()
+    model = copy.deepcopy(net).double()
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    x, y = (t.double() for t in data.tensors)
+    epoch, position, orders = 0, 0, None
+    for r in history:
+        if orders is None:
+            orders = []
+            for rank in (0, 1):
+                sampler = DistributedSampler(data, num_replicas=2, rank=rank, shuffle=True, seed=0)
+                sampler.set_epoch(epoch)
+                orders.append(list(sampler))
+        n = r["batch_size"] // 2
+        index = [i for order in orders for i in order[position:position + n]]
+        assert len(index) == r["batch_size"]
+        assert r["lr_scale"] == pytest.approx(math.sqrt(r["batch_size"] / b0))
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x[index]), y[index]).backward()
+        for group in opt.param_groups:
+            group["lr"] = lr * r["lr_scale"]
+        opt.step()
+        position += n
+        if position == len(orders[0]):
+            epoch, position, orders = epoch + 1, 0, None
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
 
 
 @pytest.mark.slow
@@ -47,7 +84,8 @@ def test_fixed_batch_equals_the_plain_ddp_loop(tmp_path):
 @pytest.mark.slow
 def test_adaptive_batch_agrees_on_every_rank(tmp_path):
     """Growing from 16 (2 x 8) under target 0.9, compiled (aot_eager), three epochs: the same parameters and
-    records, bit for bit, on both ranks; one reduction per step; one CSV, by rank 0."""
+    records, bit for bit, on both ranks, equal to one process's plain fp64 loop over the same global batches; one
+    reduction per step; one CSV, by rank 0."""
     logs = tmp_path / "log"
     ours, err = launch(tmp_path, "adaptive", 8, 3, compile=True, SIMIGRAD="1", SIMIGRAD_TARGET_SIMILARITY="0.9",
                        SIMIGRAD_MIN_BATCH_SIZE="16", SIMIGRAD_MAX_BATCH_SIZE="96", SIMIGRAD_COMPILER="aot_eager",
@@ -59,6 +97,7 @@ def test_adaptive_batch_agrees_on_every_rank(tmp_path):
     assert len({r["batch_size"] for r in h0}) > 1
     assert sum(r["batch_size"] for r in h0) == 3 * 128                 # every sample once per epoch
     assert ours[0]["reduced"] == ours[1]["reduced"] == len(h0)
+    torch.testing.assert_close(ours[0]["params"], one_process_reference(h0, b0=16), rtol=1e-5, atol=1e-5)
     (table,) = logs.glob("**/*.csv")
     with open(table) as f:
         assert len(list(csv.DictReader(f))) == len(h0)

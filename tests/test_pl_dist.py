@@ -13,6 +13,11 @@ import torch
 
 pytest.importorskip("lightning.pytorch")
 
+from torch.utils.data import DistributedSampler  # noqa: E402
+
+from simigrad_testkit.loop_reference import Net, Reference, dataset, flat  # noqa: E402
+from simigrad_testkit.pl_dist_worker import SAMPLES  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -27,6 +32,31 @@ def launch(out: Path, mode: str, strategy: str = "ddp") -> list:
 
 def without_loss(history):
     return [{k: v for k, v in r.items() if k != "loss"} for r in history]
+
+
+def one_process_reference(history, b0: int):
+    """The plain fp64 loop on one process over the same global batches: rank r's samples are those of the
+    DistributedSampler Lightning puts in a training loader (shuffled, seed 0, ``set_epoch`` each epoch); a step
+    takes the next ``batch / 2`` of each rank, a window ends with the epoch."""
+    torch.manual_seed(0)
+    ref = Reference(Net(), "sgd", b0=b0, schedule=False)
+    data = dataset(SAMPLES)
+    x, y = data.tensors
+    epoch, position, orders = 0, 0, None
+    for r in history:
+        if orders is None:
+            orders = []
+            for rank in (0, 1):
+                sampler = DistributedSampler(data, num_replicas=2, rank=rank, shuffle=True, seed=0)
+                sampler.set_epoch(epoch)
+                orders.append(list(sampler))
+        n = r["batch_size"] // 2
+        index = [i for order in orders for i in order[position:position + n]]
+        ref.step(x[index], y[index], skip=not r["stepped"])
+        position += n
+        if position == len(orders[0]):
+            epoch, position, orders = epoch + 1, 0, None
+    return flat(ref.model)
 
 
 @pytest.mark.slow
@@ -46,13 +76,16 @@ def test_fixed_batch_equals_plain_lightning_ddp(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", "ddp_spawn"])
 def test_adaptive_batch_agrees_on_every_rank(tmp_path, strategy):
+    """B0 8 (2 ranks x 4), growing under target 0.9, two epochs: the same parameters and records, bit for bit, on
+    both ranks, equal to one process's plain fp64 loop over the same global batches; one CSV, by rank 0."""
     ours = launch(tmp_path, "adaptive", strategy)
     h0, h1 = ours[0]["history"], ours[1]["history"]
     assert without_loss(h0) == without_loss(h1)
     assert torch.equal(ours[0]["params"], ours[1]["params"])
     assert {r["statistics"] for r in h0} == {"ranks"}
     assert len({r["batch_size"] for r in h0}) > 1
-    assert sum(r["batch_size"] for r in h0) == 2 * 64
+    assert sum(r["batch_size"] for r in h0) == 2 * SAMPLES
+    torch.testing.assert_close(ours[0]["params"], one_process_reference(h0, b0=8), rtol=1e-5, atol=1e-5)
     (table,) = (tmp_path / f"log-adaptive-{strategy}").glob("**/*.csv")
     with open(table) as f:
         assert len(list(csv.DictReader(f))) == len(h0)

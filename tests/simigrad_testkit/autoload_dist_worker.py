@@ -32,17 +32,22 @@ def count_reductions() -> None:
     distributed.ddp_hook = counting
 
 
+def problem():
+    """The data set (128 samples) and the initial network, the same in every process that calls it."""
+    torch.manual_seed(0)
+    x = torch.randn(128, 8)
+    y = (x @ torch.randn(8, 1)).sin() + 0.3 * torch.randn(128, 1)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    return TensorDataset(x, y), net
+
+
 def main(out: str, tag: str, batch: str, epochs: str, compile: str) -> None:
     simigrad = os.environ.get("SIMIGRAD") == "1"
     if simigrad:
         count_reductions()
     dist.init_process_group("gloo")
     rank = dist.get_rank()
-    torch.manual_seed(0)
-    x = torch.randn(128, 8)
-    y = (x @ torch.randn(8, 1)).sin() + 0.3 * torch.randn(128, 1)
-    data = TensorDataset(x, y)
-    net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    data, net = problem()
     ddp = DistributedDataParallel(net)
     model = torch.compile(ddp) if compile == "1" else ddp
     sampler = DistributedSampler(data, shuffle=True, seed=0)
