@@ -64,9 +64,9 @@ import torch
 from .. import compat
 from ..config import SimigradConfig
 from ..runtime.driven import driven, mark_driven
+from . import loop_ddp
 from .batches import samples_in
 from .door_rules import one_rung
-from . import loop_ddp
 from .loop_feed import Fed, Fetch
 
 log = logging.getLogger("simigrad_compile")
@@ -106,7 +106,7 @@ class _Door:
         """The loop's DistributedDataParallel module (its sync is steered by :mod:`.loop_ddp`), and this rank."""
         self.aside: Optional[Dict[int, torch.Tensor]] = None
         self.folded: Optional[Dict[int, torch.Tensor]] = None
-        """The held tensors put back into ``p.grad`` before a synchronising backward (:meth:`fold_before_sync`)."""
+        """The held tensors put back into ``p.grad`` before a reducing backward (:func:`.loop_ddp.fold`)."""
         self.source = None
         self.boundary = False
         self.reported = 0
@@ -352,7 +352,9 @@ def _open(optimizer: torch.optim.Optimizer) -> _Door:
     run = AdaptiveBatching(ddp if ddp is not None else _OptimizerParams(optimizer), optimizer, config=config)
     run.allow_direct_steps()  # the loop steps the optimizer on every micro-batch; those steps act on no gradient
     if ddp is not None and run.plan.accumulation == 1 and not ddp.require_backward_grad_sync:
-        raise RuntimeError("simigrad: SIMIGRAD=1: the first step's DDP sync disagrees with its plan; report this")
+        raise RuntimeError("simigrad: SIMIGRAD=1: the first step is one batch, but its backward ran without DDP's "
+                           "gradient sync (planned from the batch fetched last, of another size): fetch each "
+                           "training batch right before its forward, or set SIMIGRAD_BATCH_SIZE")
     door = _Door(optimizer, run, log_dir, ddp, rank)
     if rank == 0:
         print(_effect_line(optimizer, config, micro, fetches, world_size), file=sys.stderr, flush=True)
