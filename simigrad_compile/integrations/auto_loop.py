@@ -106,6 +106,8 @@ class _Door:
         """The loop's DistributedDataParallel module (its sync is steered by :mod:`.loop_ddp`), and this rank."""
         self.aside: Optional[Dict[int, torch.Tensor]] = None
         self.folded: Optional[Dict[int, torch.Tensor]] = None
+        self.synced: Optional[bool] = None
+        """Whether the last backward (seen by ``Tensor.backward``) reduced across ranks."""
         """The held tensors put back into ``p.grad`` before a reducing backward (:func:`.loop_ddp.fold`)."""
         self.source = None
         self.boundary = False
@@ -139,6 +141,8 @@ class _Door:
                     p.grad = g
                 elif p.grad is not g:
                     p.grad.add_(g)
+        if self.ddp is not None and run.state.micro_step + 1 >= run.state.micro_steps:
+            loop_ddp.check_reduced(self)
         if not run.micro_step_done(samples=samples, loss=loss):
             self.aside = {id(p): p.grad for p in params if p.grad is not None}
             for p in params:
@@ -156,6 +160,8 @@ class _Door:
 
     def flush(self) -> None:
         """The training loader ran out inside a window: its micro-steps form the step, taken here."""
+        if self.ddp is not None and self.run.state.micro_step > 0:
+            loop_ddp.check_reduced(self)
         params = self._restore()
         self.source = None
         if self.run.end_window():
@@ -271,8 +277,10 @@ def _backward_recording(self, *args, **kwargs):
         return _originals["backward"](self, *args, **kwargs)
     _fed.backward(self)
     for door in list(_doors.values()):
-        if door.ddp is not None and door.aside is not None and door.ddp.require_backward_grad_sync:
-            loop_ddp.fold(door)
+        if door.ddp is not None:
+            door.synced = door.ddp.require_backward_grad_sync
+            if door.aside is not None and door.synced:
+                loop_ddp.fold(door)
     _fed.in_backward = True
     try:
         return _originals["backward"](self, *args, **kwargs)
@@ -351,11 +359,9 @@ def _open(optimizer: torch.optim.Optimizer) -> _Door:
     # Under DDP the core sees the DDP module: the split reduction's statistics, the sample counts of the ranks.
     run = AdaptiveBatching(ddp if ddp is not None else _OptimizerParams(optimizer), optimizer, config=config)
     run.allow_direct_steps()  # the loop steps the optimizer on every micro-batch; those steps act on no gradient
-    if ddp is not None and run.plan.accumulation == 1 and not ddp.require_backward_grad_sync:
-        raise RuntimeError("simigrad: SIMIGRAD=1: the first step is one batch, but its backward ran without DDP's "
-                           "gradient sync (planned from the batch fetched last, of another size): fetch each "
-                           "training batch right before its forward, or set SIMIGRAD_BATCH_SIZE")
     door = _Door(optimizer, run, log_dir, ddp, rank)
+    if ddp is not None:  # the first backward ran before the door existed, under the sync set at its fetch
+        door.synced = ddp.require_backward_grad_sync
     if rank == 0:
         print(_effect_line(optimizer, config, micro, fetches, world_size), file=sys.stderr, flush=True)
     if not _exit_registered:

@@ -154,6 +154,22 @@ def unfold(door) -> None:
             p.grad = held
 
 
+def check_reduced(door) -> None:
+    """The micro-step that ends the window: its backward must have reduced the window's gradient across ranks,
+    else every rank would step with its own gradient and the ranks would drift apart."""
+    synced, door.synced = door.synced, None
+    if synced:
+        return
+    why = ("its backward ran under DDP's no_sync (a loop that fetches batches ahead of their forward, or "
+           "accumulates over several backward passes per optimizer.step())" if synced is False else
+           "no loss.backward() was seen since the last step (torch.autograd.backward or autograd.grad)")
+    door.run.discard_step()
+    door.aside = door.folded = None
+    raise RuntimeError(f"simigrad: SIMIGRAD=1 on many processes: the batch that ends a step was not reduced across "
+                       f"ranks: {why}. Fetch each batch right before its forward, call loss.backward() and "
+                       "optimizer.step() once per batch, or set SIMIGRAD_AUTO_LOOP=false")
+
+
 def claim(ddp) -> bool:
     """True when this door steers ``ddp``: the first time it sees it, unless another door (``AdaptiveBatching``,
     which installs the split reduction when it is built) already did; such a module is forgotten."""
@@ -168,5 +184,5 @@ def claim(ddp) -> bool:
     return True
 
 
-__all__ = ["before_forward", "check_mode", "claim", "find", "first_plan_syncs", "fold", "install", "iterator_ends",
+__all__ = ["before_forward", "check_mode", "check_reduced", "claim", "find", "first_plan_syncs", "fold", "install", "iterator_ends",
            "recorded", "steer", "unfold", "uninstall", "world"]
