@@ -378,8 +378,9 @@ def _effect_line(optimizer, config: SimigradConfig, micro: int, fetches, world_s
     shown = {"micro_batch_sizes", "batch_size", "log_dir", "auto_loop", "min_batch_size", "max_batch_size",
              "target_similarity", "lr_scaling"}
     extra = [f"{k}={v!r}" for k, v in config.as_dict().items() if k not in shown and v != getattr(defaults, k)]
+    ranks = f"{world_size} x " if world_size > 1 else ""
     text = (f"simigrad: SIMIGRAD=1 adapts the batch of {type(optimizer).__name__}: micro-batch {micro} ({source}), "
-            f"B0 {config.batch_size}, batch = {f'{world_size} x ' if world_size > 1 else ''}accumulation x {micro} in [{config.min_batch_size}, "
+            f"B0 {config.batch_size}, batch = {ranks}accumulation x {micro} in [{config.min_batch_size}, "
             f"{config.max_batch_size}], target_similarity {config.target_similarity}, lr_scaling "
             f"{config.lr_scaling}" + (f", {', '.join(extra)}" if extra else ""))
     if config.log_dir is None:

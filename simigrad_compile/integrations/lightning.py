@@ -217,8 +217,8 @@ def _strategy_refusals(trainer) -> list:
     strategy = trainer.strategy
     if trainer.world_size == 1 or isinstance(strategy, DDPStrategy):
         return []  # DeepSpeed (a DDPStrategy) is refused at on_train_start: it accumulates by itself
-    return [f"strategy {type(strategy).__name__} on {trainer.world_size} processes: use strategy='ddp' (or 'ddp_spawn'), or "
-            "AdaptiveBatching with enable_fsdp for FSDP2"]
+    return [f"strategy {type(strategy).__name__} on {trainer.world_size} processes: use strategy='ddp' (or "
+            "'ddp_spawn'), or AdaptiveBatching with enable_fsdp for FSDP2"]
 
 
 __all__ = ["SimigradCallback"]

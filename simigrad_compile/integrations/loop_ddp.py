@@ -184,5 +184,5 @@ def claim(ddp) -> bool:
     return True
 
 
-__all__ = ["before_forward", "check_mode", "check_reduced", "claim", "find", "first_plan_syncs", "fold", "install", "iterator_ends",
-           "recorded", "steer", "unfold", "uninstall", "world"]
+__all__ = ["before_forward", "check_mode", "check_reduced", "claim", "find", "first_plan_syncs", "fold", "install",
+           "iterator_ends", "recorded", "steer", "unfold", "uninstall", "world"]

@@ -2,7 +2,7 @@
 simigrad_testkit.pl_dist_worker MODE OUT [STRATEGY]``.
 
 MODE: ``plain`` (no callback, the loader's batch 8 per rank), ``fixed`` (``SimigradCallback`` on batches of 4 per
-rank, the step's batch fixed at 16 = 2 ranks x 2 micro-batches x 4), ``adaptive`` (batches of 4, B0 8, growing).
+rank, the step's batch fixed at 16 = 2 ranks x 2 micro-batches x 4), ``adaptive`` (batches of 4, B0 8, growing; 72 samples).
 STRATEGY: ``ddp`` (default) or ``ddp_spawn``. Each rank saves ``OUT/MODE-STRATEGY-rank{r}.pt``: its parameters
 (fp64, flat), the core's history, the core's log_dir.
 """
@@ -17,7 +17,9 @@ from simigrad_compile.integrations.lightning import SimigradCallback
 from simigrad_testkit.lightning_module import PlainModule
 from simigrad_testkit.loop_reference import Net, dataset, flat
 
-SAMPLES = 64
+SAMPLES = {"plain": 64, "fixed": 64, "adaptive": 72}
+"""Samples per mode: 64 = 8 steps of 16 for the fixed comparison; 72 = 9 batches of 4 per rank, so that windows
+end early with the epoch."""
 
 
 class Save(pl.Callback):
@@ -47,7 +49,7 @@ def main(mode: str, out: str, strategy: str = "ddp") -> None:
     trainer = pl.Trainer(max_epochs=2, accelerator="cpu", devices=2, strategy=strategy, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          callbacks=[c for c in (callback, save) if c is not None])
-    loader = torch.utils.data.DataLoader(dataset(SAMPLES), batch_size=8 if mode == "plain" else 4)
+    loader = torch.utils.data.DataLoader(dataset(SAMPLES[mode]), batch_size=8 if mode == "plain" else 4)
     trainer.fit(PlainModule(net), loader)
 
 
