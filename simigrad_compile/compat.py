@@ -310,3 +310,13 @@ def parameter_hooks(param: torch.Tensor) -> tuple:
     """``(tensor hooks, post-accumulate-grad hooks)`` registered on ``param`` (``register_hook``,
     ``register_post_accumulate_grad_hook``), as dicts keyed by the handle's id; empty dicts when none."""
     return (getattr(param, "_backward_hooks", None) or {}), (getattr(param, "_post_accumulate_grad_hooks", None) or {})
+
+
+def batches_left(iterator) -> "int | None":
+    """Batches a ``DataLoader`` iterator will still yield (``len(loader)`` minus those yielded), or None when the
+    loader has no length (an ``IterableDataset`` without ``__len__``)."""
+    try:
+        total = len(iterator)
+    except TypeError:
+        return None
+    return total - iterator._num_yielded

@@ -138,3 +138,16 @@ def test_accumulation_one_reads_the_backend_statistics_and_checkpoints_resume(tm
     trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=8), ckpt_path=checkpoint)
     assert [r["step"] for r in resumed.run.history] == [1, 2, 3, 4, 5, 6]
     assert resumed.run.history[:3] == history
+
+
+def test_multi_process_strategies_other_than_ddp_are_refused_by_name():
+    """DDPStrategy (ddp, ddp_spawn) runs on many processes (tests/test_pl_dist.py); FSDP is refused by name."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+
+    from simigrad_compile.integrations.lightning import _strategy_refusals
+
+    (problem,) = _strategy_refusals(SimpleNamespace(strategy=FSDPStrategy(), world_size=2))
+    assert "FSDPStrategy on 2 processes" in problem and "strategy='ddp'" in problem
+    assert _strategy_refusals(SimpleNamespace(strategy=DDPStrategy(), world_size=2)) == []

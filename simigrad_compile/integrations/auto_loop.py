@@ -37,6 +37,12 @@ step (``end_window``): the door takes that step itself and leaves ``p.grad`` Non
 ``zero_grad`` would. A loop that stops early leaves its last window unapplied: at exit the core discards it and
 says so (``StepCore.close``, the rule of every door).
 
+Many processes (``torchrun`` of a loop with ``DistributedDataParallel`` and a ``DistributedSampler``): each rank
+adapts the number of its loader's batches per step (the global batch is ``world x accumulation x`` that batch; B0
+defaults to ``world x`` it), the core sees the DDP module (``ranks`` statistics through the split reduction, the
+same on every rank, so every rank takes the same decisions), DDP reduces once per step and rank 0 alone writes the
+log: :mod:`simigrad_compile.integrations.loop_ddp`.
+
 Output. One line on stderr when the door takes effect (the first ``step()`` of an optimizer), naming the config
 and where the log goes; one INFO record per step on the ``simigrad_compile`` logger. ``SIMIGRAD_LOG_DIR``: the
 core's CSV (and TensorBoard events when the ``tensorboard`` package is installed), and ``simigrad.png`` written
@@ -58,6 +64,7 @@ import torch
 from .. import compat
 from ..config import SimigradConfig
 from ..runtime.driven import driven, mark_driven
+from . import loop_ddp
 from .batches import samples_in
 from .door_rules import one_rung
 from .loop_feed import Fed, Fetch
@@ -93,9 +100,15 @@ class _OptimizerParams:
 class _Door:
     """One optimizer's adaptive batching: the core, and the running gradient held aside between micro-steps."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, run, log_dir: Optional[str]):
+    def __init__(self, optimizer: torch.optim.Optimizer, run, log_dir: Optional[str], ddp=None, rank: int = 0):
         self.optimizer, self.run, self.log_dir = optimizer, run, log_dir
+        self.ddp, self.rank = ddp, rank
+        """The loop's DistributedDataParallel module (its sync is steered by :mod:`.loop_ddp`), and this rank."""
         self.aside: Optional[Dict[int, torch.Tensor]] = None
+        self.folded: Optional[Dict[int, torch.Tensor]] = None
+        self.synced: Optional[bool] = None
+        """Whether the last backward (seen by ``Tensor.backward``) reduced across ranks."""
+        """The held tensors put back into ``p.grad`` before a reducing backward (:func:`.loop_ddp.fold`)."""
         self.source = None
         self.boundary = False
         self.reported = 0
@@ -110,6 +123,8 @@ class _Door:
     def micro_step(self) -> None:
         """The loop's ``step()`` (pre-hook): one micro-step of the core; at the boundary, the real step's setup."""
         run = self.run
+        if self.folded is not None:
+            loop_ddp.unfold(self)
         if self.boundary:  # the last real step raised between its hooks
             log.warning("simigrad: the optimizer's step raised at a step boundary; that step is dropped")
             self.boundary = False
@@ -126,6 +141,8 @@ class _Door:
                     p.grad = g
                 elif p.grad is not g:
                     p.grad.add_(g)
+        if self.ddp is not None and run.state.micro_step + 1 >= run.state.micro_steps:
+            loop_ddp.check_reduced(self)
         if not run.micro_step_done(samples=samples, loss=loss):
             self.aside = {id(p): p.grad for p in params if p.grad is not None}
             for p in params:
@@ -143,6 +160,8 @@ class _Door:
 
     def flush(self) -> None:
         """The training loader ran out inside a window: its micro-steps form the step, taken here."""
+        if self.ddp is not None and self.run.state.micro_step > 0:
+            loop_ddp.check_reduced(self)
         params = self._restore()
         self.source = None
         if self.run.end_window():
@@ -161,6 +180,9 @@ class _Door:
             p.grad = None
 
     def report(self) -> None:
+        if self.rank != 0:  # one log: rank 0's (every rank holds the same records)
+            self.reported = len(self.run.history)
+            return
         for r in self.run.history[self.reported:]:
             why = f", {'skipped' if not r['stepped'] else 'controller unmoved'} ({r['skipped']})" \
                 if r["skipped"] else ""
@@ -193,6 +215,7 @@ def install(config: SimigradConfig) -> None:
     _originals.update(next=iterator.__next__, backward=torch.Tensor.backward,
                       scale=torch.amp.GradScaler.scale, update=torch.amp.GradScaler.update)
     iterator.__next__ = _next_recording
+    loop_ddp.install()
     torch.Tensor.backward = _backward_recording
     torch.amp.GradScaler.scale = _scale_marking
     torch.amp.GradScaler.update = _update_dropping
@@ -209,6 +232,7 @@ def uninstall() -> None:
         torch.Tensor.backward = _originals.pop("backward")
         torch.amp.GradScaler.scale = _originals.pop("scale")
         torch.amp.GradScaler.update = _originals.pop("update")
+    loop_ddp.uninstall()
     for door in list(_doors.values()):
         door.close(plot=False)
     _doors.clear()
@@ -242,6 +266,9 @@ def _next_recording(self):
     dim = _config.batch_dim if isinstance(_config.batch_dim, int) else 0
     compat.tree_map(mark_static(dim, None), batch)  # a short last batch gets its own graph, not a dynamic batch dim
     _fed.last = Fetch(weakref.ref(self), compat.declared_batch_size(self), samples_in(batch, _config.batch_dim))
+    if loop_ddp.recorded():
+        loop_ddp.steer(self, _fed.last.declared or _fed.last.measured or _config.batch_size, list(_doors.values()),
+                       _config, _door_config)
     return batch
 
 
@@ -249,6 +276,11 @@ def _backward_recording(self, *args, **kwargs):
     if _fed.in_backward:
         return _originals["backward"](self, *args, **kwargs)
     _fed.backward(self)
+    for door in list(_doors.values()):
+        if door.ddp is not None:
+            door.synced = door.ddp.require_backward_grad_sync
+            if door.aside is not None and door.synced:
+                loop_ddp.fold(door)
     _fed.in_backward = True
     try:
         return _originals["backward"](self, *args, **kwargs)
@@ -294,44 +326,61 @@ def _post_step(optimizer, args, kwargs) -> None:
 
 
 # --- opening a door -------------------------------------------------------------------------------------------
+def _door_config(micro: int, world_size: int) -> SimigradConfig:
+    """The door's config: one rung, the loader's batch; B0 ``SIMIGRAD_BATCH_SIZE``, else ``world x`` that batch."""
+    return one_rung(_config.replace(batch_size=_config.batch_size or micro * world_size), micro)
+
+
 def _open(optimizer: torch.optim.Optimizer) -> _Door:
     global _exit_registered
-    if torch.distributed.is_available() and torch.distributed.is_initialized() \
-            and torch.distributed.get_world_size() > 1:
-        raise RuntimeError(
-            "simigrad: SIMIGRAD=1 adapts the batch of one process only (ranks would have to agree on every "
-            "decision, and DDP would all-reduce every micro-batch); use simigrad_compile.AdaptiveBatching with "
-            "enable_ddp, or SIMIGRAD_AUTO_LOOP=false")
+    world_size, rank = loop_ddp.world()
+    ddp = None
+    if world_size > 1:
+        ddp = loop_ddp.find(optimizer)
+        if ddp is None:
+            raise RuntimeError(
+                f"simigrad: SIMIGRAD=1 on {world_size} processes steers the gradient sync of the loop's "
+                f"DistributedDataParallel module, but none built in this process holds the parameters of "
+                f"{type(optimizer).__name__}: wrap the model in DistributedDataParallel before its first batch and "
+                "give the optimizer its parameters, or set SIMIGRAD_AUTO_LOOP=false")
+        loop_ddp.check_mode(_config, world_size)
     fetches, _, declared, _ = _fed.peek()
     micro = declared or _config.batch_size
     if micro is None:
         raise RuntimeError(
             "simigrad: SIMIGRAD=1 needs the micro-batch size: no DataLoader batch fed a backward before the first "
             "optimizer.step(); set SIMIGRAD_BATCH_SIZE to the batch your loop feeds")
-    log_dir = _config.log_dir
+    log_dir = _config.log_dir if rank == 0 else None  # one log: rank 0 writes it
     if log_dir is not None and _doors:
         log_dir = os.path.join(log_dir, f"optimizer{len(_doors)}")
     from ..runtime.adaptive import AdaptiveBatching
 
-    config = one_rung(_config, micro).replace(log_dir=log_dir)
-    run = AdaptiveBatching(_OptimizerParams(optimizer), optimizer, config=config)
+    config = _door_config(micro, world_size).replace(log_dir=log_dir)
+    # Under DDP the core sees the DDP module: the split reduction's statistics, the sample counts of the ranks.
+    run = AdaptiveBatching(ddp if ddp is not None else _OptimizerParams(optimizer), optimizer, config=config)
     run.allow_direct_steps()  # the loop steps the optimizer on every micro-batch; those steps act on no gradient
-    door = _Door(optimizer, run, log_dir)
-    print(_effect_line(optimizer, config, micro, fetches), file=sys.stderr, flush=True)
+    door = _Door(optimizer, run, log_dir, ddp, rank)
+    if ddp is not None:  # the first backward ran before the door existed, under the sync set at its fetch
+        door.synced = ddp.require_backward_grad_sync
+    if rank == 0:
+        print(_effect_line(optimizer, config, micro, fetches, world_size), file=sys.stderr, flush=True)
     if not _exit_registered:
         atexit.register(_at_exit)
         _exit_registered = True
     return door
 
 
-def _effect_line(optimizer, config: SimigradConfig, micro: int, fetches) -> str:
+def _effect_line(optimizer, config: SimigradConfig, micro: int, fetches, world_size: int = 1) -> str:
     source = "the training DataLoader's batch" if fetches else "SIMIGRAD_BATCH_SIZE"
+    if world_size > 1:
+        source += f" on each of {world_size} processes"
     defaults = SimigradConfig()
     shown = {"micro_batch_sizes", "batch_size", "log_dir", "auto_loop", "min_batch_size", "max_batch_size",
              "target_similarity", "lr_scaling"}
     extra = [f"{k}={v!r}" for k, v in config.as_dict().items() if k not in shown and v != getattr(defaults, k)]
+    ranks = f"{world_size} x " if world_size > 1 else ""
     text = (f"simigrad: SIMIGRAD=1 adapts the batch of {type(optimizer).__name__}: micro-batch {micro} ({source}), "
-            f"B0 {config.batch_size}, batch = accumulation x {micro} in [{config.min_batch_size}, "
+            f"B0 {config.batch_size}, batch = {ranks}accumulation x {micro} in [{config.min_batch_size}, "
             f"{config.max_batch_size}], target_similarity {config.target_similarity}, lr_scaling "
             f"{config.lr_scaling}" + (f", {', '.join(extra)}" if extra else ""))
     if config.log_dir is None:

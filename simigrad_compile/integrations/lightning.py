@@ -27,10 +27,21 @@ schedulers where they were. The epoch's last batch ends a window early (the core
 Logging: ``cosine``, ``batch_size`` and ``lr_scale`` through ``pl_module.log`` on every step;
 ``callback.run.history`` has every record (its loss filled from the backward's loss), ``log_dir`` the CSV.
 
-Refused by name: manual optimization, more than one optimizer, more than one process, a precision plugin with a
-GradScaler (``16-mixed``; ``bf16-mixed`` works), ``accumulate_grad_batches != 1`` or a
-``GradientAccumulationScheduler``, strategies that accumulate themselves (DeepSpeed). Lightning counts
-``max_steps`` in optimizer steps; ``trainer.estimated_stepping_batches`` (read at setup) counts micro-batches.
+Data parallelism (``strategy="ddp"``, ``"ddp_spawn"``, ``"ddp_fork"``, ``"ddp_notebook"``: Lightning's
+``DDPStrategy``). The core is built on the ``DistributedDataParallel`` module Lightning wraps the LightningModule in
+(``trainer.strategy.model``), so it installs the split-group reduction (``ranks`` statistics, the bytes of plain
+DDP) before the first backward. Lightning already skips DDP's gradient sync on the batches it accumulates
+(``no_sync`` while ``accumulate_grad_batches`` says accumulate): since the callback sets that number to the core's
+window, DDP reduces once per step, on the window's last micro-batch, and the statistics are taken then. Lightning's
+``DistributedSampler`` shards the loader; the loader's batch is the per-rank micro-batch and B0 defaults to
+``world x`` that. Every rank reads the same statistics, so every rank takes the same decisions and holds the same
+history (the ``loss`` entry is the rank's own loss); the CSV log (``log_dir``) is written by global rank 0 only.
+
+Refused by name: manual optimization, more than one optimizer, a precision plugin with a GradScaler
+(``16-mixed``; ``bf16-mixed`` works), ``accumulate_grad_batches != 1`` or a ``GradientAccumulationScheduler``,
+strategies that accumulate themselves (DeepSpeed), and every multi-process strategy other than ``DDPStrategy``
+(FSDP, model parallel). Lightning counts ``max_steps`` in optimizer steps; ``trainer.estimated_stepping_batches``
+(read at setup) counts micro-batches.
 """
 
 from __future__ import annotations
@@ -41,6 +52,7 @@ from typing import Any, Optional
 import torch
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import GradientAccumulationScheduler
+from lightning.pytorch.strategies import DDPStrategy
 
 from .. import envvars
 from ..config import SimigradConfig, from_mapping
@@ -76,8 +88,9 @@ class SimigradCallback(Callback):
         if stage != "fit":
             return
         problems = shared_refusals(accumulation_option="accumulate_grad_batches",
-                                   accumulation=trainer.accumulate_grad_batches, world_size=trainer.world_size,
+                                   accumulation=trainer.accumulate_grad_batches, world_size=1,
                                    grad_scaler=None, self_accumulating=None)
+        problems += _strategy_refusals(trainer)
         if any(isinstance(c, GradientAccumulationScheduler) for c in trainer.callbacks):
             problems.append("a GradientAccumulationScheduler (the callback sets accumulate_grad_batches)")
         refuse("SimigradCallback", problems)
@@ -102,7 +115,17 @@ class SimigradCallback(Callback):
         if not micro:
             raise RuntimeError("simigrad: SimigradCallback cannot tell the training loader's batch size; give "
                                "the DataLoader a batch_size")
-        run = AdaptiveBatching(pl_module, self._optimizer, config=one_rung(self.config, micro))
+        world = trainer.world_size
+        config = one_rung(self.config.replace(batch_size=self.config.batch_size or micro * world), micro)
+        if trainer.global_rank != 0:
+            config = config.replace(log_dir=None)  # one log: global rank 0 writes it
+        # Under DDPStrategy the core sees Lightning's DistributedDataParallel module and installs the split-group
+        # reduction on it (the ranks statistics); on one process, the LightningModule itself.
+        model = trainer.strategy.model if world > 1 else pl_module
+        run = AdaptiveBatching(model, self._optimizer, config=config)
+        if run.world_size != world:
+            raise RuntimeError(f"simigrad: Lightning runs {world} processes but torch.distributed reports "
+                               f"{run.world_size}; SimigradCallback needs the default process group of the strategy")
         run.allow_direct_steps()  # Lightning's step runs the closure (the last backward) before begin_step
         if self._state is not None:
             run.load_state_dict(self._state)
@@ -187,6 +210,15 @@ class SimigradCallback(Callback):
     def load_state_dict(self, state_dict: dict) -> None:
         if state_dict:
             self._state = state_dict
+
+
+def _strategy_refusals(trainer) -> list:
+    """What the callback cannot run on more than one process: any strategy but Lightning's ``DDPStrategy``."""
+    strategy = trainer.strategy
+    if trainer.world_size == 1 or isinstance(strategy, DDPStrategy):
+        return []  # DeepSpeed (a DDPStrategy) is refused at on_train_start: it accumulates by itself
+    return [f"strategy {type(strategy).__name__} on {trainer.world_size} processes: use strategy='ddp' (or "
+            "'ddp_spawn'), or AdaptiveBatching with enable_fsdp for FSDP2"]
 
 
 __all__ = ["SimigradCallback"]
