@@ -135,12 +135,16 @@ class _Door:
         fresh = [p.grad for p in run.params]
         params = self._restore()
         run.next_micro_batch(samples)
+        added = []
         for p, g in zip(params, fresh):
             if g is not None:
                 if p.grad is None:
                     p.grad = g
                 elif p.grad is not g:
                     p.grad.add_(g)
+                    added.append(p)
+        if added and run.grad_watch is not None:
+            run.grad_watch.folded(added)
         if self.ddp is not None and run.state.micro_step + 1 >= run.state.micro_steps:
             loop_ddp.check_reduced(self)
         if not run.micro_step_done(samples=samples, loss=loss):

@@ -54,6 +54,14 @@ class GradWatch:
         self.after = {}
         return counts
 
+    def folded(self, params: Sequence[torch.nn.Parameter]) -> None:
+        """A door added each of ``params``' fresh gradient into its held one with one in-place add: the held
+        tensor's version moves by one, however many accumulations built the fresh tensor."""
+        for p in params:
+            if self.counts[id(p)] > 1:
+                self.counts[id(p)] = 1
+                self.after[id(p)] = (id(p.grad), version(p.grad))
+
     def own_hooks(self, param: torch.Tensor) -> frozenset:
         """The ids of the hook handles this watch registered on ``param``."""
         entry = self._handles.get(id(param))
