@@ -75,8 +75,8 @@ def run_one(spec, compiler: str, b: int, max_params: int, dtype_name: str = "flo
 
     import torch
 
-    import bench_coverage_models as coverage_models as cm
-    import bench_coverage_reference as coverage_reference as ref
+    import bench_coverage_models as cm
+    import bench_coverage_reference as ref
     import simigrad_compile
 
     if isinstance(spec, str):
@@ -321,7 +321,7 @@ def main(argv=None) -> int:
     import bench_torchvision_cpu as torchvision_cpu
 
     torchvision_cpu.ensure_importable()
-    import bench_coverage_models as coverage_models as cm
+    import bench_coverage_models as cm
 
     names = [s.name for s in cm.select(args.size, args.only)]
     if args.list:
