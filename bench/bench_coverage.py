@@ -229,7 +229,7 @@ def census(names, compiler: str, b: int, timeout: float, max_params: int, cache_
     for name in names:
         with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
             out = f.name
-        cmd = [sys.executable, os.path.join(HERE, "coverage.py"), "--worker", name, "--out", out,
+        cmd = [sys.executable, os.path.join(HERE, "bench_coverage.py"), "--worker", name, "--out", out,
                "--compiler", compiler, "--batch", str(b), "--max-params", str(max_params), "--dtype", dtype]
         t = time.perf_counter()
         try:

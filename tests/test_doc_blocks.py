@@ -37,6 +37,7 @@ LISTED = {
     r"(\w+=\S+ )*(\S+/bin/)?python bench/bench_\w+\.py.*": "a benchmark or the census: minutes to hours",
     r"(\S+/bin/)?pytest( .*)?": "the test suite runs itself",
     r"cd tests && torchrun .+ -m simigrad_testkit\.\w+.*": "a test worker's launch: tests/test_distributed.py runs it",
+    r"SIMIGRAD_COMPILE_CACHE=\S+ torchrun .+": "a cluster launch of the reader's own train.py (8 ranks)",
     r"(\S+/bin/)?mkdocs build .+": "tests/test_docs_build.py builds the docs",
     r"bash requirements/refresh\.sh.*": "re-resolves the locks from the package index",
 }
