@@ -9,7 +9,8 @@ last accumulation it must be the version the hook saw (this covers a change betw
 its first micro-step, before the window has a version of its own). Anything more is a
 write by the loop: ``optimizer.zero_grad(set_to_none=False)``, ``p.grad.zero_()``, ``p.grad.mul_``,
 ``torch.nn.utils.clip_grad_norm_``. A door that keeps the running gradient aside and folds each fresh gradient in
-(``held.add_(fresh)``) is one add per accumulation too, so it keeps the count.
+with one ``held.add_(fresh)`` tells the watch (:meth:`GradWatch.folded`): that add is one write to the held
+tensor, however many backward passes built the fresh one.
 
 Used on one process only: data-parallel reducers write the reduced gradient into ``p.grad`` themselves.
 """
