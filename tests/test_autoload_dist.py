@@ -2,20 +2,19 @@
 at a fixed batch its parameters equal the plain DDP loop's at the same global batch; at an adaptive batch every
 rank holds the same parameters and history; DDP reduces once per step; rank 0 alone writes the log."""
 
+import copy
 import csv
+import math
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-import copy
-import math
-
 import pytest
 import torch
-from torch.utils.data import DistributedSampler
 
 from simigrad_testkit.autoload_dist_worker import problem
+from simigrad_testkit.sampler_windows import global_batches, without_loss
 
 HERE = Path(__file__).resolve().parent
 
@@ -30,10 +29,6 @@ def launch(out: Path, tag: str, batch: int, epochs: int, compile: bool = False, 
     return [torch.load(out / f"{tag}-rank{r}.pt") for r in (0, 1)], proc.stderr
 
 
-def without_loss(history):
-    return [{k: v for k, v in r.items() if k != "loss"} for r in history]
-
-
 def one_process_reference(history, b0: int, lr: float = 0.05):
     """The plain loop on one process, in fp64, over the same global batches: each step the mean loss over both
     ranks' samples of that step (in DistributedSampler's order, a window ending with the epoch), SGD with
@@ -42,26 +37,13 @@ def one_process_reference(history, b0: int, lr: float = 0.05):
     model = copy.deepcopy(net).double()
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     x, y = (t.double() for t in data.tensors)
-    epoch, position, orders = 0, 0, None
-    for r in history:
-        if orders is None:
-            orders = []
-            for rank in (0, 1):
-                sampler = DistributedSampler(data, num_replicas=2, rank=rank, shuffle=True, seed=0)
-                sampler.set_epoch(epoch)
-                orders.append(list(sampler))
-        n = r["batch_size"] // 2
-        index = [i for order in orders for i in order[position:position + n]]
-        assert len(index) == r["batch_size"]
+    for r, index in global_batches(data, history):
         assert r["lr_scale"] == pytest.approx(math.sqrt(r["batch_size"] / b0))
         opt.zero_grad()
         torch.nn.functional.mse_loss(model(x[index]), y[index]).backward()
         for group in opt.param_groups:
             group["lr"] = lr * r["lr_scale"]
         opt.step()
-        position += n
-        if position == len(orders[0]):
-            epoch, position, orders = epoch + 1, 0, None
     return torch.cat([p.detach().flatten() for p in model.parameters()])
 
 

@@ -4,8 +4,6 @@ size (tests/simigrad_testkit/dist_worker.py runs several checks per launch; each
 from __future__ import annotations
 
 import math
-import os
-import subprocess
 import sys
 
 import pytest
@@ -16,8 +14,8 @@ from simigrad_compile.distributed.fsdp import relay
 from simigrad_compile.distributed.layout import check_counts, make_layout, make_weights, owner_plan
 from simigrad_compile.kernels import torch_stats
 from simigrad_compile.stats.gradient_stats import Sink
+from simigrad_testkit.launch import run_checks
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 @pytest.mark.parametrize("world", [2, 3, 4, 5, 6, 7, 8, 9])
@@ -157,14 +155,9 @@ LAUNCHES = {
 
 
 def _launch(world, checks, **env):
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **env)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
            "-m", "simigrad_testkit.dist_worker", *checks]
-    proc = subprocess.run(cmd, cwd=HERE, env=env, capture_output=True, text=True, timeout=300)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-6000:]
-    done = [line.split()[1] for line in proc.stdout.splitlines() if line.startswith("CHECK ")]
-    assert done == list(checks), out[-6000:]
+    run_checks(cmd, checks, timeout=300, **env)
 
 
 @pytest.mark.slow

@@ -6,7 +6,6 @@ and bit-identical across ranks, a resumed run against the uninterrupted one) are
 
 import os
 import socket
-import subprocess
 import sys
 
 import pytest
@@ -18,8 +17,8 @@ pytest.importorskip("accelerate")
 
 from simigrad_testkit.hf_dist_worker import (ADAPTIVE, MLP, Regression, flat, resume_pair,  # noqa: E402
                                              simigrad_trainer)
+from simigrad_testkit.launch import run_checks  # noqa: E402
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 ONE_PROCESS = dict(ADAPTIVE, group_mode="microsteps")
 
 
@@ -76,13 +75,7 @@ ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
 
 
 def _launch(out, checks, launcher=TORCHRUN, **env):
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **env)
-    cmd = [*launcher, "-m", "simigrad_testkit.hf_dist_worker", str(out), *checks]
-    proc = subprocess.run(cmd, cwd=HERE, env=env, capture_output=True, text=True, timeout=600)
-    text = proc.stdout + proc.stderr
-    assert proc.returncode == 0, text[-6000:]
-    done = [line.split()[1] for line in proc.stdout.splitlines() if line.startswith("CHECK ")]
-    assert done == list(checks), text[-6000:]
+    run_checks([*launcher, "-m", "simigrad_testkit.hf_dist_worker", str(out), *checks], checks, **env)
 
 
 @pytest.mark.slow

@@ -13,10 +13,9 @@ import torch
 
 pytest.importorskip("lightning.pytorch")
 
-from torch.utils.data import DistributedSampler  # noqa: E402
-
 from simigrad_testkit.loop_reference import Net, Reference, dataset, flat  # noqa: E402
 from simigrad_testkit.pl_dist_worker import SAMPLES  # noqa: E402
+from simigrad_testkit.sampler_windows import global_batches, without_loss  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -30,32 +29,15 @@ def launch(out: Path, mode: str, strategy: str = "ddp") -> list:
     return [torch.load(out / f"{mode}-{strategy}-rank{r}.pt") for r in (0, 1)]
 
 
-def without_loss(history):
-    return [{k: v for k, v in r.items() if k != "loss"} for r in history]
-
-
 def one_process_reference(history, b0: int):
     """The plain fp64 loop on one process over the same global batches: rank r's samples are those of the
-    DistributedSampler Lightning puts in a training loader (shuffled, seed 0, ``set_epoch`` each epoch); a step
-    takes the next ``batch / 2`` of each rank, a window ends with the epoch."""
+    DistributedSampler Lightning puts in a training loader (shuffled, seed 0, ``set_epoch`` each epoch)."""
     torch.manual_seed(0)
     ref = Reference(Net(), "sgd", b0=b0, schedule=False)
     data = dataset(SAMPLES["adaptive"])
     x, y = data.tensors
-    epoch, position, orders = 0, 0, None
-    for r in history:
-        if orders is None:
-            orders = []
-            for rank in (0, 1):
-                sampler = DistributedSampler(data, num_replicas=2, rank=rank, shuffle=True, seed=0)
-                sampler.set_epoch(epoch)
-                orders.append(list(sampler))
-        n = r["batch_size"] // 2
-        index = [i for order in orders for i in order[position:position + n]]
+    for r, index in global_batches(data, history):
         ref.step(x[index], y[index], skip=not r["stepped"])
-        position += n
-        if position == len(orders[0]):
-            epoch, position, orders = epoch + 1, 0, None
     return flat(ref.model)
 
 
