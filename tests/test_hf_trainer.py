@@ -14,36 +14,20 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
-from transformers import BertConfig, BertForSequenceClassification, TrainingArguments, default_data_collator  # noqa
+from transformers import TrainingArguments, default_data_collator  # noqa
 
 import simigrad_compile as sc  # noqa: E402
 from simigrad_compile.integrations.hf import SimigradTrainer  # noqa: E402
+from simigrad_testkit import hf_dist_worker as hf_data  # noqa: E402
+from simigrad_testkit.hf_dist_worker import tiny_bert  # noqa: E402
 
 N, B0, SEED, LR = 44, 8, 7, 0.1
 OPTIONS = dict(group_mode="microsteps", batch_size=B0, min_batch_size=4, max_batch_size=24, target_similarity=0.3,
                max_micro_batch_size=4)
 
 
-class Tokens(torch.utils.data.Dataset):
-    def __init__(self, n=N, ignored=()):
-        g = torch.Generator().manual_seed(0)
-        self.ids = torch.randint(1, 30, (n, 6), generator=g)
-        self.labels = self.ids.sum(1) % 2
-        self.labels[list(ignored)] = -100  # every label of a micro-batch ignored: its mean loss is 0/0 = NaN
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "labels": self.labels[i]}
-
-
-def tiny_bert():
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=30, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=32, max_position_embeddings=16, hidden_dropout_prob=0.0,
-                        attention_probs_dropout_prob=0.0)
-    return BertForSequenceClassification(config)
+def Tokens(n=N, ignored=()):
+    return hf_data.Tokens(n, ignored)
 
 
 def sgd(model):

@@ -172,24 +172,14 @@ def test_limit_next_step_ends_exactly_on_budgets_off_the_rung():
     import torch
 
     import simigrad_compile as sc
-    from simigrad_testkit.loop_reference import Net, dataset, loss_of
+    from simigrad_testkit.loop_reference import Net, dataset, train_to_budget
 
     for budget in (392, 256 + 255, 300):
         torch.manual_seed(0)
         model = Net()
         run = sc.AdaptiveBatching(model, torch.optim.SGD(model.parameters(), lr=0.01), batch_size=256,
                                   group_mode="microsteps")
-        seen = 0
-        for x, y in run.dataloader(dataset(1000)):
-            loss_of(model, x, y).backward()
-            run.optimizer.step()
-            run.optimizer.zero_grad()
-            if run.sync_gradients:
-                seen = run.history[-1]["samples"]
-                if seen >= budget:
-                    break
-                if budget - seen < run.batch_size:
-                    run.limit_next_step(budget - seen)
+        seen = train_to_budget(run, model, dataset(1000), budget)
         assert seen == budget, [r["batch_size"] for r in run.history]
         assert all(r["skipped"] == "short-step" for r in run.history[1:])
         run.close()

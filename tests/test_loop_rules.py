@@ -18,7 +18,7 @@ from simigrad_compile.runtime.ladder import Plan
 from simigrad_compile.runtime.window import WindowMisuse
 from simigrad_compile.stats.gradient_stats import Sink
 
-from simigrad_testkit.loop_reference import Net, Reference, dataset, flat, loss_of, make_optimizer
+from simigrad_testkit.loop_reference import Net, Reference, dataset, flat, loss_of, make_optimizer, train_to_budget
 
 NAN = float("nan")
 
@@ -492,17 +492,7 @@ def test_limit_next_step_cuts_a_budgets_last_step_to_the_same_rung():
     data = dataset(40)
     run = sc.AdaptiveBatching(net, torch.optim.SGD(net.parameters(), lr=0.1), batch_size=16, min_batch_size=16,
                               max_batch_size=16, micro_batch_sizes=(4,), group_mode="microsteps")
-    budget, seen = 24, 0
-    for x, y in run.dataloader(data):
-        loss_of(net, x, y).backward()
-        run.optimizer.step()
-        run.optimizer.zero_grad()
-        if run.sync_gradients:
-            seen = run.history[-1]["samples"]
-            if seen >= budget:
-                break
-            if budget - seen < run.batch_size:
-                run.limit_next_step(budget - seen)
+    assert train_to_budget(run, net, data, 24) == 24
     assert [(r["batch_size"], r["accumulation"], r["micro_batch_size"]) for r in run.history] == [(16, 4, 4), (8, 2, 4)]
     x, y = data.tensors
     for (a, b), scale in (((0, 16), 1.0), ((16, 24), math.sqrt(0.5))):

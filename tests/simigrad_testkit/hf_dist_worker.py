@@ -62,10 +62,14 @@ class MLP(torch.nn.Module):
 
 
 class Tokens(torch.utils.data.Dataset):
-    def __init__(self, n: int = N):
+    """Random token rows labelled by parity; labels at ``ignored`` are -100 (a micro-batch whose labels are all
+    ignored has a mean loss of 0/0 = NaN)."""
+
+    def __init__(self, n: int = N, ignored=()):
         g = torch.Generator().manual_seed(0)
         self.ids = torch.randint(1, 30, (n, 6), generator=g)
         self.labels = self.ids.sum(1) % 2
+        self.labels[list(ignored)] = -100
 
     def __len__(self):
         return len(self.ids)

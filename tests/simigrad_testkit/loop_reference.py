@@ -113,3 +113,20 @@ def midpoint_halves(batches):
     h = best[1]
     cat = lambda bs: (torch.cat([b[0] for b in bs]), torch.cat([b[1] for b in bs]))  # noqa: E731
     return cat(batches[:h]), cat(batches[h:])
+
+
+def train_to_budget(run, model, data, budget: int) -> int:
+    """The user's loop that ends on a sample budget: ``limit_next_step`` shortens the step that would pass it.
+    Returns the samples trained."""
+    seen = 0
+    for x, y in run.dataloader(data):
+        loss_of(model, x, y).backward()
+        run.optimizer.step()
+        run.optimizer.zero_grad()
+        if run.sync_gradients:
+            seen = run.history[-1]["samples"]
+            if seen >= budget:
+                break
+            if budget - seen < run.batch_size:
+                run.limit_next_step(budget - seen)
+    return seen
