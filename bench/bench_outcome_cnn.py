@@ -2,7 +2,7 @@
 grey-level images of hand-written digits, shipped inside the scikit-learn wheel: nothing is downloaded).
 
 Two conv layers (16 and 32 channels, 3x3), each optionally followed by BatchNorm, ReLU, a 2x2 max-pool and one linear
-layer to the 10 classes: about 9k parameters. The images are scaled to [0, 1] (pixel / 16) and split once, with a
+layer to the 10 classes: about 10k parameters. The images are scaled to [0, 1] (pixel / 16) and split once, with a
 fixed permutation (seed 1234), into 1,437 training and 360 validation images; the split is the same for every run.
 """
 
