@@ -1,93 +1,128 @@
-"""Does it pay? The demo's GPT at one sample budget, several seeds: fixed B0 against each controller (issue 17,
-item 3, first workload only).
+"""Does it pay? Fixed B0 against each controller on two workloads, two sample budgets and several seeds (issue 17).
 
-Every run trains on exactly ``--samples`` sequences (``limit_next_step``), with the demo's model, data, LR schedule
-and defaults; the controller is chosen through ``SIMIGRAD_CONTROLLER``. Per run: final validation loss, optimizer
-steps, average batch, wall time (compiles included, evaluations excluded), and the samples at the first evaluation
-whose loss reaches the fixed-B0 run's final loss (evaluation granularity: ``samples / eval_points``). Mean and
-spread over seeds go to stdout; everything to ``bench/results/outcome_<time>.json``.
+Workloads: the demo's GPT (``simigrad_compile.demo``: byte-level stdlib sources, its model, LR and schedule, at a
+smaller size) and a small CNN on scikit-learn's ``load_digits`` images (``bench_outcome_cnn``), with and without
+BatchNorm. Per workload, budget and seed, six runs on exactly the same number of samples:
 
-    python bench/bench_outcome.py --samples 8192 --seeds 0 1 2
+- ``fixed``: B0 throughout (the ``simigrad`` controller with ``min_batch_size == max_batch_size``);
+- ``simigrad``, ``gns``, ``adascale``: the controllers, B0 to the workload's ``max_batch``, library defaults;
+- ``fixed@simigrad``, ``fixed@gns``: a fixed batch at that controller's average batch (same seed), rounded in log
+  space to the ladder ``B0 * 2**k``. AdaScale's batch stays B0, so its "average" run would be ``fixed`` again.
+
+Everything goes to one JSON file (rewritten after every run; ``--resume`` skips the runs it already holds);
+``bench/bench_outcome_table.py`` renders the docs' table and plots from it.
+
+    python bench/bench_outcome.py --compiler aot_eager --seeds 0 1 2
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
-import statistics
+import platform
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
-RUNS = ("fixed", "simigrad", "gns", "adascale")
+sys.path.append(str(Path(__file__).parent))  # bench/ names all start with bench_: none shadows a package
+
+CONTROLLERS = ("simigrad", "gns", "adascale")
+ADAPTIVE = ("simigrad", "gns")
+RUNS = ("fixed",) + CONTROLLERS + tuple(f"fixed@{c}" for c in ADAPTIVE)
+DEFAULT_OUT = Path(__file__).parent / "results" / "outcome_runs.json"
+
+# Sized so that the whole command takes about 45 minutes on the project's loaded 2-core machine (aot_eager).
+GPT_SIZE = dict(dim=32, layers=1, heads=2, context=32, eval_sequences=256)
+GPT_BUDGETS = {"short": 4096, "long": 12288}
+CNN_BUDGETS = {"short": 2880, "long": 8640}  # 2 and 6 epochs of the 1,437 training images
 
 
-def reach(curve, loss, rtol=1e-4):
-    """Samples at the first evaluation with a validation loss <= ``loss * (1 + rtol)`` (``rtol``: run-to-run
-    rounding of identical runs); None when never."""
-    return next((s for s, v in curve if v <= loss * (1 + rtol)), None)
+def ladder_round(average: float, b0: int, top: int) -> int:
+    """The ladder batch ``b0 * 2**k`` (within ``[b0, top]``) nearest ``average`` in log space."""
+    k = round(math.log2(max(average, b0) / b0))
+    return min(b0 * 2 ** max(k, 0), top)
+
+
+def workloads(names):
+    from bench_outcome_run import cnn_workload, gpt_workload
+
+    make = {"gpt": lambda: gpt_workload(budgets=GPT_BUDGETS, **GPT_SIZE),
+            "cnn_bn": lambda: cnn_workload(True, CNN_BUDGETS),
+            "cnn": lambda: cnn_workload(False, CNN_BUDGETS)}
+    return [make[n]() for n in names]
+
+
+def describe(w) -> dict:
+    return {"b0": w.b0, "max_batch": w.max_batch, "ladder": list(w.ladder), "lr": w.lr, "warmup": w.warmup,
+            "budgets": w.budgets, "eval_points": w.eval_points, "train_size": len(w.train_set),
+            "model": GPT_SIZE if w.name == "gpt" else {"batch_norm": w.name == "cnn_bn", "width": 16}}
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--samples", type=int, default=8192)
+    p.add_argument("--workloads", nargs="+", default=["gpt", "cnn_bn", "cnn"], choices=("gpt", "cnn_bn", "cnn"))
+    p.add_argument("--budgets", nargs="+", default=["short", "long"], choices=("short", "long"))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--runs", nargs="+", default=list(RUNS), choices=RUNS)
-    p.add_argument("--compiler", default="inductor", choices=("inductor", "aot_eager", "eager"))
-    p.add_argument("--eval-points", type=int, default=8)
-    p.add_argument("--fixed-loss", type=float, default=None,
-                   help="the fixed-B0 run's final loss, when --runs leaves 'fixed' out (for 'reached fixed')")
-    p.add_argument("--out", default=None)
+    p.add_argument("--compiler", default="aot_eager", choices=("inductor", "aot_eager"))
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default=str(DEFAULT_OUT))
+    p.add_argument("--resume", action="store_true", help="keep the runs --out already holds; run only the others")
     args = p.parse_args(argv)
 
-    from simigrad_compile.demo.data import load_splits
-    from simigrad_compile.demo.experiment import validation_batches
-    from simigrad_compile.demo.settings import DemoSettings
-    from simigrad_compile.demo.train import train_run
+    import torch
+    from simigrad_compile import config as sg_config
+    from bench_outcome_run import train
 
-    s = DemoSettings(samples=args.samples, compiler=args.compiler, eval_points=args.eval_points, progress=False)
-    train_set, val_set = load_splits(s.context)
-    val = validation_batches(val_set, s.eval_sequences)
-    rows = []
-    for seed in args.seeds:
-        fixed_loss = args.fixed_loss
-        for kind in args.runs:
-            os.environ["SIMIGRAD_CONTROLLER"] = "simigrad" if kind == "fixed" else kind
-            top = s.batch_size if kind == "fixed" else s.max_batch_size
-            r = train_run(f"{kind} seed {seed}", s, train_set, val, seed, s.batch_size, top)
-            if kind == "fixed":
-                fixed_loss = r.val_loss
-            rows.append({
-                "run": kind, "seed": seed, "val_loss": r.val_loss, "steps": r.steps, "samples": r.samples,
-                "average_batch": r.average_batch, "wall_s": r.wall_s, "compile_s": r.compile_s,
-                "samples_to_fixed_loss": reach(r.curve, fixed_loss) if fixed_loss is not None else None,
-                "curve": r.curve,
-                "batch": [h["batch_size"] for h in r.history],
-                "lr_scale": [h["lr_scale"] for h in r.history],
-                "gns": [h["gns"] for h in r.history], "gain": [h["gain"] for h in r.history],
-            })
-            print(f"{kind:9s} seed {seed}: val {r.val_loss:.4f}  steps {r.steps:5d}  avg batch {r.average_batch:7.1f}  "
-                  f"wall {r.wall_s:6.1f} s", flush=True)
-    os.environ.pop("SIMIGRAD_CONTROLLER", None)
-    print(f"\n{args.samples} samples, seeds {args.seeds}, compiler {args.compiler} (mean +- stdev over seeds)")
-    print(f"{'run':9s} {'val loss':>17s} {'steps':>13s} {'avg batch':>10s} {'wall s':>13s} {'reached fixed':>13s}")
-    for kind in args.runs:
-        mine = [r for r in rows if r["run"] == kind]
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    data = json.loads(out.read_text()) if args.resume and out.exists() else {"rows": []}
+    done = {(r["workload"], r["budget_name"], r["seed"], r["run"]): r for r in data["rows"]}
+    started = time.perf_counter()
+    data.update(meta={
+        "command": "python bench/bench_outcome.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "compiler": args.compiler, "threads": args.threads, "seeds": args.seeds,
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores (shared)", "torch": torch.__version__,
+        "controller_defaults": {k: v for k, v in asdict(sg_config.SimigradConfig()).items()
+                                if k in ("target_similarity", "ema", "noise_ema", "lr_scaling", "controller",
+                                         "interval", "max_micro_batch_size")},
+        "wall_s_this_invocation": None}, workloads=data.get("workloads", {}))
 
-        def ms(key, fmt):
-            v = [r[key] for r in mine]
-            sd = statistics.stdev(v) if len(v) > 1 else 0.0
-            return f"{format(statistics.mean(v), fmt)} +- {format(sd, fmt)}"
+    def save():
+        data["meta"]["wall_s_this_invocation"] = round(time.perf_counter() - started, 1)
+        data["rows"] = list(done.values())
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(data, indent=None, separators=(",", ":")) + "\n")
 
-        reached = sum(r["samples_to_fixed_loss"] is not None for r in mine)
-        print(f"{kind:9s} {ms('val_loss', '.4f'):>17s} {ms('steps', '.0f'):>13s} "
-              f"{statistics.mean(r['average_batch'] for r in mine):10.1f} {ms('wall_s', '.1f'):>13s} "
-              f"{reached}/{len(mine):>11d}")
-    out = Path(args.out or Path(__file__).parent / "results" / f"outcome_{time.strftime('%Y%m%dT%H%M%S')}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"settings": s.as_dict(), "argv": sys.argv[1:], "rows": rows}, indent=1))
-    print(f"wrote {out}")
+    for w in workloads(args.workloads):
+        data["workloads"][w.name] = describe(w)
+        for budget_name in args.budgets:
+            budget = w.budgets[budget_name]
+            for seed in args.seeds:
+                for kind in RUNS:
+                    key = (w.name, budget_name, seed, kind)
+                    if key in done:
+                        continue
+                    if kind.startswith("fixed@"):
+                        avg = done[(w.name, budget_name, seed, kind[6:])]["average_batch"]
+                        batch = top = ladder_round(avg, w.b0, w.max_batch)
+                        controller = "simigrad"
+                    else:
+                        batch, top = w.b0, (w.b0 if kind == "fixed" else w.max_batch)
+                        controller = "simigrad" if kind == "fixed" else kind
+                    r = train(w, budget, seed, controller, batch, top, args.compiler)
+                    done[key] = {"workload": w.name, "budget_name": budget_name, "budget": budget, "seed": seed,
+                                 "run": kind, "controller": controller, "batch_bounds": [batch, top],
+                                 "average_batch": r.average_batch, **{k: v for k, v in asdict(r).items()}}
+                    print(f"{w.name:6s} {budget_name:5s} seed {seed} {kind:15s} val {r.val_loss:.4f} "
+                          f"acc {r.val_acc:.3f} steps {r.steps:5d} avg B {r.average_batch:6.1f} "
+                          f"wall {r.wall_s:6.1f} s (compile {r.compile_s:4.1f}) "
+                          f"[{time.perf_counter() - started:.0f} s]", flush=True)
+                    save()
+    save()
+    print(f"wrote {out} in {time.perf_counter() - started:.0f} s")
     return 0
 
 

@@ -19,4 +19,5 @@ EXTRA_ARGS=("$@")
 lock test test
 lock demo demo
 lock census test census     # the census environment runs the census tests too
+lock outcome outcome        # bench/bench_outcome.py (scikit-learn's load_digits, matplotlib)
 rm -rf "$tools"
