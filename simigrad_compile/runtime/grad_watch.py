@@ -45,8 +45,8 @@ class GradWatch:
             handles[id(p)] = (weakref.ref(p), p.register_post_accumulate_grad_hook(self._count))
 
     def _count(self, param: torch.Tensor) -> None:
-        key, grad = id(param), param.grad
-        self.counts[key] += 1
+        key, grad, counts = id(param), param.grad, self.counts
+        counts[key] = counts.get(key, 0) + 1  # Counter's ``+= 1`` calls its Python __missing__ on a first count
         self.after[key] = (id(grad), version(grad))
 
     def take(self) -> Counter:

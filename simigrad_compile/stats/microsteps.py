@@ -84,6 +84,9 @@ def _pair_rows(own: List[torch.Tensor], total: List[torch.Tensor], alpha: float,
     gradients (an fp64 model) are summed in fp64 here."""
     device = own[0].device
     if sum(x.numel() for x in own) <= FLATTEN and all(t.device == device for t in (*own, *total)):
+        dtype = own[0].dtype
+        if all(t.dtype == dtype for t in (*own, *total)):
+            return _pair_flat(own, total, alpha, beta)
         (xo, xx, oo), tt = _pair_fp64(_flat64(own), _flat64(total), alpha, beta, with_total=True)
         return [xo, xx, oo], tt
     rows = [0.0, 0.0, 0.0]
@@ -116,6 +119,21 @@ def _pair_fp64(x: torch.Tensor, t: torch.Tensor, alpha: float, beta: float,
     rows = torch.stack([x, other, t] if with_total else [x, other])
     gram = (rows @ rows.T).tolist()
     return [gram[0][1], gram[0][0], gram[1][1]], (gram[2][2] if with_total else None)
+
+
+def _pair_flat(own: List[torch.Tensor], total: List[torch.Tensor], alpha: float,
+               beta: float) -> Tuple[List[float], float]:
+    """:func:`_pair_fp64` of ``(_flat64(own), _flat64(total))`` with ``t.t``, for tensors of one dtype: the same
+    values (the fp64 widening is exact, the ``[3, n]`` rows are the same fresh contiguous matrix), in fewer calls:
+    each side is concatenated straight into its row of the Gram operand."""
+    n = sum(x.numel() for x in own)
+    rows = torch.empty(3, n, dtype=torch.float64, device=own[0].device)
+    x, other, t = rows[0], rows[1], rows[2]
+    torch.cat([g.detach().reshape(-1) for g in own], out=x)
+    torch.cat([g.detach().reshape(-1) for g in total], out=t)
+    torch.mul(t, alpha, out=other).add_(x, alpha=beta)
+    gram = (rows @ rows.T).tolist()
+    return [gram[0][1], gram[0][0], gram[1][1]], gram[2][2]
 
 
 def _flat64(tensors: List[torch.Tensor]) -> torch.Tensor:
