@@ -124,14 +124,12 @@ def _pair_fp64(x: torch.Tensor, t: torch.Tensor, alpha: float, beta: float,
 def _pair_flat(own: List[torch.Tensor], total: List[torch.Tensor], alpha: float,
                beta: float) -> Tuple[List[float], float]:
     """:func:`_pair_fp64` of ``(_flat64(own), _flat64(total))`` with ``t.t``, for tensors of one dtype: the same
-    values (the fp64 widening is exact, the ``[3, n]`` rows are the same fresh contiguous matrix), in fewer calls:
-    each side is concatenated straight into its row of the Gram operand."""
+    values (the fp64 widening is exact, the ``[3, n]`` Gram operand is the same fresh contiguous matrix), in fewer
+    calls: both sides in one concatenation, widened straight into their rows of the operand."""
     n = sum(x.numel() for x in own)
     rows = torch.empty(3, n, dtype=torch.float64, device=own[0].device)
-    x, other, t = rows[0], rows[1], rows[2]
-    torch.cat([g.detach().reshape(-1) for g in own], out=x)
-    torch.cat([g.detach().reshape(-1) for g in total], out=t)
-    torch.mul(t, alpha, out=other).add_(x, alpha=beta)
+    rows[0::2].copy_(torch.cat([g.detach().reshape(-1) for g in (*own, *total)]).view(2, n))
+    torch.mul(rows[2], alpha, out=rows[1]).add_(rows[0], alpha=beta)
     gram = (rows @ rows.T).tolist()
     return [gram[0][1], gram[0][0], gram[1][1]], gram[2][2]
 
