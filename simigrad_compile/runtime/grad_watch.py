@@ -25,6 +25,8 @@ import torch
 
 from ..compat import version
 
+_NONE: frozenset = frozenset()
+
 
 class GradWatch:
     """Counts accumulations per parameter (``counts``: ``id(param) -> n`` since the last :meth:`take`)."""
@@ -42,11 +44,12 @@ class GradWatch:
             entry = handles.get(id(p))
             if entry is not None and entry[0]() is p:
                 continue
-            handles[id(p)] = (weakref.ref(p), p.register_post_accumulate_grad_hook(self._count))
+            handle = p.register_post_accumulate_grad_hook(self._count)
+            handles[id(p)] = (weakref.ref(p), handle, frozenset((handle.id,)))
 
     def _count(self, param: torch.Tensor) -> None:
-        key, grad = id(param), param.grad
-        self.counts[key] += 1
+        key, grad, counts = id(param), param.grad, self.counts
+        counts[key] = counts.get(key, 0) + 1  # Counter's ``+= 1`` calls its Python __missing__ on a first count
         self.after[key] = (id(grad), version(grad))
 
     def take(self) -> Counter:
@@ -66,10 +69,10 @@ class GradWatch:
     def own_hooks(self, param: torch.Tensor) -> frozenset:
         """The ids of the hook handles this watch registered on ``param``."""
         entry = self._handles.get(id(param))
-        return frozenset((entry[1].id,)) if entry is not None and entry[0]() is param else frozenset()
+        return entry[2] if entry is not None and entry[0]() is param else _NONE
 
     def close(self) -> None:
-        for _, handle in self._handles.values():
+        for _, handle, _ in self._handles.values():
             handle.remove()
         self._handles.clear()
         self.counts.clear()

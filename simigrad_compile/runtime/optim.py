@@ -108,7 +108,7 @@ class AdaptiveOptimizer(torch.optim.Optimizer):
         if not self.core.micro_step_done():
             return None
         try:
-            applied = self.core.begin_step()
+            applied = self.core.begin_step(checked=True)
             if applied:
                 self.optimizer.step()
         except BaseException:

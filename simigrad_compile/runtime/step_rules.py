@@ -139,13 +139,19 @@ class StepRules:
         return self.amp.current_scale()
 
     # --- the boundary -----------------------------------------------------------------------------------------
-    def begin_step(self) -> bool:
-        """Prepare the boundary's optimizer step; False when it must be skipped (core's module docstring)."""
+    def begin_step(self, *, checked: bool = False) -> bool:
+        """Prepare the boundary's optimizer step; False when it must be skipped (core's module docstring).
+
+        ``checked=True``: the caller called ``micro_step_done()`` (which returned True) right before, with nothing
+        run in between (``run.optimizer.step()``). A window of >= 2 micro-steps was then checked by that call at
+        this very point, so the boundary's :meth:`~simigrad_compile.runtime.window.Window.check` is not repeated
+        (a one-micro-step window is still checked: its parameter set was taken when the window opened)."""
         w = self.state.window
         if w is None or w.done != w.accumulation or self._pending is not None:
             raise RuntimeError("simigrad: begin_step() needs a window whose last micro-step is done "
                                "(micro_step_done() returned True) and no step in progress")
-        w.check("the boundary")
+        if not checked or w.accumulation < 2:
+            w.check("the boundary")
         read, note = self.statistics.read(w, self.state.steps + 1)
         grads = w.grads()
         clip, amp, loss = self._clip, self.amp, self._loss
