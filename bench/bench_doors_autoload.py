@@ -7,7 +7,7 @@
 Arguments: OUT, the loader's batch per rank, and the door's accumulation A (``SIMIGRAD_*_BATCH_SIZE`` pinned to
 ``world x batch x A`` by the launcher; the plain run's loader batch is then ``batch x A``, one batch a step, the
 same global batch). The loop itself is the user's: the training code never imports simigrad_compile. Around it
-the script records the step-end times (every A batches under ``SIMIGRAD=1``; the door's history confirms each
+the script records the step-end times and CPU times (``time.process_time``, all threads) (every A batches under ``SIMIGRAD=1``; the door's history confirms each
 was one step) and the bytes per rank per step (:class:`~simigrad_compile.distributed.traffic.Traffic`, ring
 formulas): under ``SIMIGRAD=1`` over ``--count-steps`` steps of the loop after the warm-up (those steps are not
 timed); without it, on a twin DDP module running the stock Python ``allreduce_hook`` before the loop.
@@ -72,11 +72,12 @@ def main(a) -> None:
             steps_of(twin, sgd(twin.parameters()), loader, sampler, a.count_steps, 1, lambda: None)
     model = DistributedDataParallel(net)
     opt = sgd(model.parameters())
-    ends = []
+    ends, cpu = [], []
     count_from = a.warmup if simigrad else -1
 
     def tick():
         ends.append(time.perf_counter())
+        cpu.append(time.process_time())
         if len(ends) == count_from:
             stack.enter_context(traffic.counting())
         elif len(ends) == count_from + a.count_steps:
@@ -84,10 +85,11 @@ def main(a) -> None:
 
     skip = a.count_steps if simigrad else 0
     steps_of(model, opt, loader, sampler, a.warmup + skip + a.steps, per_step, tick)
-    timed = ends[a.warmup + skip - 1:]
+    timed, timed_cpu = ends[a.warmup + skip - 1:], cpu[a.warmup + skip - 1:]
     intervals = [b - c for c, b in zip(timed, timed[1:])]
-    every = [torch.empty(len(intervals) + 1, dtype=torch.float64) for _ in range(dist.get_world_size())]
-    dist.all_gather(every, torch.tensor([*intervals, traffic.sent / a.count_steps], dtype=torch.float64))
+    cpu_median = statistics.median(b - c for c, b in zip(timed_cpu, timed_cpu[1:]))
+    every = [torch.empty(len(intervals) + 2, dtype=torch.float64) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, torch.tensor([*intervals, cpu_median, traffic.sent / a.count_steps], dtype=torch.float64))
     if simigrad:
         from simigrad_compile.integrations import auto_loop
 
@@ -97,9 +99,10 @@ def main(a) -> None:
         assert {(r["batch_size"], r["accumulation"], r["statistics"]) for r in history} == \
             {(want, a.accumulation, "ranks")}, history[:2]
     if dist.get_rank() == 0:
-        slowest = [max(step) for step in zip(*(e[:-1].tolist() for e in every))]
+        slowest = [max(step) for step in zip(*(e[:-2].tolist() for e in every))]
         with open(a.out, "w") as f:
             json.dump({"simigrad": simigrad, "median_s": statistics.median(slowest),
+                       "cpu_s": statistics.mean(float(e[-2]) for e in every),
                        "bytes_per_step": [float(e[-1]) for e in every], "calls": dict(traffic.calls),
                        "loadavg_1_5_15": os.getloadavg()}, f)
     exit_without_teardown()

@@ -17,7 +17,9 @@ launches alternating. A step's time is the interval between two optimizer-step e
 loader, the library's loop and the door included); a run's figure is the median over its timed steps after the
 warm-up; the table shows the median over repeats, and the ratio ours / plain of those medians. Bytes per rank per
 step: :class:`~simigrad_compile.distributed.traffic.Traffic` (ring formulas; the plain runs counted through the
-stock Python ``allreduce_hook``). The load average (1 minute) is sampled after every run.
+stock Python ``allreduce_hook``). CPU ms/step: ``time.process_time`` over a step (every thread of a rank's
+process), the median over the timed steps averaged over the ranks, then the median over repeats; it moves much
+less with the machine's load than the wall time. The load average (1 minute) is sampled after every run.
 """
 
 from __future__ import annotations
@@ -61,7 +63,8 @@ def in_process(door: str, world: int, a) -> dict:
     cmd = [*TORCHRUN, f"--nproc_per_node={world}", os.path.join(HERE, "bench_doors_pairs.py"), door,
            [*_common(a), "--repeats", str(a.repeats), "--micro", str(a.micro), "--accumulation", str(a.accumulation)]]
     r = _run(cmd, _env())
-    return {"door": door, "world": world, "runs_s": r["fit_median_s"], "bytes_per_step": r["bytes_per_step"],
+    return {"door": door, "world": world, "runs_s": r["fit_median_s"], "cpu_s": r["fit_cpu_s"],
+            "bytes_per_step": r["bytes_per_step"],
             "calls": r["calls"], "loadavg_1": [l[0] for l in r["loadavg_1_5_15"]], "params": r["params"]}
 
 
@@ -76,6 +79,7 @@ def autoload(world: int, a) -> dict:
                    [str(a.micro), str(a.accumulation), *_common(a)]]
             runs[name].append(_run(cmd, _env(**(pinned if name == "ours" else {}))))
     return {"door": "autoload", "world": world, "runs_s": {k: [x["median_s"] for x in v] for k, v in runs.items()},
+            "cpu_s": {k: [x["cpu_s"] for x in v] for k, v in runs.items()},
             "bytes_per_step": {k: v[0]["bytes_per_step"] for k, v in runs.items()},
             "calls": {k: v[0]["calls"] for k, v in runs.items()},
             "loadavg_1": [x["loadavg_1_5_15"][0] for v in runs.values() for x in v]}
@@ -83,22 +87,26 @@ def autoload(world: int, a) -> dict:
 
 def summarise_row(row: dict) -> dict:
     med = {k: statistics.median(v) for k, v in row["runs_s"].items()}
+    cpu = {k: statistics.median(v) for k, v in row["cpu_s"].items()}
     nbytes = {k: max(v) for k, v in row["bytes_per_step"].items()}
-    return {**row, "median_s": med, "time_ratio": med["ours"] / med["plain"],
+    return {**row, "median_s": med, "time_ratio": med["ours"] / med["plain"], "cpu_median_s": cpu,
+            "cpu_ratio": cpu["ours"] / cpu["plain"],
             "paired_ratios": [o / p for o, p in zip(row["runs_s"]["ours"], row["runs_s"]["plain"])],
             "bytes_per_rank_max": nbytes, "bytes_ratio": nbytes["ours"] / nbytes["plain"] if nbytes["plain"] else None}
 
 
 def table(rows) -> str:
     """Markdown: per-step ms, median (min-max) over repeats; bytes per rank per step, the busiest rank's."""
-    lines = ["| door | N | plain ms/step | ours ms/step | ours / plain | plain B/rank/step | ours B/rank/step | "
-             "load (1 min) |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| door | N | plain ms/step | ours ms/step | ours / plain | CPU ms/step plain, ours | CPU ours / plain | "
+             "plain B/rank/step | ours B/rank/step | load (1 min) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         b = r["bytes_per_rank_max"]
         ms = {k: f"{statistics.median(v) * 1e3:.2f} ({min(v) * 1e3:.1f}-{max(v) * 1e3:.1f})"
               for k, v in r["runs_s"].items()}
+        c = r["cpu_median_s"]
         lines.append(f"| {r['door']} | {r['world']} | {ms['plain']} | {ms['ours']} | {r['time_ratio']:.2f} | "
-                     f"{b['plain']:,.0f} | {b['ours']:,.0f} | {min(r['loadavg_1']):.1f}-{max(r['loadavg_1']):.1f} |")
+                     f"{c['plain'] * 1e3:.2f}, {c['ours'] * 1e3:.2f} | {r['cpu_ratio']:.2f} | {b['plain']:,.0f} | {b['ours']:,.0f} | {min(r['loadavg_1']):.1f}-{max(r['loadavg_1']):.1f} |")
     return "\n".join(lines)
 
 

@@ -14,7 +14,9 @@ DOOR, each pair on the same MLP, data, micro-batch, accumulation and global batc
 
 Each fit is fresh (a new model copy, optimizer and Trainer) and runs ``warmup + steps`` optimizer steps; a step's
 time is the interval between two optimizer-step ends, the slowest rank's; a fit's figure is the median over its
-``steps`` timed steps. Fits alternate ours/plain, the order reversed every repeat. Bytes per rank per step:
+``steps`` timed steps. Beside it, the CPU time of a step (``time.process_time``: every thread of the process, so
+gloo's and the split reduction's too), the median over the timed steps, averaged over the ranks: on a loaded
+machine the wall time swings with the scheduler, the CPU time much less. Fits alternate ours/plain, the order reversed every repeat. Bytes per rank per step:
 :class:`~simigrad_compile.distributed.traffic.Traffic` (ring formulas) over ``count_steps`` steps after the
 warm-up of one extra fit per variant; the plain fit's DDP then runs the stock Python ``allreduce_hook`` (the same
 all-reduce as DDP's built-in C++ one, which Traffic cannot see).
@@ -74,19 +76,22 @@ class Meter:
         from simigrad_compile.distributed.traffic import Traffic
 
         self.ends: list = []
+        self.cpu: list = []
         self.count_from, self.count = count_from, count
         self.traffic, self._stack = Traffic(), contextlib.ExitStack()
 
     def tick(self) -> None:
         self.ends.append(time.perf_counter())
+        self.cpu.append(time.process_time())
         n = len(self.ends)
         if n == self.count_from:
             self._stack.enter_context(self.traffic.counting())
         elif n == self.count_from + self.count:
             self._stack.close()
 
-    def intervals(self, warmup: int) -> list:
-        return [b - a for a, b in zip(self.ends[warmup - 1:], self.ends[warmup:])]
+    def intervals(self, warmup: int, clock: str = "wall") -> list:
+        ends = self.ends if clock == "wall" else self.cpu
+        return [b - a for a, b in zip(ends[warmup - 1:], ends[warmup:])]
 
 
 # --- Hugging Face ---------------------------------------------------------------------------------------------
@@ -266,7 +271,7 @@ def main(a) -> None:
         fit(name == "ours", net, data, a, meter, counted=True)
         result["bytes_per_step"][name] = [row[0] / a.count_steps for row in _gather([meter.traffic.sent])]
         result["calls"][name] = dict(meter.traffic.calls)
-    times = {"plain": [], "ours": []}
+    times, cpu = {"plain": [], "ours": []}, {"plain": [], "ours": []}
     for r in range(a.repeats):
         for name in (("plain", "ours") if r % 2 == 0 else ("ours", "plain")):
             meter = Meter()
@@ -275,8 +280,11 @@ def main(a) -> None:
             per_rank = _gather(meter.intervals(a.warmup))
             slowest = [max(step) for step in zip(*per_rank)]
             times[name].append(statistics.median(slowest))
+            per_rank_cpu = _gather(meter.intervals(a.warmup, "cpu"))
+            cpu[name].append(statistics.mean(statistics.median(r) for r in per_rank_cpu))
             loads.append(os.getloadavg())
     result["fit_median_s"] = times
+    result["fit_cpu_s"] = cpu
     result["loadavg_1_5_15"] = loads
     if dist.get_rank() == 0:
         with open(a.out, "w") as f:
