@@ -6,11 +6,12 @@
 
 Arguments: OUT, the loader's batch per rank, and the door's accumulation A (``SIMIGRAD_*_BATCH_SIZE`` pinned to
 ``world x batch x A`` by the launcher; the plain run's loader batch is then ``batch x A``, one batch a step, the
-same global batch). The loop itself is the user's: the training code never imports simigrad_compile. Around it
-the script records the step-end times and CPU times (``time.process_time``, all threads) (every A batches under ``SIMIGRAD=1``; the door's history confirms each
-was one step) and the bytes per rank per step (:class:`~simigrad_compile.distributed.traffic.Traffic`, ring
-formulas): under ``SIMIGRAD=1`` over ``--count-steps`` steps of the loop after the warm-up (those steps are not
-timed); without it, on a twin DDP module running the stock Python ``allreduce_hook`` before the loop.
+same global batch). The loop itself is the user's: the training code never imports simigrad_compile. Around
+it the script records the step-end times and CPU times (``time.process_time``, all threads): every A batches
+under ``SIMIGRAD=1`` (the door's history confirms each was one step). It also counts the bytes per rank per step
+(:class:`~simigrad_compile.distributed.traffic.Traffic`, ring formulas): under ``SIMIGRAD=1`` over
+``--count-steps`` steps of the loop after the warm-up (those steps are not timed); without it, on a twin DDP
+module running the stock Python ``allreduce_hook`` before the loop.
 """
 
 from __future__ import annotations

@@ -106,7 +106,8 @@ def table(rows) -> str:
               for k, v in r["runs_s"].items()}
         c = r["cpu_median_s"]
         lines.append(f"| {r['door']} | {r['world']} | {ms['plain']} | {ms['ours']} | {r['time_ratio']:.2f} | "
-                     f"{c['plain'] * 1e3:.2f}, {c['ours'] * 1e3:.2f} | {r['cpu_ratio']:.2f} | {b['plain']:,.0f} | {b['ours']:,.0f} | {min(r['loadavg_1']):.1f}-{max(r['loadavg_1']):.1f} |")
+                     f"{c['plain'] * 1e3:.2f}, {c['ours'] * 1e3:.2f} | {r['cpu_ratio']:.2f} | {b['plain']:,.0f} | "
+                     f"{b['ours']:,.0f} | {min(r['loadavg_1']):.1f}-{max(r['loadavg_1']):.1f} |")
     return "\n".join(lines)
 
 

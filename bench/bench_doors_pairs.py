@@ -16,7 +16,8 @@ Each fit is fresh (a new model copy, optimizer and Trainer) and runs ``warmup + 
 time is the interval between two optimizer-step ends, the slowest rank's; a fit's figure is the median over its
 ``steps`` timed steps. Beside it, the CPU time of a step (``time.process_time``: every thread of the process, so
 gloo's and the split reduction's too), the median over the timed steps, averaged over the ranks: on a loaded
-machine the wall time swings with the scheduler, the CPU time much less. Fits alternate ours/plain, the order reversed every repeat. Bytes per rank per step:
+machine the wall time swings with the scheduler, the CPU time much less. Fits alternate ours/plain, the order
+reversed every repeat. Bytes per rank per step:
 :class:`~simigrad_compile.distributed.traffic.Traffic` (ring formulas) over ``count_steps`` steps after the
 warm-up of one extra fit per variant; the plain fit's DDP then runs the stock Python ``allreduce_hook`` (the same
 all-reduce as DDP's built-in C++ one, which Traffic cannot see).
