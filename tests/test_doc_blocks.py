@@ -38,6 +38,7 @@ LISTED = {
     r"(\S+/bin/)?pytest( .*)?": "the test suite runs itself",
     r"cd tests && torchrun .+ -m simigrad_testkit\.\w+.*": "a test worker's launch: tests/test_distributed.py runs it",
     r"SIMIGRAD_COMPILE_CACHE=\S+ torchrun .+": "a cluster launch of the reader's own train.py (8 ranks)",
+    r"srun torchrun .+": "a SLURM launch: needs a cluster's scheduler",
     r"(\S+/bin/)?mkdocs build .+": "tests/test_docs_build.py builds the docs",
     r"bash requirements/refresh\.sh.*": "re-resolves the locks from the package index",
 }
