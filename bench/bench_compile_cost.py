@@ -5,7 +5,8 @@
 For each model (the demo GPT, a tiny random-weight BERT from transformers, a hand-written ResNet-18-shaped
 net: no torchvision here) and each compiler (``simigrad``: ``torch.compile(backend="simigrad")`` under
 ``AdaptiveBatching`` with the default ladder up to ``--max-micro``; ``inductor``: plain
-``torch.compile(backend="inductor")`` at a fixed batch of ``--max-micro``), three fresh processes, each timed
+``torch.compile(backend="inductor")`` at a fixed batch of ``--max-micro``; ``simigrad-symbolic``: ``simigrad``
+with ``symbolic_batch=True``, one graph for every rung of 2 or more), three fresh processes, each timed
 from just before ``torch.compile``:
 
 * ``cold``: an empty ``TORCHINDUCTOR_CACHE_DIR``;
@@ -33,7 +34,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODELS = ("gpt", "bert", "resnet")
-COMPILERS = ("simigrad", "inductor")
+COMPILERS = ("simigrad", "simigrad-symbolic", "inductor")
 CACHES = ("cold", "warm", "loaded")
 
 
@@ -111,12 +112,13 @@ def worker(name: str, compiler: str, cache: str, max_micro: int, artifacts: str,
     if cache == "loaded":
         simigrad_compile.load_compile_cache(artifacts)
     t0 = time.perf_counter()
-    compiled = torch.compile(model, backend=compiler)
+    compiled = torch.compile(model, backend="simigrad" if compiler.startswith("simigrad") else compiler)
     out = {"model": name, "compiler": compiler, "cache": cache, "import_s": import_s,
            "parameters": sum(p.numel() for p in model.parameters())}
-    if compiler == "simigrad":
+    symbolic = compiler == "simigrad-symbolic"
+    if compiler.startswith("simigrad"):
         run = simigrad_compile.AdaptiveBatching(compiled, opt, batch_size=max_micro, max_micro_batch_size=max_micro,
-                                                min_batch_size=1)
+                                                min_batch_size=1, symbolic_batch=symbolic)
         for batch in run.dataloader(dataset):
             loss_of(compiled, batch).backward()
             run.optimizer.step()
@@ -139,17 +141,19 @@ def worker(name: str, compiler: str, cache: str, max_micro: int, artifacts: str,
         out["rungs"] = [max_micro]
         step = opt
     out["graphs_compiled"] = compiled_graphs()
-    batch = [t.clone() for t in dataset[:max_micro]]
-    torch._dynamo.mark_static(batch[0], 0)
-    torch._dynamo.mark_static(batch[1], 0)
-    times = []
+    from simigrad_compile.runtime.data import mark_batch
+
+    batch = [mark_batch(0, None, symbolic)(t.clone()) for t in dataset[:max_micro]]
+    times, cpu = [], []
     for _ in range(repeats):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         loss_of(compiled, batch).backward()
         step.step()
         step.zero_grad()
         times.append(time.perf_counter() - t)
+        cpu.append(time.process_time() - c)
     out["step_ms"] = 1e3 * sorted(times)[len(times) // 2]
+    out["step_cpu_ms"] = 1e3 * sorted(cpu)[len(cpu) // 2]
     out["graphs_after_steps"] = compiled_graphs()
     if cache == "cold":
         saved = simigrad_compile.save_compile_cache(artifacts)
@@ -164,12 +168,13 @@ def _table(rows) -> str:
         lines.append(f"| {r['model']} | {r['compiler']} | {len(r['rungs'])} | {r['cache']} | "
                      f"{r['first_step_s']:.1f} | {r['warm_ladder_s']:.1f} | {r['graphs_compiled']} | "
                      f"{r['step_ms']:.1f} |")
-    ratios = ["", "| model | cache | simigrad warm ladder / inductor first step (same cache state) |",
-              "| --- | --- | --- |"]
+    ratios = ["", "| model | compiler | cache | warm ladder / inductor first step (same cache state) |",
+              "| --- | --- | --- | --- |"]
     by = {(r["model"], r["compiler"], r["cache"]): r for r in rows}
     for (m, c, cache), r in by.items():
-        if c == "simigrad" and (m, "inductor", cache) in by:
-            ratios.append(f"| {m} | {cache} | {r['warm_ladder_s'] / by[(m, 'inductor', cache)]['warm_ladder_s']:.2f} |")
+        if c.startswith("simigrad") and (m, "inductor", cache) in by:
+            ratio = r["warm_ladder_s"] / by[(m, "inductor", cache)]["warm_ladder_s"]
+            ratios.append(f"| {m} | {c} | {cache} | {ratio:.2f} |")
     return "\n".join(lines + ratios)
 
 

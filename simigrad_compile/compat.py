@@ -44,6 +44,12 @@ def mark_static(tensor: torch.Tensor, dim: int) -> None:
     torch._dynamo.mark_static(tensor, dim)
 
 
+def mark_dynamic(tensor: torch.Tensor, dim: int) -> None:
+    """Dynamo compiles ``dim`` as a symbol (of 2 or more: it specializes sizes 0 and 1); a graph that specializes
+    it raises at compile time. (A ``min=`` bound without ``max=`` fails inside Dynamo on torch 2.13.)"""
+    torch._dynamo.mark_dynamic(tensor, dim)
+
+
 def reset_dynamo() -> None:
     torch._dynamo.reset()
 

@@ -131,6 +131,12 @@ class SimigradConfig:
     """An explicit ladder of micro-batch sizes (a list or a comma-separated string such as ``"8,16,32"``).
     ``None``: powers of two up to ``max_micro_batch_size``."""
 
+    symbolic_batch: bool = False
+    """One compiled graph for every micro-batch of 2 samples or more: the loader marks the batch dim dynamic
+    (not static), and the split pass cuts it at ``floor(B/2)`` inside the graph. ``False``: one static graph per
+    rung. A model whose code specializes on the batch size raises Dynamo's constraint error naming the input;
+    set ``False`` for it. See docs/compile_cache.md for the compile and step times of both."""
+
     cuda_graphs: bool = False
     """On GPU, capture one CUDA graph per rung (``mode="reduce-overhead"``)."""
 

@@ -265,10 +265,10 @@ def _next_recording(self):
             if door.aside is not None and door.source is not None and door.source() is self:
                 door.flush()
         raise
-    from ..runtime.data import mark_static
+    from ..runtime.data import mark_batch
 
     dim = _config.batch_dim if isinstance(_config.batch_dim, int) else 0
-    compat.tree_map(mark_static(dim, None), batch)  # a short last batch gets its own graph, not a dynamic batch dim
+    compat.tree_map(mark_batch(dim, None, _config.symbolic_batch), batch)
     _fed.last = Fetch(weakref.ref(self), compat.declared_batch_size(self), samples_in(batch, _config.batch_dim))
     if loop_ddp.recorded():
         loop_ddp.steer(self, _fed.last.declared or _fed.last.measured or _config.batch_size, list(_doors.values()),

@@ -121,13 +121,16 @@ class AdaptiveBatching(StepCore):
         return AdaptiveLoader(self, dataset, **kwargs)
 
     def warm_up(self, fn, dataset, collate_fn=None) -> None:
-        """Compile every rung a plan can reach now (``Ladder.reachable_rungs``): ``fn(batch)`` runs forward +
-        backward on a micro-batch of each (the first samples of ``dataset``). Gradients, statistics and the
-        module's buffers are restored afterwards; the other rungs compile on first use, if ever."""
+        """Compile every rung a plan can reach now (``Ladder.reachable_rungs``; with ``symbolic_batch`` the largest
+        of them, and a rung of 1 where reachable): ``fn(batch)`` runs forward + backward on a micro-batch of each
+        (the first samples of ``dataset``). Gradients, statistics and the module's buffers are restored
+        afterwards; the other rungs compile on first use, if ever."""
         loader = AdaptiveLoader(self, dataset, collate_fn=collate_fn)
         buffers = {k: v.clone() for k, v in self.model.state_dict().items()}
         rungs = self.ladder.reachable_rungs()
-        if rungs != self.ladder.rungs:
+        if self.config.symbolic_batch:  # one graph serves every rung of 2 or more; a rung of 1 has its own
+            rungs = tuple(m for m in rungs if m == 1) + tuple(m for m in rungs[-1:] if m >= 2)
+        elif rungs != self.ladder.rungs:
             log.info("simigrad: warm-up compiles the rungs %s that plans within [min_batch_size, max_batch_size] "
                      "reach; %s compile on first use, if ever", rungs,
                      tuple(m for m in self.ladder.rungs if m not in rungs))

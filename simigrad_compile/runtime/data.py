@@ -40,9 +40,10 @@ iterable; the tail is completed from the next pass over it, as above. Resuming r
 already trained on, so the iterable must yield the same order every pass. ``shuffle`` and data parallelism
 are refused (ranks could run out at different steps).
 
-Static shapes. The batch dim of every tensor in a micro-batch is marked static (``torch._dynamo.mark_static``),
-so Dynamo compiles one graph per rung instead of turning the batch dim dynamic. A tensor copied afterwards (for
-example ``x.cuda()``) loses the mark: pass ``device=`` to move it here first.
+Batch shapes. The batch dim of every tensor in a micro-batch is marked static (``torch._dynamo.mark_static``),
+so Dynamo compiles one graph per rung instead of turning the batch dim dynamic; with ``symbolic_batch=True`` it
+is marked dynamic (at least 2) instead, and one graph serves every micro-batch of 2 or more. A tensor copied
+afterwards (for example ``x.cuda()``) loses the mark: pass ``device=`` to move it here first.
 """
 
 from __future__ import annotations
@@ -146,13 +147,19 @@ class _Issuer:
             yield orders.slice(p.epoch, start, size)
 
 
-def mark_static(dim: int, device: Any) -> Callable[[Any], Any]:
+def mark_batch(dim: int, device: Any, symbolic: bool = False) -> Callable[[Any], Any]:
+    """A function that moves a tensor to ``device`` and marks its batch dim ``dim`` static, or with ``symbolic``
+    dynamic where it holds 2 samples or more (a batch of 1 has no halves, and Dynamo specializes it anyway)."""
+
     def mark(t):
         if isinstance(t, torch.Tensor):
             if device is not None:
                 t = t.to(device, non_blocking=True)
             if t.dim() > dim:
-                compat.mark_static(t, dim)
+                if symbolic and t.shape[dim] >= 2:
+                    compat.mark_dynamic(t, dim)
+                else:
+                    compat.mark_static(t, dim)
         return t
 
     return mark
@@ -179,7 +186,7 @@ class AdaptiveLoader:
         self.discarded = 0
         """Micro-batches prefetched in a size the plan no longer wanted (their samples were handed out again)."""
         dim = run.config.batch_dim if isinstance(run.config.batch_dim, int) else 0
-        self._mark = mark_static(dim, device)
+        self._mark = mark_batch(dim, device, run.config.symbolic_batch)
         self.iterable = isinstance(dataset, tud.IterableDataset)
         if self.iterable:
             self._check_iterable()
@@ -205,7 +212,7 @@ class AdaptiveLoader:
         return (len(self.dataset) if self.iterable else self.orders.length) - self.run.state.position
 
     def prepare(self, batch: Any) -> Any:
-        """A collated micro-batch as the loader yields it: moved to ``device``, its batch dims marked static."""
+        """A collated micro-batch as the loader yields it: moved to ``device``, its batch dims marked."""
         if type(batch) in (tuple, list):
             return type(batch)(self._mark(t) if isinstance(t, torch.Tensor) else compat.tree_map(self._mark, t)
                                for t in batch)
