@@ -21,8 +21,8 @@ backward adds its micro-batch's mean gradient, as the core expects.
 At the step (``on_before_optimizer_step``, after the closure's backward, before Lightning's gradient clipping) the
 core makes ``p.grad`` the step's mean gradient and scales the LR: ``gradient_clip_val`` then clips the step's mean
 gradient, as in the plain loop. An optimizer step post-hook puts the LR back and records the step before the
-schedulers run; a skipped step (non-finite loss, gradient or statistics) changes nothing and keeps the step-interval
-schedulers where they were. The epoch's last batch ends a window early (the core's ``end_window``).
+schedulers run; a skipped step (non-finite loss, gradient or statistics) changes nothing, is not clipped (it has
+no gradient) and keeps the step-interval schedulers where they were. The epoch's last batch ends a window early (the core's ``end_window``).
 
 Logging: ``cosine``, ``batch_size`` and ``lr_scale`` through ``pl_module.log`` on every step;
 ``callback.run.history`` has every record (its loss filled from the backward's loss), ``log_dir`` the CSV.
@@ -82,6 +82,9 @@ class SimigradCallback(Callback):
         self._loss = None
         self._boundary = False  # this batch ran the core's begin_step
         self._hold: Optional[ScheduleHold] = None
+        self._clip = None
+        """``trainer.gradient_clip_val``, set aside over a skipped step (``clip_grad_value_`` of no gradient
+        raises)."""
 
     # --- setup ------------------------------------------------------------------------------------------------
     def setup(self, trainer, pl_module, stage: str) -> None:
@@ -160,11 +163,13 @@ class SimigradCallback(Callback):
             run.end_window()  # the epoch's last batch: Lightning steps, the window ends here
         self._loss = None
         self._boundary = True
-        run.begin_step()  # False: the gradients are dropped, the optimizer's step and the clipping change nothing
+        if not run.begin_step():  # the gradients are dropped: the optimizer's step changes nothing, and
+            self._clip, trainer.gradient_clip_val = trainer.gradient_clip_val, None  # nothing is clipped
 
     def _after_step(self, optimizer, args, kwargs) -> None:
         if not self._boundary:
             return
+        self._restore_clip()
         run = self.run
         run.end_step()
         if not run.history[-1]["stepped"]:
@@ -195,7 +200,12 @@ class SimigradCallback(Callback):
     def on_exception(self, trainer, pl_module, exception) -> None:
         self._close(trainer)
 
+    def _restore_clip(self) -> None:
+        if self._clip is not None:
+            self._trainer.gradient_clip_val, self._clip = self._clip, None
+
     def _close(self, trainer) -> None:
+        self._restore_clip()
         trainer.accumulate_grad_batches = 1
         if self._hook is not None:
             self._hook.remove()
