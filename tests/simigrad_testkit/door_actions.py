@@ -13,7 +13,7 @@ import math
 import torch
 from hypothesis import strategies as st
 
-from simigrad_testkit.door_reference import Micro, Trace
+from simigrad_testkit.door_reference import Micro, Trace, check_trace
 from simigrad_testkit.loop_reference import Net, Reference, dataset, loss_of, make_optimizer
 
 LR = 0.1
@@ -147,3 +147,13 @@ def run_auto_loop(s) -> Trace:
 def auto_loop_factor(rec, applied, micros):
     """The loop's scheduler steps every iteration: the LR of the real step is the one at its last ``step()``."""
     return micros[-1].factor
+
+
+def check_auto_loop(s) -> Trace:
+    """Run the loop under ``SIMIGRAD=1`` and check it against the fp64 plain loop."""
+    trace = run_auto_loop(s)
+    # B0: SIMIGRAD_BATCH_SIZE, else the loader batches (their declared size) of the first step() that ran
+    b0 = s["b0"] if s["sized"] or not trace.micro else s["micro"] * len(trace.micro[0].parts)
+    x, y, _ = door_data(s)
+    check_trace(trace, reference(s, b0), (x, y), auto_loop_factor)
+    return trace

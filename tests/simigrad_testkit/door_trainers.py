@@ -10,12 +10,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import tempfile
 
 import torch
 from hypothesis import strategies as st
 
-from simigrad_testkit.door_actions import DECAY, LR, config, door_data, freeze, shared, start_net
-from simigrad_testkit.door_reference import Micro, Trace
+from simigrad_testkit.door_actions import DECAY, LR, config, door_data, freeze, reference, shared, start_net
+from simigrad_testkit.door_reference import Micro, Trace, check_trace
 from simigrad_testkit.loop_reference import flat, loss_of, make_optimizer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -231,3 +232,23 @@ def lightning_clip(s):
     if s["clip"] is None:
         return None
     return (s["clip"][0], 2.0 if s["clip"][1] == "norm" else "value")
+
+
+def check_hf(s) -> Trace:
+    """Run the Hugging Face door (and its resume) and check it against the fp64 plain loop."""
+    with tempfile.TemporaryDirectory() as tmp:
+        trace = run_hf(s, tmp)
+    ref = reference(s)
+    hf_reference_optimizer(s, ref)
+    x, y, _ = door_data(s)
+    check_trace(trace, ref, (x, y), hf_factor(s), clip=(s["clip"], 2.0) if s["clip"] else None)
+    return trace
+
+
+def check_lightning(s) -> Trace:
+    """Run the Lightning door (and its resume) and check it against the fp64 plain loop."""
+    with tempfile.TemporaryDirectory() as tmp:
+        trace = run_lightning(s, tmp)
+    x, y, _ = door_data(s)
+    check_trace(trace, reference(s), (x, y), lightning_factor(s), clip=lightning_clip(s))
+    return trace
