@@ -64,14 +64,14 @@ def auto_loop_runs(draw):
     """The unmodified loop: its own loader (batch, ``drop_last``, shuffling), its own accumulation (1 or 2 backward
     passes per ``step()``), ``zero_grad`` before or after, its own clipping of each micro-batch (norm types 2, 1,
     inf), its scheduler stepped every iteration, a ``GradScaler`` whose inf/NaN micro-batches never reach
-    ``step()``, an inf loss, freezing between epochs."""
+    ``step()``, an inf loss, freezing between epochs, a validation loader run between ``backward`` and ``step``."""
     s = draw(st.fixed_dictionaries(shared()))
     s.update(draw(st.fixed_dictionaries(dict(
         drop_last=st.booleans(), shuffle=st.booleans(), accumulate=st.sampled_from([1, 1, 2]),
         zero=st.sampled_from(["none", "zeros", "model", "after"]), sched=st.booleans(),
         clip=st.none() | st.tuples(st.sampled_from([0.01, 0.3, 100.0]), st.sampled_from([2.0, 1.0, math.inf])),
         scaler=st.booleans(), growth=st.integers(1, 3), inf=st.lists(st.integers(0, 20), max_size=2),
-        sized=st.booleans()))))
+        sized=st.booleans(), validate=st.booleans()))))
     return s
 
 
@@ -93,6 +93,7 @@ def run_auto_loop(s) -> Trace:
     g = torch.Generator().manual_seed(s["seed"])
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*data), batch_size=s["micro"],
                                          drop_last=s["drop_last"], shuffle=s["shuffle"], generator=g)
+    validation = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*data), batch_size=3)
     k = s["accumulate"]
     try:
         for epoch in range(s["epochs"]):
@@ -107,6 +108,10 @@ def run_auto_loop(s) -> Trace:
                 fetched += 1
                 (scaler.scale(loss) if scaler else loss).backward()
                 parts.append((ib, weight))
+                if s.get("validate"):  # batches without a backward never size a step
+                    with torch.no_grad():
+                        for xv, _, _ in validation:
+                            net(xv)
                 if (i + 1) % k and i + 1 < len(loader):
                     continue
                 if s["clip"] is not None:
