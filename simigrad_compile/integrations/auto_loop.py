@@ -34,8 +34,9 @@ The ladder has one rung, the training loader's batch: the step's batch is ``accu
 
 Epoch end. When the training loader's iterator is exhausted inside a window, the micro-steps so far form the
 step (``end_window``): the door takes that step itself, with the LR of the window's last ``step()`` (the loop's
-scheduler may have stepped since), and leaves ``p.grad`` None, as the loop's last ``zero_grad`` would. A loop that stops early leaves its last window unapplied: at exit the core discards it and
-says so (``StepCore.close``, the rule of every door).
+scheduler may have stepped since), and leaves ``p.grad`` None, as the loop's last ``zero_grad`` would. A loop that
+stops early leaves its last window unapplied: at exit the core discards it and says so (``StepCore.close``, the
+rule of every door).
 
 Many processes (``torchrun`` of a loop with ``DistributedDataParallel`` and a ``DistributedSampler``): each rank
 adapts the number of its loader's batches per step (the global batch is ``world x accumulation x`` that batch; B0

@@ -22,7 +22,8 @@ At the step (``on_before_optimizer_step``, after the closure's backward, before 
 core makes ``p.grad`` the step's mean gradient and scales the LR: ``gradient_clip_val`` then clips the step's mean
 gradient, as in the plain loop. An optimizer step post-hook puts the LR back and records the step before the
 schedulers run; a skipped step (non-finite loss, gradient or statistics) changes nothing, is not clipped (it has
-no gradient) and keeps the step-interval schedulers where they were. The epoch's last batch ends a window early (the core's ``end_window``).
+no gradient) and keeps the step-interval schedulers where they were. The epoch's last batch ends a window early
+(the core's ``end_window``).
 
 Logging: ``cosine``, ``batch_size`` and ``lr_scale`` through ``pl_module.log`` on every step;
 ``callback.run.history`` has every record (its loss filled from the backward's loss), ``log_dir`` the CSV.
