@@ -44,3 +44,15 @@ def test_lightning_a_skipped_step_with_clipping_by_value_is_not_clipped():
     s = dict(LOOP, nan=[0], sched=None, clip=(0.01, "value"), resume=None, epochs=2)
     trace = trainers.check_lightning(s)
     assert [r["stepped"] for r in trace.history] == [False, True, False, True]
+
+
+def test_lightning_a_skipped_last_step_of_an_epoch_keeps_the_epoch_schedulers_lr():
+    """The epoch's last micro-batch (sample 4, NaN) is a skipped step; Lightning then steps the epoch-interval
+    scheduler on the same batch. Holding the step-interval schedulers put the optimizer's LR back to the one before,
+    so the next epoch trained at the first epoch's LR while the scheduler had moved on."""
+    pytest.importorskip("lightning")
+    from simigrad_testkit import door_trainers as trainers
+
+    s = dict(LOOP, nan=[4], sched="epoch", clip=None, resume=None, epochs=2)
+    trace = trainers.check_lightning(s)
+    assert [r["stepped"] for r in trace.history] == [True, False, True, False]
