@@ -43,6 +43,7 @@ def check(door, s):
     event(f"skipped steps: {any(not r['stepped'] for r in history)}")
     event(f"batch sizes: {len({r['batch_size'] for r in history})}")
     event(f"microsteps cosine checked: {any(r['statistics'] == 'microsteps' for r in history)}")
+    event(f"resumed from a checkpoint: {s.get('resume') is not None}")
 
 
 @settings(max_examples=10, **SETTINGS)
