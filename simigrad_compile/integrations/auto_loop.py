@@ -33,9 +33,10 @@ The ladder has one rung, the training loader's batch: the step's batch is ``accu
 ``SIMIGRAD_BATCH_SIZE``, else the micro-batch. A loop without a DataLoader must set ``SIMIGRAD_BATCH_SIZE``.
 
 Epoch end. When the training loader's iterator is exhausted inside a window, the micro-steps so far form the
-step (``end_window``): the door takes that step itself and leaves ``p.grad`` None, as the loop's last
-``zero_grad`` would. A loop that stops early leaves its last window unapplied: at exit the core discards it and
-says so (``StepCore.close``, the rule of every door).
+step (``end_window``): the door takes that step itself, with the LR of the window's last ``step()`` (the loop's
+scheduler may have stepped since), and leaves ``p.grad`` None, as the loop's last ``zero_grad`` would. A loop that
+stops early leaves its last window unapplied: at exit the core discards it and says so (``StepCore.close``, the
+rule of every door).
 
 Many processes (``torchrun`` of a loop with ``DistributedDataParallel`` and a ``DistributedSampler``): each rank
 adapts the number of its loader's batches per step (the global batch is ``world x accumulation x`` that batch; B0
@@ -64,6 +65,7 @@ import torch
 from .. import compat
 from ..config import SimigradConfig
 from ..runtime.driven import driven, mark_driven
+from ..runtime.lr import SavedLr, restore_lr, save_lr
 from . import loop_ddp
 from .batches import samples_in
 from .door_rules import one_rung
@@ -112,6 +114,8 @@ class _Door:
         self.source = None
         self.boundary = False
         self.reported = 0
+        self.lrs: Optional[SavedLr] = None
+        """The ``lr`` of every param group at the window's last ``step()``: the LR of a step the door takes itself."""
 
     def _restore(self) -> List[torch.nn.Parameter]:
         params = self.run.params
@@ -135,16 +139,18 @@ class _Door:
         fresh = [p.grad for p in run.params]
         params = self._restore()
         run.next_micro_batch(samples)
-        added = []
+        added, adopted = [], []
         for p, g in zip(params, fresh):
             if g is not None:
                 if p.grad is None:
                     p.grad = g
+                    adopted.append(p)
                 elif p.grad is not g:
                     p.grad.add_(g)
                     added.append(p)
-        if added and run.grad_watch is not None:
+        if run.grad_watch is not None:  # the loop's own changes to a fresh gradient (its clipping) are its own
             run.grad_watch.folded(added)
+            run.grad_watch.adopted(adopted)
         if self.ddp is not None and run.state.micro_step + 1 >= run.state.micro_steps:
             loop_ddp.check_reduced(self)
         if not run.micro_step_done(samples=samples, loss=loss):
@@ -152,6 +158,7 @@ class _Door:
             for p in params:
                 p.grad = None
             self.source = source
+            self.lrs = save_lr(self.optimizer)
             return
         self.boundary = True
         run.begin_step()  # False: the gradients are dropped and the optimizer's step is a no-op
@@ -167,18 +174,28 @@ class _Door:
         if self.ddp is not None and self.run.state.micro_step > 0:
             loop_ddp.check_reduced(self)
         params = self._restore()
+        if self.run.grad_watch is not None:  # backward passes since the last step() (a micro-batch the GradScaler
+            self.run.grad_watch.take()       # dropped) accumulated into fresh gradients, now dropped, not the held
         self.source = None
         if self.run.end_window():
-            _fed.own_step = True
+            # The step's LR is the one at its last micro-batch's step(), as at a planned boundary; the loop's
+            # scheduler may have stepped since.
+            now, lrs, self.lrs = save_lr(self.optimizer), self.lrs, None
+            if lrs is not None:
+                restore_lr(self.optimizer, lrs)
             try:
-                if self.run.begin_step():
-                    self.optimizer.step()
-            except BaseException:
-                self.run.discard_step()
-                raise
+                _fed.own_step = True
+                try:
+                    if self.run.begin_step():
+                        self.optimizer.step()
+                except BaseException:
+                    self.run.discard_step()
+                    raise
+                finally:
+                    _fed.own_step = False
+                self.run.end_step()
             finally:
-                _fed.own_step = False
-            self.run.end_step()
+                restore_lr(self.optimizer, now)
             self.report()
         for p in params:
             p.grad = None

@@ -21,8 +21,9 @@ backward adds its micro-batch's mean gradient, as the core expects.
 At the step (``on_before_optimizer_step``, after the closure's backward, before Lightning's gradient clipping) the
 core makes ``p.grad`` the step's mean gradient and scales the LR: ``gradient_clip_val`` then clips the step's mean
 gradient, as in the plain loop. An optimizer step post-hook puts the LR back and records the step before the
-schedulers run; a skipped step (non-finite loss, gradient or statistics) changes nothing and keeps the step-interval
-schedulers where they were. The epoch's last batch ends a window early (the core's ``end_window``).
+schedulers run; a skipped step (non-finite loss, gradient or statistics) changes nothing, is not clipped (it has
+no gradient) and the step-interval schedulers do not step over it (:data:`HELD`; the epoch-interval ones step at
+the epoch's end as always). The epoch's last batch ends a window early (the core's ``end_window``).
 
 Logging: ``cosine``, ``batch_size`` and ``lr_scale`` through ``pl_module.log`` on every step;
 ``callback.run.history`` has every record (its loss filled from the backward's loss), ``log_dir`` the CSV.
@@ -59,9 +60,10 @@ from ..config import SimigradConfig, from_mapping
 from ..runtime.adaptive import AdaptiveBatching
 from .batches import samples_in
 from .door_rules import logged, one_rung, refuse, shared_refusals
-from .schedule import ScheduleHold
 
 log = logging.getLogger("simigrad_compile")
+HELD = "simigrad-held"
+"""The ``interval`` of a step-interval scheduler config over a skipped step: Lightning steps no scheduler of it."""
 
 
 class SimigradCallback(Callback):
@@ -81,7 +83,12 @@ class SimigradCallback(Callback):
         self._divisor = 1       # this batch's accumulate_grad_batches
         self._loss = None
         self._boundary = False  # this batch ran the core's begin_step
-        self._hold: Optional[ScheduleHold] = None
+        self._held: list = []
+        """The step-interval scheduler configs set aside over a skipped step (their ``interval`` is
+        :data:`HELD`, so Lightning's update of the ``"step"`` schedulers passes them by)."""
+        self._clip = None
+        """``trainer.gradient_clip_val``, set aside over a skipped step (``clip_grad_value_`` of no gradient
+        raises)."""
 
     # --- setup ------------------------------------------------------------------------------------------------
     def setup(self, trainer, pl_module, stage: str) -> None:
@@ -160,17 +167,25 @@ class SimigradCallback(Callback):
             run.end_window()  # the epoch's last batch: Lightning steps, the window ends here
         self._loss = None
         self._boundary = True
-        run.begin_step()  # False: the gradients are dropped, the optimizer's step and the clipping change nothing
+        if not run.begin_step():  # the gradients are dropped: the optimizer's step changes nothing, and
+            self._clip, trainer.gradient_clip_val = trainer.gradient_clip_val, None  # nothing is clipped
 
     def _after_step(self, optimizer, args, kwargs) -> None:
         if not self._boundary:
             return
+        self._restore_clip()
         run = self.run
         run.end_step()
-        if not run.history[-1]["stepped"]:
-            trainer = self._trainer
-            self._hold = ScheduleHold([c.scheduler for c in trainer.lr_scheduler_configs
-                                       if c.interval == "step" and not c.reduce_on_plateau], optimizer)
+        if not run.history[-1]["stepped"]:  # the step-interval schedulers do not step; the epoch-interval ones
+            self._held = [c for c in self._trainer.lr_scheduler_configs  # still do at the epoch's last batch
+                          if c.interval == "step" and not c.reduce_on_plateau]
+            for c in self._held:
+                c.interval = HELD
+
+    def _release(self) -> None:
+        for c in self._held:
+            c.interval = "step"
+        self._held = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         run = self.run
@@ -180,9 +195,7 @@ class SimigradCallback(Callback):
                                    "accumulate_grad_batches was changed by someone else")
             self._loss = None
             return
-        if self._hold is not None:
-            self._hold.restore()
-            self._hold = None
+        self._release()
         record = run.history[-1]
         pl_module.log_dict(logged(record), on_step=True, on_epoch=False)
 
@@ -195,7 +208,13 @@ class SimigradCallback(Callback):
     def on_exception(self, trainer, pl_module, exception) -> None:
         self._close(trainer)
 
+    def _restore_clip(self) -> None:
+        if self._clip is not None:
+            self._trainer.gradient_clip_val, self._clip = self._clip, None
+
     def _close(self, trainer) -> None:
+        self._restore_clip()
+        self._release()
         trainer.accumulate_grad_batches = 1
         if self._hook is not None:
             self._hook.remove()

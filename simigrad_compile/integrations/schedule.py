@@ -1,8 +1,10 @@
 """Keep an LR schedule where it was across a skipped optimizer step.
 
 A step the core skips (a non-finite loss, gradient or statistic) must leave the LR schedule's position untouched,
-as ``GradScaler`` does. A trainer that steps its schedulers after every optimizer step (Hugging Face, Lightning)
-gets a :class:`ScheduleHold` taken after the skipped step and restored after the schedulers stepped. The ``lr``
+as ``GradScaler`` does. A trainer that steps its scheduler after every optimizer step (Hugging Face) gets a
+:class:`ScheduleHold` taken after the skipped step and restored after the scheduler stepped. (Lightning steps its
+schedulers by interval; its door keeps the step-interval ones from stepping instead, so that an epoch-interval one
+stepping on the same batch keeps its LR.) The ``lr``
 values are saved and restored by :mod:`simigrad_compile.runtime.lr`, as the core's LR scaling does.
 """
 

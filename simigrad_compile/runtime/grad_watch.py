@@ -10,7 +10,8 @@ its first micro-step, before the window has a version of its own). Anything more
 write by the loop: ``optimizer.zero_grad(set_to_none=False)``, ``p.grad.zero_()``, ``p.grad.mul_``,
 ``torch.nn.utils.clip_grad_norm_``. A door that keeps the running gradient aside and folds each fresh gradient in
 with one ``held.add_(fresh)`` tells the watch (:meth:`GradWatch.folded`): that add is one write to the held
-tensor, however many backward passes built the fresh one.
+tensor, however many backward passes built the fresh one; a fresh gradient that becomes the held one (the window's
+first micro-step) is handed over as the loop left it (:meth:`GradWatch.adopted`).
 
 Used on one process only: data-parallel reducers write the reduced gradient into ``p.grad`` themselves.
 """
@@ -64,6 +65,15 @@ class GradWatch:
         for p in params:
             if self.counts[id(p)] > 1:
                 self.counts[id(p)] = 1
+                self.after[id(p)] = (id(p.grad), version(p.grad))
+
+    def adopted(self, params: Sequence[torch.nn.Parameter]) -> None:
+        """A door made each of ``params``' fresh gradient, as the loop left it, the window's gradient (the first
+        micro-step of a window under ``SIMIGRAD=1``): what the loop did to that tensor before handing it over (its
+        own clipping of the micro-batch, ``GradScaler.unscale_``) is the loop's, and its version now is the one
+        the window starts from."""
+        for p in params:
+            if self.counts[id(p)]:
                 self.after[id(p)] = (id(p.grad), version(p.grad))
 
     def own_hooks(self, param: torch.Tensor) -> frozenset:

@@ -39,6 +39,27 @@ def flat(model):
     return torch.cat([p.detach().double().flatten() for p in model.parameters()])
 
 
+def total_norm(grads, norm_type=2.0) -> float:
+    """``clip_grad_norm_``'s total norm of ``grads`` (norm types p and inf), by hand."""
+    flat_g = torch.cat([g.flatten() for g in grads])
+    if math.isinf(norm_type):
+        return float(flat_g.abs().max())
+    return float(flat_g.abs().pow(norm_type).sum() ** (1 / norm_type))
+
+
+def clip_(grads, clip) -> None:
+    """``clip = (max_norm, norm_type)``: ``clip_grad_norm_``'s formula ``min(1, max_norm / (norm + 1e-6))``; with
+    ``norm_type="value"``, ``clip_grad_value_`` (every element into ``[-max_norm, max_norm]``)."""
+    max_norm, norm_type = clip
+    if norm_type == "value":
+        for g in grads:
+            g.clamp_(-max_norm, max_norm)
+        return
+    coef = min(1.0, max_norm / (total_norm(grads, norm_type) + 1e-6))
+    for g in grads:
+        g.mul_(coef)
+
+
 def make_optimizer(params, kind="sgd", lr=0.1):
     if kind == "adam":
         return torch.optim.Adam(params, lr=lr)
@@ -65,11 +86,7 @@ class Reference:
         return [None if p.grad is None else p.grad.clone() for p in self.model.parameters()]
 
     def grad_norm(self, x, y, norm_type=2.0):
-        grads = [g for g in self.mean_grad(x, y) if g is not None]
-        flat_g = torch.cat([g.flatten() for g in grads])
-        if math.isinf(norm_type):
-            return float(flat_g.abs().max())
-        return float(flat_g.abs().pow(norm_type).sum() ** (1 / norm_type))
+        return total_norm([g for g in self.mean_grad(x, y) if g is not None], norm_type)
 
     def cosine(self, halves):
         """fp64 cosine of the mean gradients of two sample sets."""
@@ -83,34 +100,41 @@ class Reference:
             self.model.zero_grad(set_to_none=True)
             return
         self.mean_grad(x, y)
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        self.apply([p.grad for p in self.model.parameters()], len(x), clip)
+        self.sched.step()
+
+    def apply(self, grads, batch, clip=None, factor=1.0):
+        """The optimizer step on the gradients ``grads`` (one per parameter, None for none) of a step of ``batch``
+        samples: clipped by hand (:func:`clip_`), the LR times ``factor`` (a schedule the caller computes) and
+        :meth:`lr_scale`, the gradients dropped after."""
+        for p, g in zip(self.model.parameters(), grads):
+            p.grad = g
         if clip is not None:
-            max_norm, norm_type = clip
-            flat_g = torch.cat([g.flatten() for g in grads])
-            norm = flat_g.abs().max() if math.isinf(norm_type) else flat_g.abs().pow(norm_type).sum() ** (1 / norm_type)
-            coef = min(1.0, max_norm / (float(norm) + 1e-6))
-            for g in grads:
-                g.mul_(coef)
-        scale = self.lr_scale(len(x))
+            clip_([g for g in grads if g is not None], clip)
+        scale = self.lr_scale(batch) * factor
         lrs = [group["lr"] for group in self.opt.param_groups]
         for group in self.opt.param_groups:
             group["lr"] = group["lr"] * scale
         self.opt.step()
         for group, lr in zip(self.opt.param_groups, lrs):
             group["lr"] = lr
-        self.sched.step()
         self.model.zero_grad(set_to_none=True)
 
 
-def midpoint_halves(batches):
-    """The two sample sets of the microsteps split: the first h micro-batches, h the most nearly equal split."""
-    sizes = [len(b[0]) for b in batches]
+def first_half(sizes):
+    """The micro-steps of the microsteps split's first half: the most nearly equal split of ``sizes`` (ties to the
+    fewer)."""
     n, cum, best = sum(sizes), 0, None
     for h in range(1, len(sizes)):
         cum += sizes[h - 1]
         if best is None or abs(2 * cum - n) < best[0]:
             best = (abs(2 * cum - n), h)
-    h = best[1]
+    return best[1]
+
+
+def midpoint_halves(batches):
+    """The two sample sets of the microsteps split: the first h micro-batches, h the most nearly equal split."""
+    h = first_half([len(b[0]) for b in batches])
     cat = lambda bs: (torch.cat([b[0] for b in bs]), torch.cat([b[1] for b in bs]))  # noqa: E731
     return cat(batches[:h]), cat(batches[h:])
 
