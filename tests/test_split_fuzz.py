@@ -16,6 +16,7 @@ tests/test_split_fuzz.py -k long -s`` is the long run (it lists every failure at
 import copy
 import math
 import os
+import time
 
 import pytest
 import torch
@@ -159,7 +160,7 @@ def check_spec(spec: Spec):
 
 def _fuzz(examples: int, keep_going: bool = False, seed=None):
     """``keep_going``: record each failing model and go on (no shrinking), then fail listing them all."""
-    failures, refusals, done = [], {}, [0]
+    failures, refusals, done, start = [], {}, [0], time.monotonic()
 
     @settings(max_examples=examples, deadline=None, derandomize=seed is None, database=None, print_blob=True,
               suppress_health_check=list(HealthCheck), phases=[Phase.generate] if keep_going else list(Phase))
@@ -179,11 +180,12 @@ def _fuzz(examples: int, keep_going: bool = False, seed=None):
             return
         for why in set(stats.unsplit.values()) if stats is not None else ():
             refusals[why[:120]] = refusals.get(why[:120], 0) + 1
-        if done[0] % 50 == 0:
-            print(f"split fuzz: {done[0]} models, {len(failures)} failures", flush=True)
+        if done[0] % 10 == 0:
+            print(f"split fuzz: {done[0]} models, {len(failures)} failures, {time.monotonic() - start:.0f} s",
+                  flush=True)
 
     (fuzz if seed is None else hypothesis_seed(seed)(fuzz))()
-    print(f"split fuzz: {done[0]} models; plain aot_eager failed on {len(PLAIN_FAILURES)} (rejected):",
+    print(f"split fuzz: seed {seed}, {done[0]} models in {time.monotonic() - start:.0f} s; plain aot_eager failed on {len(PLAIN_FAILURES)} (rejected):",
           *PLAIN_FAILURES[:5], "refusals:", *(f"{n} x {why}" for why, n in refusals.items()), sep="\n  ")
     assert not failures, "\n".join(failures)
 
