@@ -119,6 +119,9 @@ def check_spec(spec: Spec):
     if unsplit:
         assert stats.reason, "parameters left unsplit but the statistics give no reason"
         allowed = [k for k in spec.seq_blocks + spec.image_blocks if k in MAY_REFUSE]
+        breaks = [k for k in spec.seq_blocks + spec.image_blocks if k.endswith("break")]
+        if spec.head == "tied_cross_entropy" and spec.stem in ("tokens", "bag") and breaks:
+            allowed.append("the embedding tied to the head across a graph break (as linear_shared)")
         assert allowed, f"refused a model whose blocks all split: {unsplit}"
     covered = sorted(set(per) - set(unsplit))
     if not covered:
@@ -316,3 +319,42 @@ def test_bf16_batchnorm_gradient_is_plain_inductors():
     assert (plain[name] - exact[name]).norm() > 0.2 * exact[name].norm()  # the decomposed graph's own rounding
     assert (got[name] - plain[name]).norm() <= 0.02 * plain[name].norm()
     assert (_flat(got) - _flat(plain)).norm() <= 0.01 * _flat(plain).norm()
+
+
+@pytest.mark.parametrize("norm", ["layernorm", "groupnorm"])
+def test_bf16_norm_weight_halves_that_nearly_cancel_round_once(norm):
+    """A norm's weight gradient in bf16 is an fp32 sum rounded to bf16 (Inductor's decompositions). The halves are
+    summed before that rounding, so ``g`` rounds once as the plain graph's does: here the second half repeats the
+    first with its loss scaled by ``-(1 - 1/32)`` (exact in bf16), so ``g = g1 / 32``, and rounding each half first
+    put ``eps |g1|``, some 6% of ``|g|``, into it."""
+    import torch.nn as nn
+
+    torch.manual_seed(0)
+    layer = (nn.LayerNorm(16) if norm == "layernorm" else nn.GroupNorm(2, 16)).bfloat16()
+    with torch.no_grad():
+        layer.weight.copy_(1 + 0.5 * torch.randn(16))
+    half = torch.randn(3, 16, 5)
+    x = torch.cat([half, half]).bfloat16()
+    x = x if norm == "groupnorm" else x.transpose(1, 2).contiguous()
+    signs = torch.tensor([1.0] * 3 + [-(1 - 1 / 32)] * 3)
+    feature = torch.randint(1, 5, x.shape[1:]) / 4 * (torch.randint(0, 2, x.shape[1:]) * 2 - 1)  # k/4: * 31/32 exact
+
+    def grad(backend, options=None):
+        model = copy.deepcopy(layer)
+        torch._dynamo.reset()
+        out = torch.compile(model, backend=backend, **(options or {}))(x)
+        (out.float() * feature * signs.view(-1, 1, 1)).sum().backward()
+        return model
+
+    plain = grad(plain_inductor_graph).weight.grad.double()
+    ours = grad("simigrad", {"options": {"compiler": "aot_eager"}})
+    stats = simigrad_compile.gradient_stats(ours, reset=True, per_parameter=True)
+    torch._dynamo.reset()
+    assert "weight" in stats.per_parameter, stats.unsplit
+    exact = copy.deepcopy(layer).double()
+    (exact(x.double()) * feature.double() * signs.double().view(-1, 1, 1)).sum().backward()
+    exact = exact.weight.grad
+    assert (plain - exact).norm() <= 0.01 * exact.norm()
+    assert (ours.weight.grad.double() - plain).norm() <= 0.01 * exact.norm()
+    d, a, b = stats.per_parameter["weight"]
+    assert d == pytest.approx(-(1 - 1 / 32) * a, rel=1e-2) and b == pytest.approx((1 - 1 / 32) ** 2 * a, rel=1e-2)
