@@ -321,8 +321,8 @@ def test_bf16_batchnorm_gradient_is_plain_inductors():
     assert (_flat(got) - _flat(plain)).norm() <= 0.01 * _flat(plain).norm()
 
 
-@pytest.mark.parametrize("norm", ["layernorm", "groupnorm"])
-def test_bf16_norm_weight_halves_that_nearly_cancel_round_once(norm):
+@pytest.mark.parametrize("norm,stats_sum", [("layernorm", "graph"), ("groupnorm", "kernel")])
+def test_bf16_norm_weight_halves_that_nearly_cancel_round_once(norm, stats_sum):
     """A norm's weight gradient in bf16 is an fp32 sum rounded to bf16 (Inductor's decompositions). The halves are
     summed before that rounding, so ``g`` rounds once as the plain graph's does: here the second half repeats the
     first with its loss scaled by ``-(1 - 1/32)`` (exact in bf16), so ``g = g1 / 32``, and rounding each half first
@@ -347,7 +347,7 @@ def test_bf16_norm_weight_halves_that_nearly_cancel_round_once(norm):
         return model
 
     plain = grad(plain_inductor_graph).weight.grad.double()
-    ours = grad("simigrad", {"options": {"compiler": "aot_eager"}})
+    ours = grad("simigrad", {"options": {"compiler": "aot_eager", "stats_sum": stats_sum}})
     stats = simigrad_compile.gradient_stats(ours, reset=True, per_parameter=True)
     torch._dynamo.reset()
     assert "weight" in stats.per_parameter, stats.unsplit
