@@ -279,8 +279,9 @@ class GrammarModel(nn.Module):
         stem = self.spec.stem
         if stem == "tokens":
             h = self.emb(x)
-        elif stem == "bag":
-            h = self.emb(x) + self.bag(x)[:, None, :]
+        elif stem == "bag":  # mode "sum" (seed % 3 == 0) with per-sample weights computed from the ids
+            weights = ((x % 3) + 1).to(self.emb.weight.dtype) / 3 if self.bag.mode == "sum" else None
+            h = self.emb(x) + self.bag(x, per_sample_weights=weights)[:, None, :]
         elif stem == "seq":
             h = self.inp(x)
         else:
