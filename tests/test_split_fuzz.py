@@ -211,6 +211,18 @@ def test_split_fuzz_long():
 
 # --- regressions: what the fuzzer found, one named test each ---
 
+def test_the_long_run_variables_are_not_read_as_backend_config(monkeypatch):
+    """The long run's variables were ``SIMIGRAD_FUZZ_*``, which the backend reads as config and rejects: every
+    model of such a run failed with ``ConfigError`` before it compiled. ``SPLIT_FUZZ_*`` are left alone."""
+    from simigrad_compile.config import ConfigError
+    from simigrad_compile.envvars import config_from_env
+
+    monkeypatch.setenv("SPLIT_FUZZ_EXAMPLES", "3")
+    monkeypatch.setenv("SPLIT_FUZZ_SEED", "5")
+    config_from_env()
+    with pytest.raises(ConfigError, match="SIMIGRAD_FUZZ_SEED"):
+        config_from_env({"SIMIGRAD_FUZZ_SEED": "5"})
+
 def test_size_one_input_broadcasting_against_the_batch_is_not_another_batch():
     """HF's rotary ``position_embeddings`` (``cos``, ``sin`` of shape ``[1, T, D]``) reach the graph after a graph
     break as inputs; they broadcast against the batch and used to refuse every parameter with "the inputs
