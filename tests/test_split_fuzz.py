@@ -13,7 +13,7 @@ with a batch of 1), compiles each with ``backend="simigrad"`` and checks:
 The default run draws ``FUZZ_EXAMPLES`` (25) models, derandomized; ``SPLIT_FUZZ_EXAMPLES=2000 SPLIT_FUZZ_SEED=7
 pytest --slow tests/test_split_fuzz.py -k long -s`` is a long run (it lists every failure at the end instead of
 stopping; the variables are not ``SIMIGRAD_*``, which the backend reads as its own config and rejects when
-unknown). The named tests below are what earlier runs found; ``docs/troubleshooting.md`` lists the runs.
+unknown). The named tests below are what earlier runs found; ``docs/contributing.md`` lists the runs.
 """
 
 import copy
