@@ -32,10 +32,12 @@ SEQ_BLOCKS = (
     "max_pool", "avg_pool", "graph_break", "rotary_break", "rotary_2d_break", "learned_pos_break",
     "broadcast_input", "where_mask",
 )
-IMAGE_BLOCKS = ("conv", "conv_grouped", "conv_shared", "batchnorm_train", "batchnorm_eval", "groupnorm", "max_pool",
-                "avg_pool", "pad_reflect_conv", "pad_replicate_conv", "residual_conv", "graph_break")
+IMAGE_BLOCKS = ("conv", "conv_grouped", "conv_shared", "batchnorm_train", "batchnorm_eval", "groupnorm", "instancenorm",
+                "max_pool", "avg_pool", "pad_reflect_conv", "pad_replicate_conv", "residual_conv", "graph_break")
 STEMS = ("tokens", "bag", "seq", "image1d", "image2d", "image3d")
-HEADS = ("flat", "pool_linear", "token_cross_entropy")
+HEADS = ("flat", "pool_linear", "token_cross_entropy", "tied_cross_entropy")
+"""``tied_cross_entropy``: logits over the vocabulary whose weight is the token embedding's (tied, as language
+models do) where the stem has one, its own ``nn.Linear`` otherwise."""
 CROSS_SAMPLE = {"batchnorm_train"}
 """Blocks whose forward mixes samples: the halves are contributions under the whole batch's statistics, so
 only ``g1 + g2 == g`` can be checked, not two separate half-batch passes."""
@@ -213,6 +215,8 @@ class ImageBlock(nn.Module):
             self.norm.train(kind == "batchnorm_train")
         if kind == "groupnorm":
             self.norm = nn.GroupNorm(2, C)
+        if kind == "instancenorm":  # per sample and channel: BatchNorm over [1, B*C, *S] in training mode
+            self.norm = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)[dims - 1](C, affine=True)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -226,7 +230,7 @@ class ImageBlock(nn.Module):
             return F.relu(self.conv(h))
         if kind == "residual_conv":
             return h + self.conv(F.relu(h))
-        if kind in ("batchnorm_train", "batchnorm_eval", "groupnorm"):
+        if kind in ("batchnorm_train", "batchnorm_eval", "groupnorm", "instancenorm"):
             return self.norm(h)
         if kind in ("max_pool", "avg_pool"):
             pool = getattr(F, f"{kind}{self.dims}d")
@@ -244,8 +248,8 @@ class GrammarModel(nn.Module):
         super().__init__()
         self.spec = spec
         t = self._seq_len(spec)
-        if spec.stem in ("tokens", "bag"):
-            self.emb = nn.Embedding(VOCAB, D)
+        if spec.stem in ("tokens", "bag"):  # odd seeds: a padding index, whose row gets no gradient
+            self.emb = nn.Embedding(VOCAB, D, padding_idx=0 if spec.seed % 2 else None)
         if spec.stem == "bag":
             self.bag = nn.EmbeddingBag(VOCAB, D, mode=("sum", "mean", "max")[spec.seed % 3])
         if spec.stem == "seq":
@@ -262,6 +266,10 @@ class GrammarModel(nn.Module):
             self.head = nn.Linear(D, 3)
         if spec.head == "token_cross_entropy":
             self.head = nn.Linear(D, 7)
+        if spec.head == "tied_cross_entropy":
+            self.head = nn.Linear(D, VOCAB, bias=False)
+            if spec.stem in ("tokens", "bag"):
+                self.head.weight = self.emb.weight
 
     @staticmethod
     def _seq_len(spec: Spec) -> int:
@@ -271,8 +279,9 @@ class GrammarModel(nn.Module):
         stem = self.spec.stem
         if stem == "tokens":
             h = self.emb(x)
-        elif stem == "bag":
-            h = self.emb(x) + self.bag(x)[:, None, :]
+        elif stem == "bag":  # mode "sum" (seed % 3 == 0) with per-sample weights computed from the ids
+            weights = ((x % 3) + 1).to(self.emb.weight.dtype) / 3 if self.bag.mode == "sum" else None
+            h = self.emb(x) + self.bag(x, per_sample_weights=weights)[:, None, :]
         elif stem == "seq":
             h = self.inp(x)
         else:
@@ -282,7 +291,7 @@ class GrammarModel(nn.Module):
         h = self._seq(h, 0, keep, bias)
         if self.spec.head == "pool_linear":
             return self.head(h.mean(1))
-        if self.spec.head == "token_cross_entropy":
+        if self.spec.head in ("token_cross_entropy", "tied_cross_entropy"):
             logits = self.head(h)
             return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none").view(h.shape[:2])
         return h
@@ -319,8 +328,8 @@ def build(spec: Spec):
         keep[:, 0] = 1
     if "broadcast_input" in spec.seq_blocks:
         bias = (1 + 0.5 * torch.randn(1, t, D, generator=gen)).to(spec.torch_dtype)
-    if spec.head == "token_cross_entropy":
-        targets = torch.randint(0, 7, (b, t), generator=gen)
+    if spec.head in ("token_cross_entropy", "tied_cross_entropy"):
+        targets = torch.randint(0, 7 if spec.head == "token_cross_entropy" else VOCAB, (b, t), generator=gen)
     inputs = (x, keep, bias, targets)
     dims = (0, 0, None, 0)
     while inputs and inputs[-1] is None:  # trailing Nones left to the defaults

@@ -15,6 +15,12 @@ carries an error of up to ``eps |g_i|``; over n elements ``|g2|^2`` is off by ab
 2e-6 down to ``r = 1e4``, 1.5e-3 relative error in ``|g2|^2`` at ``r = 1e6``. In bf16 the same ``eps`` is 2^-8,
 so only ``mm`` contractions in fp32 or fp64 accumulate; a parameter with any other contraction (a bf16/fp16
 ``mm``, a sum over batch dims, a conv weight, an embedding's ``index_put``) keeps the separate form.
+
+A gradient that the graph computes in fp32 and rounds to bf16/fp16 as its last op (Inductor's decompositions of
+the norms do: ``convert_element_type(mul(sum(...), rsqrt), bf16)``) is paired before that rounding
+(:func:`before_rounding`): the halves stay fp32, ``g = round(g1 + g2)`` rounds once as the plain graph does, and
+the statistics read the unrounded halves. Rounding each half first would put an error of ``eps |g1|`` into ``g``,
+large against ``|g|`` where the halves nearly cancel.
 """
 
 from __future__ import annotations
@@ -47,6 +53,28 @@ class Pair:
     """``separate``: the second half's gradient."""
     total: Optional[fx.Node] = None
     """``accumulate``: the gradient with the second half's ``mm`` written into the first's."""
+
+
+def before_rounding(ctx: SplitContext, grad: fx.Node) -> fx.Node:
+    """The wider value ``grad`` is rounded from when ``grad`` is ``convert_element_type(x, narrower float)`` and
+    ``x`` is linear in the batch contractions; else ``grad`` itself."""
+    if grad.target is not prims.convert_element_type.default or not isinstance(grad.args[0], fx.Node):
+        return grad
+    source, val = grad.args[0], grad.meta["val"]
+    wide = source.meta.get("val")
+    if (not isinstance(wide, torch.Tensor) or not wide.dtype.is_floating_point or not val.dtype.is_floating_point
+            or wide.dtype.itemsize <= val.dtype.itemsize or ctx.linear.leaves(source) is None):
+        return grad
+    return source
+
+
+def _rounded(ctx: SplitContext, pair: Pair, total: fx.Node) -> fx.Node:
+    """``total`` in the dtype of the gradient it replaces (one rounding of the summed halves)."""
+    dtype = pair.grad.meta["val"].dtype
+    if total.meta["val"].dtype == dtype:
+        return total
+    with ctx.graph.inserting_after(total):
+        return ctx.call(prims.convert_element_type.default, total, dtype)
 
 
 def accumulates(ctx: SplitContext, grad: fx.Node) -> bool:
@@ -117,7 +145,7 @@ def in_graph(ctx: SplitContext, output: fx.Node, pairs: List[Pair], outs: list, 
             f1, f2 = (call(prims.convert_element_type.default, g, torch.float32)
                       if g.meta["val"].dtype != torch.float32 else g for g in (p.g1, second))
             if p.total is None:
-                outs[slots[p.index]] = call(aten.add.Tensor, p.g1, p.g2)
+                outs[slots[p.index]] = _rounded(ctx, p, call(aten.add.Tensor, p.g1, p.g2))
             else:
                 outs[slots[p.index]] = p.total
                 f2 = call(aten.sub.Tensor, f2, f1)
@@ -169,6 +197,6 @@ def in_kernel(ctx: SplitContext, pairs: List[Pair], outs: list, slots: Dict[int,
             for j, p in enumerate(separate):
                 with graph.inserting_after(node):
                     node = ctx.call(operator.getitem, fused, j)
-                outs[slots[p.index]] = node
+                outs[slots[p.index]] = _rounded(ctx, p, node)
             launches += 1
     return f"{launches} fused statistics launch(es) in {len(buckets)} bucket(s)"

@@ -167,11 +167,13 @@ class SplitBackwardPass:
         accumulated = combine.Accumulated(ctx)
         pairs = []
         for t in targets:
-            first = ctx.emit(t.grad, FIRST)
             if accumulate and combine.accumulates(ctx, t.grad):
+                first = ctx.emit(t.grad, FIRST)
                 pairs.append(combine.Pair(t.index, t.grad, first, total=accumulated(t.grad)))
-            else:
-                pairs.append(combine.Pair(t.index, t.grad, first, ctx.emit(t.grad, SECOND)))
+            else:  # a gradient rounded to bf16/fp16 as its last op is paired before that rounding
+                source = combine.before_rounding(ctx, t.grad)
+                first = ctx.emit(source, FIRST)
+                pairs.append(combine.Pair(t.index, t.grad, first, ctx.emit(source, SECOND)))
         check_halves(ctx)
         outs = list(outs)
         if self.plan.stats_sum == "graph" or (self.plan.stats_sum == "auto" and on_cpu):
