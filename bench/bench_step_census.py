@@ -217,8 +217,39 @@ def model_worker(spec_name: str, b: int, repeats: int, warmup: int, folder: str,
     rec["ratio_paired"] = bench_step.paired(times["simigrad"], times["inductor"])
     rec["times_s"] = times
     if profile:
-        rec["profile"] = bench_step.profile(fns, models, None, None, "cpu", rows=40)
+        rec["profile"] = kernel_profile(fns, models, sync)
     return rec
+
+
+def kernel_profile(fns: dict, models: dict, sync, steps: int = 9, rows: int = 40) -> dict:
+    """Per op (Inductor kernels included, as their own ranges): calls per step and the least self time over
+    ``steps`` separately profiled steps (the least: robust to the step being descheduled on a loaded box)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    import bench_step
+
+    per: dict = {}
+    for name, fn in fns.items():
+        ops: dict = {}
+        for _ in range(steps):
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                bench_step.step(fn, models[name], None, None, sync)
+            for e in prof.key_averages():
+                count, best = ops.get(e.key, (e.count, float("inf")))
+                ops[e.key] = (count, min(best, e.self_cpu_time_total / 1e3))
+        if name == "simigrad":
+            import simigrad_compile
+
+            simigrad_compile.gradient_stats(models[name], reset=True)
+        per[name] = {op: {"calls": c, "min_self_ms": t} for op, (c, t) in ops.items()}
+    keys = set(per["inductor"]) | set(per["simigrad"])
+    none = {"calls": 0, "min_self_ms": 0.0}
+    diff = {op: {"calls": per["simigrad"].get(op, none)["calls"] - per["inductor"].get(op, none)["calls"],
+                 "ms": per["simigrad"].get(op, none)["min_self_ms"] - per["inductor"].get(op, none)["min_self_ms"]}
+            for op in keys}
+    top = dict(sorted(diff.items(), key=lambda kv: -abs(kv[1]["ms"]))[:rows])
+    totals = {name: sum(v["min_self_ms"] for v in ops.values()) for name, ops in per.items()}
+    return {"per_op": per, "top_differences": top, "sum_min_self_ms": totals}
 
 
 def _worker(args) -> None:
@@ -295,6 +326,8 @@ def main(argv=None) -> int:
     p.add_argument("--timeout", type=float, default=1500.0, help="seconds per subprocess")
     p.add_argument("--profile", action="store_true",
                    help="+ per-kernel profile of one step of each (Inductor kernel ranges on; timings then differ)")
+    p.add_argument("--append", action="store_true",
+                   help="keep the rows of --json's models that this run does not measure (to finish a cut-short run)")
     p.add_argument("--json", default=os.path.join(RESULTS, "step_census.json"))
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
@@ -308,6 +341,10 @@ def main(argv=None) -> int:
     labels = [m for m in MODELS if not args.only or re.search(args.only, m, re.IGNORECASE)]
     start, t0 = datetime.datetime.now(datetime.timezone.utc).isoformat(), time.perf_counter()
     rows: list = []
+    kept: list = []
+    if args.append and os.path.exists(args.json):
+        with open(args.json) as f:
+            kept = [r for r in json.load(f)["models"] if r["model"] not in labels]
 
     def save(done: bool) -> None:  # after every model: an interrupted run keeps what it measured
         with open(args.json, "w") as f:
@@ -315,13 +352,14 @@ def main(argv=None) -> int:
                        "config": {"repeats": args.repeats, "warmup": args.warmup, "threads": 1, "clock": "cpu"},
                        "goal_step_ratio": GOAL_STEP, "goal_memory_ratio": GOAL_MEMORY,
                        "hardware": hardware("cpu"), "versions": versions(), "wall_s": time.perf_counter() - t0,
-                       "models": rows}, f, indent=1, default=str)
+                       "models": sorted(kept + rows, key=lambda r: list(MODELS).index(r["model"]))},
+                      f, indent=1, default=str)
 
     for label in labels:
         rows.append(measure(label, args))
         print(summary_line(rows[-1]), flush=True)
         save(False)
-    save(True)
+    save({r["model"] for r in kept + rows} == set(MODELS))  # complete: every model of MODELS in the file
     print(f"saved {args.json} ({time.perf_counter() - t0:.0f} s)")
     return 0
 

@@ -63,7 +63,9 @@ def table(result: dict) -> str:
              f"median of {cfg['repeats']} interleaved steps, CPU time at {cfg['threads']} thread). "
              f"{within} of {len(rows)} models within {result['goal_step_ratio']}x steady step; "
              f"{mem} of {len(rows)} within the memory goal "
-             f"({result['goal_memory_ratio']}x plus one gradient-sized buffer).", "",
+             f"({result['goal_memory_ratio']}x plus one gradient-sized buffer)."
+             + ("" if result["complete"] else " **The run was cut short: only the models below were measured.**"),
+             "",
              "| model | params | inductor ms | simigrad ms | ratio (paired) | first step s, ind / sim | "
              "peak KiB, ind / sim (ratio) | grads KiB | load 1 min | notes |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]

@@ -99,6 +99,35 @@ def _later(a: fx.Node, b: fx.Node) -> fx.Node:
         x, y = x.next, y.next
 
 
+_REBUILT = (aten.sum.dim_IntList, aten.sum.default, aten.mm.default)
+"""Contractions whose whole value is exactly the sum of their halves' values (a mean's half is not)."""
+
+
+def whole_from_halves(ctx: SplitContext) -> int:
+    """Each whole-batch contraction that something besides its gradient still reads becomes the sum of its two
+    halves, so the batch is not contracted a third time. BatchNorm's backward reads ``sum(dy)`` and
+    ``sum(dy * xhat)`` for the weight and bias gradients (split) and for ``grad_input``::
+
+        before:  sum_1 = sum(mul_3, [0, 2, 3])             # read by grad_input's kernel, and halved:
+                 sum_1a = sum(slice(mul_3, 0, 0, h), [0, 2, 3]);  sum_1b = sum(slice(mul_3, 0, h, B), [0, 2, 3])
+        after:   add_7 = add(sum_1a, sum_1b)               # read by grad_input's kernel
+
+    Run after the outputs are rewired and dead code is dropped, so only the other readers remain. Returns how
+    many contractions it rebuilt."""
+    alive, rebuilt = set(ctx.graph.nodes), 0
+    for whole, first in list(ctx.halves[FIRST].items()):
+        second = ctx.halves[SECOND].get(whole)
+        if (whole not in alive or not whole.users or whole.target not in _REBUILT or second is None
+                or not ctx.linear.is_contraction(whole)):
+            continue
+        with ctx.graph.inserting_after(_later(first, second)):
+            total = ctx.call(aten.add.Tensor, first, second)
+        whole.replace_all_uses_with(total)
+        ctx.graph.erase_node(whole)
+        rebuilt += 1
+    return rebuilt
+
+
 def in_graph(ctx: SplitContext, output: fx.Node, pairs: List[Pair], outs: list, slots: Dict[int, int]) -> str:
     """CPU: the sum (``separate``) and the three fp32 dot products as graph ops, so Inductor fuses them into one
     loop over each pair (one read of both tensors); ``simigrad::record_stats`` takes the rows::

@@ -181,9 +181,12 @@ class SplitBackwardPass:
         output.args = (outs,)
         ctx.graph.lint()
         ctx.graph.eliminate_dead_code()
+        rebuilt = combine.whole_from_halves(ctx)
+        ctx.graph.lint()
         trim_whole_batch(ctx.graph, ctx.fake)
-        log.info("simigrad: split %d parameter gradients into half-batch pairs, %d accumulated by addmm (%s)",
-                 len(pairs), sum(p.total is not None for p in pairs), launches)
+        log.info("simigrad: split %d parameter gradients into half-batch pairs, %d accumulated by addmm (%s); "
+                 "%d whole-batch contractions read elsewhere rebuilt from their halves",
+                 len(pairs), sum(p.total is not None for p in pairs), launches, rebuilt)
 
     def _give_up(self, graph: fx.Graph, output: fx.Node, reasons: Dict[str, str]) -> None:
         """Raises :class:`SplitError` (mode ``batch``), or routes the smallest float gradient through
