@@ -11,10 +11,12 @@ no model libraries).
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_docs_table import cli  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
@@ -69,33 +71,8 @@ def table(rows: list[tuple[dict, str]]) -> str:
     return "\n".join(lines)
 
 
-def page_with_table(page: str, text: str) -> str:
-    head, start, rest = page.partition(START)
-    _, end, tail = rest.partition(END)
-    if not start or not end:
-        raise SystemExit(f"{PAGE}: the markers {START!r} and {END!r} are missing")
-    return f"{head}{START}\n{text}\n{END}{tail}"
-
-
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--check", action="store_true", help="exit 1 if docs/census.md's table differs from the JSON")
-    p.add_argument("--print", action="store_true", help="print the table instead of writing docs/census.md")
-    args = p.parse_args(argv)
-    text = table(load_rows())
-    if args.print:
-        print(text)
-        return 0
-    page = PAGE.read_text()
-    wanted = page_with_table(page, text)
-    if args.check:
-        if page != wanted:
-            print(f"{PAGE.relative_to(REPO)}: the census table differs from bench/results/; "
-                  "regenerate it with `python bench/bench_census_table.py`", file=sys.stderr)
-            return 1
-        return 0
-    PAGE.write_text(wanted)
-    return 0
+    return cli(argv, __doc__.splitlines()[0], PAGE, START, END, lambda: table(load_rows()), "bench/results/")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 import simigrad_compile
 from simigrad_compile import compat
+from simigrad_compile.demo.train import compile_seconds, lr_factor  # the demo's schedule and compile clock
 
 
 @dataclass
@@ -57,18 +58,6 @@ class Outcome:
     @property
     def average_batch(self) -> float:
         return self.samples / max(self.steps, 1)
-
-
-def lr_factor(progress: float, warmup: float) -> float:
-    """The demo's schedule: linear warm-up over the first ``warmup`` fraction of the samples, then a cosine to 0."""
-    if progress < warmup:
-        return (progress + 1e-3) / warmup
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, (progress - warmup) / (1 - warmup))))
-
-
-def compile_seconds() -> float:
-    return sum(sum(v) for k, v in compat.compilation_time_metrics().items()
-               if k == "_compile.compile_inner" or k.endswith("bw_compiler"))
 
 
 def train(work: Workload, budget: int, seed: int, controller: str, batch: int, top: int, compiler: str) -> Outcome:

@@ -54,7 +54,13 @@ def _(own, total, alpha, beta):
     return torch.empty(len(own), 3, dtype=torch.float32, device=own[0].device if own else "cpu")
 
 
-@torch.library.custom_op("simigrad::record_stats", mutates_args=(), tags=_UNSAFE)
+# record_stats runs in every split backward: defined through ``torch.library.Library`` (no autograd wrapper,
+# which ``custom_op`` adds to every call) for its dispatch cost. It returns nothing and its input never needs
+# a gradient.
+_LIB = torch.library.Library("simigrad", "FRAGMENT")
+_LIB.define("record_stats(Tensor stats, int[] primal_indices) -> ()", tags=_UNSAFE)
+
+
 def record_stats(stats: torch.Tensor, primal_indices: List[int]) -> None:
     """Records ``stats`` rows ``(dot, sq_norm_1, sq_norm_2)`` of the parameters ``primal_indices`` into the active region."""
     recorder = _regions.current("record_stats")
@@ -62,7 +68,10 @@ def record_stats(stats: torch.Tensor, primal_indices: List[int]) -> None:
         recorder.record(stats, primal_indices)
 
 
-@record_stats.register_fake
+_LIB.impl("record_stats", record_stats, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("simigrad::record_stats", lib=_LIB)
 def _(stats, primal_indices):
     return None
 
