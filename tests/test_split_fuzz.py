@@ -201,12 +201,15 @@ def test_split_fuzz_short():
     _fuzz(FUZZ_EXAMPLES)
 
 
+LONG_EXAMPLES = int(os.environ.get("SPLIT_FUZZ_EXAMPLES", "100"))
+
+
 @pytest.mark.slow
+@pytest.mark.timeout(max(900, 30 * LONG_EXAMPLES))  # 30 s a model: the suite's 900 s would cut a long run
 def test_split_fuzz_long():
     """``SPLIT_FUZZ_EXAMPLES`` models (100 in CI's slow step; 2000 for a long run by hand), every failure
     listed at the end; ``SPLIT_FUZZ_SEED`` picks the draw (default 7: other models than the short run's)."""
-    _fuzz(int(os.environ.get("SPLIT_FUZZ_EXAMPLES", "100")), keep_going=True,
-          seed=int(os.environ.get("SPLIT_FUZZ_SEED", "7")))
+    _fuzz(LONG_EXAMPLES, keep_going=True, seed=int(os.environ.get("SPLIT_FUZZ_SEED", "7")))
 
 
 # --- regressions: what the fuzzer found, one named test each ---
