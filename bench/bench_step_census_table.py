@@ -76,7 +76,8 @@ def table(result: dict) -> str:
 
 
 def main(argv=None) -> int:
-    return cli(argv, __doc__.splitlines()[0], PAGE, START, END, lambda: table(json.loads(RESULT.read_text())), "bench/results/step_census.json")
+    return cli(argv, __doc__.splitlines()[0], PAGE, START, END, lambda: table(json.loads(RESULT.read_text())),
+               "bench/results/step_census.json")
 
 
 if __name__ == "__main__":

@@ -17,8 +17,8 @@ user can vary (tests/simigrad_testkit/door_actions.py, door_trainers.py):
 
 Every history record, its loss, gradient norm, LR scale and cosine, and the parameters after every step must be
 those of the fp64 plain loop on the samples the door was fed. ``PROPERTY_EXAMPLES`` sets the examples per door of
-the long run (100 by default, as in CI's slow step; ``PROPERTY_EXAMPLES=500 pytest --slow tests/test_door_property.py``);
-the default run draws a few.
+the long run (100 by default, as in CI's slow step;
+``PROPERTY_EXAMPLES=500 pytest --slow tests/test_door_property.py``); the default run draws a few.
 """
 
 import os

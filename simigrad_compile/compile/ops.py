@@ -62,7 +62,8 @@ _LIB.define("record_stats(Tensor stats, int[] primal_indices) -> ()", tags=_UNSA
 
 
 def record_stats(stats: torch.Tensor, primal_indices: List[int]) -> None:
-    """Records ``stats`` rows ``(dot, sq_norm_1, sq_norm_2)`` of the parameters ``primal_indices`` into the active region."""
+    """Records ``stats`` rows ``(dot, sq_norm_1, sq_norm_2)`` of the parameters ``primal_indices`` into the
+    active region."""
     recorder = _regions.current("record_stats")
     if recorder is not None:
         recorder.record(stats, primal_indices)
