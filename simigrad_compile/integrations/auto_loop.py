@@ -108,9 +108,9 @@ class _Door:
         """The loop's DistributedDataParallel module (its sync is steered by :mod:`.loop_ddp`), and this rank."""
         self.aside: Optional[Dict[int, torch.Tensor]] = None
         self.folded: Optional[Dict[int, torch.Tensor]] = None
+        """The held tensors put back into ``p.grad`` before a reducing backward (:func:`.loop_ddp.fold`)."""
         self.synced: Optional[bool] = None
         """Whether the last backward (seen by ``Tensor.backward``) reduced across ranks."""
-        """The held tensors put back into ``p.grad`` before a reducing backward (:func:`.loop_ddp.fold`)."""
         self.source = None
         self.boundary = False
         self.reported = 0

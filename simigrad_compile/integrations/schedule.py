@@ -4,8 +4,8 @@ A step the core skips (a non-finite loss, gradient or statistic) must leave the 
 as ``GradScaler`` does. A trainer that steps its scheduler after every optimizer step (Hugging Face) gets a
 :class:`ScheduleHold` taken after the skipped step and restored after the scheduler stepped. (Lightning steps its
 schedulers by interval; its door keeps the step-interval ones from stepping instead, so that an epoch-interval one
-stepping on the same batch keeps its LR.) The ``lr``
-values are saved and restored by :mod:`simigrad_compile.runtime.lr`, as the core's LR scaling does.
+stepping on the same batch keeps its LR.) The ``lr`` values are saved and restored by
+:mod:`simigrad_compile.runtime.lr`, as the core's LR scaling does.
 """
 
 from __future__ import annotations

@@ -84,11 +84,7 @@ def _pair_rows(own: List[torch.Tensor], total: List[torch.Tensor], alpha: float,
     gradients (an fp64 model) are summed in fp64 here."""
     device = own[0].device
     if sum(x.numel() for x in own) <= FLATTEN and all(t.device == device for t in (*own, *total)):
-        dtype = own[0].dtype
-        if all(t.dtype == dtype for t in (*own, *total)):
-            return _pair_flat(own, total, alpha, beta)
-        (xo, xx, oo), tt = _pair_fp64(_flat64(own), _flat64(total), alpha, beta, with_total=True)
-        return [xo, xx, oo], tt
+        return _pair_flat(own, total, alpha, beta)
     rows = [0.0, 0.0, 0.0]
     narrow = [i for i in range(len(own)) if own[i].dtype != torch.float64]
     if narrow:
@@ -97,7 +93,7 @@ def _pair_rows(own: List[torch.Tensor], total: List[torch.Tensor], alpha: float,
         rows = [r + q for r, q in zip(rows, part)]
     for x, t in zip(own, total):
         if x.dtype == torch.float64:
-            part, _ = _pair_fp64(x.detach().flatten(), t.detach().flatten().double(), alpha, beta)
+            part = _pair_fp64(x.detach().flatten(), t.detach().flatten().double(), alpha, beta)
             rows = [r + q for r, q in zip(rows, part)]
     return rows, None
 
@@ -112,33 +108,25 @@ FLATTEN = 1 << 16
 of the kernel dominates)."""
 
 
-def _pair_fp64(x: torch.Tensor, t: torch.Tensor, alpha: float, beta: float,
-               with_total: bool = False) -> Tuple[List[float], Optional[float]]:
-    """The three sums of one flat fp64 pair, and ``t.t`` if asked: one Gram product of ``(x, other[, t])``."""
+def _pair_fp64(x: torch.Tensor, t: torch.Tensor, alpha: float, beta: float) -> List[float]:
+    """The three sums of one flat fp64 pair: one Gram product of ``(x, other)``."""
     other = t.mul(alpha).add_(x, alpha=beta)
-    rows = torch.stack([x, other, t] if with_total else [x, other])
+    rows = torch.stack([x, other])
     gram = (rows @ rows.T).tolist()
-    return [gram[0][1], gram[0][0], gram[1][1]], (gram[2][2] if with_total else None)
+    return [gram[0][1], gram[0][0], gram[1][1]]
 
 
 def _pair_flat(own: List[torch.Tensor], total: List[torch.Tensor], alpha: float,
                beta: float) -> Tuple[List[float], float]:
-    """:func:`_pair_fp64` of ``(_flat64(own), _flat64(total))`` with ``t.t``, for tensors of one dtype: the same
-    values (the fp64 widening is exact, the ``[3, n]`` Gram operand is the same fresh contiguous matrix), in fewer
-    calls: both sides in one concatenation, widened straight into their rows of the operand."""
+    """The three sums and ``t.t`` of every gradient taken as one flat pair ``(x, t)``: one Gram product of the rows
+    ``(x, other, t)`` of a fresh fp64 ``[3, n]`` operand, ``x`` and ``t`` widened straight into theirs (the
+    concatenation promotes mixed float dtypes to a common one, and both widenings are exact)."""
     n = sum(x.numel() for x in own)
     rows = torch.empty(3, n, dtype=torch.float64, device=own[0].device)
     rows[0::2].copy_(torch.cat([g.detach().reshape(-1) for g in (*own, *total)]).view(2, n))
     torch.mul(rows[2], alpha, out=rows[1]).add_(rows[0], alpha=beta)
     gram = (rows @ rows.T).tolist()
     return [gram[0][1], gram[0][0], gram[1][1]], gram[2][2]
-
-
-def _flat64(tensors: List[torch.Tensor]) -> torch.Tensor:
-    tensors = [t.detach() if t.requires_grad else t for t in tensors]
-    if all(t.dtype == tensors[0].dtype for t in tensors):
-        return torch.cat([t.reshape(-1) for t in tensors]).to(torch.float64)
-    return torch.cat([t.reshape(-1).to(torch.float64) for t in tensors])
 
 
 __all__ = ["MicrostepStats", "dense"]
