@@ -33,6 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_doors_dist import TIMING, add_options  # noqa: E402
 from bench_doors_pairs import exit_without_teardown, problem, sgd  # noqa: E402
 
 
@@ -114,8 +115,5 @@ if __name__ == "__main__":
     p.add_argument("out")
     p.add_argument("batch", type=int)
     p.add_argument("accumulation", type=int)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--count-steps", type=int, default=3)
-    p.add_argument("--width", type=int, default=256)
+    add_options(p, TIMING)
     main(p.parse_args())

@@ -36,17 +36,27 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 DOORS = ("hf", "lightning", "autoload", "hand")
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+TIMING = {"--steps": 20, "--warmup": 5, "--count-steps": 3, "--width": 256}
+"""Options of this launcher that every worker takes too (the launcher passes them on)."""
+LAUNCH = {"--repeats": 3, "--micro": 32, "--accumulation": 1}
+"""Options that ``bench_doors_pairs.py`` takes too (the ``SIMIGRAD=1`` worker takes its batch as arguments)."""
+
+
+def add_options(p: argparse.ArgumentParser, *tables: dict) -> None:
+    for table in tables:
+        for flag, default in table.items():
+            p.add_argument(flag, type=int, default=default)
+
+
+def passed_on(a, *tables: dict) -> list:
+    """The command-line form of ``a``'s values of the options in ``tables``."""
+    return [x for table in tables for flag in table for x in (flag, str(getattr(a, flag[2:].replace("-", "_"))))]
 
 
 def _env(**extra) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SIMIGRAD")}
     env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", **extra)
     return env
-
-
-def _common(a) -> list:
-    return ["--steps", str(a.steps), "--warmup", str(a.warmup), "--count-steps", str(a.count_steps),
-            "--width", str(a.width)]
 
 
 def _run(cmd, env) -> dict:
@@ -61,7 +71,7 @@ def _run(cmd, env) -> dict:
 
 def in_process(door: str, world: int, a) -> dict:
     cmd = [*TORCHRUN, f"--nproc_per_node={world}", os.path.join(HERE, "bench_doors_pairs.py"), door,
-           [*_common(a), "--repeats", str(a.repeats), "--micro", str(a.micro), "--accumulation", str(a.accumulation)]]
+           passed_on(a, TIMING, LAUNCH)]
     r = _run(cmd, _env())
     return {"door": door, "world": world, "runs_s": r["fit_median_s"], "cpu_s": r["fit_cpu_s"],
             "bytes_per_step": r["bytes_per_step"],
@@ -76,7 +86,7 @@ def autoload(world: int, a) -> dict:
     for r in range(a.repeats):
         for name in (("plain", "ours") if r % 2 == 0 else ("ours", "plain")):
             cmd = [*TORCHRUN, f"--nproc_per_node={world}", os.path.join(HERE, "bench_doors_autoload.py"),
-                   [str(a.micro), str(a.accumulation), *_common(a)]]
+                   [str(a.micro), str(a.accumulation), *passed_on(a, TIMING)]]
             runs[name].append(_run(cmd, _env(**(pinned if name == "ours" else {}))))
     return {"door": "autoload", "world": world, "runs_s": {k: [x["median_s"] for x in v] for k, v in runs.items()},
             "cpu_s": {k: [x["cpu_s"] for x in v] for k, v in runs.items()},
@@ -117,13 +127,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--worlds", type=int, nargs="+", default=[2, 4])
     p.add_argument("--doors", nargs="+", default=list(DOORS), choices=DOORS)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--count-steps", type=int, default=3)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--micro", type=int, default=32)
-    p.add_argument("--accumulation", type=int, default=1)
-    p.add_argument("--width", type=int, default=256)
+    add_options(p, TIMING, LAUNCH)
     p.add_argument("--out", default=os.path.join(HERE, "results", "doors_dist.json"))
     p.add_argument("--render", action="store_true", help="print the table of --out again, run nothing")
     a = p.parse_args()

@@ -40,6 +40,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
+from bench_doors_dist import LAUNCH, TIMING, add_options
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 IN, CLASSES, SAMPLES, LR = 32, 10, 8192, 0.01
 
@@ -297,13 +299,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("door", choices=sorted(FITS))
     p.add_argument("out")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--count-steps", type=int, default=3)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--micro", type=int, default=32)
-    p.add_argument("--accumulation", type=int, default=1)
-    p.add_argument("--width", type=int, default=256)
+    add_options(p, TIMING, LAUNCH)
     return p
 
 
