@@ -249,7 +249,24 @@ def kernel_profile(fns: dict, models: dict, sync, steps: int = 9, rows: int = 40
             for op in keys}
     top = dict(sorted(diff.items(), key=lambda kv: -abs(kv[1]["ms"]))[:rows])
     totals = {name: sum(v["min_self_ms"] for v in ops.values()) for name, ops in per.items()}
-    return {"per_op": per, "top_differences": top, "sum_min_self_ms": totals}
+    by_kind = {name: {} for name in per}
+    for name, ops in per.items():
+        for op, v in ops.items():
+            kind = by_kind[name].setdefault(op_kind(op), {"calls": 0, "min_self_ms": 0.0})
+            kind["calls"] += v["calls"]
+            kind["min_self_ms"] += v["min_self_ms"]
+    return {"per_op": per, "top_differences": top, "sum_min_self_ms": totals, "by_kind": by_kind}
+
+
+KINDS = (("Inductor kernels", ("graph_", "cpp_fused", "triton_")), ("compiled-graph wrapper", ("## Call",)),
+         ("convolution", ("aten::convolution", "aten::mkldnn_convolution", "aten::_convolution", "aten::conv")),
+         ("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")),
+         ("statistics op", ("simigrad::",)), ("other aten ops", ("aten::",)))
+
+
+def op_kind(op: str) -> str:
+    """The residual's categories: the profiler key's kind by its prefix (the first of ``KINDS`` that matches)."""
+    return next((kind for kind, prefixes in KINDS if op.startswith(prefixes)), "Python around the graphs")
 
 
 def _worker(args) -> None:
@@ -289,9 +306,16 @@ def _run(label: str, args) -> dict:
     return rec
 
 
+def _commit() -> str:
+    """The measured code: the checkout's commit, ``+changes`` when its tracked files differ from it."""
+    def git(*a):
+        return subprocess.run(["git", "-C", HERE, *a], capture_output=True, text=True).stdout.strip()
+    return git("rev-parse", "--short", "HEAD") + ("+changes" if git("status", "--porcelain", "-uno") else "")
+
+
 def measure(label: str, args) -> dict:
     row: dict = {"model": label, "census_spec": MODELS[label][0], "batch": MODELS[label][1],
-                 "loadavg_before": os.getloadavg()}
+                 "loadavg_before": os.getloadavg(), "code": _commit()}
     timing = _run(label, args)
     row["inductor"], row["simigrad"] = timing.pop("inductor", {}), timing.pop("simigrad", {})
     row["timing"] = timing

@@ -59,6 +59,7 @@ from .leaf_operands import NoCut, cuts_for
 from .linear_gradients import LinearGradients, Refuse
 from .plan import RegionPlan
 from .split_context import FIRST, SECOND, SplitContext
+from .whole_from_halves import rebuild_shared
 
 log = logging.getLogger("simigrad_compile")
 
@@ -181,11 +182,14 @@ class SplitBackwardPass:
         else:
             launches = combine.in_kernel(ctx, pairs, outs, found.slots, self.plan.bucket_bytes)
         output.args = (outs,)
+        ctx.graph.eliminate_dead_code()
+        rebuilt = rebuild_shared(ctx)
         ctx.graph.lint()
         ctx.graph.eliminate_dead_code()
         trim_whole_batch(ctx.graph, ctx.fake)
-        log.info("simigrad: split %d parameter gradients into half-batch pairs, %d accumulated by addmm (%s)",
-                 len(pairs), sum(p.total is not None for p in pairs), launches)
+        log.info("simigrad: split %d parameter gradients into half-batch pairs, %d accumulated by addmm (%s); "
+                 "%d whole-batch contractions rebuilt from their halves", len(pairs),
+                 sum(p.total is not None for p in pairs), launches, rebuilt)
 
     def _give_up(self, graph: fx.Graph, output: fx.Node, reasons: Dict[str, str]) -> None:
         """Raises :class:`SplitError` (mode ``batch``), or routes the smallest float gradient through
