@@ -111,7 +111,8 @@ def fxgraph_counters() -> tuple[int, int]:
 
 
 def flat_grads(model: nn.Module) -> torch.Tensor:
-    return torch.cat([p.grad.flatten() for p in model.parameters()])
+    """Every parameter's gradient, zeros where it has none (a parameter the loss does not reach, or a frozen one)."""
+    return torch.cat([p.grad.flatten() if p.grad is not None else p.new_zeros(p.numel()) for p in model.parameters()])
 
 
 def step(compiled, model: nn.Module, idx: torch.Tensor, tgt: torch.Tensor, sync) -> tuple[float, torch.Tensor]:

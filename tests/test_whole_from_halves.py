@@ -47,3 +47,30 @@ def test_batchnorm_sums_come_from_the_halves_and_gradients_match_fp64(batch, cap
     assert (got - want).norm() / want.norm() < 1e-5
     for (name, p), q in zip(model.named_parameters(), reference.parameters()):
         assert torch.allclose(p.grad.double(), q.grad, rtol=1e-4, atol=1e-6), name
+
+
+def test_each_batchnorm_sum_reads_the_activation_once(monkeypatch):
+    """``compile/passes/sample_sums.py``: the halves' sums over ``[0, 2, 3]`` come from one per-sample reduction
+    over ``[2, 3]`` of the whole-batch summand, never from a slice of the activation itself."""
+    from simigrad_compile.compile.passes.split_backward import SplitBackwardPass
+
+    graphs = []
+    original = SplitBackwardPass.__call__
+
+    def spy(self, graph):
+        original(self, graph)
+        graphs.append(graph)
+
+    monkeypatch.setattr(SplitBackwardPass, "__call__", spy)
+    torch.manual_seed(0)
+    model, x = _TwoBatchNorms(), torch.randn(6, 3, 8, 8)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="simigrad", options={"compiler": "aot_eager"})
+    compiled(x).sum().backward()
+    assert simigrad_compile.gradient_stats(model, reset=True).mode == "batch"
+    aten = torch.ops.aten
+    sums = [n for g in graphs for n in g.nodes if n.target is aten.sum.dim_IntList
+            and n.args[0].meta["val"].dim() == 4 and n.args[0].meta["val"].shape[0] == 6]
+    assert len(sums) >= 4
+    assert all(n.args[0].target is not aten.slice.Tensor for n in sums), [str(n.args[0]) for n in sums]
+    assert all(sorted(n.args[1]) == [2, 3] for n in sums if n.args[0].meta["val"].shape[2] > 1)

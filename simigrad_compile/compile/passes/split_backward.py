@@ -20,10 +20,11 @@ The rewrites, each in its own module, share one :class:`~.split_context.SplitCon
 1. :mod:`.linear_gradients` and :mod:`.leaf_operands` decide which gradients split (:meth:`SplitBackwardPass.analyse`);
 2. :meth:`~.split_context.SplitContext.emit` replays each gradient on each half; :mod:`.half_operands` slices or
    masks the contractions' operands, :mod:`.convolution_halves` reruns ``convolution_backward`` for the weight
-   and bias;
+   and bias, :mod:`.sample_sums` reduces a sum over the batch and other dims once per sample for both halves;
 3. :mod:`.half_checks` checks the halves (shapes, and index operands that still fit their values);
-4. :mod:`.combine_halves` sums the halves and records their statistics; :mod:`.convolution_halves` trims the
-   whole-batch ``convolution_backward`` to its ``grad_input``.
+4. :mod:`.combine_halves` sums the halves and records their statistics; :mod:`.whole_from_halves` rebuilds a
+   contraction that the rest of the backward still reads (BatchNorm's sums) from its halves;
+   :mod:`.convolution_halves` trims the whole-batch ``convolution_backward`` to its ``grad_input``.
 
 Every operand that the contraction lines up with the batch is cut, batch-free ones included (the position ids
 ``arange(T).repeat(B, 1)`` that index an embedding's gradient). The two halves replace the whole, so no matmul

@@ -28,7 +28,7 @@ import torch
 import torch.fx as fx
 
 from ...compat import keep_in_backward, tree_map
-from . import convolution_halves, half_operands
+from . import convolution_halves, half_operands, sample_sums
 from .batch_dims import BatchDimPropagation
 from .leaf_operands import cuts_for
 from .linear_gradients import LinearGradients
@@ -59,6 +59,8 @@ class SplitContext:
         """Per half: a node of the original graph -> its half-batch version."""
         self.operands: Tuple[Dict[tuple, fx.Node], Dict[tuple, fx.Node]] = ({}, {})
         """Per half: ``(how, operand, consumer, batch dim)`` -> the operand cut to the half (:mod:`.half_operands`)."""
+        self.per_sample: Dict[fx.Node, fx.Node] = {}
+        """A sum over the batch and other dims -> its summand reduced over the other dims (:mod:`.sample_sums`)."""
         self.sizes: Dict[sympy.Symbol, fx.Node] = {}
         """A symbolic size -> the graph node that holds it."""
         self._output = output
@@ -116,6 +118,10 @@ class SplitContext:
         """The contraction over the ``half``'s samples only: its operands cut (or its gradient masked)."""
         how, cuts = cuts_for(node, self.prop.get)
         cut = half_operands.slice_half if how == "slice" else half_operands.mask_half
+        rows = sample_sums.per_sample(self, node, cuts[(0,)]) if how == "slice" and (0,) in cuts else None
+        if rows is not None:  # each half sums its samples' rows of the summand reduced once
+            with self.graph.inserting_after(node):
+                return self.call(node.target, cut(self, rows, half, node, cuts[(0,)]), *node.args[1:], **node.kwargs)
 
         def each(value, path):
             if isinstance(value, (list, tuple)):
