@@ -217,7 +217,24 @@ def check_stats(out: str) -> str:
     return f"(d, a, b) max rel err {rel:.2e}, grad_norm rel err {norm_err:.2e}, cosine {record['cosine']:.4f}"
 
 
-CHECKS = {"fixed": check_fixed, "adaptive": check_adaptive, "stats": check_stats}
+def check_cpu_refused(out: str) -> str:
+    """Without :class:`ForceFsdp`: accelerate leaves FSDP off on CPU (the plain Trainer would train with DDP), and
+    ``SimigradTrainer`` refuses, naming that."""
+    data, model = Regression(96), MLP()
+    plain = Trainer(model=model, args=arguments(os.path.join(out, "plain_cpu"), max_steps=1), train_dataset=data,
+                    data_collator=default_data_collator)
+    assert not plain.is_fsdp_enabled and plain.accelerator.state.distributed_type == DistributedType.MULTI_CPU
+    tr = SimigradTrainer(model=MLP(), args=arguments(os.path.join(out, "cpu"), max_steps=1), train_dataset=data,
+                         data_collator=default_data_collator, simigrad={"batch_size": 8})
+    try:
+        tr.train()
+    except NotImplementedError as e:
+        assert "accelerate enables FSDP only on accelerator devices" in str(e), e
+        return str(e)
+    raise AssertionError("SimigradTrainer trained with fsdp=True on CPU")
+
+
+CHECKS = {"fixed": check_fixed, "adaptive": check_adaptive, "stats": check_stats, "cpu_refused": check_cpu_refused}
 
 
 def main(argv) -> None:
