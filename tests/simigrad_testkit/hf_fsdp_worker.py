@@ -11,9 +11,10 @@ Trainer's own FSDP2 code runs unchanged (``fully_shard`` through ``fsdp2_prepare
 Checks (rank 0 prints ``CHECK <name> OK ...``; a failure raises, non-zero exit):
 
 * ``fixed``: the controller pinned at ``world x 4 x 2`` samples per step on a tiny BERT (a ``fully_shard`` unit per
-  ``BertLayer`` plus the root): parameters equal the plain ``transformers.Trainer``'s FSDP2 run with
-  ``gradient_accumulation_steps=2`` at the same global batches (sequential order: the same samples per step),
-  to fp32 rounding (the split sums each half first, plain FSDP2 in its ring's order).
+  ``BertLayer`` plus the root), ``max_grad_norm`` clipping every step: parameters equal the plain
+  ``transformers.Trainer``'s FSDP2 run with ``gradient_accumulation_steps=2`` at the same global batches
+  (sequential order: the same samples per step), to fp32 rounding (the split sums each half first, plain FSDP2 in
+  its ring's order), and so do the logged gradient norms (the whole gradient's, over every shard).
 * ``adaptive``: a growing batch on an MLP: ``ranks`` statistics, the same history on every rank (and the same logged
   ``batch_size``), parameters equal a one-process fp64 SGD loop over the same global batches at ``LR sqrt(B/B0)``.
 * ``stats``: one step of two micro-batches a rank: the ``(d, a, b)`` the core read (scaled to the means, as the
@@ -39,6 +40,7 @@ from simigrad_compile.integrations.hf import SimigradTrainer  # noqa: E402
 from simigrad_testkit.hf_dist_worker import MLP, Regression, Tokens, tiny_bert  # noqa: E402
 
 LR, SEED, MICRO = 0.05, 3, 4
+CLIP = 0.05  # the fixed check clips (both Trainers clip the step's mean gradient over every shard)
 
 
 class ForceFsdp:
@@ -106,7 +108,7 @@ def check_fixed(out: str) -> str:
     data, steps = Tokens(), 48 // b
     start = tiny_bert()
     model, plain_model = copy.deepcopy(start), copy.deepcopy(start)
-    tr = ours(model, data, os.path.join(out, "fixed"), pinned, wrap=["BertLayer"], max_steps=steps)
+    tr = ours(model, data, os.path.join(out, "fixed"), pinned, wrap=["BertLayer"], max_steps=steps, max_grad_norm=CLIP)
     tr.train()
     history = tr.simigrad.history
     assert [(r["batch_size"], r["micro_batch_size"], r["accumulation"], r["statistics"]) for r in history] == \
@@ -114,15 +116,20 @@ def check_fixed(out: str) -> str:
     units = shard_units(tr.model_wrapped)
     plain_model.accepts_loss_kwargs = False  # as in hf_dist_worker.check_fixed: a mean loss, divided by accumulation
     plain = PlainFsdpTrainer(model=plain_model, args=arguments(os.path.join(out, "plain"), ["BertLayer"],
-                                                               max_steps=steps, gradient_accumulation_steps=2),
+                                                               max_steps=steps, gradient_accumulation_steps=2,
+                                                               max_grad_norm=CLIP),
                              train_dataset=data, data_collator=default_data_collator)
     plain.train()
     mine, theirs = full(tr.model_wrapped), full(plain.model_wrapped)
     moved = (theirs - full(start)).abs().max().item()
     err = (mine - theirs).abs().max().item()
-    assert units >= 2 and moved > 1e-3 and torch.allclose(mine, theirs, rtol=1e-5, atol=1e-6), (units, err, moved)
+    assert units >= 2 and moved > 1e-4 and torch.allclose(mine, theirs, rtol=1e-5, atol=1e-6), (units, err, moved)
+    norms = [[e["grad_norm"] for e in t.state.log_history if "grad_norm" in e] for t in (tr, plain)]
+    assert len(norms[0]) == steps and all(n > CLIP for n in norms[1]), norms  # every step clipped
+    assert all(abs(a - b) <= 1e-5 * b for a, b in zip(*norms)), norms
     same_history("fixed", history)
-    return f"{units} fully_shard units; max|ours - plain Trainer FSDP2| = {err:.2e} (parameters moved {moved:.2e})"
+    return (f"{units} fully_shard units, clipped at {CLIP}; max|ours - plain Trainer FSDP2| = {err:.2e} (parameters "
+            f"moved {moved:.2e}); grad norms {[round(n, 4) for n in norms[0]]}")
 
 
 def fp64_sgd(start, data, history, world: int, b0: int):
