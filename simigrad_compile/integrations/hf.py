@@ -48,6 +48,11 @@ its ``DistributedSampler``-like shard and turns DDP's gradient sync off for ever
 all-reduce of two scalars per step), so every rank records the same history and skips the same steps. Logs and
 checkpoints follow the Trainer's rank-0 rules; the core's ``log_dir`` is written by process 0 only.
 
+FSDP2 (``TrainingArguments(fsdp=True, fsdp_config={"version": 2})``, on accelerator devices: accelerate has no FSDP
+on CPU): ``trainer.model_wrapped`` is the ``fully_shard`` root; the core installs the split reduce-scatter on its
+units and turns FSDP's gradient sync off inside a window, so FSDP communicates once per step
+(:mod:`.hf_fsdp`: what is refused and why).
+
 Checkpoints. Every Trainer checkpoint also holds the run's state (``simigrad.pt``: controller, plan, data position,
 history; written by process 0, identical on every rank). ``train(resume_from_checkpoint=...)`` restores it and the
 loader resumes at the run's own position in the data, so a resumed run continues exactly as the uninterrupted one;
@@ -55,7 +60,8 @@ the Trainer's own skipping of seen batches is not used (``ignore_data_skip`` cha
 ``simigrad.pt`` is refused. The door relies on the Trainer's ``_init_training_state``,
 ``_save_optimizer_and_scheduler`` and ``_load_optimizer_and_scheduler`` (checked on transformers 5.25).
 
-Refused by name (``train()`` raises): ``gradient_accumulation_steps != 1``, DeepSpeed/FSDP, ``DataParallel``
+Refused by name (``train()`` raises): ``gradient_accumulation_steps != 1``, DeepSpeed, FSDP1, ``fsdp`` where
+accelerate did not enable it (CPU), ``resume_from_checkpoint`` under FSDP, ``DataParallel``
 (several GPUs in one process), ``WORLD_SIZE > 1`` with a one-process ``TrainingArguments`` (each rank would train
 alone), ``fp16`` (GradScaler; ``bf16`` works), ``auto_find_batch_size``, ``include_num_input_tokens_seen``,
 ``train_sampling_strategy`` other than ``random``/``sequential``, an ``IterableDataset``.
@@ -78,6 +84,7 @@ from ..config import SimigradConfig, from_mapping, resolve_group_mode
 from ..runtime.adaptive import AdaptiveBatching
 from .batches import samples_in
 from .door_rules import logged, refuse, shared_refusals
+from .hf_fsdp import resume_problems, sharding_problems
 from .schedule import ScheduleHold
 
 log = logging.getLogger("simigrad_compile")
@@ -182,10 +189,10 @@ class SimigradTrainer(Trainer):
     # --- refusals ---------------------------------------------------------------------------------------------
     def _check_supported(self) -> None:
         args = self.args
-        problems = shared_refusals(  # world_size=1: the Trainer's DDP runs here; DeepSpeed/FSDP are refused
+        problems = shared_refusals(  # world_size=1: the Trainer's DDP and FSDP2 run here (hf_fsdp: the rest)
             accumulation_option="gradient_accumulation_steps", accumulation=args.gradient_accumulation_steps,
-            world_size=1, grad_scaler="fp16" if args.fp16 else None,
-            self_accumulating="DeepSpeed/FSDP" if self.is_deepspeed_enabled or self.is_fsdp_enabled else None)
+            world_size=1, grad_scaler="fp16" if args.fp16 else None, self_accumulating=None)
+        problems += sharding_problems(self)
         launched = int(os.environ.get("WORLD_SIZE", "1"))
         if launched > 1 and args.world_size == 1:
             problems.append(f"WORLD_SIZE={launched} with a one-process TrainingArguments (each rank would train "
@@ -209,6 +216,7 @@ class SimigradTrainer(Trainer):
 
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
         self._check_supported()
+        refuse("SimigradTrainer", resume_problems(self, resume_from_checkpoint))
         return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial,
                              ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
 
@@ -219,8 +227,8 @@ class SimigradTrainer(Trainer):
         return optimizer
 
     def _start_run(self) -> None:
-        """Build the core on the model the Trainer wrapped (DDP under many processes: the comm hook goes on it)
-        and restore the run's state when resuming."""
+        """Build the core on the model the Trainer wrapped (DDP under many processes: the comm hook goes on it;
+        the ``fully_shard`` root under FSDP2: the split reduce-scatter) and restore the run's state when resuming."""
         if self.simigrad is not None:
             self.simigrad.close()
         if self._simigrad_optimizer is None:

@@ -79,6 +79,47 @@ def _values(grad: torch.Tensor) -> torch.Tensor:
     return values.float() if values.dtype in _NARROW else values
 
 
+def _norms(grads: List[torch.Tensor], norm_type: float) -> List[torch.Tensor]:
+    """Each gradient's ``norm_type``-norm. A gradient sharded by FSDP2 (a ``DTensor`` on a 1-D mesh, ``Shard``
+    placements) is measured whole: its local shard's norm, combined over the mesh's group with the others' in one
+    all-reduce (fp64; ``MAX`` for the inf-norm), so every rank gets the same norms and takes the same decisions."""
+    dtensor = _dtensor_type()
+    sharded = [i for i, g in enumerate(grads) if dtensor is not None and isinstance(g, dtensor)]
+    if not sharded:
+        return list(compat.foreach_norm(_wide(grads), norm_type))
+    groups = set()
+    for i in sharded:
+        g = grads[i]
+        if g.device_mesh.ndim != 1 or not all(p.is_shard() for p in g.placements):
+            raise NotImplementedError(f"simigrad: a gradient with placements {g.placements} on a "
+                                      f"{g.device_mesh.ndim}-D mesh (HSDP or tensor parallelism): the step's norm "
+                                      "needs FSDP2's 1-D sharding")
+        groups.add(g.device_mesh.get_group())
+    if len(groups) != 1:
+        raise NotImplementedError("simigrad: gradients sharded over different process groups")
+    local = [g.to_local() if isinstance(g, dtensor) else g for g in grads]
+    norms = list(compat.foreach_norm(_wide(local), norm_type))
+    parts = torch.stack([norms[i] for i in sharded]).double()
+    if math.isinf(norm_type):
+        torch.distributed.all_reduce(parts, op=torch.distributed.ReduceOp.MAX, group=groups.pop())
+    else:
+        parts = parts.pow(norm_type)
+        torch.distributed.all_reduce(parts, group=groups.pop())
+        parts = parts.pow(1.0 / norm_type)
+    for j, i in enumerate(sharded):
+        norms[i] = parts[j]
+    return norms
+
+
+def _dtensor_type():
+    """``torch.distributed.tensor.DTensor``, or None where torch has no distributed package."""
+    if not torch.distributed.is_available():
+        return None
+    from torch.distributed.tensor import DTensor
+
+    return DTensor
+
+
 def _to_host(scalars: List[torch.Tensor], sums: Optional[torch.Tensor]) -> List[float]:
     """The 0-d ``scalars``, then the 1-d ``sums``, as host floats (fp32 values are exact as floats). On an
     accelerator in one copy (torch promotes to the widest dtype); on the CPU, where nothing waits, directly."""
@@ -157,7 +198,7 @@ class StepRules:
         clip, amp, loss = self._clip, self.amp, self._loss
         norm_type = clip[1] if clip is not None else 2.0
         total_sq = w.stats.total_sq if w.stats is not None and clip is None and amp is None else None
-        norms = compat.foreach_norm(_wide(grads), norm_type) if grads and total_sq is None else []
+        norms = _norms(grads, norm_type) if grads and total_sq is None else []
         sums = read.sums if type(read) is StatsRead else None  # the statistics' sums, still on the device
         checks = amp.checks() if amp is not None else ()
         scalars = norms if loss is None and not checks else [*norms, *([loss] if loss is not None else ()), *checks]

@@ -1,5 +1,6 @@
-"""AdaptiveBatching on a DDP model: the runtime installs the split-group reduction, syncs only at the window's
-last micro-step, and its first step matches an fp64 reference built from every rank's local window gradient."""
+"""AdaptiveBatching on a DDP model, or on a ``fully_shard`` (FSDP2) root (``runtime_fsdp``): the runtime installs the
+split-group reduction (the comm hook, or the split reduce-scatter), syncs only at the window's last micro-step, and its
+first step matches an fp64 reference built from every rank's local window gradient."""
 
 from __future__ import annotations
 
@@ -14,11 +15,20 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import simigrad_compile
 
 
-def run_runtime_check(model_cls, rank: int, world: int) -> None:
+def _whole(p: torch.Tensor) -> torch.Tensor:
+    return p.full_tensor() if hasattr(p, "full_tensor") else p
+
+
+def run_runtime_check(model_cls, rank: int, world: int, sharded: bool = False) -> None:
     torch.manual_seed(0)
     net = model_cls()
     local = copy.deepcopy(net)
-    ddp = DDP(copy.deepcopy(net), bucket_cap_mb=0.002)
+    if sharded:  # plain fully_shard units: AdaptiveBatching installs the split itself
+        from simigrad_testkit.fsdp_check import shard  # noqa: PLC0415 - only where asked
+
+        ddp = shard(net, ours=False)
+    else:
+        ddp = DDP(copy.deepcopy(net), bucket_cap_mb=0.002)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
     run = simigrad_compile.AdaptiveBatching(ddp, opt, batch_size=8 * world, max_micro_batch_size=4,
                                             min_batch_size=8 * world, target_similarity=0.2)
@@ -31,7 +41,7 @@ def run_runtime_check(model_cls, rank: int, world: int) -> None:
         run.optimizer.step()
         run.optimizer.zero_grad()
         if len(run.history) == 1 and after_first is None:
-            after_first = [p.detach().clone() for p in ddp.parameters()]
+            after_first = [_whole(p).detach().clone() for p in ddp.parameters()]
         if len(run.history) == 4:
             break
     first = run.history[0]
@@ -67,6 +77,7 @@ def run_runtime_check(model_cls, rank: int, world: int) -> None:
     if not all(torch.equal(g, sizes) for g in gathered):
         raise AssertionError("runtime: ranks disagree on the batch sizes or cosines")
     assert all(math.isfinite(r["cosine"]) and r["skipped"] is None for r in run.history), run.history
+    assert {r["statistics"] for r in run.history} == {"ranks"}, run.history
     if rank == 0:
-        print(f"CHECK runtime OK cos={first['cosine']:.6f} ref={cos:.6f} "
+        print(f"CHECK {'runtime_fsdp' if sharded else 'runtime'} OK cos={first['cosine']:.6f} ref={cos:.6f} "
               f"batches={[r['batch_size'] for r in run.history]}", flush=True)
