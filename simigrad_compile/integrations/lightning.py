@@ -60,6 +60,7 @@ from ..config import SimigradConfig, from_mapping
 from ..runtime.adaptive import AdaptiveBatching
 from .batches import samples_in
 from .door_rules import logged, one_rung, refuse, shared_refusals
+from . import lightning_fsdp
 
 log = logging.getLogger("simigrad_compile")
 HELD = "simigrad-held"
@@ -127,8 +128,11 @@ class SimigradCallback(Callback):
         if trainer.global_rank != 0:
             config = config.replace(log_dir=None)  # one log: global rank 0 writes it
         # Under DDPStrategy the core sees Lightning's DistributedDataParallel module and installs the split-group
-        # reduction on it (the ranks statistics); on one process, the LightningModule itself.
+        # reduction on it (the ranks statistics); under ModelParallelStrategy the LightningModule with its
+        # fully_shard units (the split reduce-scatter); on one process, the LightningModule itself.
         model = trainer.strategy.model if world > 1 else pl_module
+        if lightning_fsdp.is_fsdp(trainer):
+            lightning_fsdp.check_sharded(model)
         run = AdaptiveBatching(model, self._optimizer, config=config)
         if run.world_size != world:
             raise RuntimeError(f"simigrad: Lightning runs {world} processes but torch.distributed reports "
@@ -148,11 +152,16 @@ class SimigradCallback(Callback):
         if state.micro_step == 0:
             pl_module.optimizer_zero_grad(trainer.current_epoch, batch_idx, self._optimizer)
         samples = samples_in(batch, run.config.batch_dim)
+        fsdp = lightning_fsdp.is_fsdp(trainer)
         if samples:
+            if fsdp:
+                lightning_fsdp.check_micro_batch(run, samples)
             run.next_micro_batch(samples)
         last = state.micro_step == state.micro_steps - 1
         self._divisor = 1 if state.micro_steps == 1 else (batch_idx + 1 if last else batch_idx + 2)
         trainer.accumulate_grad_batches = self._divisor
+        if fsdp:  # Lightning's no_sync is DDP's only: FSDP's gradient sync follows the window here
+            lightning_fsdp.sync_window(run, trainer)
         self._boundary = False
 
     def on_before_backward(self, trainer, pl_module, loss: torch.Tensor) -> None:
@@ -232,12 +241,15 @@ class SimigradCallback(Callback):
 
 
 def _strategy_refusals(trainer) -> list:
-    """What the callback cannot run on more than one process: any strategy but Lightning's ``DDPStrategy``."""
+    """What the callback cannot run on more than one process: any strategy but Lightning's ``DDPStrategy`` and its
+    FSDP2 ``ModelParallelStrategy`` (data parallel only, :mod:`.lightning_fsdp`)."""
     strategy = trainer.strategy
     if trainer.world_size == 1 or isinstance(strategy, DDPStrategy):
         return []  # DeepSpeed (a DDPStrategy) is refused at on_train_start: it accumulates by itself
+    if lightning_fsdp.is_fsdp(trainer):
+        return lightning_fsdp.strategy_refusals(trainer)
     return [f"strategy {type(strategy).__name__} on {trainer.world_size} processes: use strategy='ddp' (or "
-            "'ddp_spawn'), or AdaptiveBatching with enable_fsdp for FSDP2"]
+            "'ddp_spawn'), or ModelParallelStrategy (FSDP2: fully_shard in configure_model)"]
 
 
 __all__ = ["SimigradCallback"]

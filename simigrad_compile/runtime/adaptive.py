@@ -51,7 +51,7 @@ class AdaptiveBatching(StepCore):
         if isinstance(model, torch.nn.Module):
             check_compiled_once(model)
         world_size, rank = _world()
-        ddp = _ranks_reduction(model, config, world_size)
+        ddp, fsdp = _ranks_reduction(model, config, world_size)
         super().__init__(model, optimizer, config, world_size=world_size, rank=rank, scaler=scaler,
                          bucket_views=bool(getattr(ddp, "gradient_as_bucket_view", False)))
         self.optimizer = AdaptiveOptimizer(optimizer, self)
@@ -59,6 +59,8 @@ class AdaptiveBatching(StepCore):
         self._guard = optimizer.register_step_pre_hook(self._refuse_direct_step)
         self._dynamo_saved = self._raise_recompile_limit()
         self._ddp = ddp
+        self._fsdp = fsdp
+        """The FSDP2 root whose reduce-scatter is the split (its units' gradient sync follows the window)."""
         self.compile_cache = EnvCompileCache(rank)
         log.info("simigrad: %r, initial plan %s (target %d)", self.ladder, self.plan, self.controller.batch_size)
 
@@ -95,10 +97,14 @@ class AdaptiveBatching(StepCore):
 
     def set_sync_gradients(self, sync: bool) -> None:
         """Before each micro-batch (the loader): DDP reduces (and the statistics are taken) only at the window's
-        last micro-step, as under ``no_sync``."""
+        last micro-step, as under ``no_sync``; FSDP2 reduce-scatters only then (``set_requires_gradient_sync``)."""
         super().set_sync_gradients(sync)
         if self._ddp is not None:
             self._ddp.require_backward_grad_sync = sync
+        if self._fsdp is not None:
+            from ..distributed import set_gradient_sync
+
+            set_gradient_sync(self._fsdp, sync)
 
     def close(self) -> None:
         """End the run (:meth:`StepCore.close`), save the compile cache where ``SIMIGRAD_COMPILE_CACHE`` asks,
@@ -146,22 +152,26 @@ class AdaptiveBatching(StepCore):
         self.compile_cache.save("warm-up")
 
 
-def _ranks_reduction(model, config: SimigradConfig, world_size: int):
-    """Under data parallelism (group mode ``auto``/``ranks``) the statistics come from the split-group DDP
-    reduction: installs it and returns the DDP module, whose gradient sync the loader turns off inside a window;
-    else None."""
+def _ranks_reduction(model, config: SimigradConfig, world_size: int) -> tuple:
+    """Under data parallelism (group mode ``auto``/``ranks``) the statistics come from the split-group reduction:
+    installs it and returns ``(ddp, fsdp)``: the DDP module, or the FSDP2 root (a model with ``fully_shard``
+    units, :func:`~simigrad_compile.distributed.enable_fsdp`), whose gradient sync a window turns off until its
+    last micro-step; ``(None, None)`` otherwise."""
     if world_size < 2 or resolve_group_mode(config.group_mode, world_size) != "ranks":
-        return None
-    from ..distributed import enable_ddp, find_ddp
+        return None, None
+    from ..distributed import enable_ddp, enable_fsdp, find_ddp, fsdp_units
 
     try:
         ddp = find_ddp(model)
     except TypeError:
-        log.warning("simigrad: world size %d but the model is not DistributedDataParallel: no 'ranks' "
-                    "statistics; each rank uses its own", world_size)
-        return None
+        if isinstance(model, torch.nn.Module) and fsdp_units(model):
+            enable_fsdp(model)
+            return None, model
+        log.warning("simigrad: world size %d but the model is neither DistributedDataParallel nor FSDP2 "
+                    "(fully_shard): no 'ranks' statistics; each rank uses its own", world_size)
+        return None, None
     enable_ddp(ddp)
-    return ddp
+    return ddp, None
 
 
 __all__ = ["AdaptiveBatching"]

@@ -31,6 +31,7 @@ from .. import compat
 from ..stats.gradient_stats import StatsRead
 from .coverage import FULL, Coverage, coverage
 from .lr import restore_lr, scale_lr
+from .sharded_norms import is_sharded, sharded_norms
 
 log = logging.getLogger("simigrad_compile")
 _NARROW = (torch.float16, torch.bfloat16)
@@ -77,6 +78,12 @@ def _values(grad: torch.Tensor) -> torch.Tensor:
     if values.numel() == 0:
         values = values.new_zeros(1)
     return values.float() if values.dtype in _NARROW else values
+
+
+def _norms(grads: List[torch.Tensor], norm_type: float) -> List[torch.Tensor]:
+    """Each gradient's norm; of the whole gradient when it is sharded (:mod:`.sharded_norms`)."""
+    wide = _wide(grads)
+    return sharded_norms(wide, norm_type) if is_sharded(grads) else compat.foreach_norm(wide, norm_type)
 
 
 def _to_host(scalars: List[torch.Tensor], sums: Optional[torch.Tensor]) -> List[float]:
@@ -131,6 +138,8 @@ class StepRules:
     def _total_norm(grads: List[torch.Tensor], norm_type: float) -> torch.Tensor:
         if not grads:
             return torch.zeros((), dtype=torch.float32)
+        if is_sharded(grads):  # FSDP2: the shards' norms, combined over the ranks
+            return torch.linalg.vector_norm(torch.stack(sharded_norms(_wide(grads), norm_type)), norm_type)
         return torch.nn.utils.get_total_norm(_wide(grads), norm_type)
 
     def _amp_scale_now(self) -> float:
@@ -157,7 +166,7 @@ class StepRules:
         clip, amp, loss = self._clip, self.amp, self._loss
         norm_type = clip[1] if clip is not None else 2.0
         total_sq = w.stats.total_sq if w.stats is not None and clip is None and amp is None else None
-        norms = compat.foreach_norm(_wide(grads), norm_type) if grads and total_sq is None else []
+        norms = _norms(grads, norm_type) if grads and total_sq is None else []
         sums = read.sums if type(read) is StatsRead else None  # the statistics' sums, still on the device
         checks = amp.checks() if amp is not None else ()
         scalars = norms if loss is None and not checks else [*norms, *([loss] if loss is not None else ()), *checks]
