@@ -2,8 +2,9 @@
 ``configure_model``), 2 and 3 CPU processes (gloo), launched by Lightning itself
 (``simigrad_testkit.pl_fsdp_worker``): at a fixed batch the parameters equal plain Lightning FSDP2's at the same
 global batches; at an adaptive batch every rank holds the same parameters and history, equal to one process's
-plain fp64 loop; the first step's statistics equal their fp64 reference from the two rank-halves' mean gradients.
-The refusals are checked without processes."""
+plain fp64 loop; the first step's statistics equal their fp64 reference from the two rank-halves' mean gradients;
+a run resumed from Lightning's distributed checkpoint equals the uninterrupted one. The refusals are checked
+without processes."""
 
 import csv
 import os
@@ -110,6 +111,21 @@ def test_adaptive_batch_agrees_on_every_rank(runs, world):
     assert any(r["batch_size"] < r["target_batch_size"] for r in h0)
     torch.testing.assert_close(ours[0]["params"], one_process_reference(h0, world, b0=4 * world),
                                rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [2, 3])
+def test_resume_from_lightning_distributed_checkpoint(runs, world):
+    """The adaptive run stopped after its first epoch with ``ModelCheckpoint`` (ModelParallelStrategy's sharded
+    save: a folder of one file per rank plus Lightning's metadata, which holds the callback's state), resumed by a
+    fresh Trainer, module (other initial weights) and callback: the same parameters and records as the
+    uninterrupted run, bit for bit."""
+    whole, resumed = runs("adaptive", world), runs("resume", world)
+    for rank in range(world):
+        assert [r["step"] for r in resumed[rank]["history"]] == list(range(1, len(whole[rank]["history"]) + 1))
+        assert without_loss(resumed[rank]["history"]) == without_loss(whole[rank]["history"])
+        assert torch.equal(resumed[rank]["params"], whole[rank]["params"])
+        assert resumed[rank]["global_step"] == whole[rank]["global_step"]
 
 
 def test_tensor_parallelism_is_refused_by_name():

@@ -4,7 +4,8 @@ simigrad_testkit.pl_fsdp_worker MODE OUT WORLD``.
 The LightningModule shards its net in ``configure_model`` (``fully_shard`` on each Linear and on the net, over the
 data-parallel mesh of ``ModelParallelStrategy(data_parallel_size=WORLD, tensor_parallel_size=1)``).
 MODE: ``plain`` (no callback, the loader's batch 8 per rank), ``fixed`` (``SimigradCallback`` on batches of 4 per
-rank, the step fixed at WORLD x 2 micro-batches x 4), ``adaptive`` (batches of 4, B0 WORLD x 4, growing).
+rank, the step fixed at WORLD x 2 micro-batches x 4), ``adaptive`` (batches of 4, B0 WORLD x 4, growing), ``resume``
+(``adaptive`` stopped after one epoch with a checkpoint, resumed by a fresh Trainer: :func:`resume`).
 Each rank saves ``OUT/MODE-WORLD-rank{r}.pt``: its parameters (gathered, fp64, flat), the core's history and
 log_dir, and in ``fixed`` mode the first step's statistics next to their fp64 reference (:class:`Probe`).
 """
@@ -88,8 +89,35 @@ class Save(pl.Callback):
                    self.path.format(rank=trainer.global_rank))
 
 
+def trainer_for(world: int, callbacks, max_epochs: int = 2, **kwargs) -> pl.Trainer:
+    return pl.Trainer(max_epochs=max_epochs, accelerator="cpu", devices=world,
+                      strategy=ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1),
+                      logger=False, enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
+                      **kwargs)
+
+
+def resume(out: str, world: int) -> None:
+    """``resume``: the adaptive run, stopped after its first epoch with a distributed checkpoint
+    (``ModelCheckpoint``, Lightning's sharded save), then a fresh Trainer and callback resumed from it."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    options = dict(batch_size=4 * world, min_batch_size=4 * world, max_batch_size=24 * world, target_similarity=0.9)
+    loader = torch.utils.data.DataLoader(dataset(SAMPLES["adaptive"]), batch_size=4)
+    torch.manual_seed(0)
+    first = SimigradCallback(**options)
+    saver = ModelCheckpoint(dirpath=os.path.join(out, f"ckpt-{world}"), filename="epoch1", save_last=False)
+    trainer_for(world, [first, saver], max_epochs=1).fit(ShardedModule(Net()), loader)
+    torch.manual_seed(1)  # other initial weights: the checkpoint must bring the saved ones
+    second = SimigradCallback(**options)
+    save = Save(os.path.join(out, f"resume-{world}-rank{{rank}}.pt"), second)
+    trainer_for(world, [second, save], enable_checkpointing=False).fit(
+        ShardedModule(Net()), loader, ckpt_path=os.path.join(out, f"ckpt-{world}", "epoch1.ckpt"))
+
+
 def main(mode: str, out: str, world: str) -> None:
     world = int(world)
+    if mode == "resume":
+        return resume(out, world)
     torch.manual_seed(0)
     net = Net()
     options = {
@@ -101,10 +129,7 @@ def main(mode: str, out: str, world: str) -> None:
     callback = SimigradCallback(**options) if options is not None else None
     probe = Probe(net) if mode == "fixed" else None
     save = Save(os.path.join(out, f"{mode}-{world}-rank{{rank}}.pt"), callback, probe)
-    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", devices=world,
-                         strategy=ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1),
-                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, callbacks=[c for c in (probe, callback, save) if c is not None])
+    trainer = trainer_for(world, [c for c in (probe, callback, save) if c is not None], enable_checkpointing=False)
     loader = torch.utils.data.DataLoader(dataset(SAMPLES[mode]), batch_size=8 if mode == "plain" else 4)
     trainer.fit(ShardedModule(net), loader)
 
