@@ -2,9 +2,9 @@
 ``configure_model``), 2 and 3 CPU processes (gloo), launched by Lightning itself
 (``simigrad_testkit.pl_fsdp_worker``): at a fixed batch the parameters equal plain Lightning FSDP2's at the same
 global batches; at an adaptive batch every rank holds the same parameters and history, equal to one process's
-plain fp64 loop; the first step's statistics equal their fp64 reference from the two rank-halves' mean gradients;
-a run resumed from Lightning's distributed checkpoint equals the uninterrupted one. The refusals are checked
-without processes."""
+plain fp64 loop; each step's statistics equal their fp64 reference from the two rank-halves' mean gradients, a
+short batch inside a window included; a run resumed from Lightning's distributed checkpoint equals the
+uninterrupted one. The refusals are checked without processes."""
 
 import csv
 import os
@@ -19,7 +19,7 @@ import torch
 pytest.importorskip("lightning.pytorch")
 
 from simigrad_testkit.loop_reference import Net, Reference, dataset, flat  # noqa: E402
-from simigrad_testkit.pl_fsdp_worker import SAMPLES  # noqa: E402
+from simigrad_testkit.pl_fsdp_worker import SAMPLES, TAIL  # noqa: E402
 from simigrad_testkit.sampler_windows import global_batches, without_loss  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -66,28 +66,36 @@ def test_fixed_batch_equals_plain_lightning_fsdp(runs, world):
         assert len(list(csv.DictReader(f))) == steps
 
 
+def check_probe(result: dict, rank: int) -> None:
+    """Each step's split statistics (read at its boundary, before the core scales the gradient) against
+    ``g1 . g2``, ``|g1|^2``, ``|g2|^2`` of the halves' mean gradients in fp64 (``Probe``). FSDP's windows hold
+    ``W / d`` with ``d`` the first micro-batch's 4 samples, so for ``n`` samples a rank the statistics are
+    ``(n / 4)^2`` times the means'. The history's grad_norm is the norm of the whole mean gradient (not of a rank's
+    shard), on every rank."""
+    assert len(result["probe"]) == len(result["history"])
+    for probe, record in zip(result["probe"], result["history"]):
+        mode, *stats = probe["stats"]
+        assert mode == "ranks"
+        scale = (probe["samples"] / 4) ** 2
+        for got, ref in zip(stats, probe["reference"]):
+            assert abs(got / scale - ref) <= 1e-5 * abs(ref), (rank, record["step"], stats, probe["reference"])
+        ref_norm = probe["grad_norm_reference"]
+        assert abs(record["grad_norm"] - ref_norm) <= 1e-6 * ref_norm, (rank, record["step"])
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 3])
-def test_first_step_statistics_equal_the_fp64_reference(runs, world):
-    """The split statistics of the first step (read at its boundary, before the core scales the gradient) against
-    ``g1 . g2``, ``|g1|^2``, ``|g2|^2`` of the halves' mean gradients in fp64. The gradient then holds the sum of
-    the window's 2 micro-batch means (twice the step's mean), so the statistics are 2^2 times the reference. The
-    history's grad_norm is the norm of the whole mean gradient (not of a rank's shard), on every rank."""
+def test_statistics_equal_the_fp64_reference(runs, world):
     for rank, result in enumerate(runs("fixed", world)):
-        probe = result["probe"]
-        mode, *stats = probe["stats"]
-        assert mode == "ranks" and probe["samples"] == 8
-        for got, ref in zip(stats, probe["reference"]):
-            assert abs(got / 4 - ref) <= 1e-5 * abs(ref), (rank, stats, probe["reference"])
-        ref_norm = probe["grad_norm_reference"]
-        assert abs(result["history"][0]["grad_norm"] - ref_norm) <= 1e-6 * ref_norm
+        assert {p["samples"] for p in result["probe"]} == {8}
+        check_probe(result, rank)
 
 
-def one_process_reference(history, world: int, b0: int):
+def one_process_reference(history, world: int, b0: int, samples: int = SAMPLES["adaptive"]):
     """The plain fp64 loop on one process over the same global batches (Lightning's shuffled DistributedSampler)."""
     torch.manual_seed(0)
     ref = Reference(Net(), "sgd", b0=b0, schedule=False)
-    data = dataset(SAMPLES["adaptive"])
+    data = dataset(samples)
     x, y = data.tensors
     for r, index in global_batches(data, history, world=world):
         ref.step(x[index], y[index], skip=not r["stepped"])
@@ -110,6 +118,26 @@ def test_adaptive_batch_agrees_on_every_rank(runs, world):
     assert sum(r["batch_size"] for r in h0) == 2 * SAMPLES["adaptive"]
     assert any(r["batch_size"] < r["target_batch_size"] for r in h0)
     torch.testing.assert_close(ours[0]["params"], one_process_reference(h0, world, b0=4 * world),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [2, 3])
+def test_short_batch_inside_a_window(runs, world):
+    """The epoch's last batch (2 samples) is the second of its window: FSDP holds the first one's gradient in its
+    own buffers, so the short batch is weighted by its own backward. The step's mean gradient equals the plain
+    fp64 loop's over the same 6-samples-a-rank batch (with the LR scaled to it), and its statistics their fp64
+    reference, on every rank."""
+    ours = runs("tail", world)
+    h0 = ours[0]["history"]
+    per_epoch = (TAIL[world] // world + 7) // 8
+    sizes = [8 * world] * (per_epoch - 1) + [6 * world]
+    assert [(r["batch_size"], r["accumulation"]) for r in h0] == [(b, 2) for b in sizes * 2]
+    for rank, result in enumerate(ours):
+        assert without_loss(result["history"]) == without_loss(h0)
+        assert torch.equal(result["params"], ours[0]["params"])
+        check_probe(result, rank)
+    torch.testing.assert_close(ours[0]["params"], one_process_reference(h0, world, 8 * world, TAIL[world]),
                                rtol=1e-5, atol=1e-5)
 
 
@@ -148,15 +176,3 @@ def test_a_module_without_fully_shard_is_refused_by_name():
 
     with pytest.raises(NotImplementedError, match="found no fully_shard unit in Net: call .*configure_model"):
         check_sharded(Net())
-
-
-def test_a_micro_batch_of_another_size_inside_a_window_is_refused_by_name():
-    """FSDP keeps the window's unreduced sum in its own buffers: a short batch after the window's first cannot be
-    reweighted, so it is refused with the fix (at a window's first micro-batch any size is fine)."""
-    from simigrad_compile.integrations.lightning_fsdp import check_micro_batch
-
-    window = SimpleNamespace(sizes=[4, 4])
-    check_micro_batch(SimpleNamespace(state=SimpleNamespace(micro_step=0, window=window)), 3)
-    check_micro_batch(SimpleNamespace(state=SimpleNamespace(micro_step=1, window=window)), 4)
-    with pytest.raises(NotImplementedError, match="micro-batch of 3 samples after 1 of 4 .*drop_last=True"):
-        check_micro_batch(SimpleNamespace(state=SimpleNamespace(micro_step=1, window=window)), 3)

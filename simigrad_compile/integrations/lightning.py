@@ -152,23 +152,22 @@ class SimigradCallback(Callback):
         if state.micro_step == 0:
             pl_module.optimizer_zero_grad(trainer.current_epoch, batch_idx, self._optimizer)
         samples = samples_in(batch, run.config.batch_dim)
-        fsdp = lightning_fsdp.is_fsdp(trainer)
         if samples:
-            if fsdp:
-                lightning_fsdp.check_micro_batch(run, samples)
             run.next_micro_batch(samples)
         last = state.micro_step == state.micro_steps - 1
         self._divisor = 1 if state.micro_steps == 1 else (batch_idx + 1 if last else batch_idx + 2)
         trainer.accumulate_grad_batches = self._divisor
-        if fsdp:  # Lightning's no_sync is DDP's only: FSDP's gradient sync follows the window here
+        if lightning_fsdp.is_fsdp(trainer):  # Lightning's no_sync is DDP's only: FSDP's sync follows the window
             lightning_fsdp.sync_window(run, trainer)
         self._boundary = False
 
     def on_before_backward(self, trainer, pl_module, loss: torch.Tensor) -> None:
         divisor = self._divisor
         self._loss = loss.detach() * divisor
-        if divisor != 1 and loss.requires_grad:
-            loss.register_hook(lambda grad: grad * divisor)
+        window = self.run.state.window  # under FSDP, a micro-batch of another size is weighted by its backward
+        factor = divisor * window.backward_scale if window is not None and window.held else divisor
+        if factor != 1 and loss.requires_grad:
+            loss.register_hook(lambda grad: grad * factor)
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         run = self.run

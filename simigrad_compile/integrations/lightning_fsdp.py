@@ -7,10 +7,10 @@ and whose reduce-scatters it replaces with the split one
 
 Accumulation. Lightning's ``block_backward_sync`` does nothing under this strategy (it knows only DDP's
 ``no_sync``), so the callback sets FSDP's gradient sync itself before each micro-batch (:func:`sync_window`):
-off inside a window, on for its last micro-batch, and FSDP reduce-scatters once per step. Between, FSDP keeps
-the micro-batches' sum in its own unsharded buffers, where the core cannot rescale it: a micro-batch of another
-size inside a window (a short last batch of the epoch after the window's first micro-batch) is refused by
-:func:`check_micro_batch`, with the fix.
+off inside a window, on for the batch Lightning steps on, and FSDP reduce-scatters once per step. Between, FSDP
+keeps the micro-batches' sum in its own unsharded buffers, where the core cannot rescale it (its windows are
+``held``, :mod:`~simigrad_compile.runtime.window`): a micro-batch of another size inside a window (the epoch's
+short last batch) is weighted by its own backward instead, through the loss hook's factor.
 
 Refused: tensor parallelism (``tensor_parallel_size > 1``: the loader's sampler then shards over the data-parallel
 ranks only, and the split needs FSDP over the whole world), and a module with no ``fully_shard`` unit.
@@ -53,18 +53,6 @@ def check_sharded(module: torch.nn.Module) -> None:
             "in LightningModule.configure_model, with mesh=self.device_mesh['data_parallel']")
 
 
-def check_micro_batch(run: AdaptiveBatching, samples: int) -> None:
-    """Refuse a micro-batch whose size differs from the open window's earlier ones (module docstring)."""
-    state = run.state
-    if state.micro_step == 0 or samples == state.window.sizes[0]:
-        return
-    raise NotImplementedError(
-        f"simigrad: SimigradCallback under ModelParallelStrategy got a micro-batch of {samples} samples after "
-        f"{state.micro_step} of {state.window.sizes[0]} in the same step: FSDP holds the step's unreduced gradient "
-        "in its own buffers, which cannot be reweighted. Give the DataLoader drop_last=True, or a dataset whose "
-        "per-process length is a multiple of the batch size")
-
-
 def sync_window(run: AdaptiveBatching, trainer) -> None:
     """At a batch's start, after the callback set ``accumulate_grad_batches``: FSDP reduce-scatters (and the
     statistics are taken) on the batch Lightning steps on (the window's last, or the epoch's), not before. The
@@ -72,4 +60,4 @@ def sync_window(run: AdaptiveBatching, trainer) -> None:
     run.set_sync_gradients(not trainer.fit_loop.epoch_loop._should_accumulate())
 
 
-__all__ = ["check_micro_batch", "check_sharded", "is_fsdp", "strategy_refusals", "sync_window"]
+__all__ = ["check_sharded", "is_fsdp", "strategy_refusals", "sync_window"]

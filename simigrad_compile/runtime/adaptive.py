@@ -61,6 +61,7 @@ class AdaptiveBatching(StepCore):
         self._ddp = ddp
         self._fsdp = fsdp
         """The FSDP2 root whose reduce-scatter is the split (its units' gradient sync follows the window)."""
+        self.grads_held = fsdp is not None  # FSDP holds a window's sum in its own buffers (window.py: held)
         self.compile_cache = EnvCompileCache(rank)
         log.info("simigrad: %r, initial plan %s (target %d)", self.ladder, self.plan, self.controller.batch_size)
 
