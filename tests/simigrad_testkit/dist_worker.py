@@ -237,10 +237,10 @@ def main(checks) -> None:
         "compiled": lambda: run_check("compiled", MLP, [8, 6], compiled=True, bucket_cap_mb=1, width=600),
     }
     for name in checks:
-        if name == "runtime":
+        if name in ("runtime", "runtime_fsdp"):
             from simigrad_testkit.dist_runtime_check import run_runtime_check  # noqa: PLC0415 - only where asked
 
-            run_runtime_check(MLP, RANK, WORLD)
+            run_runtime_check(MLP, RANK, WORLD, fsdp=name == "runtime_fsdp")
             continue
         if name.startswith("fsdp"):
             from simigrad_testkit.fsdp_cases import run_fsdp_case  # noqa: PLC0415 - only where asked
