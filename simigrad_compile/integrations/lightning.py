@@ -38,10 +38,14 @@ window, DDP reduces once per step, on the window's last micro-batch, and the sta
 ``world x`` that. Every rank reads the same statistics, so every rank takes the same decisions and holds the same
 history (the ``loss`` entry is the rank's own loss); the CSV log (``log_dir``) is written by global rank 0 only.
 
+FSDP2 (``ModelParallelStrategy``, ``fully_shard`` in ``configure_model``): the core is built on the LightningModule
+and installs the split reduce-scatter on its units; the callback sets FSDP's gradient sync per batch
+(:mod:`.lightning_fsdp`).
+
 Refused by name: manual optimization, more than one optimizer, a precision plugin with a GradScaler
 (``16-mixed``; ``bf16-mixed`` works), ``accumulate_grad_batches != 1`` or a ``GradientAccumulationScheduler``,
-strategies that accumulate themselves (DeepSpeed), and every multi-process strategy other than ``DDPStrategy``
-(FSDP, model parallel). Lightning counts ``max_steps`` in optimizer steps; ``trainer.estimated_stepping_batches``
+strategies that accumulate themselves (DeepSpeed), every multi-process strategy other than ``DDPStrategy`` and
+``ModelParallelStrategy`` (FSDP1's ``FSDPStrategy``), and tensor parallelism. Lightning counts ``max_steps`` in optimizer steps; ``trainer.estimated_stepping_batches``
 (read at setup) counts micro-batches.
 """
 
