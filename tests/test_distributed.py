@@ -148,7 +148,8 @@ def test_fsdp_owner_exchange_against_fp64(world, c):
 FSDP = ["fsdp", "fsdp_uneven", "fsdp_bf16", "fsdp_bf16_reduce", "fsdp_accum"]
 LAUNCHES = {
     1: ["world1"],
-    2: ["collectives", "mlp", "mlp_same_data", "transformer", "nosync", "bf16", "fp16", "uneven", "bytes", "compiled", *FSDP, "runtime", "runtime_fsdp"],
+    2: ["collectives", "mlp", "mlp_same_data", "transformer", "nosync", "bf16", "fp16", "uneven", "bytes", "compiled", *FSDP, "runtime",
+        "runtime_fsdp"],
     3: ["collectives", "mlp", "transformer", "nosync", "bf16", "uneven", "bytes", *FSDP, "runtime", "runtime_fsdp"],
     4: ["collectives", "mlp", "transformer", "nosync", "bf16", "uneven", "bytes", *FSDP],
 }

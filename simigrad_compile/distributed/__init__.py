@@ -51,7 +51,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from .. import compat
-from .fsdp import enable_fsdp, fsdp_split
+from .fsdp import enable_fsdp, fsdp_split, fsdp_units, set_gradient_sync
 from .hook import SplitReduction, ddp_hook
 from .layout import make_layout
 
@@ -112,5 +112,5 @@ def set_sample_counts(model: torch.nn.Module, counts: Optional[Sequence[int]]) -
     state.set_sample_counts(counts)
 
 
-__all__ = ["enable_ddp", "enable_fsdp", "find_ddp", "fsdp_split", "reduction", "set_sample_counts",
-           "SplitReduction"]
+__all__ = ["enable_ddp", "enable_fsdp", "find_ddp", "fsdp_split", "fsdp_units", "reduction", "set_gradient_sync",
+           "set_sample_counts", "SplitReduction"]

@@ -217,7 +217,7 @@ def enable_fsdp(root: torch.nn.Module) -> Optional[FsdpSplit]:
     if world == 1:
         log.info("simigrad fsdp: world size 1, no ranks to split: using the single-process group modes")
         return None
-    units = [m for m in root.modules() if isinstance(m, FSDPModule) and unit_params(m)]
+    units = fsdp_units(root)
     if not units:
         raise TypeError("simigrad fsdp: no fully_shard unit in the model: call fully_shard(...) before enable_fsdp")
     layout = make_layout(world, dist.get_rank())
@@ -229,6 +229,18 @@ def enable_fsdp(root: torch.nn.Module) -> Optional[FsdpSplit]:
              len(units), world, list(layout.half_a), list(layout.half_b),
              " (odd world: floor/ceil halves, each weighted by its samples)" if world % 2 else "")
     return split
+
+
+def fsdp_units(root: torch.nn.Module) -> List[FSDPModule]:
+    """The ``fully_shard`` units under ``root`` (``root`` itself included) that reduce parameters."""
+    return [m for m in root.modules() if isinstance(m, FSDPModule) and unit_params(m)]
+
+
+def set_gradient_sync(root: torch.nn.Module, sync: bool) -> None:
+    """FSDP's ``set_requires_gradient_sync`` on every unit of ``root``: False inside an accumulation window (no
+    reduce-scatter, no statistics; FSDP accumulates the unsharded gradients), True on its last micro-step."""
+    for unit in fsdp_units(root):
+        unit.set_requires_gradient_sync(sync, recurse=False)
 
 
 def fsdp_split(root: torch.nn.Module) -> Optional[FsdpSplit]:

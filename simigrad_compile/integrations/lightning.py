@@ -38,10 +38,14 @@ window, DDP reduces once per step, on the window's last micro-batch, and the sta
 ``world x`` that. Every rank reads the same statistics, so every rank takes the same decisions and holds the same
 history (the ``loss`` entry is the rank's own loss); the CSV log (``log_dir``) is written by global rank 0 only.
 
+FSDP2 (``ModelParallelStrategy``, ``fully_shard`` in ``configure_model``): the core is built on the LightningModule
+and installs the split reduce-scatter on its units; the callback sets FSDP's gradient sync per batch
+(:mod:`.lightning_fsdp`).
+
 Refused by name: manual optimization, more than one optimizer, a precision plugin with a GradScaler
 (``16-mixed``; ``bf16-mixed`` works), ``accumulate_grad_batches != 1`` or a ``GradientAccumulationScheduler``,
-strategies that accumulate themselves (DeepSpeed), and every multi-process strategy other than ``DDPStrategy``
-(FSDP, model parallel). Lightning counts ``max_steps`` in optimizer steps; ``trainer.estimated_stepping_batches``
+strategies that accumulate themselves (DeepSpeed), every multi-process strategy other than ``DDPStrategy`` and
+``ModelParallelStrategy`` (FSDP1's ``FSDPStrategy``), and tensor parallelism. Lightning counts ``max_steps`` in optimizer steps; ``trainer.estimated_stepping_batches``
 (read at setup) counts micro-batches.
 """
 
@@ -60,6 +64,7 @@ from ..config import SimigradConfig, from_mapping
 from ..runtime.adaptive import AdaptiveBatching
 from .batches import samples_in
 from .door_rules import logged, one_rung, refuse, shared_refusals
+from . import lightning_fsdp
 
 log = logging.getLogger("simigrad_compile")
 HELD = "simigrad-held"
@@ -127,8 +132,11 @@ class SimigradCallback(Callback):
         if trainer.global_rank != 0:
             config = config.replace(log_dir=None)  # one log: global rank 0 writes it
         # Under DDPStrategy the core sees Lightning's DistributedDataParallel module and installs the split-group
-        # reduction on it (the ranks statistics); on one process, the LightningModule itself.
+        # reduction on it (the ranks statistics); under ModelParallelStrategy the LightningModule with its
+        # fully_shard units (the split reduce-scatter); on one process, the LightningModule itself.
         model = trainer.strategy.model if world > 1 else pl_module
+        if lightning_fsdp.is_fsdp(trainer):
+            lightning_fsdp.check_sharded(model)
         run = AdaptiveBatching(model, self._optimizer, config=config)
         if run.world_size != world:
             raise RuntimeError(f"simigrad: Lightning runs {world} processes but torch.distributed reports "
@@ -153,13 +161,17 @@ class SimigradCallback(Callback):
         last = state.micro_step == state.micro_steps - 1
         self._divisor = 1 if state.micro_steps == 1 else (batch_idx + 1 if last else batch_idx + 2)
         trainer.accumulate_grad_batches = self._divisor
+        if lightning_fsdp.is_fsdp(trainer):  # Lightning's no_sync is DDP's only: FSDP's sync follows the window
+            lightning_fsdp.sync_window(run, trainer)
         self._boundary = False
 
     def on_before_backward(self, trainer, pl_module, loss: torch.Tensor) -> None:
         divisor = self._divisor
         self._loss = loss.detach() * divisor
-        if divisor != 1 and loss.requires_grad:
-            loss.register_hook(lambda grad: grad * divisor)
+        window = self.run.state.window  # under FSDP, a micro-batch of another size is weighted by its backward
+        factor = divisor * window.backward_scale if window is not None and window.held else divisor
+        if factor != 1 and loss.requires_grad:
+            loss.register_hook(lambda grad: grad * factor)
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         run = self.run
@@ -232,12 +244,15 @@ class SimigradCallback(Callback):
 
 
 def _strategy_refusals(trainer) -> list:
-    """What the callback cannot run on more than one process: any strategy but Lightning's ``DDPStrategy``."""
+    """What the callback cannot run on more than one process: any strategy but Lightning's ``DDPStrategy`` and its
+    FSDP2 ``ModelParallelStrategy`` (data parallel only, :mod:`.lightning_fsdp`)."""
     strategy = trainer.strategy
     if trainer.world_size == 1 or isinstance(strategy, DDPStrategy):
         return []  # DeepSpeed (a DDPStrategy) is refused at on_train_start: it accumulates by itself
+    if lightning_fsdp.is_fsdp(trainer):
+        return lightning_fsdp.strategy_refusals(trainer)
     return [f"strategy {type(strategy).__name__} on {trainer.world_size} processes: use strategy='ddp' (or "
-            "'ddp_spawn'), or AdaptiveBatching with enable_fsdp for FSDP2"]
+            "'ddp_spawn'), or ModelParallelStrategy (FSDP2: fully_shard in configure_model)"]
 
 
 __all__ = ["SimigradCallback"]

@@ -9,7 +9,7 @@ its protocol themselves (they never touch ``run.optimizer``, so the user's optim
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Optional
 
 import torch
 
@@ -51,14 +51,17 @@ class AdaptiveBatching(StepCore):
         if isinstance(model, torch.nn.Module):
             check_compiled_once(model)
         world_size, rank = _world()
-        sync, bucket_views = _ranks_reduction(model, config, world_size)
+        ddp, fsdp = _ranks_reduction(model, config, world_size)
         super().__init__(model, optimizer, config, world_size=world_size, rank=rank, scaler=scaler,
-                         bucket_views=bucket_views)
+                         bucket_views=bool(getattr(ddp, "gradient_as_bucket_view", False)))
         self.optimizer = AdaptiveOptimizer(optimizer, self)
         """What the hand-written loop steps: ``run.optimizer.step()``, ``zero_grad()``, ``scaler.step(...)``."""
         self._guard = optimizer.register_step_pre_hook(self._refuse_direct_step)
         self._dynamo_saved = self._raise_recompile_limit()
-        self._sync = sync
+        self._ddp = ddp
+        self._fsdp = fsdp
+        """The FSDP2 root whose reduce-scatter is the split (its units' gradient sync follows the window)."""
+        self.grads_held = fsdp is not None  # FSDP holds a window's sum in its own buffers (window.py: held)
         self.compile_cache = EnvCompileCache(rank)
         log.info("simigrad: %r, initial plan %s (target %d)", self.ladder, self.plan, self.controller.batch_size)
 
@@ -94,11 +97,15 @@ class AdaptiveBatching(StepCore):
         return old
 
     def set_sync_gradients(self, sync: bool) -> None:
-        """Before each micro-batch (the loader): DDP or FSDP2 reduces (and the statistics are taken) only at the
-        window's last micro-step, as under ``no_sync`` (``set_requires_gradient_sync``)."""
+        """Before each micro-batch (the loader): DDP reduces (and the statistics are taken) only at the window's
+        last micro-step, as under ``no_sync``; FSDP2 reduce-scatters only then (``set_requires_gradient_sync``)."""
         super().set_sync_gradients(sync)
-        if self._sync is not None:
-            self._sync(sync)
+        if self._ddp is not None:
+            self._ddp.require_backward_grad_sync = sync
+        if self._fsdp is not None:
+            from ..distributed import set_gradient_sync
+
+            set_gradient_sync(self._fsdp, sync)
 
     def close(self) -> None:
         """End the run (:meth:`StepCore.close`), save the compile cache where ``SIMIGRAD_COMPILE_CACHE`` asks,
@@ -146,43 +153,26 @@ class AdaptiveBatching(StepCore):
         self.compile_cache.save("warm-up")
 
 
-def _ranks_reduction(model, config: SimigradConfig, world_size: int) -> Tuple[Optional[Callable], bool]:
+def _ranks_reduction(model, config: SimigradConfig, world_size: int) -> tuple:
     """Under data parallelism (group mode ``auto``/``ranks``) the statistics come from the split-group reduction:
-    on a ``fully_shard`` (FSDP2) root the split reduce-scatter (``enable_fsdp``), else the DDP comm hook
-    (``enable_ddp``). Returns the function that turns the backward's gradient sync on or off (the loader turns it
-    off inside a window) and whether the gradients are DDP bucket views; ``(None, False)`` otherwise."""
+    installs it and returns ``(ddp, fsdp)``: the DDP module, or the FSDP2 root (a model with ``fully_shard``
+    units, :func:`~simigrad_compile.distributed.enable_fsdp`), whose gradient sync a window turns off until its
+    last micro-step; ``(None, None)`` otherwise."""
     if world_size < 2 or resolve_group_mode(config.group_mode, world_size) != "ranks":
-        return None, False
-    from ..distributed import enable_ddp, enable_fsdp, find_ddp
+        return None, None
+    from ..distributed import enable_ddp, enable_fsdp, find_ddp, fsdp_units
 
-    root = _fsdp_root(model)
-    if root is not None:
-        enable_fsdp(root)
-        return root.set_requires_gradient_sync, False
     try:
         ddp = find_ddp(model)
     except TypeError:
-        log.warning("simigrad: world size %d but the model is neither DistributedDataParallel nor fully_shard "
-                    "(FSDP2): no 'ranks' statistics; each rank uses its own", world_size)
-        return None, False
+        if isinstance(model, torch.nn.Module) and fsdp_units(model):
+            enable_fsdp(model)
+            return None, model
+        log.warning("simigrad: world size %d but the model is neither DistributedDataParallel nor FSDP2 "
+                    "(fully_shard): no 'ranks' statistics; each rank uses its own", world_size)
+        return None, None
     enable_ddp(ddp)
-
-    def sync(on: bool) -> None:
-        ddp.require_backward_grad_sync = on
-
-    return sync, bool(getattr(ddp, "gradient_as_bucket_view", False))
-
-
-def _fsdp_root(model) -> Optional[torch.nn.Module]:
-    """``model`` (or the module its ``torch.compile`` wrapper wraps) when it is a ``fully_shard`` root, else None."""
-    from torch.distributed.fsdp import FSDPModule
-
-    m = model
-    while isinstance(m, torch.nn.Module):
-        if isinstance(m, FSDPModule):
-            return m
-        m = compat.compiled_original(m)
-    return None
+    return ddp, None
 
 
 __all__ = ["AdaptiveBatching"]

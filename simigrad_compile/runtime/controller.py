@@ -82,14 +82,15 @@ class StepStatistics:
 
 
 def step_statistics(stats: SplitStats, sizes: Sequence[int], half: int, world_size: int,
-                    full: bool = True) -> StepStatistics:
+                    full: bool = True, form: Optional[int] = None) -> StepStatistics:
     """The :class:`StepStatistics` of a step whose window ran micro-batches of ``sizes`` (per rank).
 
     Group sizes and scale per mode: ``microsteps``: ``n1`` = the first ``half`` micro-steps' samples, statistics
     of the means; ``batch`` (one micro-batch of ``m``): ``n1 = floor(m/2)``, statistics of the contributions,
     turned into those of the means; ``ranks``: ``n1`` = the per-rank samples times ``floor(world/2)`` ranks
     (equal per-rank counts), statistics of the groups' buckets in the window's ``W/d`` form
-    (:mod:`~simigrad_compile.runtime.window`), scaled by ``(d/N)^2`` to those of the means. Any other mode (``none``, a mix) has the cosine only."""
+    (:mod:`~simigrad_compile.runtime.window`; ``d = form``, by default the last micro-batch's size), scaled by
+    ``(d/N)^2`` to those of the means. Any other mode (``none``, a mix) has the cosine only."""
     cosine = stats.cosine
     mode, samples = stats.mode, sum(sizes)
     d, a, b = stats.dot, stats.sq_norm_1, stats.sq_norm_2
@@ -101,7 +102,7 @@ def step_statistics(stats: SplitStats, sizes: Sequence[int], half: int, world_si
         d, a, b = nz.means_from_contributions(d, a, b, n1, n2)
     elif mode == "ranks" and world_size >= 2:
         n1, n2 = samples * (world_size // 2), samples * (world_size - world_size // 2)
-        f = (sizes[-1] / samples) ** 2  # the reduced buckets hold W/d (window form), d = the last micro-batch
+        f = ((form or sizes[-1]) / samples) ** 2  # the reduced buckets hold W/d (window form)
         d, a, b = d * f, a * f, b * f
     else:
         return StepStatistics(cosine, full=full)

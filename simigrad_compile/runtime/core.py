@@ -136,6 +136,7 @@ class StepCore(StepRules, CheckpointState):
         self._clip: Optional[tuple] = None
         self._saved_lr: Optional[list] = None
         self.statistics = StatisticsChoice(model, self.ladder, world_size, self.base_accumulation)
+        self.grads_held = False  # FSDP2's no-sync keeps a window's gradients outside p.grad (window.py: held)
 
     # --- views ------------------------------------------------------------------------------------------------
     @property
@@ -204,10 +205,9 @@ class StepCore(StepRules, CheckpointState):
 
     # --- the window -------------------------------------------------------------------------------------------
     def _new_window(self, sizes: Sequence[int]) -> Window:
-        stats = self.microsteps if self.world_size == 1 else None
-        self.state.window = Window(sizes, optimizer_params(self.user_optimizer), stats,
-                                   allow_views=self.bucket_views, name_of=self._param_name, live=self._live_params,
-                                   watch=self.grad_watch)
+        self.state.window = Window(sizes, optimizer_params(self.user_optimizer), self.microsteps if self.world_size == 1
+                                   else None, allow_views=self.bucket_views, name_of=self._param_name,
+                                   live=self._live_params, watch=self.grad_watch, held=self.grads_held)
         self.state.sync_gradients = len(sizes) == 1
         return self.state.window
 
@@ -308,7 +308,7 @@ class StepCore(StepRules, CheckpointState):
         samples = w.samples
         realised = samples * self.world_size
         step = step_statistics(stats, w.sizes, w.half, self.world_size,
-                               full=realised >= self.ladder.plan(target).batch_size)
+                               full=realised >= self.ladder.plan(target).batch_size, form=w.form)
         skipped = reason
         if reason is None:
             skipped = "no-statistics" if stats.mode == "none" else self.controller.observe(step).skipped

@@ -31,6 +31,7 @@ from .. import compat
 from ..stats.gradient_stats import StatsRead
 from .coverage import FULL, Coverage, coverage
 from .lr import restore_lr, scale_lr
+from .sharded_norms import is_sharded, sharded_norms
 
 log = logging.getLogger("simigrad_compile")
 _NARROW = (torch.float16, torch.bfloat16)
@@ -80,44 +81,9 @@ def _values(grad: torch.Tensor) -> torch.Tensor:
 
 
 def _norms(grads: List[torch.Tensor], norm_type: float) -> List[torch.Tensor]:
-    """Each gradient's ``norm_type``-norm. A gradient sharded by FSDP2 (a ``DTensor`` on a 1-D mesh, ``Shard``
-    placements) is measured whole: its local shard's norm, combined over the mesh's group with the others' in one
-    all-reduce (fp64; ``MAX`` for the inf-norm), so every rank gets the same norms and takes the same decisions."""
-    dtensor = _dtensor_type()
-    sharded = [i for i, g in enumerate(grads) if dtensor is not None and isinstance(g, dtensor)]
-    if not sharded:
-        return list(compat.foreach_norm(_wide(grads), norm_type))
-    groups = set()
-    for i in sharded:
-        g = grads[i]
-        if g.device_mesh.ndim != 1 or not all(p.is_shard() for p in g.placements):
-            raise NotImplementedError(f"simigrad: a gradient with placements {g.placements} on a "
-                                      f"{g.device_mesh.ndim}-D mesh (HSDP or tensor parallelism): the step's norm "
-                                      "needs FSDP2's 1-D sharding")
-        groups.add(g.device_mesh.get_group())
-    if len(groups) != 1:
-        raise NotImplementedError("simigrad: gradients sharded over different process groups")
-    local = [g.to_local() if isinstance(g, dtensor) else g for g in grads]
-    norms = list(compat.foreach_norm(_wide(local), norm_type))
-    parts = torch.stack([norms[i] for i in sharded]).double()
-    if math.isinf(norm_type):
-        torch.distributed.all_reduce(parts, op=torch.distributed.ReduceOp.MAX, group=groups.pop())
-    else:
-        parts = parts.pow(norm_type)
-        torch.distributed.all_reduce(parts, group=groups.pop())
-        parts = parts.pow(1.0 / norm_type)
-    for j, i in enumerate(sharded):
-        norms[i] = parts[j]
-    return norms
-
-
-def _dtensor_type():
-    """``torch.distributed.tensor.DTensor``, or None where torch has no distributed package."""
-    if not torch.distributed.is_available():
-        return None
-    from torch.distributed.tensor import DTensor
-
-    return DTensor
+    """Each gradient's norm; of the whole gradient when it is sharded (:mod:`.sharded_norms`)."""
+    wide = _wide(grads)
+    return sharded_norms(wide, norm_type) if is_sharded(grads) else compat.foreach_norm(wide, norm_type)
 
 
 def _to_host(scalars: List[torch.Tensor], sums: Optional[torch.Tensor]) -> List[float]:
@@ -172,6 +138,8 @@ class StepRules:
     def _total_norm(grads: List[torch.Tensor], norm_type: float) -> torch.Tensor:
         if not grads:
             return torch.zeros((), dtype=torch.float32)
+        if is_sharded(grads):  # FSDP2: the shards' norms, combined over the ranks
+            return torch.linalg.vector_norm(torch.stack(sharded_norms(_wide(grads), norm_type)), norm_type)
         return torch.nn.utils.get_total_norm(_wide(grads), norm_type)
 
     def _amp_scale_now(self) -> float:

@@ -23,6 +23,13 @@ accumulates into: :meth:`Window.check` names the parameter otherwise (``model.ze
 ``p.grad = tensor``, or ``requires_grad_`` inside a window all silently lose earlier micro-batches in an
 accumulating loop).
 
+Held gradients (FSDP2 under ``set_requires_gradient_sync(False)``): the micro-batches' sum lives in FSDP's own
+unsharded buffers until the window's last backward reduce-scatters it into ``p.grad``, out of the window's reach.
+A window made with ``held=True`` then never rescales: ``d`` stays the first micro-batch's size, and a micro-batch
+of another size ``n`` is brought to the ``W / d`` form by its own backward, scaled by :attr:`Window.backward_scale`
+``= n / d`` (the door multiplies its loss's gradient by it; 1 in every other window). :attr:`Window.form` is the
+``d`` of the last backward, the form the data-parallel statistics were taken in.
+
 Extra memory for the statistics: one copy of every gradient (in the gradient's dtype), taken at the midpoint and
 held until the boundary; the buffers are reused across windows.
 """
@@ -71,12 +78,13 @@ class Window:
     """One optimizer step's micro-steps: tracks progress and keeps ``p.grad`` in the ``W_i / d`` form."""
 
     __slots__ = ("sizes", "accumulation", "samples", "params", "done", "divisor", "stats", "half", "allow_views",
-                 "_grads", "name_of", "live", "watch", "_versions", "_ids")
+                 "_grads", "name_of", "live", "watch", "_versions", "_ids", "held", "form")
 
     def __init__(self, sizes: Sequence[int], params: Sequence[torch.nn.Parameter],
                  stats: Optional[MicrostepStats] = None, allow_views: bool = False,
                  name_of: Callable[[torch.nn.Parameter], str] = lambda p: f"of shape {tuple(p.shape)}",
-                 live: Optional[Callable[[], List[torch.nn.Parameter]]] = None, watch: Optional[GradWatch] = None):
+                 live: Optional[Callable[[], List[torch.nn.Parameter]]] = None, watch: Optional[GradWatch] = None,
+                 held: bool = False):
         self.sizes = list(map(int, sizes))
         if not self.sizes or min(self.sizes) < 1:
             raise ValueError(f"an accumulation window needs micro-steps of >= 1 sample, got {tuple(sizes)}")
@@ -94,6 +102,10 @@ class Window:
         """Counts autograd's accumulations (one process): with it, an in-place change of a gradient is an error."""
         self._versions: Optional[list] = None
         self._ids = [id(p) for p in self.params]
+        self.held = held
+        """The gradients accumulate outside ``p.grad`` until the last backward (module docstring)."""
+        self.form = self.divisor
+        """The ``d`` of the last backward's ``W / d`` (the reduced gradient's form)."""
         if watch is not None:
             watch.watch(self.params)
 
@@ -123,8 +135,18 @@ class Window:
                     self._versions = [e if e is None else e + a - b
                                       for e, b, a in zip(self._versions, before, compat.versions(self._grads))]
 
+    @property
+    def backward_scale(self) -> float:
+        """What the next backward's gradient must be multiplied by: ``n / d`` in a held window (``n`` its
+        micro-batch's size), else 1."""
+        if self.complete:
+            return 1.0
+        return self.sizes[self.done] / self.divisor
+
     def _prepare(self, size: int) -> None:
-        """Make ``p.grad = W / size`` for a backward over ``size`` samples."""
+        """Make ``p.grad = W / size`` for a backward over ``size`` samples (a held window keeps ``d``)."""
+        if self.held:
+            return
         self._scale(self.divisor / size)
         self.divisor = size
 
@@ -237,6 +259,7 @@ class Window:
             self.check(f"micro-step {j + 1}")
         elif self.watch is not None and self.accumulation > 1:  # one micro-step: its gradient is the step's
             self._check_versions("micro-step 1", None)
+        self.form = self.divisor
         self.done = j = j + 1
         if self.stats is not None and j == self.half:
             self.stats.snapshot(self.params)

@@ -240,7 +240,7 @@ def main(checks) -> None:
         if name in ("runtime", "runtime_fsdp"):
             from simigrad_testkit.dist_runtime_check import run_runtime_check  # noqa: PLC0415 - only where asked
 
-            run_runtime_check(MLP, RANK, WORLD, sharded=name == "runtime_fsdp")
+            run_runtime_check(MLP, RANK, WORLD, fsdp=name == "runtime_fsdp")
             continue
         if name.startswith("fsdp"):
             from simigrad_testkit.fsdp_cases import run_fsdp_case  # noqa: PLC0415 - only where asked
