@@ -308,6 +308,11 @@ class SimigradTrainer(Trainer):
         micro, total, samples = inputs.first, None, 0
         while True:
             n = samples_in(micro, dim)
+            window = run.state.window
+            if window is not None and window.held and not window.complete and n != window.divisor:
+                raise RuntimeError(  # FSDP2 holds the window's sum in its own buffers: it cannot be reweighted
+                    f"simigrad: a micro-batch of {n} samples inside a window of {window.divisor}-sample micro-batches "
+                    "under FSDP2; the door's loader gives full micro-batches only, please report this")
             inputs.flops += float(super().floating_point_ops(micro))
             loss = super().training_step(model, micro)
             total = loss * n if total is None else total + loss * n

@@ -173,6 +173,26 @@ def check_adaptive(out: str) -> str:
     return f"batches {sizes}; max|ours - fp64 loop| = {err.item():.2e}"
 
 
+def check_epoch_end(out: str) -> str:
+    """10 samples a rank and steps of 12 a rank (micro-batches of 4): the step reaches into the next pass over the
+    data, as the door's loader does; it equals the fp64 loop over the same samples."""
+    world = int(os.environ["WORLD_SIZE"])
+    b0 = world * 3 * MICRO
+    options = dict(batch_size=b0, min_batch_size=b0, max_batch_size=b0, max_micro_batch_size=MICRO)
+    data = Regression(world * 10)
+    model = MLP()
+    start = copy.deepcopy(model)
+    tr = ours(model, data, os.path.join(out, "epoch_end"), options, num_train_epochs=1)
+    tr.train()
+    history = tr.simigrad.history
+    assert [r["micro_batch_size"] for r in history] == [MICRO] and all(r["stepped"] for r in history), history
+    same_history("epoch_end", history)
+    reference = fp64_sgd(start, data, history, world, b0)
+    err = (full(tr.model_wrapped).double() - torch.cat([p.flatten() for p in reference.parameters()])).abs().max()
+    assert err.item() < 1e-5, err
+    return f"batches {[r['batch_size'] for r in history]}; max|ours - fp64 loop| = {err.item():.2e}"
+
+
 class _Capture(TrainerCallback):
     """Keeps the statistics the core read at each step (its ``statistics.read``, wrapped at train begin)."""
 
@@ -241,7 +261,7 @@ def check_cpu_refused(out: str) -> str:
     raise AssertionError("SimigradTrainer trained with fsdp=True on CPU")
 
 
-CHECKS = {"fixed": check_fixed, "adaptive": check_adaptive, "stats": check_stats, "cpu_refused": check_cpu_refused}
+CHECKS = {"fixed": check_fixed, "adaptive": check_adaptive, "stats": check_stats, "epoch_end": check_epoch_end, "cpu_refused": check_cpu_refused}
 
 
 def main(argv) -> None:
