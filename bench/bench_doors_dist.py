@@ -34,7 +34,7 @@ import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-DOORS = ("hf", "lightning", "autoload", "hand")
+DOORS = ("hf", "lightning", "lightning_fsdp", "autoload", "hand")
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
 TIMING = {"--steps": 20, "--warmup": 5, "--count-steps": 3, "--width": 256}
 """Options of this launcher that every worker takes too (the launcher passes them on)."""
@@ -115,8 +115,9 @@ def table(rows) -> str:
         ms = {k: f"{statistics.median(v) * 1e3:.2f} ({min(v) * 1e3:.1f}-{max(v) * 1e3:.1f})"
               for k, v in r["runs_s"].items()}
         c = r["cpu_median_s"]
+        plain_bytes = f"{b['plain']:,.0f}" if b["plain"] else "not counted"
         lines.append(f"| {r['door']} | {r['world']} | {ms['plain']} | {ms['ours']} | {r['time_ratio']:.2f} | "
-                     f"{c['plain'] * 1e3:.2f}, {c['ours'] * 1e3:.2f} | {r['cpu_ratio']:.2f} | {b['plain']:,.0f} | "
+                     f"{c['plain'] * 1e3:.2f}, {c['ours'] * 1e3:.2f} | {r['cpu_ratio']:.2f} | {plain_bytes} | "
                      f"{b['ours']:,.0f} | {min(r['loadavg_1']):.1f}-{max(r['loadavg_1']):.1f} |")
     return "\n".join(lines)
 

@@ -9,6 +9,9 @@ DOOR, each pair on the same MLP, data, micro-batch, accumulation and global batc
 * ``hf``: ``SimigradTrainer`` against ``transformers.Trainer`` (``gradient_accumulation_steps``), both on the
   Trainer's own DDP (``use_cpu=True, ddp_backend="gloo"``);
 * ``lightning``: ``SimigradCallback`` against no callback (``accumulate_grad_batches``), ``strategy="ddp"``;
+* ``lightning_fsdp``: the same on ``ModelParallelStrategy`` (FSDP2: ``fully_shard`` on each Linear and the net);
+  bytes are counted for ours only (plain FSDP2's reduce-scatter is not hooked; both send ``(N - 1) c`` per rank
+  and unit, ``distributed/fsdp.py``);
 * ``hand``: ``AdaptiveBatching`` on a ``DistributedDataParallel`` module (``run.dataloader``, ``run.optimizer``;
   the split reduction installed by the core) against the plain DDP loop (``DistributedSampler``, ``no_sync``).
 
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import copy
 import json
 import os
@@ -149,8 +153,9 @@ def fit_hf(ours: bool, net, data, a, meter: Meter, counted: bool) -> None:
 
 
 # --- Lightning ------------------------------------------------------------------------------------------------
-def fit_lightning(ours: bool, net, data, a, meter: Meter, counted: bool) -> None:
+def fit_lightning(ours: bool, net, data, a, meter: Meter, counted: bool, fsdp: bool = False) -> None:
     import lightning.pytorch as pl
+    from lightning.pytorch.strategies import ModelParallelStrategy
 
     from simigrad_compile.integrations.lightning import SimigradCallback
 
@@ -158,6 +163,14 @@ def fit_lightning(ours: bool, net, data, a, meter: Meter, counted: bool) -> None
         def __init__(self, net):
             super().__init__()
             self.net = net
+
+        def configure_model(self):  # FSDP2 (ModelParallelStrategy): each Linear and the net a unit
+            if fsdp:
+                from torch.distributed.fsdp import fully_shard
+
+                mesh = self.device_mesh["data_parallel"]
+                for m in [*(m for m in self.net.body if isinstance(m, torch.nn.Linear)), self.net]:
+                    fully_shard(m, mesh=mesh)
 
         def training_step(self, batch, batch_idx):
             x, y = batch
@@ -168,7 +181,7 @@ def fit_lightning(ours: bool, net, data, a, meter: Meter, counted: bool) -> None
 
     class Tick(pl.Callback):
         def on_train_start(self, trainer, pl_module):
-            if counted and not ours:
+            if counted and not ours and not fsdp:
                 trainer.strategy.model.register_comm_hook(None, allreduce_hook)
 
         def on_train_batch_end(self, trainer, *args):
@@ -180,7 +193,8 @@ def fit_lightning(ours: bool, net, data, a, meter: Meter, counted: bool) -> None
     callbacks = [Tick()]
     if ours:
         callbacks.insert(0, SimigradCallback(batch_size=batch, min_batch_size=batch, max_batch_size=batch))
-    trainer = pl.Trainer(accelerator="cpu", devices=world, strategy="ddp", max_steps=a.warmup + a.steps,
+    strategy = ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1) if fsdp else "ddp"
+    trainer = pl.Trainer(accelerator="cpu", devices=world, strategy=strategy, max_steps=a.warmup + a.steps,
                          accumulate_grad_batches=1 if ours else a.accumulation, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          callbacks=callbacks)
@@ -249,7 +263,8 @@ def exit_without_teardown() -> None:
     os._exit(0)
 
 
-FITS = {"hf": fit_hf, "lightning": fit_lightning, "hand": fit_hand}
+FITS = {"hf": fit_hf, "lightning": fit_lightning, "hand": fit_hand,
+        "lightning_fsdp": functools.partial(fit_lightning, fsdp=True)}
 
 
 def _gather(values: list) -> list:
