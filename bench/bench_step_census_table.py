@@ -34,7 +34,7 @@ def row(r: dict, goal_step: float) -> str:
         return f"| {name} | - | - | - | - | - | - | - | error: {error.replace('|', '/')} |"
     s = t["step"]
     ratio = f"{t['ratio']:.3f}" if t["ratio"] <= goal_step else f"**{t['ratio']:.3f}**"
-    notes = []
+    notes = [f"code {r['code']}"] if r.get("code") else []
     if t.get("sanity_problem"):
         notes.append(t["sanity_problem"].replace("|", "/")[:160])
     if t.get("stats_mode") not in (None, "batch"):

@@ -49,5 +49,6 @@ def per_sample(ctx: "SplitContext", node: fx.Node, info: BatchDim) -> Optional[f
         return None
     if node not in ctx.per_sample:
         with ctx.graph.inserting_before(node):
-            ctx.per_sample[node] = ctx.call(aten.sum.dim_IntList, summand, others, True, **node.kwargs)
+            dtype = {"dtype": node.kwargs["dtype"]} if node.kwargs.get("dtype") is not None else {}
+            ctx.per_sample[node] = ctx.call(aten.sum.dim_IntList, summand, others, True, **dtype)
     return ctx.per_sample[node]
