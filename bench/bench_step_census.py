@@ -307,10 +307,11 @@ def _run(label: str, args) -> dict:
 
 
 def _commit() -> str:
-    """The measured code: the checkout's commit, ``+changes`` when its tracked files differ from it."""
+    """The measured code: the checkout's commit, ``+changes`` when its tracked files (results aside) differ."""
     def git(*a):
         return subprocess.run(["git", "-C", HERE, *a], capture_output=True, text=True).stdout.strip()
-    return git("rev-parse", "--short", "HEAD") + ("+changes" if git("status", "--porcelain", "-uno") else "")
+    changed = git("status", "--porcelain", "-uno", "--", ":/", ":!/bench/results")
+    return git("rev-parse", "--short", "HEAD") + ("+changes" if changed else "")
 
 
 def measure(label: str, args) -> dict:
