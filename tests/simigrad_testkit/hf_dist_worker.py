@@ -246,10 +246,11 @@ def check_restart(out: str) -> str:
 CHECKS = {"fixed": check_fixed, "adaptive": check_adaptive, "resume": check_resume, "restart": check_restart}
 
 
-def main(argv) -> None:
+def run_named(checks: dict, argv) -> None:
+    """``argv``: the output folder, then the names of the checks to run in order; rank 0 prints each one's line."""
     out, names = argv[0], argv[1:]
     for name in names:
-        detail = CHECKS[name](out)
+        detail = checks[name](out)
         dist.barrier()
         if dist.get_rank() == 0:
             print(f"CHECK {name} OK {detail}", flush=True)
@@ -257,4 +258,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_named(CHECKS, sys.argv[1:])

@@ -37,7 +37,7 @@ from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin  # 
 from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator  # noqa: E402
 
 from simigrad_compile.integrations.hf import SimigradTrainer  # noqa: E402
-from simigrad_testkit.hf_dist_worker import MLP, Regression, Tokens, tiny_bert  # noqa: E402
+from simigrad_testkit.hf_dist_worker import MLP, Regression, Tokens, run_named, tiny_bert  # noqa: E402
 
 LR, SEED, MICRO = 0.05, 3, 4
 CLIP = 0.05  # the fixed check clips (both Trainers clip the step's mean gradient over every shard)
@@ -261,18 +261,9 @@ def check_cpu_refused(out: str) -> str:
     raise AssertionError("SimigradTrainer trained with fsdp=True on CPU")
 
 
-CHECKS = {"fixed": check_fixed, "adaptive": check_adaptive, "stats": check_stats, "epoch_end": check_epoch_end, "cpu_refused": check_cpu_refused}
-
-
-def main(argv) -> None:
-    out, names = argv[0], argv[1:]
-    for name in names:
-        detail = CHECKS[name](out)
-        dist.barrier()
-        if dist.get_rank() == 0:
-            print(f"CHECK {name} OK {detail}", flush=True)
-    dist.destroy_process_group()
+CHECKS = {"fixed": check_fixed, "adaptive": check_adaptive, "stats": check_stats, "epoch_end": check_epoch_end,
+          "cpu_refused": check_cpu_refused}
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_named(CHECKS, sys.argv[1:])
