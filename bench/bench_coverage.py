@@ -222,8 +222,10 @@ def _worker(args) -> None:
 
 
 def census(names, compiler: str, b: int, timeout: float, max_params: int, cache_dir: str, log=print,
-           on_record=None, dtype: str = "float64") -> list:
-    records = []
+           on_record=None, dtype: str = "float64", records=None) -> list:
+    """Each of ``names`` in its own worker; ``records`` (an earlier run's) are kept and their models not rerun."""
+    records = list(records or [])
+    names = [n for n in names if n not in {r["model"] for r in records}]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TORCHINDUCTOR_CACHE_DIR": cache_dir,
            "TORCHVISION_WARN_WHEN_EXTENSION_LOADING_FAILS": ""}
     for name in names:
@@ -303,6 +305,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-params", type=int, default=150_000_000, help="larger models are skipped (memory)")
     p.add_argument("--cache-dir", default=None, help="Inductor cache (default: a fresh one, so every pass runs)")
     p.add_argument("--json", default=None)
+    p.add_argument("--resume", action="store_true",
+                   help="keep the records already in --json and run only the models it lacks (a census over sessions)")
     p.add_argument("--list", action="store_true", help="print the selected models and exit")
     p.add_argument("--table", metavar="JSON", help="print a saved census as a markdown table and exit")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -339,8 +343,17 @@ def main(argv=None) -> int:
                        "complete": done, "summary": summary(records), "versions": versions(),
                        "hardware": hardware("cpu"), "models": records}, f, indent=1, default=str)
 
+    earlier = []
+    if args.resume and os.path.exists(path):
+        with open(path) as f:
+            saved = json.load(f)
+        kept = {k: v for k, v in saved["args"].items() if k in ("compiler", "batch", "dtype", "max_params")}
+        if kept != {k: getattr(args, k) for k in kept}:
+            p.error(f"--resume: {path} was run with {kept}; pass the same options")
+        earlier = [r for r in saved["models"] if r["model"] in names]
+        print(f"census: resuming, {len(earlier)} of {len(names)} models already in {path}")
     records = census(names, args.compiler, args.batch, args.timeout, args.max_params, cache, on_record=save,
-                     dtype=args.dtype)
+                     dtype=args.dtype, records=earlier)
     save(records, done=True)
     s = summary(records)
     print(f"\n{s['fully_split']}/{s['counted']} fully split ({100 * s['fraction_fully_split']:.0f}%), "
