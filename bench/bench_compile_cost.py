@@ -6,7 +6,9 @@ For each model (the demo GPT, a tiny random-weight BERT from transformers, a han
 net: no torchvision here) and each compiler (``simigrad``: ``torch.compile(backend="simigrad")`` under
 ``AdaptiveBatching`` with the default ladder up to ``--max-micro``; ``inductor``: plain
 ``torch.compile(backend="inductor")`` at a fixed batch of ``--max-micro``; ``simigrad-symbolic``: ``simigrad``
-with ``symbolic_batch=True``, one graph for every rung of 2 or more), three fresh processes, each timed
+with ``symbolic_batch=True``, one graph for every rung of 2 or more; ``inductor-symbolic``: plain Inductor with
+the batch dim marked dynamic, the baseline that separates the cost of a symbolic batch from the split pass's),
+three fresh processes, each timed
 from just before ``torch.compile``:
 
 * ``cold``: an empty ``TORCHINDUCTOR_CACHE_DIR``;
@@ -16,7 +18,10 @@ from just before ``torch.compile``:
 
 ``first_step_s``: to the end of the first optimizer step; ``warm_ladder_s``: to the end of ``run.warm_up``
 over every rung (for plain Inductor, its one graph: the first step). ``step_ms``: the median of a few
-forward+backward+step calls at the largest rung once everything is compiled. Compile cost is what a fresh
+forward+backward+step calls at the largest rung once everything is compiled. ``phases_s``: Dynamo's own
+compile-phase timers summed over the process (``torch._dynamo.utils.compilation_time_metrics``), and
+``split_pass_s``: the time in simigrad's joint-graph pass (the rewrite), so a slow ladder shows where it
+spends. ``--min-batch`` is the run's ``min_batch_size`` (1: every rung reachable). Compile cost is what a fresh
 process pays, so each measurement has its own process (not one process interleaving both); the two compilers'
 processes alternate within each cache state. The JSON records every process
 (``--append`` keeps the rows of the models not run now). Run it with ``OMP_NUM_THREADS=1`` on a shared machine.
@@ -34,7 +39,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODELS = ("gpt", "bert", "resnet")
-COMPILERS = ("simigrad", "simigrad-symbolic", "inductor")
+COMPILERS = ("simigrad", "simigrad-symbolic", "inductor", "inductor-symbolic")
 CACHES = ("cold", "warm", "loaded")
 
 
@@ -99,26 +104,52 @@ def build(name: str, samples: int):
     raise ValueError(f"unknown model {name!r}; one of {MODELS}")
 
 
-def worker(name: str, compiler: str, cache: str, max_micro: int, artifacts: str, repeats: int) -> dict:
+def _time_split_pass() -> list:
+    """Wrap the split pass manager's call; returns the list its durations go to."""
+    from simigrad_compile.compile.passes.manager import SimigradPassManager
+
+    spent, call = [], SimigradPassManager.__call__
+
+    def timed(self, *a, **k):
+        t = time.perf_counter()
+        try:
+            return call(self, *a, **k)
+        finally:
+            spent.append(time.perf_counter() - t)
+
+    SimigradPassManager.__call__ = timed
+    return spent
+
+
+def _phases() -> dict:
+    from torch._dynamo.utils import compilation_time_metrics
+
+    return {k: round(sum(v), 3) for k, v in compilation_time_metrics.items()}
+
+
+def worker(name: str, compiler: str, cache: str, max_micro: int, artifacts: str, repeats: int,
+           min_batch: int = 1) -> dict:
     t_import = time.perf_counter()
     import torch
 
     import simigrad_compile
     from simigrad_compile.runtime.compile_cache import compiled_graphs
+    from simigrad_compile.runtime.data import mark_batch
 
     import_s = time.perf_counter() - t_import
     model, dataset, loss_of = build(name, 2 * max_micro)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     if cache == "loaded":
         simigrad_compile.load_compile_cache(artifacts)
+    split_pass = _time_split_pass()
     t0 = time.perf_counter()
-    compiled = torch.compile(model, backend="simigrad" if compiler.startswith("simigrad") else compiler)
+    compiled = torch.compile(model, backend=compiler.split("-")[0])
     out = {"model": name, "compiler": compiler, "cache": cache, "import_s": import_s,
            "parameters": sum(p.numel() for p in model.parameters())}
-    symbolic = compiler == "simigrad-symbolic"
+    symbolic = compiler.endswith("-symbolic")
     if compiler.startswith("simigrad"):
         run = simigrad_compile.AdaptiveBatching(compiled, opt, batch_size=max_micro, max_micro_batch_size=max_micro,
-                                                min_batch_size=1, symbolic_batch=symbolic)
+                                                min_batch_size=min_batch, symbolic_batch=symbolic)
         for batch in run.dataloader(dataset):
             loss_of(compiled, batch).backward()
             run.optimizer.step()
@@ -133,7 +164,7 @@ def worker(name: str, compiler: str, cache: str, max_micro: int, artifacts: str,
         step = run.inner
         run.close()
     else:
-        batch = dataset[:max_micro]
+        batch = [mark_batch(0, None, symbolic)(t) for t in dataset[:max_micro]]
         loss_of(compiled, batch).backward()
         opt.step()
         opt.zero_grad()
@@ -141,7 +172,7 @@ def worker(name: str, compiler: str, cache: str, max_micro: int, artifacts: str,
         out["rungs"] = [max_micro]
         step = opt
     out["graphs_compiled"] = compiled_graphs()
-    from simigrad_compile.runtime.data import mark_batch
+    out["phases_s"], out["split_pass_s"] = _phases(), sum(split_pass)
 
     batch = [mark_batch(0, None, symbolic)(t.clone()) for t in dataset[:max_micro]]
     times, cpu = [], []
@@ -185,13 +216,14 @@ def main(argv=None) -> int:
     p.add_argument("--caches", nargs="+", default=list(CACHES), choices=CACHES)
     p.add_argument("--max-micro", type=int, default=16)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--min-batch", type=int, default=1, help="the run's min_batch_size (1: every rung reachable)")
     p.add_argument("--json", default=os.path.join(HERE, "results", "compile_cost.json"))
     p.add_argument("--append", action="store_true", help="keep the JSON's rows of other models")
     p.add_argument("--worker", nargs=4, metavar=("MODEL", "COMPILER", "CACHE", "ARTIFACTS"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         name, compiler, cache, artifacts = args.worker
-        print(json.dumps(worker(name, compiler, cache, args.max_micro, artifacts, args.repeats)))
+        print(json.dumps(worker(name, compiler, cache, args.max_micro, artifacts, args.repeats, args.min_batch)))
         return 0
     rows, args.earlier_commands = [], []
     if args.append and os.path.exists(args.json):
@@ -208,15 +240,15 @@ def main(argv=None) -> int:
                 env.pop("SIMIGRAD_COMPILE_CACHE", None)
                 artifacts = os.path.join(dirs[compiler], "artifacts.bin")
                 cmd = [sys.executable, __file__, "--max-micro", str(args.max_micro), "--repeats", str(args.repeats),
-                       "--worker", name, compiler, cache, artifacts]
+                       "--min-batch", str(args.min_batch), "--worker", name, compiler, cache, artifacts]
                 out = subprocess.run(cmd, capture_output=True, text=True, env=env)
                 if out.returncode != 0:
                     raise RuntimeError(f"{name}/{compiler}/{cache} failed:\n{out.stderr[-3000:]}")
                 rows.append(dict(json.loads(out.stdout.strip().splitlines()[-1]), command=_command(argv)))
                 r = rows[-1]
-                print(f"{name:>7} {compiler:>9} {cache:>7}: first step {r['first_step_s']:6.1f} s, warm ladder "
+                print(f"{name:>7} {compiler:>17} {cache:>7}: first step {r['first_step_s']:6.1f} s, warm ladder "
                       f"{r['warm_ladder_s']:6.1f} s ({len(r['rungs'])} rungs), {r['graphs_compiled']} graphs "
-                      f"compiled, step {r['step_ms']:.1f} ms", flush=True)
+                      f"compiled, split pass {r['split_pass_s']:.1f} s, step {r['step_ms']:.1f} ms", flush=True)
                 _save(args, argv, rows)  # after every process: a run cut short keeps what it measured
     print(_table(rows))
     print("saved", args.json)

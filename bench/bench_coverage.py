@@ -306,7 +306,7 @@ def main(argv=None) -> int:
     p.add_argument("--cache-dir", default=None, help="Inductor cache (default: a fresh one, so every pass runs)")
     p.add_argument("--json", default=None)
     p.add_argument("--resume", action="store_true",
-                   help="keep the records already in --json and run only the models it lacks (a census over sessions)")
+                   help="keep the records already in --json (but timeouts) and run only the models it lacks")
     p.add_argument("--list", action="store_true", help="print the selected models and exit")
     p.add_argument("--table", metavar="JSON", help="print a saved census as a markdown table and exit")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -350,7 +350,8 @@ def main(argv=None) -> int:
         kept = {k: v for k, v in saved["args"].items() if k in ("compiler", "batch", "dtype", "max_params")}
         if kept != {k: getattr(args, k) for k in kept}:
             p.error(f"--resume: {path} was run with {kept}; pass the same options")
-        earlier = [r for r in saved["models"] if r["model"] in names]
+        earlier = [r for r in saved["models"]  # a timeout is the machine's, not the model's: run it again
+                   if r["model"] in names and not str(r.get("error", "")).startswith("timeout")]
         print(f"census: resuming, {len(earlier)} of {len(names)} models already in {path}")
     records = census(names, args.compiler, args.batch, args.timeout, args.max_params, cache, on_record=save,
                      dtype=args.dtype, records=earlier)
