@@ -13,6 +13,8 @@ Other backends use their native ``reduce_scatter_single`` / ``all_gather_single`
 
 from __future__ import annotations
 
+import atexit
+import logging
 import queue
 import threading
 from typing import Callable, Optional
@@ -20,6 +22,8 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 from torch.futures import Future
+
+log = logging.getLogger("simigrad")
 
 
 def reduce_scatter(out: torch.Tensor, inp: torch.Tensor, group) -> None:
@@ -102,7 +106,16 @@ def _swap(send, dst: int, recv, src: int, group) -> None:
 
 
 class Serial:
-    """One daemon thread that runs jobs in submission order; each job completes the Future it returned."""
+    """One daemon thread that runs jobs in submission order; each job completes the Future it returned.
+
+    At interpreter exit (``atexit``, before finalization) the thread is stopped and joined: a daemon thread still
+    inside a torch call when the interpreter finalizes (completing the last bucket's Future while the main thread,
+    woken by it, already exits) is killed on its way back into Python, and the process aborts with "terminate
+    called without an active exception".
+    """
+
+    EXIT_JOIN_S = 60.0
+    """How long exit waits for the jobs in flight (a collective whose peer is gone may never finish)."""
 
     def __init__(self, name: str) -> None:
         self._name = name
@@ -114,12 +127,27 @@ class Serial:
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
             self._thread.start()
+            atexit.register(self.close, self.EXIT_JOIN_S)
         self._queue.put((job, fut))
         return fut
 
+    def close(self, timeout: Optional[float] = None) -> None:
+        """Let the submitted jobs finish, then stop the thread (a later ``submit`` starts a new one)."""
+        thread, self._thread = self._thread, None
+        if thread is None:
+            return
+        atexit.unregister(self.close)
+        self._queue.put(None)
+        thread.join(timeout)
+        if thread.is_alive():
+            log.warning("simigrad: %s still runs a collective after %.0f s; exiting without it", self._name, timeout)
+
     def _run(self) -> None:
         while True:
-            job, fut = self._queue.get()
+            item = self._queue.get()
+            if item is None:
+                return
+            job, fut = item
             try:
                 fut.set_result(job())
             except BaseException as e:  # noqa: BLE001 - handed to whoever waits on the future
