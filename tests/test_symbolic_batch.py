@@ -99,3 +99,37 @@ def test_a_model_that_specializes_on_the_batch_names_the_input():
     with pytest.raises(Exception, match=r"size\(\)\[0\]"):
         run.warm_up(lambda b: loss_of(compiled, *b).backward(), dataset(64))
     run.close()
+
+
+def test_the_default_ladder_is_one_graph_on_one_process():
+    """Without ``micro_batch_sizes`` the rungs start at 2 on one process: warm-up compiles the symbolic graph only,
+    every target in the bounds plans on it, and steps on several rungs compile nothing more."""
+    from simigrad_compile.config import SimigradConfig
+    from simigrad_compile.runtime.ladder import Ladder
+
+    torch._dynamo.reset()
+    net = Net()
+    backend = CountingSimigrad()
+    compiled = torch.compile(net, backend=backend)
+    run = sc.AdaptiveBatching(compiled, make_optimizer(net.parameters()), batch_size=2, min_batch_size=1,
+                              max_micro_batch_size=8, symbolic_batch=True, group_mode="auto")
+    assert run.ladder.rungs == (2, 4, 8)
+    assert {run.ladder.plan(t).micro_batch_size for t in range(1, 200)} == {2, 4, 8}
+    data = dataset(64)
+    run.warm_up(lambda b: loss_of(compiled, *b).backward(), data)
+    assert backend.batches == ["symbolic"]
+    plans, seen = [Plan(2, 1), Plan(4, 1), Plan(8, 2), Plan(2, 3)], []
+    run.plan = plans[0]
+    for x, y in run.dataloader(data):
+        loss_of(compiled, x, y).backward()
+        run.optimizer.step()
+        run.optimizer.zero_grad()
+        if run.optimizer.stepped:
+            seen.append((run.history[-1]["micro_batch_size"], run.history[-1]["accumulation"]))
+            if len(seen) == len(plans):
+                break
+            run.plan = plans[len(seen)]
+    run.close()
+    assert seen == [(p.micro_batch_size, p.accumulation) for p in plans]
+    assert backend.batches == ["symbolic"]
+    assert Ladder(SimigradConfig(symbolic_batch=True, max_micro_batch_size=8), world_size=2).rungs == (1, 2, 4, 8)

@@ -2,7 +2,10 @@
 
 Rungs
     ``micro_batch_sizes`` when given; else the powers of two from 1 up to ``max_micro_batch_size`` (plus
-    ``max_micro_batch_size`` itself when it is not a power of two). Small rungs are what make batches such as
+    ``max_micro_batch_size`` itself when it is not a power of two). With ``symbolic_batch`` on one process they
+    start at 2: every rung of 2 or more shares one graph, a rung of 1 would be a graph of its own, and no plan
+    needs it there (a step has two samples or more); on several processes it stays, for global batches below
+    twice the world. Small rungs are what make batches such as
     ``min_batch_size=1000 > max_micro_batch_size=256`` exact (8 x 125); they cost nothing until a plan uses one,
     since rungs compile lazily. Each rung is one compiled graph (one shape of the batch dimension).
     :meth:`Ladder.reachable_rungs` are the rungs some plan within the bounds uses (``min_batch_size=16`` on one
@@ -78,7 +81,7 @@ def default_rungs(config: SimigradConfig, world_size: int = 1) -> Tuple[int, ...
         return tuple(config.micro_batch_sizes)
     top = config.max_micro_batch_size
     rungs = []
-    r = 1
+    r = 2 if config.symbolic_batch and world_size == 1 and top >= 2 else 1
     while r <= top:
         rungs.append(r)
         r *= 2
