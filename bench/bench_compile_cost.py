@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -199,13 +200,17 @@ def _table(rows) -> str:
         lines.append(f"| {r['model']} | {r['compiler']} | {len(r['rungs'])} | {r['cache']} | "
                      f"{r['first_step_s']:.1f} | {r['warm_ladder_s']:.1f} | {r['graphs_compiled']} | "
                      f"{r['step_ms']:.1f} |")
-    ratios = ["", "| model | compiler | cache | warm ladder / inductor first step (same cache state) |",
-              "| --- | --- | --- | --- |"]
-    by = {(r["model"], r["compiler"], r["cache"]): r for r in rows}
-    for (m, c, cache), r in by.items():
-        if c.startswith("simigrad") and (m, "inductor", cache) in by:
-            ratio = r["warm_ladder_s"] / by[(m, "inductor", cache)]["warm_ladder_s"]
-            ratios.append(f"| {m} | {c} | {cache} | {ratio:.2f} |")
+    ratios = ["", "| model | compiler | cache | processes | warm ladder / inductor first step (same cache state, "
+                  "medians) | step CPU / inductor's |", "| --- | --- | --- | --- | --- | --- |"]
+    by: dict = {}
+    for r in rows:
+        by.setdefault((r["model"], r["compiler"], r["cache"]), []).append(r)
+    med = lambda rs, k: statistics.median(r[k] for r in rs)  # noqa: E731
+    for (m, c, cache), rs in by.items():
+        base = by.get((m, "inductor", cache))
+        if c != "inductor" and base:
+            ladder, step = (med(rs, k) / med(base, k) for k in ("warm_ladder_s", "step_cpu_ms"))
+            ratios.append(f"| {m} | {c} | {cache} | {len(rs)} | {ladder:.2f} | {step:.2f} |")
     return "\n".join(lines + ratios)
 
 
@@ -216,6 +221,7 @@ def main(argv=None) -> int:
     p.add_argument("--caches", nargs="+", default=list(CACHES), choices=CACHES)
     p.add_argument("--max-micro", type=int, default=16)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=1, help="repeat every model's processes, interleaved (medians)")
     p.add_argument("--min-batch", type=int, default=1, help="the run's min_batch_size (1: every rung reachable)")
     p.add_argument("--json", default=os.path.join(HERE, "results", "compile_cost.json"))
     p.add_argument("--append", action="store_true", help="keep the JSON's rows of other models")
@@ -231,7 +237,7 @@ def main(argv=None) -> int:
             earlier = json.load(f)
         rows = [r for r in earlier["rows"] if r["model"] not in args.models]
         args.earlier_commands = earlier.get("earlier_commands", []) + [earlier["command"]]
-    for name in args.models:
+    for name in (m for _ in range(args.rounds) for m in args.models):
         dirs = {c: tempfile.mkdtemp(prefix=f"simigrad-cost-{name}-{c}-") for c in args.compilers}
         for cache in args.caches:
             for compiler in args.compilers:

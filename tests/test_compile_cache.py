@@ -46,9 +46,11 @@ def _check_cold(result):
 
 
 def _check_loaded(result):
-    """No graph compiled: Inductor and AOTAutograd hit for both rungs, the split pass never ran."""
+    """No graph compiled: Inductor and AOTAutograd hit for both rungs, the split pass never ran, and no CPU kernel
+    was built (every ``.so`` in the fresh Inductor cache is one the file brought)."""
     c = result["end_counters"]
     assert result["pass_runs"] == 0, result
+    assert result["cpu_kernels_loaded"] > 0 and result["so_files"] == result["cpu_kernels_loaded"], result
     assert c["fxgraph_miss"] == 0 and c["autograd_miss"] == 0, c
     assert c["autograd_hit"] == 2, c
     _check_statistics(result)
@@ -61,6 +63,7 @@ def test_a_saved_ladder_loads_in_fresh_processes(tmp_path):
     cold = _run(tmp_path / "inductor_a", "env", **{ENV: str(path)})
     assert not cold["env_loaded"] and cold["env_saved"] and path.exists()
     assert cold["saved"]["inductor"] >= 4 and cold["saved"]["aot_autograd"] == 2
+    assert 0 < cold["cpu_kernels_saved"] <= cold["so_files"], cold
     _check_cold(cold)
     size = path.stat().st_size
     loaded = _run(tmp_path / "inductor_b", "load", str(path))
@@ -159,3 +162,15 @@ def test_warm_up_compiles_only_the_reachable_rungs():
     run.close()
     assert run.ladder.rungs == (1, 2, 4, 8, 16, 32, 64)
     assert sorted(shapes) == [8, 16, 32, 64]
+
+
+def test_a_kernel_file_outside_the_cache_is_refused(tmp_path, monkeypatch):
+    from simigrad_compile.runtime.cpu_kernels import restore_kernel_files
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    for bad in ("../outside.so", "/tmp/abs.so", "ab/kernel.py"):
+        with pytest.raises(ValueError, match="not a .so inside"):
+            restore_kernel_files({"ok/k.so": b"\x7fELF", bad: b"x"})
+        assert not (tmp_path / "inductor" / "ok" / "k.so").exists()  # nothing written when one is refused
+    assert restore_kernel_files({"ok/k.so": b"\x7fELF"}) == 1 and restore_kernel_files({"ok/k.so": b"other"}) == 0
+    assert (tmp_path / "inductor" / "ok" / "k.so").read_bytes() == b"\x7fELF"  # an existing kernel is kept

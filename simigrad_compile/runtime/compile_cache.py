@@ -8,10 +8,12 @@ Two doors (``docs/compile_cache.md``):
   when it is created (if the file exists) and, on rank 0, saves it after ``run.warm_up`` and at ``run.close()``
   whenever this process compiled a graph since the file was loaded (or there was no file).
 
-The file holds ``torch.compiler.save_cache_artifacts()``: Inductor's FX-graph cache entries, AOTAutograd's,
-autotuning results and Dynamo's shape profiles, for every graph this process compiled or loaded from a cache.
-Loading writes them into the local caches (``TORCHINDUCTOR_CACHE_DIR``); Dynamo still traces each graph (a
-fraction of the cost), and Inductor and AOTAutograd then hit instead of compiling.
+The file is a zip of ``torch.compiler.save_cache_artifacts()`` (Inductor's FX-graph cache entries, AOTAutograd's,
+autotuning results and Dynamo's shape profiles, for every graph this process compiled or loaded from a cache)
+and the CPU kernels this process loaded (:mod:`~simigrad_compile.runtime.cpu_kernels`: the built ``.so`` files,
+which the artifacts lack). Loading writes both into the local caches (``TORCHINDUCTOR_CACHE_DIR``); Dynamo still
+traces each graph (a fraction of the cost), and Inductor and AOTAutograd then hit instead of compiling, and
+find each CPU kernel built. A file holding only torch's artifacts (written before the zip) loads as well.
 
 The split pass does not run on a hit: what it decided (the halves, the statistics ops) is in the cached graph,
 and the backend still builds the region plan and the statistics sinks at every compile, so the statistics come
@@ -25,15 +27,18 @@ the environment variable) writes a new file.
 from __future__ import annotations
 
 import dataclasses
+import io
 import logging
 import os
 import tempfile
+import zipfile
 from typing import Dict, Optional
 
 import torch
 
 from .. import compat
 from ..envvars import COMPILE_CACHE as ENV
+from .cpu_kernels import loaded_kernel_files, restore_kernel_files
 
 log = logging.getLogger("simigrad_compile")
 
@@ -44,15 +49,38 @@ class CompileCacheError(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class CacheFile:
-    """One saved or loaded cache file: its path, its size in bytes, and its artifacts by kind."""
+    """One saved or loaded cache file: its path, its size in bytes, its artifacts by kind, its CPU kernels."""
 
     path: str
     size: int
     artifacts: Dict[str, int]
+    cpu_kernels: int = 0
 
     def __str__(self) -> str:
         kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(self.artifacts.items())) or "no artifacts"
-        return f"{self.path} ({self.size / 2**20:.2f} MiB: {kinds})"
+        return f"{self.path} ({self.size / 2**20:.2f} MiB: {kinds}; {self.cpu_kernels} CPU kernels)"
+
+
+ARTIFACTS = "torch_cache_artifacts"
+KERNELS = "cpu_kernels/"
+
+
+def _pack(artifacts: bytes, kernels: Dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as z:
+        z.writestr(ARTIFACTS, artifacts)
+        for rel, data in sorted(kernels.items()):
+            z.writestr(KERNELS + rel, data)
+    return buf.getvalue()
+
+
+def _unpack(data: bytes):
+    """``(torch's artifacts, {relative path: kernel bytes})``; a file of torch's artifacts alone has no kernels."""
+    if not data.startswith(b"PK"):
+        return data, {}
+    with zipfile.ZipFile(io.BytesIO(data)) as z:
+        kernels = {n[len(KERNELS):]: z.read(n) for n in z.namelist() if n.startswith(KERNELS)}
+        return z.read(ARTIFACTS), kernels
 
 
 def _kinds(info) -> Dict[str, int]:
@@ -75,7 +103,9 @@ def save_compile_cache(path: str) -> Optional[CacheFile]:
         log.warning("simigrad: nothing to save to %s: no graph was compiled through Inductor in this process "
                     "(aot_eager graphs have no cache artifacts)", path)
         return None
-    data, info = result
+    artifacts, info = result
+    kernels = loaded_kernel_files()
+    data = _pack(artifacts, kernels)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".compile_cache.", dir=folder)
@@ -86,7 +116,7 @@ def save_compile_cache(path: str) -> Optional[CacheFile]:
     except BaseException:
         os.unlink(tmp)
         raise
-    saved = CacheFile(str(path), len(data), _kinds(info))
+    saved = CacheFile(str(path), len(data), _kinds(info), len(kernels))
     log.info("simigrad: compile cache saved to %s", saved)
     return saved
 
@@ -102,11 +132,16 @@ def load_compile_cache(path: str) -> CacheFile:
     except FileNotFoundError:
         raise FileNotFoundError(f"simigrad: no compile cache at {path!r}; write one with "
                                 f"simigrad_compile.save_compile_cache({path!r}) after warm-up") from None
-    info = torch.compiler.load_cache_artifacts(data)
+    try:
+        artifacts, kernels = _unpack(data)
+        info = torch.compiler.load_cache_artifacts(artifacts)
+    except (zipfile.BadZipFile, KeyError):
+        info = None
     if info is None:
         raise CompileCacheError(f"simigrad: {path!r} ({len(data)} bytes) is not a torch compile cache this torch "
                                 f"{torch.__version__} can read; delete it and save a new one after warm-up")
-    loaded = CacheFile(str(path), len(data), _kinds(info))
+    restore_kernel_files(kernels)
+    loaded = CacheFile(str(path), len(data), _kinds(info), len(kernels))
     log.info("simigrad: compile cache loaded from %s", loaded)
     return loaded
 

@@ -174,9 +174,10 @@ class Ladder:
         the most micro-steps ``k`` that fit, up to ``cap = max(ACCUMULATION_SLACK * ceil(samples / (world * top
         rung)), min_accumulation, current.accumulation)``, the first by: the fewest samples short of ``samples``
         (exact first), then at least ``min_accumulation`` micro-steps, then the current rung (no new graph), then
-        the fewest micro-steps. With a rung of 1 (the default ladder) and ``samples`` a multiple of the world size,
-        repeated cuts end exactly on the budget: a remainder the cap leaves is cut again on the next step. The
-        bounds ``[min_batch_size, max_batch_size]`` do not apply to this step."""
+        the fewest micro-steps. With a rung of 1 (the default ladder; not ``symbolic_batch``'s on one process)
+        and ``samples`` a multiple of the world size, repeated cuts end exactly on the budget: a remainder the cap
+        leaves is cut again on the next step. The bounds ``[min_batch_size, max_batch_size]`` do not apply to
+        this step."""
         w, lo = self.world_size, self.min_accumulation
         cap = max(ACCUMULATION_SLACK * -(-samples // (w * self.rungs[-1])), lo, current.accumulation)
         best = None

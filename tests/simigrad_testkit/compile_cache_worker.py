@@ -6,6 +6,7 @@ saved after warm-up). Under torchrun each rank does the same on its own samples,
 Prints one JSON line; with ``OUT_DIR`` set, each rank also writes it to ``$OUT_DIR/rank<r>.json``.
 """
 
+import glob
 import json
 import os
 import sys
@@ -60,7 +61,12 @@ def main(mode: str, path: str = None) -> dict:
     door = run.compile_cache
     result = {"rank": rank, "loaded": loaded and loaded.artifacts, "saved": door.saved and door.saved.artifacts,
               "env_loaded": bool(door.loaded), "env_saved": bool(door.saved), "pass_runs": len(pass_runs),
-              "warm_counters": warm_counters, "end_counters": compat.compile_cache_counters(), "rungs": rungs}
+              "warm_counters": warm_counters, "end_counters": compat.compile_cache_counters(), "rungs": rungs,
+              "cpu_kernels_loaded": (loaded or door.loaded).cpu_kernels if (loaded or door.loaded) else None,
+              "cpu_kernels_saved": door.saved.cpu_kernels if door.saved else None,
+              # Inductor's built kernels (``<hash>.main.so``); the other ``.so`` files probe this CPU's ISA
+              "so_files": len(glob.glob(os.path.join(os.environ["TORCHINDUCTOR_CACHE_DIR"], "**", "*.main.so"),
+                                        recursive=True))}
     if "RANK" in os.environ:
         dist.destroy_process_group()
     return result
