@@ -71,6 +71,27 @@ def compile_cache_counters() -> dict:
             "autograd_miss": counters["aot_autograd"]["autograd_cache_miss"]}
 
 
+def inductor_cache_dir() -> str:
+    """Inductor's on-disk cache directory (``TORCHINDUCTOR_CACHE_DIR`` or its default)."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    return cache_dir()
+
+
+def loaded_cpp_libraries() -> list:
+    """The files of the C++ libraries Inductor's C++ code caches loaded in this process (kernels, wrappers)."""
+    from torch._inductor import codecache
+
+    paths = []
+    for name in ("CppCodeCache", "CppPythonBindingsCodeCache", "CppWrapperCodeCache"):
+        for load in list((getattr(getattr(codecache, name, None), "cache", None) or {}).values()):
+            lib = load()
+            path = getattr(lib, "__file__", None) or getattr(lib, "_name", None)
+            if path:
+                paths.append(path)
+    return paths
+
+
 def inductor_compile(gm, example_inputs, mode, patches: dict):
     """Inductor's ``compile_fx`` with ``mode``'s options and ``patches`` (``config_patches``) applied."""
     from torch._inductor import list_mode_options

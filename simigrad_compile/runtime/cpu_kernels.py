@@ -18,35 +18,24 @@ import os
 import tempfile
 from typing import Dict
 
-log = logging.getLogger("simigrad_compile")
+from .. import compat
 
-_CACHES = ("CppCodeCache", "CppPythonBindingsCodeCache", "CppWrapperCodeCache")
+log = logging.getLogger("simigrad_compile")
 
 
 def _cache_dir() -> str:
-    from torch._inductor.runtime.cache_dir_utils import cache_dir
-
-    return os.path.realpath(cache_dir())
+    return os.path.realpath(compat.inductor_cache_dir())
 
 
 def loaded_kernel_files() -> Dict[str, bytes]:
     """``{path relative to Inductor's cache dir: bytes}`` of every C++ library this process loaded from there."""
-    from torch._inductor import codecache
-
     root, files = _cache_dir(), {}
-    for name in _CACHES:
-        cache = getattr(getattr(codecache, name, None), "cache", None) or {}
-        for load in list(cache.values()):
-            lib = load()
-            path = getattr(lib, "__file__", None) or getattr(lib, "_name", None)
-            if not path:
-                continue
-            path = os.path.realpath(path)
-            rel = os.path.relpath(path, root)
-            if rel.startswith(os.pardir) or not os.path.isfile(path):
-                continue  # built elsewhere (a custom op's extension): not Inductor's to find
-            with open(path, "rb") as f:
-                files[rel] = f.read()
+    for path in map(os.path.realpath, compat.loaded_cpp_libraries()):
+        rel = os.path.relpath(path, root)
+        if rel.startswith(os.pardir) or not os.path.isfile(path):
+            continue  # built elsewhere (a custom op's extension): not Inductor's to find
+        with open(path, "rb") as f:
+            files[rel] = f.read()
     return files
 
 
