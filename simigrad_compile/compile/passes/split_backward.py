@@ -187,7 +187,7 @@ class SplitBackwardPass:
         rebuilt = rebuild_shared(ctx)
         ctx.graph.lint()
         ctx.graph.eliminate_dead_code()
-        trim_whole_batch(ctx.graph, ctx.fake)
+        trim_whole_batch(ctx)
         log.info("simigrad: split %d parameter gradients into half-batch pairs, %d accumulated by addmm (%s); "
                  "%d whole-batch contractions rebuilt from their halves", len(pairs),
                  sum(p.total is not None for p in pairs), launches, rebuilt)
