@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch.futures import Future
 
-log = logging.getLogger("simigrad")
+log = logging.getLogger("simigrad_compile")
 
 
 def reduce_scatter(out: torch.Tensor, inp: torch.Tensor, group) -> None:
