@@ -19,7 +19,7 @@ from just before ``torch.compile``:
 ``first_step_s``: to the end of the first optimizer step; ``warm_ladder_s``: to the end of ``run.warm_up``
 over every rung (for plain Inductor, its one graph: the first step). ``step_ms``: the median of a few
 forward+backward+step calls at the largest rung once everything is compiled. ``phases_s``: Dynamo's own
-compile-phase timers summed over the process (``torch._dynamo.utils.compilation_time_metrics``), and
+compile-phase timers summed over the process (``compat.compilation_time_metrics``), and
 ``split_pass_s``: the time in simigrad's joint-graph pass (the rewrite), so a slow ladder shows where it
 spends. ``--min-batch`` is the run's ``min_batch_size`` (1: every rung reachable). Compile cost is what a fresh
 process pays, so each measurement has its own process (not one process interleaving both); the two compilers'
@@ -123,9 +123,9 @@ def _time_split_pass() -> list:
 
 
 def _phases() -> dict:
-    from torch._dynamo.utils import compilation_time_metrics
+    from simigrad_compile import compat
 
-    return {k: round(sum(v), 3) for k, v in compilation_time_metrics.items()}
+    return {k: round(sum(v), 3) for k, v in compat.compilation_time_metrics().items()}
 
 
 def worker(name: str, compiler: str, cache: str, max_micro: int, artifacts: str, repeats: int,
