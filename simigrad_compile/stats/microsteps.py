@@ -25,8 +25,8 @@ class MicrostepStats:
         self.copies: Dict[int, torch.Tensor] = {}
         self._taken: Dict[int, torch.Tensor] = {}
         self.total_sq: Optional[float] = None
-        """``sum |p.grad|^2`` (fp64) over the last :meth:`stats` call's gradients, when its pass took it (the
-        flat path), else None: the boundary's gradient norm, at no extra pass."""
+        """``sum |p.grad|^2`` over the last :meth:`stats` call's gradients, when its pass took it (the flat and
+        concatenated paths of :func:`_pair_rows`), else None: the boundary's gradient norm, at no extra pass."""
 
     def snapshot(self, params: Sequence[torch.nn.Parameter]) -> None:
         taken, dst, src = {}, [], []
@@ -78,13 +78,21 @@ class MicrostepStats:
 def _pair_rows(own: List[torch.Tensor], total: List[torch.Tensor], alpha: float,
                beta: float) -> Tuple[List[float], Optional[float]]:
     """``(own.other, |own|^2, |other|^2)`` summed over parameters, ``other = alpha*total + beta*own``, as host
-    floats, and ``|total|^2`` when taken. Gradients on one device with at most ``FLATTEN`` elements in all are
-    taken as one flat pair in fp64 (a few ops in all: for small parameters the per-call cost of the kernel
-    dominates), with ``|total|^2``. Otherwise fp32/bf16/fp16 gradients go to the ``pair_stats`` kernel, and fp64
-    gradients (an fp64 model) are summed in fp64 here."""
+    floats, and ``|total|^2`` when taken. By the gradients' size in all (on one device), measured against one
+    kernel call per parameter, whose fixed cost (about 80 us on CPU) dominates below ``CONCAT``:
+
+    * at most ``FLATTEN`` elements: one flat pair in fp64 (a few ops in all), with ``|total|^2``;
+    * at most ``CONCAT`` fp32/bf16/fp16 elements: both sides concatenated, one ``pair_stats`` call and one dot for
+      ``|total|^2`` (two copies of the gradient cost less than the calls they save at this size);
+    * else one ``pair_stats`` row per fp32/bf16/fp16 parameter, and fp64 gradients (an fp64 model) summed in
+      fp64 here; ``|total|^2`` is not taken."""
     device = own[0].device
-    if sum(x.numel() for x in own) <= FLATTEN and all(t.device == device for t in (*own, *total)):
-        return _pair_flat(own, total, alpha, beta)
+    n = sum(x.numel() for x in own)
+    if n <= CONCAT and all(t.device == device for t in (*own, *total)):
+        if n <= FLATTEN:
+            return _pair_flat(own, total, alpha, beta)
+        if all(t.dtype in NARROW for t in (*own, *total)):
+            return _pair_concat(own, total, alpha, beta)
     rows = [0.0, 0.0, 0.0]
     narrow = [i for i in range(len(own)) if own[i].dtype != torch.float64]
     if narrow:
@@ -103,9 +111,18 @@ def dense(grad: torch.Tensor) -> torch.Tensor:
     return grad.to_dense() if grad.is_sparse else grad
 
 
-FLATTEN = 1 << 16
+FLATTEN = 1 << 15
 """At most this many gradient elements in all: one flat fp64 pair (small parameters, where the per-call cost
 of the kernel dominates)."""
+
+CONCAT = 1 << 19
+"""At most this many gradient elements in all: one concatenated ``pair_stats`` call. Measured on CPU at 1 thread
+(``python bench/bench_pair_rows.py``, MLP gradients; microseconds flat fp64 / concatenated / a call per parameter):
+10k elements 117 / 211 / 536, 30k 315 / 335 / 996, 85k 603 / 365 / 749, 334k 2855 / 929 / 1001, 1.3M
+14201 / 3418 / 2307."""
+
+NARROW = (torch.float32, torch.bfloat16, torch.float16)
+"""The dtypes of the ``pair_stats`` kernel."""
 
 
 def _pair_fp64(x: torch.Tensor, t: torch.Tensor, alpha: float, beta: float) -> List[float]:
@@ -114,6 +131,18 @@ def _pair_fp64(x: torch.Tensor, t: torch.Tensor, alpha: float, beta: float) -> L
     rows = torch.stack([x, other])
     gram = (rows @ rows.T).tolist()
     return [gram[0][1], gram[0][0], gram[1][1]]
+
+
+def _pair_concat(own: List[torch.Tensor], total: List[torch.Tensor], alpha: float,
+                 beta: float) -> Tuple[List[float], float]:
+    """The three sums and ``t.t`` of every gradient taken as one concatenated pair ``(x, t)``: one ``pair_stats``
+    row, and ``t.t`` as one fp32 dot (the precision of ``torch.nn.utils.get_total_norm``)."""
+    x = torch.cat([g.detach().reshape(-1) for g in own])
+    t = torch.cat([g.detach().reshape(-1) for g in total])
+    tf = t if t.dtype == torch.float32 else t.float()
+    row = pair_stats([x], [t], alpha, beta)[0].double()
+    out = torch.cat([row, torch.dot(tf, tf).double().reshape(1)]).tolist()
+    return out[:3], out[3]
 
 
 def _pair_flat(own: List[torch.Tensor], total: List[torch.Tensor], alpha: float,

@@ -1,0 +1,105 @@
+"""The ``microsteps`` boundary's three paths (fp64 flat, one concatenated call, a call per parameter) each give
+the statistics of two separate fp64 half-window passes, the mean gradient, the history's gradient norm and the
+non-finite skip. Each path is forced by the size thresholds, on the same model."""
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import simigrad_compile as sc
+from simigrad_compile.runtime.window import Window
+from simigrad_compile.stats import microsteps
+from simigrad_compile.stats.microsteps import MicrostepStats
+
+from simigrad_testkit.loop_reference import Net, Reference, dataset, flat
+
+PATHS = {"flat_fp64": (1 << 30, 1 << 30), "concat": (0, 1 << 30), "per_parameter": (0, 0)}
+"""(FLATTEN, CONCAT) that send every window to one path."""
+
+EXPECTED = {"flat_fp64": {"_pair_flat"}, "concat": {"_pair_concat", "pair_stats"}, "per_parameter": {"pair_stats"}}
+"""The functions each path calls (the concatenated one calls the kernel once)."""
+
+
+@pytest.fixture(params=list(PATHS))
+def path(request, monkeypatch):
+    flatten, concat = PATHS[request.param]
+    monkeypatch.setattr(microsteps, "FLATTEN", flatten)
+    monkeypatch.setattr(microsteps, "CONCAT", concat)
+    taken = []
+    for name in ("_pair_flat", "_pair_concat", "pair_stats"):
+        real = getattr(microsteps, name)
+
+        def spy(*args, _real=real, _name=name, **kwargs):
+            taken.append(_name)
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(microsteps, name, spy)
+    return request.param, taken
+
+
+def _fp64_grad(model, x, y):
+    m = copy.deepcopy(model).double()
+    F.mse_loss(m(x.double()), y.double()).backward()
+    return torch.cat([p.grad.flatten() for p in m.parameters()])
+
+
+def test_each_path_matches_two_fp64_half_passes(path):
+    name, taken = path
+    torch.manual_seed(0)
+    model = Net()
+    x, y = dataset(24).tensors
+    g1, g2, g = _fp64_grad(model, x[:12], y[:12]), _fp64_grad(model, x[12:], y[12:]), _fp64_grad(model, x, y)
+    params = list(model.parameters())
+    window = Window((6, 6, 6, 6), params, MicrostepStats())
+    for j in range(4):
+        F.mse_loss(model(x[6 * j:6 * j + 6]), y[6 * j:6 * j + 6]).backward()
+        window.micro_step_done()
+    stats = window.split_stats()
+    window.finish()
+    assert taken and set(taken) == EXPECTED[name]
+    assert (stats.dot, stats.sq_norm_1, stats.sq_norm_2) == pytest.approx(
+        (float(g1 @ g2), float(g1 @ g1), float(g2 @ g2)), rel=2e-5, abs=1e-8)
+    torch.testing.assert_close(torch.cat([p.grad.flatten() for p in params]).double(), g, rtol=1e-5, atol=1e-7)
+
+
+def test_each_path_gives_the_history_its_norm_and_cosine(path):
+    name, taken = path
+    torch.manual_seed(0)
+    model = Net()
+    x, y = dataset(16).tensors
+    ref = Reference(model, "sgd", b0=16)
+    norm = ref.grad_norm(x.double(), y.double(), 2.0)
+    cosine = ref.cosine([(x[:8].double(), y[:8].double()), (x[8:].double(), y[8:].double())])
+    opts = dict(batch_size=16, min_batch_size=16, max_batch_size=16, max_micro_batch_size=8, group_mode="microsteps")
+    with sc.AdaptiveBatching(model, torch.optim.SGD(model.parameters(), lr=0.1), **opts) as run:
+        for j in range(2):
+            F.mse_loss(model(x[8 * j:8 * j + 8]), y[8 * j:8 * j + 8]).backward()
+            run.optimizer.step()
+            run.optimizer.zero_grad()
+        rec = run.history[-1]
+    assert taken and set(taken) == EXPECTED[name]
+    assert rec["statistics"] == "microsteps" and rec["stepped"]
+    assert rec["grad_norm"] == pytest.approx(norm, rel=1e-5)
+    assert rec["cosine"] == pytest.approx(cosine, rel=1e-4, abs=1e-6)
+
+
+def test_each_path_skips_a_non_finite_gradient(path):
+    torch.manual_seed(0)
+    model = Net()
+    x, y = dataset(8).tensors
+    opts = dict(batch_size=8, min_batch_size=8, max_batch_size=8, max_micro_batch_size=4, group_mode="microsteps")
+    with sc.AdaptiveBatching(model, torch.optim.SGD(model.parameters(), lr=0.1), **opts) as run:
+        params = flat(model).clone()
+        for j in range(2):
+            if j == 1:
+                model.fc2.bias.register_hook(lambda g: g * math.nan)
+            loss = F.mse_loss(model(x[4 * j:4 * j + 4]), y[4 * j:4 * j + 4])
+            loss.backward()
+            run.optimizer.step()
+            run.optimizer.zero_grad()
+        rec = run.history[-1]
+    assert not rec["stepped"] and rec["skipped"] in ("non-finite-gradient", "non-finite-statistics")
+    assert torch.equal(flat(model), params)
