@@ -4,10 +4,13 @@ non-finite skip. Each path is forced by the size thresholds, on the same model."
 
 import copy
 import math
+from unittest import mock
 
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import simigrad_compile as sc
 from simigrad_compile.runtime.window import Window
@@ -103,3 +106,46 @@ def test_each_path_skips_a_non_finite_gradient(path):
         rec = run.history[-1]
     assert not rec["stepped"] and rec["skipped"] in ("non-finite-gradient", "non-finite-statistics")
     assert torch.equal(flat(model), params)
+
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+@st.composite
+def _gradient_lists(draw):
+    """Own (midpoint) and total gradients: 1-6 tensors of 1-3 dims, up to a few thousand elements, of one dtype
+    or of mixed dtypes."""
+    count = draw(st.integers(1, 6))
+    seed = draw(st.integers(0, 2 ** 16))
+    one = draw(st.sampled_from(_DTYPES)) if draw(st.booleans()) else None
+    gen = torch.Generator().manual_seed(seed)
+    own, total = [], []
+    for _ in range(count):
+        shape = tuple(draw(st.lists(st.integers(1, 40), min_size=1, max_size=3)))
+        dtype = one or draw(st.sampled_from(_DTYPES))
+        x = torch.randn(shape, generator=gen, dtype=torch.float64)
+        own.append(x.to(dtype))
+        total.append((x + torch.randn(shape, generator=gen, dtype=torch.float64)).to(dtype))
+    return own, total
+
+
+@settings(max_examples=60, deadline=None)
+@given(grads=_gradient_lists(), path=st.sampled_from(list(PATHS)), alpha=st.sampled_from([1.0, 1.5, 2.0, 4.0]))
+def test_pair_rows_of_any_gradients_match_fp64(grads, path, alpha):
+    """Every path, on generated gradient lists (shapes, counts and dtypes mixed, fp64 included), gives the fp64
+    sums ``(own.other, |own|^2, |other|^2)`` with ``other = alpha * total - own``, and ``|total|^2`` when taken."""
+    own, total = grads
+    flatten, concat = PATHS[path]
+    with mock.patch.object(microsteps, "FLATTEN", flatten), mock.patch.object(microsteps, "CONCAT", concat):
+        rows, total_sq = microsteps._pair_rows(own, total, alpha, -1.0)
+    x = torch.cat([g.double().flatten() for g in own])
+    t = torch.cat([g.double().flatten() for g in total])
+    o = alpha * t - x
+    ref = [float(x @ o), float(x @ x), float(o @ o)]
+    scale = [float(x.norm() * o.norm()), float(x @ x), float(o @ o)]
+    for got, want, size in zip(rows, ref, scale):
+        assert abs(got - want) <= 2e-5 * size + 1e-9, (path, rows, ref)
+    if total_sq is not None:
+        assert total_sq == pytest.approx(float(t @ t), rel=2e-5)
+    taken = path == "flat_fp64" or (path == "concat" and all(g.dtype in microsteps.NARROW for g in own + total))
+    assert (total_sq is not None) == taken
