@@ -169,10 +169,38 @@ def test_unsplit_and_missing_parameters_count_as_uncovered():
     F.mse_loss(model(x), y).backward()
     g = {n: p.grad for n, p in model.named_parameters()}
     stats = SplitStats(1.0, 1.0, 1.0, "batch", missing=("head.bias",), unsplit={"trunk.0.weight": "repeated"})
-    cover = coverage(list(model.parameters()), stats, model, lambda p: frozenset(), None)
+    cover = coverage(list(model.parameters()), stats, model, None)
     want_e, want_sq = shares(g, [n for n in g if n not in ("head.bias", "trunk.0.weight")])
     assert cover.elements == pytest.approx(want_e, abs=1e-12) and cover.sq_norm == pytest.approx(want_sq, rel=1e-12)
     assert set(cover.uncovered) == {"head.bias", "trunk.0.weight"} and cover.pre_hook == ()
-    full = coverage(list(model.parameters()), SplitStats(1.0, 1.0, 1.0, "batch"), model, lambda p: frozenset(), None)
+    full = coverage(list(model.parameters()), SplitStats(1.0, 1.0, 1.0, "batch"), model, None)
     assert (full.elements, full.sq_norm) == (1.0, 1.0)
     assert REPEAT >= 1
+
+
+def test_a_second_live_run_on_the_model_is_no_gradient_hook(caplog):
+    """Two runs on one model (an earlier run not closed, as in a notebook cell run twice): each run's counting
+    hooks read ``p.grad`` only, so neither run takes the other's for a hook of the loop's; the statistics cover the
+    whole gradient, the steps are the plain loop's, and a real hook added later is still named."""
+    torch.manual_seed(0)
+    model = TrunkHead()
+    ref = copy.deepcopy(model).double()
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.05)
+    compiled = torch.compile(model, backend="simigrad", options={"compiler": "aot_eager"})
+    earlier = run_for(compiled)
+    x, y = data()
+    one_step(compiled, earlier, ref, ref_opt, x[:8], y[:8])
+    run = run_for(compiled)
+    with caplog.at_level(logging.WARNING, logger="simigrad_compile"):
+        for s in range(1, 3):
+            one_step(compiled, run, ref, ref_opt, x[8 * s:8 * s + 8], y[8 * s:8 * s + 8])
+            rec = run.history[-1]
+            assert rec["statistics"] == "batch" and rec["note"] is None
+            assert rec["covered_elements"] == 1.0 and rec["covered_sq_norm"] == 1.0
+    assert not [r for r in caplog.records if "the statistics cover" in r.getMessage()]
+    for m in (model, ref):
+        m.head.weight.register_post_accumulate_grad_hook(_double_grad)
+    one_step(compiled, run, ref, ref_opt, x[24:32], y[24:32])
+    assert "gradient hook that runs after the statistics ('head.weight')" in run.history[-1]["note"]
+    run.close()
+    earlier.close()

@@ -25,11 +25,12 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
 from .. import compat
+from .grad_watch import counting_hooks
 
 log = logging.getLogger("simigrad_compile")
 
@@ -52,18 +53,18 @@ FULL = Coverage(1.0, 1.0)
 NONE = Coverage(0.0, 0.0)
 
 
-def hooked(params: Sequence[torch.nn.Parameter], own: Callable[[torch.Tensor], frozenset]) -> List[int]:
-    """Indices of ``params`` with a gradient hook of the loop's (``own(p)``: the run's own hook ids on ``p``)."""
-    out = []
+def hooked(params: Sequence[torch.nn.Parameter]) -> List[int]:
+    """Indices of ``params`` with a gradient hook of the loop's (any but the runs' counting hooks)."""
+    out, counting = [], counting_hooks()
     for i, p in enumerate(params):
         tensor_hooks, post = compat.parameter_hooks(p)
-        if tensor_hooks or (post and set(post) - own(p)):
+        if tensor_hooks or (post and not counting.issuperset(post)):
             out.append(i)
     return out
 
 
 def coverage(params: Sequence[torch.nn.Parameter], stats, model,
-             own_hooks: Callable[[torch.Tensor], frozenset], sq_norms: Optional[Sequence[float]]) -> Coverage:
+             sq_norms: Optional[Sequence[float]]) -> Coverage:
     """The step's coverage; ``params`` are the window's, ``model`` names them, ``sq_norms`` are the squared norms
     of their gradients (those that have one, in order), or None to take them here."""
     mode = stats.mode
@@ -73,7 +74,7 @@ def coverage(params: Sequence[torch.nn.Parameter], stats, model,
         return FULL
     with_grad = [p for p in params if p.grad is not None]
     left = set(stats.missing) | set(stats.unsplit)
-    pre = hooked(with_grad, own_hooks) if mode == "batch" else []
+    pre = hooked(with_grad) if mode == "batch" else []
     if not left and not pre:
         return FULL
     if isinstance(model, torch.nn.Module) and compat.is_compile_wrapper(model):

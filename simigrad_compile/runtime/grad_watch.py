@@ -26,7 +26,15 @@ import torch
 
 from ..compat import version
 
-_NONE: frozenset = frozenset()
+_COUNTING: set = set()
+"""The handle ids of every live watch's counting hooks."""
+
+
+def counting_hooks() -> set:
+    """The handle ids of every live watch's counting hooks. They read ``p.grad`` and never change it, so they are
+    no gradient hook of the loop's, also for a run that did not register them (two runs on one model, an earlier
+    run not closed)."""
+    return _COUNTING
 
 
 class GradWatch:
@@ -46,7 +54,8 @@ class GradWatch:
             if entry is not None and entry[0]() is p:
                 continue
             handle = p.register_post_accumulate_grad_hook(self._count)
-            handles[id(p)] = (weakref.ref(p), handle, frozenset((handle.id,)))
+            handles[id(p)] = (weakref.ref(p), handle)
+            _COUNTING.add(handle.id)
 
     def _count(self, param: torch.Tensor) -> None:
         key, grad, counts = id(param), param.grad, self.counts
@@ -76,17 +85,13 @@ class GradWatch:
             if self.counts[id(p)]:
                 self.after[id(p)] = (id(p.grad), version(p.grad))
 
-    def own_hooks(self, param: torch.Tensor) -> frozenset:
-        """The ids of the hook handles this watch registered on ``param``."""
-        entry = self._handles.get(id(param))
-        return entry[2] if entry is not None and entry[0]() is param else _NONE
-
     def close(self) -> None:
-        for _, handle, _ in self._handles.values():
+        for _, handle in self._handles.values():
             handle.remove()
+            _COUNTING.discard(handle.id)
         self._handles.clear()
         self.counts.clear()
         self.after = {}
 
 
-__all__ = ["GradWatch"]
+__all__ = ["GradWatch", "counting_hooks"]

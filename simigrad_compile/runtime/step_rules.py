@@ -197,7 +197,7 @@ class StepRules:
         elif stats.mode != "none" and not stats.finite:
             reason = "non-finite-statistics"
         lr_scale = self.controller.lr_scale(w.samples * self.world_size)
-        cover = coverage(w.params, stats, self.model, self._own_hooks,
+        cover = coverage(w.params, stats, self.model,
                          [v * v for v in values[:n]] if norm_type == 2.0 and total_sq is None else None)
         if cover.uncovered:
             note = self.coverage_warning.observe(self.state.steps + 1, cover)
@@ -211,11 +211,6 @@ class StepRules:
             compat.foreach_mul_(grads, factor)
         self._saved_lr = scale_lr(self.user_optimizer, lr_scale) if lr_scale != 1.0 else None  # 1.0: lr untouched
         return True
-
-    def _own_hooks(self, param: torch.Tensor) -> frozenset:
-        """The ids of the run's own hooks on ``param`` (not the loop's)."""
-        watch = self.grad_watch
-        return watch.own_hooks(param) if watch is not None else frozenset()
 
     def _skip(self, w, reason: str) -> bool:
         self.skipped_steps[reason] += 1
