@@ -2,7 +2,8 @@
 
 ``SIMIGRAD=1`` routes a plain ``torch.compile(model)`` to this backend (see :mod:`simigrad_compile.integrations.autoload`).
 ``SIMIGRAD_<FIELD>`` sets config field ``<field>``; for example ``SIMIGRAD_TARGET_SIMILARITY=0.3``.
-Values are parsed as JSON when they parse (numbers, lists, ``true``), else taken as strings.
+A boolean field takes ``1``/``0`` (or true/false, yes/no, on/off: :data:`FLAGS`); other values are parsed as JSON
+when they parse (numbers, lists), else taken as strings.
 
 This is the only module that reads ``SIMIGRAD_*``, and only when a caller asks (:func:`config_from_env`):
 the entry points (the backend, ``AdaptiveBatching``, the doors) take it as the base of their own options.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import typing
 from typing import Any, Mapping, Optional
 
 from .config import FIELD_NAMES, ConfigError, SimigradConfig, from_mapping
@@ -24,13 +26,23 @@ NOT_CONFIG = (COMPILE_CACHE,)
 compiled graphs from and saves them to, see :mod:`simigrad_compile.runtime.compile_cache`)."""
 
 
+FLAGS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+"""The words a yes/no variable takes (any case): ``SIMIGRAD`` and every boolean field, ``SIMIGRAD_SYMBOLIC_BATCH=1``."""
+
+_BOOLEAN_FIELDS = frozenset(k for k, hint in typing.get_type_hints(SimigradConfig).items() if hint is bool)
+
+
+def flag(name: str, text: str) -> bool:
+    """The value of the yes/no variable ``name`` set to ``text`` (:data:`FLAGS`)."""
+    value = FLAGS.get(text.strip().lower())
+    if value is None:
+        raise ConfigError(f"environment variable {name}={text!r}: expected 1 or 0 (or true/false, yes/no, on/off)")
+    return value
+
+
 def enabled(environ: Optional[Mapping[str, str]] = None) -> bool:
-    value = (os.environ if environ is None else environ).get(ENABLE, "").strip().lower()
-    if value in ("", "0", "false", "no", "off"):
-        return False
-    if value in ("1", "true", "yes", "on"):
-        return True
-    raise ConfigError(f"environment variable {ENABLE}={value!r}: expected 1 or 0")
+    text = (os.environ if environ is None else environ).get(ENABLE, "")
+    return flag(ENABLE, text) if text.strip() else False
 
 
 def _parse(text: str):
@@ -70,7 +82,7 @@ def config_from_env(environ: Optional[Mapping[str, str]] = None,
             valid = ", ".join(PREFIX + f.upper() for f in FIELD_NAMES)
             raise ConfigError(f"unknown environment variable {name}; valid ones: {ENABLE}, {valid}, "
                               f"{', '.join(NOT_CONFIG)}")
-        value = _parse(text)
+        value = flag(name, text) if key in _BOOLEAN_FIELDS else _parse(text)
         if isinstance(value, list):
             value = tuple(value)
         values[key] = value
@@ -80,4 +92,4 @@ def config_from_env(environ: Optional[Mapping[str, str]] = None,
         raise ConfigError(f"from environment ({', '.join(PREFIX + k.upper() for k in values)}): {err}") from None
 
 
-__all__ = ["ENABLE", "PREFIX", "config_from_env", "enabled"]
+__all__ = ["ENABLE", "FLAGS", "PREFIX", "config_from_env", "enabled", "flag"]

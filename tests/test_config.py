@@ -54,6 +54,23 @@ def test_environment_variables_parse_lists_and_strings():
         config_from_env({"SIMIGRAD_LR_ADJUST_FACTOR": "NaN"})
 
 
+BOOLEAN_FIELDS = [f for f in FIELD_NAMES if isinstance(getattr(SimigradConfig(), f), bool)]
+
+
+@pytest.mark.parametrize("field", BOOLEAN_FIELDS)
+@pytest.mark.parametrize("text, value", [("1", True), ("0", False), ("true", True), ("False", False),
+                                         (" yes ", True), ("OFF", False)])
+def test_boolean_variables_take_one_and_zero(field, text, value):
+    """``SIMIGRAD_SYMBOLIC_BATCH=1``, as the docs write it, and the words ``SIMIGRAD=1`` takes."""
+    assert getattr(config_from_env({f"SIMIGRAD_{field.upper()}": text}), field) is value
+
+
+@pytest.mark.parametrize("field", BOOLEAN_FIELDS)
+def test_a_boolean_variable_with_another_value_is_refused_by_name(field):
+    with pytest.raises(ConfigError, match=f"SIMIGRAD_{field.upper()}='2': expected 1 or 0"):
+        config_from_env({f"SIMIGRAD_{field.upper()}": "2"})
+
+
 def test_huge_batch_is_a_clear_error_and_a_large_one_is_cheap():
     with pytest.raises(ConfigError, match="'max_batch_size'.*2\\*\\*40"):
         SimigradConfig(max_batch_size=10**15)
