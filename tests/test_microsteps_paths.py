@@ -2,7 +2,6 @@
 the statistics of two separate fp64 half-window passes, the mean gradient, the history's gradient norm and the
 non-finite skip. Each path is forced by the size thresholds, on the same model."""
 
-import copy
 import math
 from unittest import mock
 
@@ -43,10 +42,9 @@ def path(request, monkeypatch):
     return request.param, taken
 
 
-def _fp64_grad(model, x, y):
-    m = copy.deepcopy(model).double()
-    F.mse_loss(m(x.double()), y.double()).backward()
-    return torch.cat([p.grad.flatten() for p in m.parameters()])
+def _fp64_grad(ref, x, y):
+    """The fp64 mean gradient of the plain loop over (x, y), flattened."""
+    return torch.cat([g.flatten() for g in ref.mean_grad(x, y)])
 
 
 def test_each_path_matches_two_fp64_half_passes(path):
@@ -54,7 +52,8 @@ def test_each_path_matches_two_fp64_half_passes(path):
     torch.manual_seed(0)
     model = Net()
     x, y = dataset(24).tensors
-    g1, g2, g = _fp64_grad(model, x[:12], y[:12]), _fp64_grad(model, x[12:], y[12:]), _fp64_grad(model, x, y)
+    ref = Reference(model)
+    g1, g2, g = _fp64_grad(ref, x[:12], y[:12]), _fp64_grad(ref, x[12:], y[12:]), _fp64_grad(ref, x, y)
     params = list(model.parameters())
     window = Window((6, 6, 6, 6), params, MicrostepStats())
     for j in range(4):
