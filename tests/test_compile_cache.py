@@ -25,11 +25,23 @@ def _env(cache_dir, **extra):
     return env
 
 
+def _start(cache_dir, *args, **extra):
+    return subprocess.Popen([sys.executable, "-m", WORKER, *args], env=_env(cache_dir, **extra),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=TESTS)
+
+
+def _result(proc):
+    try:
+        out, err = proc.communicate(timeout=900)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    assert proc.returncode == 0, err[-3000:]
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def _run(cache_dir, *args, **extra):
-    out = subprocess.run([sys.executable, "-m", WORKER, *args], env=_env(cache_dir, **extra), capture_output=True,
-                         text=True, timeout=900, cwd=TESTS)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return _result(_start(cache_dir, *args, **extra))
 
 
 def _check_statistics(result):
@@ -66,10 +78,12 @@ def test_a_saved_ladder_loads_in_fresh_processes(tmp_path):
     assert 0 < cold["cpu_kernels_saved"] <= cold["so_files"], cold
     _check_cold(cold)
     size = path.stat().st_size
-    loaded = _run(tmp_path / "inductor_b", "load", str(path))
+    # the two loading processes are independent of each other: they run side by side
+    procs = (_start(tmp_path / "inductor_b", "load", str(path)),
+             _start(tmp_path / "inductor_c", "env", **{ENV: str(path)}))
+    loaded, by_env = map(_result, procs)
     assert loaded["loaded"] == cold["saved"]
     _check_loaded(loaded)
-    by_env = _run(tmp_path / "inductor_c", "env", **{ENV: str(path)})
     assert by_env["env_loaded"] and not by_env["env_saved"]
     _check_loaded(by_env)
     assert path.stat().st_size == size
