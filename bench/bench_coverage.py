@@ -22,7 +22,9 @@ rounding alone then moves a gradient by up to 2.5e-3 (eager fp32 against fp64, t
 Statuses: ``split`` (every parameter split, statistics right), ``refused`` (some parameters refused, with each
 reason, and the rest right), ``wrong`` (a gradient or a statistic off), ``error`` (a crash or a timeout),
 ``skipped`` (does not build at 32x32/64x64, or larger than ``--max-params``), ``noref`` (no reference is
-defined, see coverage_reference.py). A table is printed and the records are saved as JSON
+defined, see coverage_reference.py); with ``--symbolic`` (the batch dim dynamic, as ``symbolic_batch=True``
+marks it; ``bench_coverage_symbolic.py``) also ``specializes`` (Dynamo's constraint error: the model's code
+specializes on the batch size) and ``recompiles`` (a second batch size compiles another graph). A table is printed and the records are saved as JSON
 (default ``bench/results/coverage-<compiler>-<size>.json``).
 """
 
@@ -66,8 +68,11 @@ def _step(model, loss_of, batch, backend, compiler):
     return compiled, time.perf_counter() - t
 
 
-def run_one(spec, compiler: str, b: int, max_params: int, dtype_name: str = "float64") -> dict:
-    """One model (a ``coverage_models.Spec`` or its name): the whole check, in this process. Returns the record."""
+def run_one(spec, compiler: str, b: int, max_params: int, dtype_name: str = "float64",
+            symbolic: bool = False) -> dict:
+    """One model (a ``coverage_models.Spec`` or its name): the whole check, in this process. Returns the record.
+    ``symbolic``: the batch dim marked dynamic, and a second batch size on the same graph
+    (``bench_coverage_symbolic``)."""
     import bench_torchvision_cpu as torchvision_cpu
 
     torchvision_cpu.ensure_importable()
@@ -77,11 +82,12 @@ def run_one(spec, compiler: str, b: int, max_params: int, dtype_name: str = "flo
 
     import bench_coverage_models as cm
     import bench_coverage_reference as ref
+    import bench_coverage_symbolic as sym
     import simigrad_compile
 
     if isinstance(spec, str):
         spec = next(s for s in cm.all_specs() if s.name == spec)
-    rec: dict = {"model": spec.name, "family": spec.family, "batch": b, "compiler": compiler}
+    rec: dict = {"model": spec.name, "family": spec.family, "batch": b, "compiler": compiler, "symbolic": symbolic}
     t0 = time.perf_counter()
     torch.manual_seed(0)
     try:
@@ -119,7 +125,13 @@ def run_one(spec, compiler: str, b: int, max_params: int, dtype_name: str = "flo
                 "error": f"plain {rec['baseline']} fails too: {type(e).__name__}: {e}"[:2000]}
     want = _param_grads(baseline)
     del baseline
-    compiled, rec["simigrad_step_s"] = _step(model, loss_of, batch, "simigrad", compiler)
+    try:
+        compiled, rec["simigrad_step_s"] = _step(model, loss_of, sym.mark(batch) if symbolic else batch, "simigrad",
+                                                 compiler)
+    except Exception as e:  # noqa: BLE001 -- a model that specializes on the batch size is a census result
+        if symbolic and sym.specializes(e):
+            return {**rec, "status": "specializes", "error": sym.first_lines(e)}
+        raise
     got = _param_grads(model)
     stats = simigrad_compile.gradient_stats(model, reset=True, per_parameter=True)
     rec.update(mode=stats.mode, unsplit=dict(stats.unsplit), missing=list(stats.missing))
@@ -173,9 +185,13 @@ def run_one(spec, compiler: str, b: int, max_params: int, dtype_name: str = "flo
                 rec["worst_parameters"] = _worst(stats.per_parameter or {}, g1, g2)
         elif covered and stats.mode == "none":
             problems.append("no statistics recorded, and no parameter reported missing")
+    if symbolic and not problems:
+        rec["symbolic"] = sym.second_size(compiled, model, spec, b, dtype, loss_of)
     rec["problems"] = problems
     if problems:
         rec["status"] = "wrong"
+    elif symbolic and rec["symbolic"]["graphs_after"] > rec["symbolic"]["graphs_before"]:
+        rec["status"] = "recompiles"
     elif g1 is None and stats.mode != "none":
         rec["status"] = "noref"
     elif stats.unsplit or stats.missing or stats.mode != "batch":
@@ -213,7 +229,7 @@ def reasons(rec: dict) -> dict:
 
 def _worker(args) -> None:
     try:
-        rec = run_one(args.worker, args.compiler, args.batch, args.max_params, args.dtype)
+        rec = run_one(args.worker, args.compiler, args.batch, args.max_params, args.dtype, args.symbolic)
     except Exception as e:  # noqa: BLE001 -- a crash of the model's compile or step is a census result
         rec = {"model": args.worker, "status": "error", "error": f"{type(e).__name__}: {e}"[:2000],
                "traceback": traceback.format_exc()[-4000:]}
@@ -222,7 +238,7 @@ def _worker(args) -> None:
 
 
 def census(names, compiler: str, b: int, timeout: float, max_params: int, cache_dir: str, log=print,
-           on_record=None, dtype: str = "float64", records=None) -> list:
+           on_record=None, dtype: str = "float64", records=None, symbolic: bool = False) -> list:
     """Each of ``names`` in its own worker; ``records`` (an earlier run's) are kept and their models not rerun."""
     records = list(records or [])
     names = [n for n in names if n not in {r["model"] for r in records}]
@@ -232,7 +248,8 @@ def census(names, compiler: str, b: int, timeout: float, max_params: int, cache_
         with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
             out = f.name
         cmd = [sys.executable, os.path.join(HERE, "bench_coverage.py"), "--worker", name, "--out", out,
-               "--compiler", compiler, "--batch", str(b), "--max-params", str(max_params), "--dtype", dtype]
+               "--compiler", compiler, "--batch", str(b), "--max-params", str(max_params), "--dtype", dtype,
+               *(["--symbolic"] if symbolic else [])]
         t = time.perf_counter()
         try:
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
@@ -304,6 +321,8 @@ def main(argv=None) -> int:
     p.add_argument("--timeout", type=float, default=1200.0, help="seconds per model")
     p.add_argument("--max-params", type=int, default=150_000_000, help="larger models are skipped (memory)")
     p.add_argument("--cache-dir", default=None, help="Inductor cache (default: a fresh one, so every pass runs)")
+    p.add_argument("--symbolic", action="store_true",
+                   help="the batch dim marked dynamic (symbolic_batch=True) and a second batch size on the graph")
     p.add_argument("--json", default=None)
     p.add_argument("--resume", action="store_true",
                    help="keep the records already in --json (but timeouts) and run only the models it lacks")
@@ -334,7 +353,7 @@ def main(argv=None) -> int:
     cache = args.cache_dir or tempfile.mkdtemp(prefix="simigrad-census-cache-")
     print(f"census: {len(names)} models, compiler={args.compiler}, batch={args.batch}")
     t = time.perf_counter()
-    path = args.json or os.path.join(HERE, "results", f"coverage-{args.compiler}-{args.size}.json")
+    path = args.json or os.path.join(HERE, "results", f"coverage-{args.compiler}-{args.size}{'-symbolic' * args.symbolic}.json")
     from bench_common import hardware, versions
 
     def save(records, done=False):  # after every model, so that an interrupted census keeps what it measured
@@ -347,14 +366,14 @@ def main(argv=None) -> int:
     if args.resume and os.path.exists(path):
         with open(path) as f:
             saved = json.load(f)
-        kept = {k: v for k, v in saved["args"].items() if k in ("compiler", "batch", "dtype", "max_params")}
+        kept = {k: v for k, v in saved["args"].items() if k in ("compiler", "batch", "dtype", "max_params", "symbolic")}
         if kept != {k: getattr(args, k) for k in kept}:
             p.error(f"--resume: {path} was run with {kept}; pass the same options")
         earlier = [r for r in saved["models"]  # a timeout is the machine's, not the model's: run it again
                    if r["model"] in names and not str(r.get("error", "")).startswith("timeout")]
         print(f"census: resuming, {len(earlier)} of {len(names)} models already in {path}")
     records = census(names, args.compiler, args.batch, args.timeout, args.max_params, cache, on_record=save,
-                     dtype=args.dtype, records=earlier)
+                     dtype=args.dtype, records=earlier, symbolic=args.symbolic)
     save(records, done=True)
     s = summary(records)
     print(f"\n{s['fully_split']}/{s['counted']} fully split ({100 * s['fraction_fully_split']:.0f}%), "
