@@ -4,6 +4,8 @@ import logging
 import math
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from simigrad_compile.config import SimigradConfig
 from simigrad_compile.runtime.ladder import ACCUMULATION_SLACK, RESOLUTION, Ladder, default_rungs
@@ -129,6 +131,24 @@ def test_unreachable_bounds_warn(caplog):
 def test_tail_runs_only_the_current_rung(world, min_acc, remaining, micro, expected):
     lad = Ladder(SimigradConfig(), world, min_acc, rungs=(1, 2, 4, 8, 16))
     assert lad.tail(remaining, micro) == expected
+
+
+@settings(max_examples=300, deadline=None)
+@given(world=st.integers(1, 4), min_acc=st.integers(1, 3), micro=st.integers(1, 64), remaining=st.integers(1, 300),
+       symbolic=st.booleans(), cuda_graphs=st.booleans())
+def test_tail_sizes_cover_the_samples_exactly_where_one_graph_runs_every_size(world, min_acc, micro, remaining,
+                                                                              symbolic, cuda_graphs):
+    """With symbolic_batch (and no CUDA graphs) the tail is the remaining samples exactly, in parts of 2 or more
+    that differ by at most one, each at most the rung; otherwise (or when parts of 2 do not fit) micro-batches of
+    the current rung. Either way as many micro-batches as ``tail`` gives."""
+    lad = Ladder(SimigradConfig(symbolic_batch=symbolic, cuda_graphs=cuda_graphs), world, min_acc)
+    sizes = lad.tail_sizes(remaining, micro)
+    assert len(sizes) == lad.tail(remaining, micro) >= min_acc
+    if symbolic and not cuda_graphs and remaining >= 2 * len(sizes):
+        assert sum(sizes) == remaining and min(sizes) >= 2 and max(sizes) - min(sizes) <= 1
+        assert max(sizes) <= micro and list(sizes) == sorted(sizes, reverse=True)
+    else:
+        assert set(sizes) == {micro} and sum(sizes) >= remaining
 
 
 # --- the last step of a sample budget (Ladder.cut, run.limit_next_step) ----------------------------------------

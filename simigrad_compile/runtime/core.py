@@ -223,13 +223,13 @@ class StepCore(StepRules, CheckpointState):
     def window_sizes(self, remaining: int, drop_last: bool = False) -> Tuple[int, ...]:
         """The next step's micro-batch sizes (per rank) with ``remaining`` samples left in the epoch.
 
-        Returns the plan's (``(m,) * k``), or at the epoch's tail the plan's micro-batches that cover
-        ``remaining`` (``Ladder.tail``; a loader completes the last one from the next epoch); ``()`` when
-        ``drop_last`` drops the tail."""
+        Returns the plan's (``(m,) * k``), or at the epoch's tail ``Ladder.tail_sizes``: the ``remaining``
+        samples exactly where one graph runs every size, else the plan's micro-batches that cover them (a loader
+        completes the last one from the next epoch); ``()`` when ``drop_last`` drops the tail."""
         m, k = self.plan.micro_batch_size, self.plan.accumulation
         if remaining >= m * k:
             return (m,) * k
-        return () if drop_last else (m,) * self.ladder.tail(remaining, m)
+        return () if drop_last else self.ladder.tail_sizes(remaining, m)
 
     def open_window(self, sizes: Sequence[int]) -> Window:
         """Open the next step's window with the micro-batch sizes a loader will yield; returns it.

@@ -11,14 +11,16 @@ position until the stream reaches the end of the current epoch's order. Its last
 of the plan's micro-batches of ``m`` samples as cover the ``r`` samples left (``Ladder.tail``: ``ceil(r/m)``, or
 more where a plan needs more micro-steps: ``min_accumulation``, two samples), and its last micro-batch is
 completed with the first samples of the next epoch's order (of the epochs after, for a dataset smaller than the
-step); the next pass starts after them. So:
+step); the next pass starts after them. With ``symbolic_batch=True`` (no CUDA graphs) one graph runs every size of
+2 or more, so the tail is instead the ``r`` samples exactly, in as many near-equal micro-batches of at least 2
+(``Ladder.tail_sizes``), and the epoch ends on its last sample; where ``r`` is too small for that, as above. So:
 
-- a tail never has a micro-batch off the current rung, and compiles nothing;
+- a tail compiles nothing: its micro-batches are of the current rung, or of sizes the one symbolic graph runs;
 - no step straddles two passes; a pass trains on at most ``m - 1`` samples of the next epoch, more only where
   the plan needs more micro-steps (up to ``min_accumulation * m - 1`` in group mode ``microsteps``; one sample
   at ``m = 1``), and the next pass skips them;
-- all micro-batches of a step have one size, so its mean gradient is the plain mean over its samples
-  (:mod:`simigrad_compile.runtime.window`), whichever epoch they come from;
+- a step's mean gradient is the plain mean over its samples (:mod:`simigrad_compile.runtime.window` weighs
+  micro-batches of different sizes by their samples), whichever epoch they come from;
 - ``run.epoch`` counts the orders finished and ``run.state_dict()`` holds the offset in the current one, so a
   resumed run continues the stream exactly.
 

@@ -99,6 +99,8 @@ class Ladder:
         self.world_size = world_size
         self.min_accumulation = min_accumulation
         self.lower = config.min_batch_size
+        self.any_size = config.symbolic_batch and not config.cuda_graphs
+        """Every micro-batch of 2 samples or more runs on one graph (:meth:`tail_sizes`)."""
         self.upper = config.max_batch_size
         self.plan = functools.lru_cache(maxsize=4096)(self._plan)
 
@@ -212,6 +214,18 @@ class Ladder:
         ``remaining`` samples (per rank): enough to cover them, and at least ``min_accumulation`` and two
         samples in all, as any plan. No other rung: a tail compiles nothing."""
         return max(-(-remaining // micro), self.min_accumulation, -(-2 // (self.world_size * micro)))
+
+    def tail_sizes(self, remaining: int, micro: int) -> Tuple[int, ...]:
+        """The micro-batch sizes of the last step of an epoch for its last ``remaining`` samples (per rank), as
+        many as :meth:`tail` gives. One graph serves every size of 2 or more (``symbolic_batch``, without CUDA
+        graphs, which record one graph per size): then exactly the ``remaining`` samples, in near-equal parts of
+        at least 2, the larger first (one rescale at most). Otherwise, or with fewer than 2 samples a part,
+        micro-batches of ``micro``, whose last a loader completes from the next epoch."""
+        k = self.tail(remaining, micro)
+        if self.any_size and remaining >= 2 * k:
+            q, r = divmod(remaining, k)
+            return (q + 1,) * r + (q,) * (k - r)
+        return (micro,) * k
 
     def state_dict(self) -> dict:
         return {"rungs": list(self.rungs), "world_size": self.world_size, "min_accumulation": self.min_accumulation}
