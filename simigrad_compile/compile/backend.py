@@ -15,6 +15,7 @@ import torch
 
 from .. import compat, envvars
 from ..config import from_mapping, resolve_group_mode
+from .input_sizes import batch_checks
 from .passes.manager import SimigradPassManager
 from .passes.plan import plan_region
 from . import ops as _ops  # noqa: F401  (registers the simigrad:: graph ops)
@@ -43,4 +44,4 @@ def simigrad_backend(gm: torch.fx.GraphModule, example_inputs, options: Optional
         if manager.passes:
             patches["joint_custom_pre_pass"] = manager
         compiled = compat.inductor_compile(gm, example_inputs, mode, patches)
-    return region.wrap(compiled) if region is not None else compiled
+    return region.wrap(compiled, batch_checks(gm, plan)) if region is not None else compiled

@@ -53,6 +53,7 @@ from ..compat import (autograd_sequence_nr, backward_single_use, compiled_functi
                       graph_task_keeps_graph, node_sequence_nr, tree_leaves)
 
 from ..stats.gradient_stats import Sink
+from .input_sizes import Check, check
 
 log = logging.getLogger("simigrad_compile")
 _TAG = "_simigrad_recorder"
@@ -89,11 +90,15 @@ class Region:
         self._function = None  # the CompiledFunction class of this graph, from its first bound node
         self.unbound = 0
 
-    def wrap(self, compiled):
+    def wrap(self, compiled, checks: Tuple[Check, ...] = ()):
+        """``compiled`` recording its statistics at every call; ``checks``: the inputs whose batch sizes must
+        agree (:mod:`~simigrad_compile.compile.input_sizes`)."""
         boxed = getattr(compiled, "_boxed_call", False)
 
         def run(*args):
             inputs = args[0] if len(args) == 1 and isinstance(args[0], list) else args
+            if checks:
+                check(inputs, checks)
             recorder = self.recorder_for(inputs)
             inputs = tuple(inputs)  # a boxed call empties its list; an input updated in place leads to the node
             start = autograd_sequence_nr()

@@ -16,12 +16,13 @@ import math
 import operator
 from typing import Callable, Dict, List, Optional
 
+import sympy
 import torch
 import torch.fx as fx
 
 from ... import compat
 from . import batch_probe
-from .batch_lattice import UNKNOWN, BatchDim, Info, Iota, Size, prod, quotient, same, shape_of, size
+from .batch_lattice import UNKNOWN, BatchDim, Info, Iota, Size, alias, prod, quotient, same, shape_of, size
 from .batch_rules import RULES
 
 __all__ = ["BatchDim", "BatchDimPropagation", "UNKNOWN", "Info"]
@@ -104,6 +105,9 @@ class BatchDimPropagation:
         if not groups:
             return
         chosen = max(groups, key=len)
+        if len(groups) > 1 and self._aliased(groups, chosen, found):
+            groups = [[m for g in groups for m in g]]
+            found = {node: (dim, chosen[0][1]) for node, (dim, _) in found.items()}
         self.batch = chosen[0][1]
         self.batch_symint = chosen[0][0].meta["val"].shape[found[chosen[0][0]][0]]
         for node, (dim, n) in found.items():
@@ -114,6 +118,23 @@ class BatchDimPropagation:
             self.problems.append(f"the inputs disagree on the batch size ({listed}): give each input its own "
                                  "batch_dim (e.g. batch_dim={'x': 0, 'h0': 1} for an RNN's initial state, None for an "
                                  "input without a batch)")
+
+    def _aliased(self, groups: List[list], chosen: list, found: dict) -> bool:
+        """With ``symbolic_batch`` each input's batch dim is a symbol of its own, and Dynamo relates two only where
+        the model's code does: an attention mask read through ``mask[arange(B)]`` keeps its own symbol. Where
+        every group's size is a plain symbol with the chosen batch's value at trace time, they are all read as
+        the batch (:func:`~.batch_lattice.alias`; the region checks at every call that the inputs' batch sizes
+        agree: :mod:`simigrad_compile.compile.input_sizes`). True when aliased."""
+        def hint(group) -> Optional[int]:
+            node = group[0][0]
+            value = node.meta["val"].shape[found[node][0]]
+            return value.node.hint if isinstance(value, torch.SymInt) else None
+
+        batch, want = chosen[0][1], hint(chosen)
+        others = [g for g in groups if g is not chosen]
+        if want is None or not all(isinstance(g[0][1], sympy.Symbol) and hint(g) == want for g in others):
+            return False
+        return all([alias(g[0][1], batch) for g in others])
 
     def get(self, arg) -> Info:
         return self.info.get(arg) if isinstance(arg, fx.Node) else None
@@ -297,6 +318,10 @@ def _iota(p: BatchDimPropagation, node: fx.Node) -> Optional[Iota]:
         return Iota(io.dim + (d <= io.dim), io.start, io.step, io.length)
     if target is aten.expand.default:
         return Iota(io.dim + len(out) - len(shape), io.start, io.step, io.length)
+    if target is aten.slice.Tensor:  # another dim, or all of the iota's (a symbolic size keeps this no-op)
+        d = (args[1] if len(args) > 1 else 0) % len(shape)
+        whole = (args[2] if len(args) > 2 else 0) in (0, None) and (args[4] if len(args) > 4 else 1) == 1
+        return io if d != io.dim or (whole and same(out[d], shape[d])) else None
     if target is aten.permute.default:
         return Iota([d % len(out) for d in args[1]].index(io.dim), io.start, io.step, io.length)
     if target in _VIEWS:

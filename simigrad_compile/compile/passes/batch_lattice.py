@@ -5,15 +5,19 @@ batch), batched (:class:`BatchDim`), or :data:`UNKNOWN` (an op we cannot follow 
 tensors built by ``arange``/``iota`` are also tracked as :class:`Iota` (their values are their positions), which is
 how ``x[arange(B), ...]`` is recognised as taking every sample's own row.
 
-Sizes are ints, or sympy expressions where Dynamo made a dimension dynamic (never the batch itself): they are
-compared structurally, so following the batch adds no shape guards.
+Sizes are ints, or sympy expressions where Dynamo made a dimension dynamic (the batch too, with
+``symbolic_batch``): they are compared structurally, so following the batch adds no shape guards. Inside
+:func:`batch_aliases`, :func:`size` reads a symbol that the analysis found to be the batch under another name
+(:meth:`~.batch_dims.BatchDimPropagation._inputs`) as the batch.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple, Union
+from typing import Dict, Iterator, Optional, Sequence, Tuple, Union
 
 import sympy
 import torch
@@ -58,13 +62,40 @@ class Iota:
         return same(self.start, 0) and same(self.step, 1) and same(self.length, size)
 
 
+_ALIASES: contextvars.ContextVar[Optional[Dict[sympy.Symbol, Size]]] = contextvars.ContextVar(
+    "simigrad_batch_aliases", default=None)
+
+
+@contextlib.contextmanager
+def batch_aliases() -> Iterator[Dict[sympy.Symbol, Size]]:
+    """The scope of one graph's analysis and rewrite: the symbols recorded by :func:`alias` in it are read as
+    the batch by :func:`size`."""
+    token = _ALIASES.set({})
+    try:
+        yield _ALIASES.get()
+    finally:
+        _ALIASES.reset(token)
+
+
+def alias(symbol: sympy.Symbol, batch: Size) -> bool:
+    """Read ``symbol`` as ``batch`` for the rest of the scope; False outside a :func:`batch_aliases` scope."""
+    aliases = _ALIASES.get()
+    if aliases is None:
+        return False
+    aliases[symbol] = batch
+    return True
+
+
 def size(x) -> Size:
     """An int, or the sympy expression of a symbolic size (a SymInt, or a graph node computing one)."""
     if isinstance(x, fx.Node):
         x = x.meta.get("val")
     if isinstance(x, torch.SymInt):
         constant = x.node.maybe_as_int()
-        return int(constant) if constant is not None else x.node.expr
+        if constant is not None:
+            return int(constant)
+        aliases = _ALIASES.get()
+        return x.node.expr.xreplace(aliases) if aliases else x.node.expr
     return int(x)
 
 

@@ -53,7 +53,7 @@ from ... import compat
 from .. import ops as _ops  # noqa: F401  (registers the simigrad:: graph ops)
 from . import combine_halves as combine
 from .batch_dims import UNKNOWN, BatchDimPropagation
-from .batch_lattice import is_static
+from .batch_lattice import batch_aliases, is_static
 from .convolution_halves import trim_whole_batch
 from .half_checks import check_halves
 from .leaf_operands import NoCut, cuts_for
@@ -109,6 +109,10 @@ class SplitBackwardPass:
         self.plan = plan
 
     def __call__(self, graph: fx.Graph) -> None:
+        with batch_aliases():  # the analysis's and the rewrite's sizes read the same batch symbols
+            self._split(graph)
+
+    def _split(self, graph: fx.Graph) -> None:
         primals = [n for n in graph.nodes if n.op == "placeholder" and n.name.startswith("primals")]
         tangents = [n for n in graph.nodes if n.op == "placeholder" and n.name.startswith("tangents")]
         output = next(n for n in graph.nodes if n.op == "output")

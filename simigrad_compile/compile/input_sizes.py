@@ -1,0 +1,68 @@
+"""The user inputs whose batch dims are symbols of their own, and the check that they agree at every call.
+
+With ``symbolic_batch`` the loader marks each input's batch dim dynamic on its own, so Dynamo gives each a symbol
+and relates two only where the model's code does: an attention mask read through ``mask[arange(B)]`` keeps a
+symbol of its own. The split pass reads such symbols as the batch when they had the batch's value at trace time
+(:meth:`~simigrad_compile.compile.passes.batch_dims.BatchDimPropagation._inputs`); its halves are then right
+only for calls whose inputs agree on the batch size, which Dynamo's guards do not check. :func:`batch_checks`
+finds those inputs in Dynamo's graph, and :func:`check` (run by the region at every call) raises a
+``ValueError`` naming them when a call's batch sizes differ.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Sequence, Tuple
+
+import torch
+
+from ..compat import dynamo_source
+
+if TYPE_CHECKING:
+    from .passes.plan import RegionPlan
+
+Check = Tuple[int, int, str]
+"""``(input index, batch dim, name)``."""
+
+
+def batch_checks(gm: torch.fx.GraphModule, plan: "RegionPlan") -> Tuple[Check, ...]:
+    """The user inputs whose batch dim is a symbol, when they have two or more distinct symbols of one value at
+    trace time (the pass reads them as one batch); () otherwise (one symbol, static sizes, or values that differ,
+    which the pass refuses)."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    found = []
+    for i, (node, role) in enumerate(zip(placeholders, plan.roles)):
+        val = node.meta.get("example_value")
+        if role.kind != "input" or role.batch_dim is None or not isinstance(val, torch.Tensor):
+            continue
+        dim = role.batch_dim % val.dim() if val.dim() else None
+        n = val.shape[dim] if dim is not None else None
+        if isinstance(n, torch.SymInt) and n.node.maybe_as_int() is None:
+            found.append((i, dim, _shown(node, role.name), n.node.expr, n.node.hint))
+    if len({f[3] for f in found}) < 2 or len({f[4] for f in found}) != 1:
+        return ()
+    return tuple((i, dim, name) for i, dim, name, _, _ in found)
+
+
+def _shown(node: torch.fx.Node, fallback: str) -> str:
+    """The input as the frame reads it (``L['kwargs']['attention_mask']``), or ``fallback``."""
+    source = dynamo_source(node)
+    if source is None:
+        return fallback
+    return source.name() if callable(source.name) else source.name
+
+
+def check(inputs: Sequence, checks: Tuple[Check, ...]) -> None:
+    """Raise ``ValueError`` when the inputs of ``checks`` differ in their batch sizes."""
+    i, dim, name = checks[0]
+    first = inputs[i].shape[dim]
+    for j, d, other in checks[1:]:
+        n = inputs[j].shape[d]
+        if n != first:
+            raise ValueError(
+                f"simigrad: the inputs disagree on the batch size: {name} has {first} along dim {dim}, {other} has "
+                f"{n} along dim {d}. The compiled graph halves every input's batch dim at the same point "
+                "(symbolic_batch): pass inputs of one batch, give an input that has no batch the batch_dim None "
+                "(the batch_dim option), or set symbolic_batch=False.")
+
+
+__all__ = ["Check", "batch_checks", "check"]
