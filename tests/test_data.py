@@ -303,11 +303,14 @@ def test_iterable_dataset_refuses_shuffle_and_data_parallel():
         run.dataloader(Stream(10))
 
 
-def test_static_batch_dim_marked():
-    run = make_run()
+@pytest.mark.parametrize("symbolic", [False, True])
+def test_batch_dim_marked_static_or_dynamic(symbolic):
+    run = make_run(symbolic_batch=symbolic)
     ids, x = next(iter(run.dataloader(Indexed(40), collate_fn=collate_ids)))
-    assert 0 in getattr(x, "_dynamo_static_indices", set())
-    assert 0 in getattr(ids, "_dynamo_static_indices", set())
+    mark = "_dynamo_dynamic_indices" if symbolic else "_dynamo_static_indices"
+    other = "_dynamo_static_indices" if symbolic else "_dynamo_dynamic_indices"
+    for t in (ids, x):
+        assert 0 in getattr(t, mark, set()) and 0 not in getattr(t, other, set())
 
 
 def test_rejects_batch_size_and_out_of_order_kwargs():

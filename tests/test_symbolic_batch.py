@@ -73,13 +73,13 @@ def test_one_graph_serves_every_rung_and_every_step_is_the_plain_loops():
 
 
 def test_static_rungs_compile_one_graph_each():
-    """The default, for comparison: one graph per rung that warm-up reaches."""
+    """The static ladder, for comparison: one graph per rung that warm-up reaches."""
     torch._dynamo.reset()
     net = Net()
     backend = CountingSimigrad()
     compiled = torch.compile(net, backend=backend)
     run = sc.AdaptiveBatching(compiled, make_optimizer(net.parameters()), batch_size=8,
-                              micro_batch_sizes=(1, 2, 4, 8), group_mode="auto")
+                              micro_batch_sizes=(1, 2, 4, 8), group_mode="auto", symbolic_batch=False)
     run.warm_up(lambda b: loss_of(compiled, *b).backward(), dataset(64))
     run.close()
     assert sorted(backend.batches) == [1, 2, 4, 8]

@@ -40,7 +40,8 @@ def main(mode: str, path: str = None) -> dict:
     loaded = simigrad_compile.load_compile_cache(path) if mode == "load" else None
     compiled = torch.compile(model, backend="simigrad", options={"group_mode": "batch"})  # also under torchrun
     run = simigrad_compile.AdaptiveBatching(compiled, torch.optim.SGD(model.parameters(), lr=0.1), batch_size=4,
-                                            micro_batch_sizes=RUNGS, group_mode="batch")
+                                            micro_batch_sizes=RUNGS, group_mode="batch",
+                                            symbolic_batch=False)  # two static graphs through the cache
     if dist.is_initialized():
         dist.barrier()  # every rank has looked for the file before rank 0 can write it
     dataset = torch.utils.data.TensorDataset(idx, tgt)
