@@ -125,6 +125,7 @@ def run_one(spec, compiler: str, b: int, max_params: int, dtype_name: str = "flo
                 "error": f"plain {rec['baseline']} fails too: {type(e).__name__}: {e}"[:2000]}
     want = _param_grads(baseline)
     del baseline
+    before = sym.specialized_so_far()
     try:
         compiled, rec["simigrad_step_s"] = _step(model, loss_of, sym.mark(batch) if symbolic else batch, "simigrad",
                                                  compiler)
@@ -133,6 +134,7 @@ def run_one(spec, compiler: str, b: int, max_params: int, dtype_name: str = "flo
             return {**rec, "status": "specializes", "error": sym.first_lines(e)}
         raise
     got = _param_grads(model)
+    rec["specialized"] = {k: v - before.get(k, 0) for k, v in sym.specialized_so_far().items() if v > before.get(k, 0)}
     stats = simigrad_compile.gradient_stats(model, reset=True, per_parameter=True)
     rec.update(mode=stats.mode, unsplit=dict(stats.unsplit), missing=list(stats.missing))
     rec["stats"] = {"dot": stats.dot, "sq_norm_1": stats.sq_norm_1, "sq_norm_2": stats.sq_norm_2,
@@ -190,6 +192,8 @@ def run_one(spec, compiler: str, b: int, max_params: int, dtype_name: str = "flo
     rec["problems"] = problems
     if problems:
         rec["status"] = "wrong"
+    elif rec["specialized"]:
+        rec["status"] = "specializes"
     elif symbolic and rec["symbolic"]["graphs_after"] > rec["symbolic"]["graphs_before"]:
         rec["status"] = "recompiles"
     elif g1 is None and stats.mode != "none":
@@ -286,6 +290,8 @@ def explain(rec: dict) -> str:
         why = "; ".join(rec.get("problems", []))
     if rec["status"] == "noref":
         why = rec.get("reference_error", "")
+    if rec["status"] == "specializes" and not rec.get("error"):
+        why = "the batch size made a constant at " + ", ".join(rec.get("specialized", {}))
     return why
 
 

@@ -50,6 +50,17 @@ def mark_dynamic(tensor: torch.Tensor, dim: int) -> None:
     torch._dynamo.mark_dynamic(tensor, dim)
 
 
+def maybe_mark_dynamic(tensor: torch.Tensor, dim: int) -> None:
+    """As :func:`mark_dynamic`, but a graph whose code specializes ``dim`` is compiled for that size instead of
+    raising (and a later size compiles another graph, with ``dim`` a symbol again)."""
+    torch._dynamo.maybe_mark_dynamic(tensor, dim)
+
+
+def weakly_dynamic_dims(tensor: torch.Tensor) -> frozenset:
+    """The dims :func:`maybe_mark_dynamic` marked on ``tensor``."""
+    return frozenset(getattr(tensor, "_dynamo_weak_dynamic_indices", ()))
+
+
 def reset_dynamo() -> None:
     torch._dynamo.reset()
 

@@ -85,20 +85,44 @@ def test_static_rungs_compile_one_graph_each():
     assert sorted(backend.batches) == [1, 2, 4, 8]
 
 
-def test_a_model_that_specializes_on_the_batch_names_the_input():
+def test_a_model_that_specializes_on_the_batch_gets_that_size_compiled_and_named(caplog):
+    """``if x.shape[0] == 8`` makes the batch of the first graph the constant 8: it is compiled for 8 and the
+    input named; the other rungs share a second, symbolic graph; the steps stay the plain fp64 loop's."""
+    from simigrad_compile.compile.input_sizes import SPECIALIZED
+
     class Specializing(Net):
         def forward(self, x):
             out = super().forward(x)
-            return out * 2 if x.shape[0] == 8 else out
+            return out.clone() if x.shape[0] == 8 else out  # the same values: only the guard differs
 
     torch._dynamo.reset()
+    torch.manual_seed(0)
     net = Specializing()
-    compiled = torch.compile(net, backend=CountingSimigrad())
-    run = sc.AdaptiveBatching(compiled, make_optimizer(net.parameters()), batch_size=8, min_batch_size=8,
-                              micro_batch_sizes=(4, 8), symbolic_batch=True, group_mode="auto")
-    with pytest.raises(Exception, match=r"size\(\)\[0\]"):
+    ref = Reference(net, "sgd", lr=0.1, b0=8, schedule=False)
+    backend = CountingSimigrad()
+    compiled = torch.compile(net, backend=backend)
+    run = sc.AdaptiveBatching(compiled, make_optimizer(net.parameters(), "sgd", lr=0.1), batch_size=8,
+                              micro_batch_sizes=(2, 4, 8), symbolic_batch=True, group_mode="auto")
+    before = SPECIALIZED["L['x']"]
+    with caplog.at_level("WARNING", "simigrad_compile"):
         run.warm_up(lambda b: loss_of(compiled, *b).backward(), dataset(64))
+        for plan in (Plan(4, 1), Plan(2, 1), Plan(8, 1), Plan(4, 2)):
+            run.plan = plan
+            window = []
+            for x, y in run.dataloader(dataset(64)):
+                window.append((x, y))
+                loss_of(compiled, x, y).backward()
+                run.optimizer.step()
+                run.optimizer.zero_grad()
+                if run.optimizer.stepped:
+                    break
+            xs, ys = torch.cat([b[0] for b in window]), torch.cat([b[1] for b in window])
+            ref.step(xs, ys)
+            assert torch.allclose(flat(net), flat(ref.model), rtol=1e-5, atol=1e-6), plan
     run.close()
+    assert sorted(backend.batches, key=str) == [8, "symbolic"]
+    assert SPECIALIZED["L['x']"] == before + 1
+    assert "made the batch size of L['x'] (8) a constant" in caplog.text
 
 
 def test_the_default_ladder_is_one_graph_on_one_process():

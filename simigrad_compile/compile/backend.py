@@ -15,7 +15,7 @@ import torch
 
 from .. import compat, envvars
 from ..config import from_mapping, resolve_group_mode
-from .input_sizes import batch_checks
+from .input_sizes import SPECIALIZED, batch_checks, specialized
 from .passes.manager import SimigradPassManager
 from .passes.plan import plan_region
 from . import ops as _ops  # noqa: F401  (registers the simigrad:: graph ops)
@@ -44,4 +44,17 @@ def simigrad_backend(gm: torch.fx.GraphModule, example_inputs, options: Optional
         if manager.passes:
             patches["joint_custom_pre_pass"] = manager
         compiled = compat.inductor_compile(gm, example_inputs, mode, patches)
+    _warn_specialized(gm, example_inputs, plan)
     return region.wrap(compiled, batch_checks(gm, plan)) if region is not None else compiled
+
+
+def _warn_specialized(gm, example_inputs, plan) -> None:
+    found = specialized(gm, example_inputs, plan)
+    if not found:
+        return
+    SPECIALIZED.update(name for name, _ in found)
+    named = ", ".join(f"{name} ({n})" for name, n in found)
+    log.warning("simigrad: symbolic_batch: the model's code made the batch size of %s a constant in this graph (a "
+                "branch on it, or a shape computed from it; TORCH_LOGS=dynamic shows where), so this graph runs "
+                "that size only and other sizes compile graphs of their own. Where every size does, the compile "
+                "cost is the static ladder's: set symbolic_batch=False.", named)

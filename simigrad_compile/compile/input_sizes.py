@@ -1,4 +1,5 @@
-"""The user inputs whose batch dims are symbols of their own, and the check that they agree at every call.
+"""The user inputs' batch dims in a compiled graph: symbols of their own that must agree at every call, and
+sizes the model's code specialized.
 
 With ``symbolic_batch`` the loader marks each input's batch dim dynamic on its own, so Dynamo gives each a symbol
 and relates two only where the model's code does: an attention mask read through ``mask[arange(B)]`` keeps a
@@ -7,15 +8,20 @@ symbol of its own. The split pass reads such symbols as the batch when they had 
 only for calls whose inputs agree on the batch size, which Dynamo's guards do not check. :func:`batch_checks`
 finds those inputs in Dynamo's graph, and :func:`check` (run by the region at every call) raises a
 ``ValueError`` naming them when a call's batch sizes differ.
+
+A model whose code specializes the batch size (``if x.shape[0] == 8``, a shape computed from it) gets, for
+the loader's weak dynamic mark, a graph of that size: :func:`specialized` names those inputs, the backend warns
+once per graph, and :data:`SPECIALIZED` counts them per input for the process.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence, Tuple
+import collections
+from typing import TYPE_CHECKING, List, Sequence, Tuple
 
 import torch
 
-from ..compat import dynamo_source
+from ..compat import dynamo_source, weakly_dynamic_dims
 
 if TYPE_CHECKING:
     from .passes.plan import RegionPlan
@@ -43,6 +49,26 @@ def batch_checks(gm: torch.fx.GraphModule, plan: "RegionPlan") -> Tuple[Check, .
     return tuple((i, dim, name) for i, dim, name, _, _ in found)
 
 
+SPECIALIZED: collections.Counter = collections.Counter()
+"""Graphs compiled in this process with a specialized batch size, per input (:func:`specialized`)."""
+
+
+def specialized(gm: torch.fx.GraphModule, example_inputs: Sequence, plan: "RegionPlan") -> List[Tuple[str, int]]:
+    """``(input, size)`` of the user inputs whose batch dim the loader marked dynamic and the graph has as a
+    constant: the model's code specialized it."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    out = []
+    for node, value, role in zip(placeholders, example_inputs, plan.roles):
+        val = node.meta.get("example_value")
+        if role.kind != "input" or role.batch_dim is None or not isinstance(val, torch.Tensor) or not val.dim():
+            continue
+        dim = role.batch_dim % val.dim()
+        n = val.shape[dim]
+        if dim in weakly_dynamic_dims(value) and (not isinstance(n, torch.SymInt) or n.node.maybe_as_int() is not None):
+            out.append((_shown(node, role.name), int(n)))
+    return out
+
+
 def _shown(node: torch.fx.Node, fallback: str) -> str:
     """The input as the frame reads it (``L['kwargs']['attention_mask']``), or ``fallback``."""
     source = dynamo_source(node)
@@ -65,4 +91,4 @@ def check(inputs: Sequence, checks: Tuple[Check, ...]) -> None:
                 "(the batch_dim option), or set symbolic_batch=False.")
 
 
-__all__ = ["Check", "batch_checks", "check"]
+__all__ = ["Check", "SPECIALIZED", "batch_checks", "check", "specialized"]

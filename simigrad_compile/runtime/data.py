@@ -151,7 +151,9 @@ class _Issuer:
 
 def mark_batch(dim: int, device: Any, symbolic: bool = False) -> Callable[[Any], Any]:
     """A function that moves a tensor to ``device`` and marks its batch dim ``dim`` static, or with ``symbolic``
-    dynamic where it holds 2 samples or more (a batch of 1 has no halves, and Dynamo specializes it anyway)."""
+    dynamic where it holds 2 samples or more (a batch of 1 has no halves, and Dynamo specializes it anyway). The
+    dynamic mark is Dynamo's weak one: a model whose code specializes the batch size compiles a graph for that
+    size, and the backend names the input (:func:`simigrad_compile.compile.input_sizes.specialized`)."""
 
     def mark(t):
         if isinstance(t, torch.Tensor):
@@ -159,7 +161,7 @@ def mark_batch(dim: int, device: Any, symbolic: bool = False) -> Callable[[Any],
                 t = t.to(device, non_blocking=True)
             if t.dim() > dim:
                 if symbolic and t.shape[dim] >= 2:
-                    compat.mark_dynamic(t, dim)
+                    compat.maybe_mark_dynamic(t, dim)
                 else:
                     compat.mark_static(t, dim)
         return t
