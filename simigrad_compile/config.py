@@ -134,8 +134,8 @@ class SimigradConfig:
     symbolic_batch: bool = False
     """One compiled graph for every micro-batch of 2 samples or more: the loader marks the batch dim dynamic
     (not static), and the split pass cuts it at ``floor(B/2)`` inside the graph. ``False``: one static graph per
-    rung. A model whose code specializes on the batch size raises Dynamo's constraint error naming the input;
-    set ``False`` for it. See docs/compile_cache.md for the compile and step times of both."""
+    rung. A model whose code specializes on the batch size gets a graph for that size, with a warning naming
+    the input. See docs/compile_cache.md for the compile and step times of both."""
 
     cuda_graphs: bool = False
     """On GPU, capture one CUDA graph per rung (``mode="reduce-overhead"``)."""
