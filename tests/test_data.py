@@ -176,20 +176,18 @@ def test_epoch_tail_compiles_no_new_graph(batch):
     run.close()
 
 
-def test_tail_step_is_the_mean_gradient_of_its_samples():
-    """10 samples, plan 4 x 2: pass 1 runs 8, then a tail of 2 + 6 of epoch 1; pass 2 a tail of 4 + 4 of
-    epoch 2. Each step's gradient equals an fp64 reference over exactly that step's samples."""
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Tanh(), torch.nn.Linear(5, 1))
-    run = sc.AdaptiveBatching(model, torch.optim.SGD(model.parameters(), lr=0.0), batch_size=8, min_batch_size=8,
-                              max_batch_size=8, max_micro_batch_size=4, group_mode="microsteps")
-    target = lambda x: x.sum(1, keepdim=True).sin()  # noqa: E731
-    grads = []
+def target(x):
+    return x.sum(1, keepdim=True).sin()
+
+
+def train_recording(run, model, loader, passes, after_pass=lambda p, steps: None):
+    """``passes`` passes of ``loader``: each step's sample ids and the gradient the optimizer stepped on."""
+    grads, steps, ids_of_step = [], [], []
+    params = list(run.optimizer.optimizer.param_groups[0]["params"])
     run.optimizer.optimizer.register_step_pre_hook(
-        lambda opt, *_: grads.append(torch.cat([p.grad.flatten() for p in model.parameters()])))
-    steps, ids_of_step = [], []
-    for _ in range(2):
-        for ids, x in run.dataloader(Indexed(10), shuffle=True, collate_fn=collate_ids):
+        lambda opt, *_: grads.append(torch.cat([p.grad.flatten() for p in params])))
+    for p in range(passes):
+        for ids, x in loader:
             torch.nn.functional.mse_loss(model(x), target(x)).backward()
             ids_of_step += ids.tolist()
             run.optimizer.step()
@@ -197,15 +195,32 @@ def test_tail_step_is_the_mean_gradient_of_its_samples():
             if run.optimizer.stepped:
                 steps.append(ids_of_step)
                 ids_of_step = []
+        after_pass(p, steps)
+    return steps, grads
+
+
+def assert_mean_gradients(steps, grads, model, n, atol):
+    """Each step's gradient is an fp64 plain backward's over exactly that step's samples."""
+    for ids, g in zip(steps, grads):
+        ref = copy.deepcopy(model).double()
+        x = torch.stack([Indexed(n)[i]["x"] for i in ids]).double()
+        torch.nn.functional.mse_loss(ref(x), target(x)).backward()
+        torch.testing.assert_close(g.double(), torch.cat([p.grad.flatten() for p in ref.parameters()]),
+                                   rtol=1e-5, atol=atol)
+
+
+def test_tail_step_is_the_mean_gradient_of_its_samples():
+    """10 samples, plan 4 x 2: pass 1 runs 8, then a tail of 2 + 6 of epoch 1; pass 2 a tail of 4 + 4 of
+    epoch 2. Each step's gradient equals an fp64 reference over exactly that step's samples."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Tanh(), torch.nn.Linear(5, 1))
+    run = sc.AdaptiveBatching(model, torch.optim.SGD(model.parameters(), lr=0.0), batch_size=8, min_batch_size=8,
+                              max_batch_size=8, max_micro_batch_size=4, group_mode="microsteps")
+    steps, grads = train_recording(run, model, run.dataloader(Indexed(10), shuffle=True, collate_fn=collate_ids), 2)
     assert [len(s) for s in steps] == [8, 8, 8] and {r["micro_batch_size"] for r in run.history} == {4}
     check_epochs(sum(steps, []), 10, 2, run)
     assert run.state.position == 4
-    for ids, g in zip(steps, grads):
-        ref = copy.deepcopy(model).double()
-        x = torch.stack([Indexed(10)[i]["x"] for i in ids]).double()
-        torch.nn.functional.mse_loss(ref(x), target(x)).backward()
-        torch.testing.assert_close(g.double(), torch.cat([p.grad.flatten() for p in ref.parameters()]),
-                                   rtol=1e-5, atol=1e-7)
+    assert_mean_gradients(steps, grads, model, 10, atol=1e-7)
 
 
 @pytest.mark.parametrize("n, workers", [(103, 0), (61, 2)])
@@ -222,32 +237,17 @@ def test_symbolic_tail_is_the_epochs_last_samples_on_the_one_graph(n, workers):
     run = sc.AdaptiveBatching(model, torch.optim.SGD(model.parameters(), lr=0.0), batch_size=32, min_batch_size=32,
                               max_batch_size=32, max_micro_batch_size=16, group_mode="microsteps",
                               symbolic_batch=True)
-    target = lambda x: x.sum(1, keepdim=True).sin()  # noqa: E731
-    grads = []
-    run.optimizer.optimizer.register_step_pre_hook(
-        lambda opt, *_: grads.append(torch.cat([p.grad.flatten() for p in eager.parameters()])))
     before = counters["stats"]["unique_graphs"]
-    stream, steps, ids_of_step = [], [], []
-    for p in range(3):
-        for ids, x in run.dataloader(Indexed(n), shuffle=True, num_workers=workers, collate_fn=collate_ids):
-            torch.nn.functional.mse_loss(model(x), target(x)).backward()
-            ids_of_step += ids.tolist()
-            run.optimizer.step()
-            run.optimizer.zero_grad()
-            if run.optimizer.stepped:
-                steps.append(ids_of_step)
-                ids_of_step = []
+
+    def epoch_ends_exactly(p, steps):
         assert run.state.position == 0 and run.epoch == p + 1
-        stream = sum(steps, [])
-        check_epochs(stream, n, p + 1, run)
+        check_epochs(sum(steps, []), n, p + 1, run)
+
+    loader = run.dataloader(Indexed(n), shuffle=True, num_workers=workers, collate_fn=collate_ids)
+    steps, grads = train_recording(run, model, loader, 3, epoch_ends_exactly)
     tail = [r["batch_size"] for r in run.history][n // 32::n // 32 + 1]
     assert tail == [n % 32] * 3 and counting.graphs == 1 and counters["stats"]["unique_graphs"] - before == 1
-    for ids, g in zip(steps, grads):  # atol: a plain fp32 step of 32 samples is up to 3.5e-7 off the fp64 one
-        ref = copy.deepcopy(eager).double()
-        x = torch.stack([Indexed(n)[i]["x"] for i in ids]).double()
-        torch.nn.functional.mse_loss(ref(x), target(x)).backward()
-        torch.testing.assert_close(g.double(), torch.cat([p.grad.flatten() for p in ref.parameters()]),
-                                   rtol=1e-5, atol=1e-6)
+    assert_mean_gradients(steps, grads, eager, n, atol=1e-6)  # a plain fp32 step of 32 is up to 3.5e-7 off fp64
     run.close()
 
 
