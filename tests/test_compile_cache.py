@@ -170,7 +170,8 @@ def test_warm_up_compiles_only_the_reachable_rungs():
     model = MLP()
     compiled = torch.compile(model, backend=counting)
     run = simigrad_compile.AdaptiveBatching(compiled, torch.optim.SGD(model.parameters(), lr=0.1), batch_size=16,
-                                            min_batch_size=16, max_micro_batch_size=64, group_mode="microsteps")
+                                            min_batch_size=16, max_micro_batch_size=64, group_mode="microsteps",
+                                            symbolic_batch=False)
     data = torch.utils.data.TensorDataset(torch.randn(64, 12), torch.randn(64, 5))
     run.warm_up(lambda b: torch.nn.functional.mse_loss(compiled(b[0]), b[1]).backward(), data)
     run.close()
