@@ -150,8 +150,9 @@ def test_readme_options_table_matches_the_config():
     assert not wrong, f"README options table defaults differ from config.py (README, code): {wrong}"
 
 
-def test_census_table_matches_the_json():
-    out = subprocess.run([sys.executable, str(REPO / "bench" / "bench_census_table.py"), "--check"],
+@pytest.mark.parametrize("script", ["bench_census_table.py", "bench_census_symbolic_table.py"])
+def test_census_table_matches_the_json(script):
+    out = subprocess.run([sys.executable, str(REPO / "bench" / script), "--check"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
 
