@@ -12,7 +12,6 @@ reductions, and finally the probe (:mod:`.batch_probe`), which derives what the 
 
 from __future__ import annotations
 
-import math
 import operator
 from typing import Callable, Dict, List, Optional
 
@@ -230,34 +229,42 @@ class BatchDimPropagation:
         offset = size(node.args[3]) if len(node.args) > 3 and node.args[3] is not None else 0
         if not (isinstance(i, BatchDim) and same(i.outer, 1)):
             return self.unknown("as_strided of a batch repeated along its dim")
-        if not all(isinstance(x, int) for x in sizes + strides + [offset, i.inner] + list(shape_of(src))):
+        shape, src_strides, batch = list(shape_of(src)), [size(s) for s in val.stride()], self.batch
+        samples = batch * i.inner if not same(i.inner, 1) else batch
+        # a symbolic batch (symbolic_batch) is the one size that may be a symbol: in the batch dim, or in sizes
+        if not (all(isinstance(x, int) for x in strides + src_strides + [offset, i.inner, size(val.storage_offset())])
+                and all(isinstance(n, int) for d, n in enumerate(shape) if d != i.dim)
+                and all(isinstance(n, int) or same(n, batch) or same(n, samples) for n in sizes + [shape[i.dim]])):
             return self.unknown("as_strided with dynamic sizes")
-        step = int(val.stride()[i.dim])
-        if not (_dense(val) and step * val.shape[i.dim] == val.numel()
-                and int(val.storage_offset()) == 0):
+        step = src_strides[i.dim]
+        if not (_dense_shape(shape, src_strides) and same(step * shape[i.dim], prod(shape))
+                and size(val.storage_offset()) == 0):
             return self.unknown("as_strided of a tensor whose samples are not contiguous blocks")
-        block, batch = step * i.inner, self.batch
-        found = [(k, BatchDim(k), block) for k, (n, s) in enumerate(zip(sizes, strides)) if s == block and n == batch]
+        block = step * i.inner
+        found = [(k, BatchDim(k), block) for k, (n, s) in enumerate(zip(sizes, strides)) if s == block
+                 and same(n, batch)]
         found += [(k, BatchDim(k, i.inner), step) for k, (n, s) in enumerate(zip(sizes, strides))
-                  if i.inner != 1 and s == step and n == batch * i.inner]
+                  if i.inner != 1 and s == step and same(n, samples)]
         if len(found) != 1:
             return self.unknown("as_strided does not keep the samples in one dim")
         k, info, span = found[0]
+        if not all(isinstance(n, int) for j, n in enumerate(sizes) if j != k):
+            return self.unknown("as_strided with dynamic sizes")
         reach = offset + sum((n - 1) * s for j, (n, s) in enumerate(zip(sizes, strides)) if j != k)
         return info if 0 <= offset and reach < span else self.unknown("as_strided crosses samples")
 
     def _as_strided_scatter(self, node: fx.Node) -> Info:
         """``as_strided_scatter`` that overwrites all of a contiguous base in row-major order is a reshape."""
         base, src = node.args[0], node.args[1]
-        sizes, strides = list(node.args[2]), list(node.args[3])
-        offset = node.args[4] if len(node.args) > 4 else 0
-        bval = base.meta.get("val")
-        if not all(isinstance(x, int) for x in sizes + strides + [offset]) or not bval.is_contiguous():
-            return self.unknown("as_strided_scatter with dynamic sizes or a strided base")
-        row_major = list(torch.empty(sizes, device="meta").stride())
-        if offset != 0 or math.prod(sizes) != bval.numel() or strides != row_major:
+        sizes, strides = [size(x) for x in node.args[2]], [size(x) for x in node.args[3]]
+        offset = size(node.args[4]) if len(node.args) > 4 and node.args[4] is not None else 0
+        shape, base_strides = list(shape_of(base)), [size(x) for x in base.meta["val"].stride()]
+        if not all(same(n, 1) or same(s, r) for n, s, r in zip(shape, base_strides, _row_major(shape))):
+            return self.unknown("as_strided_scatter into a strided base")
+        if not (same(offset, 0) and same(prod(sizes), prod(shape))
+                and all(same(s, r) for s, r in zip(strides, _row_major(sizes)))):
             return self.unknown("as_strided_scatter that keeps part of its base")
-        return self.view(src, shape_of(base))
+        return self.view(src, shape)
 
     def _reduce(self, node: fx.Node, mixing: bool = False) -> Info:
         i, shape = self.get(node.args[0]), shape_of(node.args[0])
@@ -285,13 +292,19 @@ class BatchDimPropagation:
             self.iota[node] = io
 
 
-def _dense(val: torch.Tensor) -> bool:
-    """Every storage element in ``[0, numel)`` belongs to exactly one entry."""
-    expected = 1
-    for n, s in sorted(((int(n), int(s)) for n, s in zip(val.shape, val.stride()) if n != 1), key=lambda x: x[1]):
-        if s != expected:
+def _row_major(shape: list) -> List[Size]:
+    """The strides of a contiguous tensor of ``shape`` (sizes may be symbols)."""
+    return [prod(shape[k + 1:]) for k in range(len(shape))]
+
+
+def _dense_shape(shape: list, strides: List[int]) -> bool:
+    """Every storage element in ``[0, numel)`` belongs to exactly one entry. Sizes may be symbols (the batch),
+    strides are static; compared structurally, so it adds no shape guard."""
+    expected: Size = 1
+    for n, s in sorted(((n, s) for n, s in zip(shape, strides) if not same(n, 1)), key=lambda x: x[1]):
+        if not same(s, expected):
             return False
-        expected *= n
+        expected = prod([expected, n])
     return True
 
 
