@@ -55,3 +55,5 @@ def main(mode: str, out: str, strategy: str = "ddp") -> None:
 
 if __name__ == "__main__":
     main(*sys.argv[1:])
+    if torch.distributed.is_initialized():  # Gloo's threads outliving the interpreter abort the exit (pytorch#190489)
+        torch.distributed.destroy_process_group()

@@ -142,3 +142,5 @@ def main(mode: str, out: str, world: str) -> None:
 
 if __name__ == "__main__":
     main(*sys.argv[1:])
+    if dist.is_initialized():  # Gloo's threads outliving the interpreter abort the exit (pytorch#190489)
+        dist.destroy_process_group()
