@@ -17,7 +17,7 @@ once per graph, and :data:`SPECIALIZED` counts them per input for the process.
 from __future__ import annotations
 
 import collections
-from typing import TYPE_CHECKING, List, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Iterator, List, Sequence, Tuple
 
 import torch
 
@@ -30,20 +30,26 @@ Check = Tuple[int, int, str]
 """``(input index, batch dim, name)``."""
 
 
+def _batch_sizes(gm: torch.fx.GraphModule, plan: "RegionPlan") -> Iterator[Tuple[int, torch.fx.Node, int, Any]]:
+    """``(input index, placeholder, batch dim, its size in the graph)`` of each user input with a batch dim."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for i, (node, role) in enumerate(zip(placeholders, plan.roles)):
+        val = node.meta.get("example_value")
+        if role.kind == "input" and role.batch_dim is not None and isinstance(val, torch.Tensor) and val.dim():
+            dim = role.batch_dim % val.dim()
+            yield i, node, dim, val.shape[dim]
+
+
+def _symbol(n) -> bool:
+    return isinstance(n, torch.SymInt) and n.node.maybe_as_int() is None
+
+
 def batch_checks(gm: torch.fx.GraphModule, plan: "RegionPlan") -> Tuple[Check, ...]:
     """The user inputs whose batch dim is a symbol, when they have two or more distinct symbols of one value at
     trace time (the pass reads them as one batch); () otherwise (one symbol, static sizes, or values that differ,
     which the pass refuses)."""
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    found = []
-    for i, (node, role) in enumerate(zip(placeholders, plan.roles)):
-        val = node.meta.get("example_value")
-        if role.kind != "input" or role.batch_dim is None or not isinstance(val, torch.Tensor):
-            continue
-        dim = role.batch_dim % val.dim() if val.dim() else None
-        n = val.shape[dim] if dim is not None else None
-        if isinstance(n, torch.SymInt) and n.node.maybe_as_int() is None:
-            found.append((i, dim, _shown(node, role.name), n.node.expr, n.node.hint))
+    found = [(i, dim, _shown(node, plan.roles[i].name), n.node.expr, n.node.hint)
+             for i, node, dim, n in _batch_sizes(gm, plan) if _symbol(n)]
     if len({f[3] for f in found}) < 2 or len({f[4] for f in found}) != 1:
         return ()
     return tuple((i, dim, name) for i, dim, name, _, _ in found)
@@ -56,17 +62,8 @@ SPECIALIZED: collections.Counter = collections.Counter()
 def specialized(gm: torch.fx.GraphModule, example_inputs: Sequence, plan: "RegionPlan") -> List[Tuple[str, int]]:
     """``(input, size)`` of the user inputs whose batch dim the loader marked dynamic and the graph has as a
     constant: the model's code specialized it."""
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    out = []
-    for node, value, role in zip(placeholders, example_inputs, plan.roles):
-        val = node.meta.get("example_value")
-        if role.kind != "input" or role.batch_dim is None or not isinstance(val, torch.Tensor) or not val.dim():
-            continue
-        dim = role.batch_dim % val.dim()
-        n = val.shape[dim]
-        if dim in weakly_dynamic_dims(value) and (not isinstance(n, torch.SymInt) or n.node.maybe_as_int() is not None):
-            out.append((_shown(node, role.name), int(n)))
-    return out
+    return [(_shown(node, plan.roles[i].name), int(n)) for i, node, dim, n in _batch_sizes(gm, plan)
+            if dim in weakly_dynamic_dims(example_inputs[i]) and not _symbol(n)]
 
 
 def _shown(node: torch.fx.Node, fallback: str) -> str:
