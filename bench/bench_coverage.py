@@ -23,8 +23,9 @@ Statuses: ``split`` (every parameter split, statistics right), ``refused`` (some
 reason, and the rest right), ``wrong`` (a gradient or a statistic off), ``error`` (a crash or a timeout),
 ``skipped`` (does not build at 32x32/64x64, or larger than ``--max-params``), ``noref`` (no reference is
 defined, see coverage_reference.py); with ``--symbolic`` (the batch dim dynamic, as ``symbolic_batch=True``
-marks it; ``bench_coverage_symbolic.py``) also ``specializes`` (Dynamo's constraint error: the model's code
-specializes on the batch size) and ``recompiles`` (a second batch size compiles another graph). A table is printed and the records are saved as JSON
+marks it; ``bench_coverage_symbolic.py``) also ``specializes`` (the model's code made the batch size a constant)
+and ``recompiles`` (a second batch size compiles another graph). A table is printed and the records are saved as
+JSON
 (default ``bench/results/coverage-<compiler>-<size>.json``).
 """
 
@@ -126,13 +127,8 @@ def run_one(spec, compiler: str, b: int, max_params: int, dtype_name: str = "flo
     want = _param_grads(baseline)
     del baseline
     before = sym.specialized_so_far()
-    try:
-        compiled, rec["simigrad_step_s"] = _step(model, loss_of, sym.mark(batch) if symbolic else batch, "simigrad",
-                                                 compiler)
-    except Exception as e:  # noqa: BLE001 -- a model that specializes on the batch size is a census result
-        if symbolic and sym.specializes(e):
-            return {**rec, "status": "specializes", "error": sym.first_lines(e)}
-        raise
+    compiled, rec["simigrad_step_s"] = _step(model, loss_of, sym.mark(batch) if symbolic else batch, "simigrad",
+                                             compiler)
     got = _param_grads(model)
     rec["specialized"] = {k: v - before.get(k, 0) for k, v in sym.specialized_so_far().items() if v > before.get(k, 0)}
     stats = simigrad_compile.gradient_stats(model, reset=True, per_parameter=True)
@@ -290,7 +286,7 @@ def explain(rec: dict) -> str:
         why = "; ".join(rec.get("problems", []))
     if rec["status"] == "noref":
         why = rec.get("reference_error", "")
-    if rec["status"] == "specializes" and not rec.get("error"):
+    if rec["status"] == "specializes":
         why = "the batch size made a constant at " + ", ".join(rec.get("specialized", {}))
     return why
 
@@ -359,7 +355,8 @@ def main(argv=None) -> int:
     cache = args.cache_dir or tempfile.mkdtemp(prefix="simigrad-census-cache-")
     print(f"census: {len(names)} models, compiler={args.compiler}, batch={args.batch}")
     t = time.perf_counter()
-    path = args.json or os.path.join(HERE, "results", f"coverage-{args.compiler}-{args.size}{'-symbolic' * args.symbolic}.json")
+    name = f"coverage-{args.compiler}-{args.size}{'-symbolic' * args.symbolic}.json"
+    path = args.json or os.path.join(HERE, "results", name)
     from bench_common import hardware, versions
 
     def save(records, done=False):  # after every model, so that an interrupted census keeps what it measured
@@ -372,7 +369,8 @@ def main(argv=None) -> int:
     if args.resume and os.path.exists(path):
         with open(path) as f:
             saved = json.load(f)
-        kept = {k: v for k, v in saved["args"].items() if k in ("compiler", "batch", "dtype", "max_params", "symbolic")}
+        kept = {k: v for k, v in saved["args"].items()
+                if k in ("compiler", "batch", "dtype", "max_params", "symbolic")}
         if kept != {k: getattr(args, k) for k in kept}:
             p.error(f"--resume: {path} was run with {kept}; pass the same options")
         earlier = [r for r in saved["models"]  # a timeout is the machine's, not the model's: run it again

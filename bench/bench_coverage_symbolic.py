@@ -5,11 +5,11 @@
 
 - a model whose code specializes on the batch size gets a graph of that size (the loader's mark is Dynamo's weak
   one), which the backend names (``simigrad_compile.compile.input_sizes.SPECIALIZED``): status ``specializes``,
-  with the inputs in ``rec["specialized"]`` (a strong mark made Dynamo raise its constraint error instead: the
-  same status, with the error's first lines);
-- otherwise the usual gradient and statistics checks run at the census batch, and then, after one more step at
-  that batch (a warm-up), a step at a second batch size (``batch + 2``) must reuse the graph: ``rec["symbolic"]`` holds the graph counts before and after
-  it and the statistics' mode there, and a recompile makes the status ``recompiles``.
+  with the inputs in ``rec["specialized"]``;
+- the usual gradient and statistics checks run at the census batch, and then, after one more step at that batch
+  (a warm-up), a step at a second batch size (``batch + 2``) must reuse the graph: ``rec["symbolic"]`` holds the
+  graph counts before and after it and the statistics' mode there, and a recompile makes the status
+  ``recompiles``.
 """
 
 from __future__ import annotations
@@ -23,21 +23,11 @@ def mark(batch: dict) -> dict:
     return {k: marker(v) for k, v in batch.items()}
 
 
-def specializes(error: BaseException) -> bool:
-    """Dynamo's error for a dim marked dynamic that the model's code specialized."""
-    text = f"{type(error).__name__}: {error}"
-    return "ConstraintViolation" in text or "Constraints violated" in text
-
-
 def specialized_so_far() -> dict:
     """Per input, the graphs compiled so far in this process with a specialized batch size."""
     from simigrad_compile.compile.input_sizes import SPECIALIZED
 
     return dict(SPECIALIZED)
-
-
-def first_lines(error: BaseException, n: int = 6) -> str:
-    return "\n".join(f"{type(error).__name__}: {error}".splitlines()[:n])[:1500]
 
 
 def graphs() -> int:
