@@ -38,8 +38,10 @@ def table() -> str:
         s = static.get(r["model"], {"status": "-"})
         if r["status"] == s["status"]:
             continue
-        note = why(r) if r["status"] != "specializes" else "batch size a constant at " + ", ".join(
-            r.get("specialized") or {}) + (f"; {why({**r, 'status': 'refused'})}" if r.get("reasons") else "")
+        note = why(r)
+        if r["status"] == "specializes":
+            note = "batch size a constant at " + ", ".join(r.get("specialized") or {}) + (
+                f"; {note}" if note != "-" else "")
         lines.append(f"| {r['model']} | {s['status']} | {r['status']} | {note} |")
     if len(lines) == 4:
         lines.append("| (none) | | | |")
