@@ -153,3 +153,15 @@ def test_torchvision_models_import_and_build():
     x = torch.randn(2, 3, 32, 32)
     assert torchvision.models.resnet18(num_classes=3)(x).shape == (2, 3)
     assert timm.create_model("resnet10t", pretrained=False, num_classes=3)(x).shape == (2, 3)
+
+
+def test_the_determinism_probe_tells_dropout_from_last_bit_noise():
+    torch.manual_seed(0)
+    x = torch.randn(4, 16, dtype=torch.float64)
+    model = nn.Sequential(nn.Linear(16, 16), nn.Dropout(0.1)).double().train()
+    with torch.no_grad():
+        o1, o2 = model(x), model(x)
+    bound = coverage.FORWARD_JITTER_ULPS * torch.finfo(torch.float64).eps
+    assert coverage._relative_jitter(o1, o2) > bound  # dropout: O(1)
+    last_bits = o1 * (1 + 4 * torch.finfo(torch.float64).eps * torch.randn_like(o1).sign())
+    assert 0 < coverage._relative_jitter(o1, last_bits) <= bound  # a BLAS that splits a product differently
