@@ -158,6 +158,7 @@ def cut_sequence(lad, remainder, plan):
     while remainder:
         p = lad.cut(remainder, plan)
         assert p is not None and 1 <= p.batch_size <= remainder, (remainder, p)
+        assert p.micro_batch_size in lad.sizes()
         out.append(p)
         remainder -= p.batch_size
         plan = lad.plan(256)
@@ -176,6 +177,29 @@ def test_cut_ends_exactly_on_any_remainder_with_the_default_ladder(remainder, mi
                for p in steps)
 
 
+@settings(max_examples=300, deadline=None)
+@given(remainder=st.integers(2, 5000), top=st.integers(3, 300), min_acc=st.integers(1, 3),
+       world=st.sampled_from([1, 2, 4]))
+def test_cut_ends_exactly_on_any_remainder_with_symbolic_batch(remainder, top, min_acc, world):
+    """On the one-graph ladder (no rung 1 on one process) every size from 2 to the top runs, so a budget that is a
+    multiple of the world size ends exactly, in at most two steps, and no step leaves a remainder of 1."""
+    lad = ladder(world, min_acc, symbolic_batch=True, max_micro_batch_size=top)
+    remainder *= world
+    steps = cut_sequence(lad, remainder, lad.plan(4096))
+    assert sum(p.batch_size for p in steps) == remainder
+    assert len(steps) <= 2, steps
+
+
+def test_cut_with_symbolic_batch_takes_a_size_off_the_rungs():
+    lad = ladder(symbolic_batch=True, max_micro_batch_size=16)     # rungs 2, 4, 8, 16; every size 2 .. 16 runs
+    current = lad.plan(64)                                         # 16 x 4
+    assert lad.cut(7, current) == type(current)(7, 1)              # exact: odd, below the top
+    assert lad.cut(37, current) == type(current)(7, 5)             # 35 now, then 2 x 1 (not 36, stranding 1)
+    assert lad.cut(5, current) == type(current)(5, 1)
+    assert ladder(symbolic_batch=False, max_micro_batch_size=16, micro_batch_sizes=(2, 4, 8, 16)).cut(
+        7, current) == type(current)(2, 3)                        # the static ladder: 6, and 1 left that no rung takes
+
+
 def test_cut_prefers_exact_then_statistics_then_the_current_rung():
     lad = ladder(min_acc=2, max_micro_batch_size=16)
     current = lad.plan(128)                                          # 16 x 8
@@ -186,20 +210,55 @@ def test_cut_prefers_exact_then_statistics_then_the_current_rung():
     assert ladder(micro_batch_sizes=(4,)).cut(3, current) is None     # no rung fits
 
 
-def test_limit_next_step_ends_exactly_on_budgets_off_the_rung():
-    """Default ladder (rungs up to 256), B0 = 256: budgets that are no multiple of the rung end exactly on the
-    budget (the issue's 136 of 256 raised before), every sample trained once, in order."""
+@pytest.mark.parametrize("symbolic", [False, True])
+def test_limit_next_step_ends_exactly_on_budgets_off_the_rung(symbolic):
+    """Default ladder (rungs up to 256: from 1 on the static ladder, from 2 with symbolic_batch), B0 = 256: budgets
+    that are no multiple of the rung end exactly on the budget (the issue's 136 of 256 raised before), every
+    sample trained once, in order (a prime remainder of 131 with symbolic_batch: one micro-batch of 131, no
+    statistics)."""
     import torch
 
     import simigrad_compile as sc
     from simigrad_testkit.loop_reference import Net, dataset, train_to_budget
 
-    for budget in (392, 256 + 255, 300):
+    for budget in (392, 256 + 255, 300, 256 + 131):
         torch.manual_seed(0)
         model = Net()
         run = sc.AdaptiveBatching(model, torch.optim.SGD(model.parameters(), lr=0.01), batch_size=256,
-                                  group_mode="microsteps", symbolic_batch=False)  # the static ladder's rung 1
+                                  group_mode="microsteps", symbolic_batch=symbolic)
         seen = train_to_budget(run, model, dataset(1000), budget)
         assert seen == budget, [r["batch_size"] for r in run.history]
-        assert all(r["skipped"] == "short-step" for r in run.history[1:])
+        assert all(r["skipped"] in ("short-step", "no-statistics") for r in run.history[1:])  # none steers
+        if symbolic:
+            assert len(run.history) == 2  # any size from 2 to 256 runs: one cut step is exact
         run.close()
+
+
+def test_a_symbolic_cut_off_the_rungs_updates_as_the_plain_loop_on_those_samples():
+    """symbolic_batch, batch 16 of micro-batches of 8, budget 23: the last step is 7 samples in one micro-batch
+    (no rung of 7, no rung 1), and the update is the plain fp64 loop's: the mean gradient of samples 0-15, then
+    of 16-22 with LR x sqrt(7/16)."""
+    import copy
+
+    import torch
+
+    import simigrad_compile as sc
+    from simigrad_testkit.loop_reference import Net, dataset, flat, loss_of, train_to_budget
+
+    torch.manual_seed(0)
+    net = Net()
+    ref = copy.deepcopy(net).double()
+    data = dataset(40)
+    run = sc.AdaptiveBatching(net, torch.optim.SGD(net.parameters(), lr=0.1), batch_size=16, min_batch_size=16,
+                              max_batch_size=16, max_micro_batch_size=8, symbolic_batch=True,
+                              group_mode="microsteps")
+    assert train_to_budget(run, net, data, 23) == 23
+    assert [(r["batch_size"], r["accumulation"], r["micro_batch_size"]) for r in run.history] == [(16, 2, 8), (7, 1, 7)]
+    x, y = data.tensors
+    for (a, b), scale in (((0, 16), 1.0), ((16, 23), math.sqrt(7 / 16))):
+        ref.zero_grad()
+        loss_of(ref, x[a:b].double(), y[a:b].double()).backward()
+        with torch.no_grad():
+            for p in ref.parameters():
+                p -= 0.1 * scale * p.grad
+    torch.testing.assert_close(flat(net), flat(ref), rtol=1e-5, atol=1e-6)

@@ -92,7 +92,7 @@ def _snapshot(run):
     (lambda s: s["controller"].pop("steps"), "lacks steps"),
     (lambda s: s.update(plan=[0, 0]), "plan\\[0\\]"),
     (lambda s: s.update(plan=[8]), "expected \\[micro_batch_size, accumulation\\]"),
-    (lambda s: s.update(plan=[3, 2]), "not a rung"),
+    (lambda s: s.update(plan=[3, 2]), "not a size of the ladder"),
     (lambda s: s.update(position=-1), "'position'"),
     (lambda s: s["controller"].update(batch_size=0), "batch size < 1"),
     (lambda s: s["controller"].update(smoothed=float("nan")), "non-finite smoothed"),
@@ -138,3 +138,24 @@ def test_a_checkpoint_from_another_ladder_or_world_size_says_what_differs():
     other["ladder"]["world_size"] = 4
     with pytest.raises(ValueError, match="world size 4 in the checkpoint, 1 now"):
         run.load_state_dict(other)
+
+
+def test_a_cut_plan_off_the_rungs_resumes_with_symbolic_batch():
+    """With ``symbolic_batch`` a budget's last step may run any size from 2 to the top rung (``Ladder.cut``), and a
+    checkpoint taken before it resumes it; a size above the top rung is still refused."""
+    def symbolic_run():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(5, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+        return sc.AdaptiveBatching(model, torch.optim.SGD(model.parameters(), lr=0.05), batch_size=8,
+                                   min_batch_size=4, max_batch_size=64, max_micro_batch_size=8, symbolic_batch=True,
+                                   group_mode="microsteps")
+    donor = symbolic_run()
+    donor.limit_next_step(7)
+    assert (donor.plan.micro_batch_size, donor.plan.accumulation) == (7, 1)
+    state = copy.deepcopy(donor.state_dict())
+    run = symbolic_run()
+    run.load_state_dict(state)
+    assert run.plan == donor.plan
+    state["plan"] = [9, 1]
+    with pytest.raises(ValueError, match="not a size of the ladder"):
+        symbolic_run().load_state_dict(state)

@@ -52,8 +52,9 @@ def validated_state(state: dict, config: SimigradConfig, world_size: int, base_a
                          "accumulation]")
     micro = _number("plan[0]", plan_state[0], minimum=1)
     acc = _number("plan[1]", plan_state[1], minimum=1)
-    if micro not in ladder.rungs:
-        raise ValueError(f"simigrad: checkpoint plan micro-batch {micro} is not a rung of {ladder.rungs}")
+    if micro not in ladder.sizes():
+        raise ValueError(f"simigrad: checkpoint plan micro-batch {micro} is not a size of the ladder ({ladder.rungs}"
+                         f"{', or 2 to the top with symbolic_batch' if ladder.any_size else ''})")
     plan = BatchPlan(micro, acc, world_size)
     lo, hi = config.min_batch_size, config.max_batch_size
     clamped = min(max(controller.batch_size, lo), hi)

@@ -170,26 +170,33 @@ class Ladder:
             return plan
         return BatchPlan(-best[2], best[1], w)
 
+    def sizes(self) -> Tuple[int, ...]:
+        """The micro-batch sizes a step can run: the rungs, and with :attr:`any_size` every size from 2 to the top
+        rung (one graph serves them)."""
+        return tuple(sorted(set(self.rungs) | set(range(2, self.rungs[-1] + 1)))) if self.any_size else self.rungs
+
     def cut(self, samples: int, current: BatchPlan) -> Optional[BatchPlan]:
         """The plan for a step of at most ``samples`` (global) samples, the last of a sample budget (for
-        ``limit_next_step``); None when no rung fits. Over the rungs ``m`` with ``world * m <= samples``, each at
-        the most micro-steps ``k`` that fit, up to ``cap = max(ACCUMULATION_SLACK * ceil(samples / (world * top
-        rung)), min_accumulation, current.accumulation)``, the first by: the fewest samples short of ``samples``
-        (exact first), then at least ``min_accumulation`` micro-steps, then the current rung (no new graph), then
-        the fewest micro-steps. With a rung of 1 (the default ladder; not ``symbolic_batch``'s on one process)
-        and ``samples`` a multiple of the world size, repeated cuts end exactly on the budget: a remainder the cap
-        leaves is cut again on the next step. The bounds ``[min_batch_size, max_batch_size]`` do not apply to
-        this step."""
-        w, lo = self.world_size, self.min_accumulation
+        ``limit_next_step``); None when no size fits. Over the :meth:`sizes` ``m`` with ``world * m <= samples``,
+        each at the most micro-steps ``k`` that fit (with :attr:`any_size` also one fewer), up to ``cap = max(ACCUMULATION_SLACK * ceil(samples / (world *
+        top rung)), min_accumulation, current.accumulation)``, the first by: with :attr:`any_size`, no remainder
+        that no step can take (under ``world x`` the smallest size); the fewest samples short of ``samples``
+        (exact first); at least ``min_accumulation`` micro-steps; the current rung (no new graph); the fewest
+        micro-steps. Repeated cuts then end exactly on a budget that is a multiple of the world size, with a rung
+        of 1 (the default ladder; not ``symbolic_batch``'s on one process) or with :attr:`any_size` and a top
+        rung of 3 or more (a remainder the cap leaves is cut again on the next step). The bounds
+        ``[min_batch_size, max_batch_size]`` do not apply to this step."""
+        w, lo, sizes = self.world_size, self.min_accumulation, self.sizes()
         cap = max(ACCUMULATION_SLACK * -(-samples // (w * self.rungs[-1])), lo, current.accumulation)
         best = None
-        for m in self.rungs:
-            k = min(samples // (w * m), cap)
-            if k < 1:
-                continue
-            key = (samples - w * m * k, k < lo, m != current.micro_batch_size, k, -m)
-            best = key if best is None or key < best else best
-        return None if best is None else BatchPlan(-best[4], best[3], w)
+        for m in sizes:
+            most = min(samples // (w * m), cap)
+            for k in range(most, max(most - (2 if self.any_size else 1), 0), -1):
+                short = samples - w * m * k
+                stranded = self.any_size and 0 < short < w * sizes[0]
+                key = (stranded, short, k < lo, m != current.micro_batch_size, k, -m)
+                best = key if best is None or key < best else best
+        return None if best is None else BatchPlan(-best[5], best[4], w)
 
     def reachable_rungs(self) -> Tuple[int, ...]:
         """The rungs some plan uses for a target in ``[min_batch_size, max_batch_size]``, with 1 or 2 (or the
