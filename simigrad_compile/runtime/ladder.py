@@ -178,8 +178,9 @@ class Ladder:
     def cut(self, samples: int, current: BatchPlan) -> Optional[BatchPlan]:
         """The plan for a step of at most ``samples`` (global) samples, the last of a sample budget (for
         ``limit_next_step``); None when no size fits. Over the :meth:`sizes` ``m`` with ``world * m <= samples``,
-        each at the most micro-steps ``k`` that fit (with :attr:`any_size` also one fewer), up to ``cap = max(ACCUMULATION_SLACK * ceil(samples / (world *
-        top rung)), min_accumulation, current.accumulation)``, the first by: with :attr:`any_size`, no remainder
+        each at the most micro-steps ``k`` that fit (with :attr:`any_size` also one fewer), up to ``cap =
+        max(ACCUMULATION_SLACK * ceil(samples / (world * top rung)), min_accumulation, current.accumulation)``,
+        the first by: with :attr:`any_size`, no remainder
         that no step can take (under ``world x`` the smallest size); the fewest samples short of ``samples``
         (exact first); at least ``min_accumulation`` micro-steps; the current rung (no new graph); the fewest
         micro-steps. Repeated cuts then end exactly on a budget that is a multiple of the world size, with a rung
