@@ -85,3 +85,19 @@ def test_a_poisoned_tail_moves_nothing_and_the_next_epoch_goes_on():
     assert [s[1] for s in steps] == [True] * 3 + [False] + [True] * 8
     assert run.skipped_steps["amp-overflow"] == 1 and run.optimizer.optimizer.state[model.fc1.weight]["step"] == 11
     run.close()
+
+
+def test_the_reference_tells_a_wrong_weighing_of_the_tail():
+    """Weighing the tail's micro-batches of 4 and 3 equally (the mean of their means) instead of by their samples
+    moves the parameters far outside the tolerance above: the comparison can fail."""
+    model, run, ref, steps = train("sgd", False, None, poison=None)
+    x_all, y_all = dataset(N).tensors
+    for ids, stepped, _ in steps:
+        if len(ids) != 7:
+            ref.step(x_all[ids], y_all[ids], skip=not stepped)
+            continue
+        halves = [ref.mean_grad(x_all[part], y_all[part]) for part in (ids[:4], ids[4:])]
+        ref.apply([(a + b) / 2 for a, b in zip(*halves)], 7)
+        ref.sched.step()
+    assert (flat(model) - flat(ref.model)).abs().max() > 1e-3
+    run.close()
