@@ -18,7 +18,8 @@ from simigrad_compile.runtime.ladder import Plan
 from simigrad_compile.runtime.window import WindowMisuse
 from simigrad_compile.stats.gradient_stats import Sink
 
-from simigrad_testkit.loop_reference import Net, Reference, dataset, flat, loss_of, make_optimizer, train_to_budget
+from simigrad_testkit.loop_reference import (Net, Reference, backward_and_step, dataset, flat, loss_of, make_optimizer,
+                                             plain_sgd_steps, train_to_budget)
 
 NAN = float("nan")
 
@@ -59,15 +60,9 @@ def train_step(model, run, sched, feed, bad=None, clip=None, scaler=None, log_lo
             loss = loss * NAN
         if log_loss:
             run.log_loss(loss)
-        (scaler.scale(loss) if scaler else loss).backward()
+        norm = backward_and_step(run, loss, scaler, clip)
         if clip:
-            norms.append(run.clip_grad_norm_(*clip))
-        if scaler:
-            scaler.step(run.optimizer)
-            scaler.update()
-        else:
-            run.optimizer.step()
-        run.optimizer.zero_grad()
+            norms.append(norm)
         if run.optimizer.stepped:
             sched.step()
     assert run.sync_gradients
@@ -494,13 +489,7 @@ def test_limit_next_step_cuts_a_budgets_last_step_to_the_same_rung():
                               max_batch_size=16, micro_batch_sizes=(4,), group_mode="microsteps")
     assert train_to_budget(run, net, data, 24) == 24
     assert [(r["batch_size"], r["accumulation"], r["micro_batch_size"]) for r in run.history] == [(16, 4, 4), (8, 2, 4)]
-    x, y = data.tensors
-    for (a, b), scale in (((0, 16), 1.0), ((16, 24), math.sqrt(0.5))):
-        ref.zero_grad()
-        loss_of(ref, x[a:b].double(), y[a:b].double()).backward()
-        with torch.no_grad():
-            for p in ref.parameters():
-                p -= 0.1 * scale * p.grad
+    plain_sgd_steps(ref, *data.tensors, [(0, 16), (16, 24)], lr=0.1, b0=16)
     torch.testing.assert_close(flat(net), flat(ref), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="below one micro-batch"):
         run.limit_next_step(3)

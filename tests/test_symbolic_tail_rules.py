@@ -11,7 +11,7 @@ import torch
 
 import simigrad_compile as sc
 
-from simigrad_testkit.loop_reference import Net, Reference, dataset, flat, loss_of, make_optimizer
+from simigrad_testkit.loop_reference import Net, Reference, backward_and_step, dataset, flat, loss_of, make_optimizer
 
 NAN = float("nan")
 N = 31  # batch 8 = 4 x 2: three steps, then the epoch's last 7 samples as micro-batches of 4 and 3
@@ -42,15 +42,7 @@ def train(kind: str, amp: bool, clip, poison):
             if (len(steps), micro) == poison:
                 loss = loss * NAN
             ids += i.tolist()
-            (scaler.scale(loss) if amp else loss).backward()
-            if clip:
-                run.clip_grad_norm_(*clip)
-            if amp:
-                scaler.step(run.optimizer)
-                scaler.update()
-            else:
-                run.optimizer.step()
-            run.optimizer.zero_grad()
+            backward_and_step(run, loss, scaler, clip)
             micro += 1
             if run.sync_gradients:
                 steps.append((ids, run.history[-1]["stepped"], run.history[-1]["skipped"]))

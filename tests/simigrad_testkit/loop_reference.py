@@ -60,6 +60,31 @@ def clip_(grads, clip) -> None:
         g.mul_(coef)
 
 
+def plain_sgd_steps(model, x, y, spans, lr, b0):
+    """The plain loop's steps of momentum-free SGD on ``model`` (fp64), one per sample span ``(a, b)`` of ``x, y``,
+    each at LR x ``sqrt((b - a) / b0)``."""
+    for a, b in spans:
+        model.zero_grad()
+        loss_of(model, x[a:b].double(), y[a:b].double()).backward()
+        with torch.no_grad():
+            for p in model.parameters():
+                p -= lr * math.sqrt((b - a) / b0) * p.grad
+
+
+def backward_and_step(run, loss, scaler=None, clip=None):
+    """One micro-batch of the user's loop after the forward: backward (scaled under AMP), the clip request, the
+    optimizer step (through the scaler under AMP), ``zero_grad``. Returns the clip's norm (None without)."""
+    (scaler.scale(loss) if scaler else loss).backward()
+    norm = run.clip_grad_norm_(*clip) if clip else None
+    if scaler:
+        scaler.step(run.optimizer)
+        scaler.update()
+    else:
+        run.optimizer.step()
+    run.optimizer.zero_grad()
+    return norm
+
+
 def make_optimizer(params, kind="sgd", lr=0.1):
     if kind == "adam":
         return torch.optim.Adam(params, lr=lr)
