@@ -65,7 +65,7 @@ def _torchrun(processes: int) -> list:
 @pytest.mark.slow
 @pytest.mark.parametrize("processes", [2, 3])
 def test_fsdp2_fixed_adaptive_and_statistics(tmp_path, processes):
-    checks = ["fixed", "adaptive", "stats", "epoch_end"]
+    checks = ["fixed", "adaptive", "stats", "epoch_end", "epoch_end_exact"]
     run_checks([*_torchrun(processes), "-m", "simigrad_testkit.hf_fsdp_worker", str(tmp_path), *checks], checks)
 
 

@@ -174,6 +174,7 @@ class SimigradTrainer(Trainer):
         self._simigrad_logged = 0
         self._simigrad_optimizer: Optional[torch.optim.Optimizer] = None
         self._simigrad_resume: Optional[dict] = None
+        self._simigrad_weight = 1.0  # the next training loss's backward factor (a held window's n / d)
         self.add_callback(_Boundary(self))
 
     def simigrad_config(self) -> SimigradConfig:
@@ -308,13 +309,12 @@ class SimigradTrainer(Trainer):
         micro, total, samples = inputs.first, None, 0
         while True:
             n = samples_in(micro, dim)
-            window = run.state.window
-            if window is not None and window.held and not window.complete and n != window.divisor:
-                raise RuntimeError(  # FSDP2 holds the window's sum in its own buffers: it cannot be reweighted
-                    f"simigrad: a micro-batch of {n} samples inside a window of {window.divisor}-sample micro-batches "
-                    "under FSDP2; the door's loader gives full micro-batches only, please report this")
+            window = run.state.window  # FSDP2 holds the window's sum: a micro-batch of another size (an exact
+            held = window is not None and window.held  # epoch tail) is weighed by its backward (compute_loss)
+            self._simigrad_weight = window.backward_scale if held else 1.0
             inputs.flops += float(super().floating_point_ops(micro))
             loss = super().training_step(model, micro)
+            self._simigrad_weight = 1.0
             total = loss * n if total is None else total + loss * n
             samples += n
             if many and run.state.sync_gradients:  # the step's last micro-batch: the loss over every rank
@@ -327,6 +327,13 @@ class SimigradTrainer(Trainer):
             micro = next(inputs.rest)
         run.begin_step()  # False: gradients dropped; the optimizer's step and the clipping then change nothing
         return mean if many else total / samples
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        out = super().compute_loss(model, inputs, *args, **kwargs)
+        loss, factor = out[0] if isinstance(out, tuple) else out, self._simigrad_weight
+        if factor != 1.0 and torch.is_tensor(loss) and loss.requires_grad:
+            loss.register_hook(lambda grad: grad * factor)  # the backward only: the logged loss stays the mean
+        return out
 
     def floating_point_ops(self, inputs) -> float:
         return inputs.flops if isinstance(inputs, _StepBatches) else super().floating_point_ops(inputs)

@@ -173,20 +173,26 @@ def check_adaptive(out: str) -> str:
     return f"batches {sizes}; max|ours - fp64 loop| = {err.item():.2e}"
 
 
-def check_epoch_end(out: str) -> str:
+def check_epoch_end(out: str, symbolic: bool = False) -> str:
     """10 samples a rank and steps of 12 a rank (micro-batches of 4): the step reaches into the next pass over the
-    data, as the door's loader does; it equals the fp64 loop over the same samples."""
+    data, as the door's loader does on the static ladder; with ``symbolic_batch`` (one graph for every size) it is
+    the rank's 10 samples exactly, as micro-batches of 4, 3 and 3 that FSDP2's held window weighs by their sizes.
+    Either way it equals the fp64 loop over the same samples."""
     world = int(os.environ["WORLD_SIZE"])
     b0 = world * 3 * MICRO
-    options = dict(batch_size=b0, min_batch_size=b0, max_batch_size=b0, max_micro_batch_size=MICRO)
+    options = dict(batch_size=b0, min_batch_size=b0, max_batch_size=b0, max_micro_batch_size=MICRO,
+                   symbolic_batch=symbolic)
     data = Regression(world * 10)
     model = MLP()
     start = copy.deepcopy(model)
-    tr = ours(model, data, os.path.join(out, "epoch_end"), options, num_train_epochs=1)
+    tr = ours(model, data, os.path.join(out, f"epoch_end{'_exact' * symbolic}"), options, num_train_epochs=1)
     tr.train()
     history = tr.simigrad.history
-    assert [r["micro_batch_size"] for r in history] == [MICRO] and all(r["stepped"] for r in history), history
-    same_history("epoch_end", history)
+    exact = tr.simigrad.ladder.any_size
+    assert exact == symbolic
+    assert [(r["micro_batch_size"], r["batch_size"]) for r in history] == [(MICRO, world * (10 if exact else 12))]
+    assert all(r["stepped"] for r in history), history
+    same_history(f"epoch_end{'_exact' * symbolic}", history)
     reference = fp64_sgd(start, data, history, world, b0)
     err = (full(tr.model_wrapped).double() - torch.cat([p.flatten() for p in reference.parameters()])).abs().max()
     assert err.item() < 1e-5, err
@@ -262,7 +268,7 @@ def check_cpu_refused(out: str) -> str:
 
 
 CHECKS = {"fixed": check_fixed, "adaptive": check_adaptive, "stats": check_stats, "epoch_end": check_epoch_end,
-          "cpu_refused": check_cpu_refused}
+          "epoch_end_exact": lambda out: check_epoch_end(out, symbolic=True), "cpu_refused": check_cpu_refused}
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import lightning.pytorch as pl
 import torch
 
 from simigrad_compile.integrations.lightning import SimigradCallback
+from simigrad_testkit.launch import exit_worker
 from simigrad_testkit.lightning_module import PlainModule
 from simigrad_testkit.loop_reference import Net, dataset, flat
 
@@ -55,5 +56,4 @@ def main(mode: str, out: str, strategy: str = "ddp") -> None:
 
 if __name__ == "__main__":
     main(*sys.argv[1:])
-    if torch.distributed.is_initialized():  # Gloo's threads outliving the interpreter abort the exit (pytorch#190489)
-        torch.distributed.destroy_process_group()
+    exit_worker()

@@ -23,6 +23,7 @@ from torch.distributed.fsdp import fully_shard
 
 import simigrad_compile
 from simigrad_compile.integrations.lightning import SimigradCallback
+from simigrad_testkit.launch import exit_worker
 from simigrad_testkit.lightning_module import PlainModule
 from simigrad_testkit.loop_reference import Net, dataset, loss_of
 
@@ -142,5 +143,4 @@ def main(mode: str, out: str, world: str) -> None:
 
 if __name__ == "__main__":
     main(*sys.argv[1:])
-    if dist.is_initialized():  # Gloo's threads outliving the interpreter abort the exit (pytorch#190489)
-        dist.destroy_process_group()
+    exit_worker()
