@@ -313,8 +313,10 @@ class SimigradTrainer(Trainer):
             held = window is not None and window.held  # epoch tail) is weighed by its backward (compute_loss)
             self._simigrad_weight = window.backward_scale if held else 1.0
             inputs.flops += float(super().floating_point_ops(micro))
-            loss = super().training_step(model, micro)
-            self._simigrad_weight = 1.0
+            try:
+                loss = super().training_step(model, micro)
+            finally:
+                self._simigrad_weight = 1.0
             total = loss * n if total is None else total + loss * n
             samples += n
             if many and run.state.sync_gradients:  # the step's last micro-batch: the loss over every rank
