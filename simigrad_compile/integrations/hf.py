@@ -311,6 +311,9 @@ class SimigradTrainer(Trainer):
             n = samples_in(micro, dim)
             window = run.state.window  # FSDP2 holds the window's sum: a micro-batch of another size (an exact
             held = window is not None and window.held  # epoch tail) is weighed by its backward (compute_loss)
+            if held and not window.complete and n != window.sizes[window.done]:
+                raise RuntimeError(f"simigrad: a micro-batch of {n} samples where the window expects "
+                                   f"{window.sizes[window.done]} under FSDP2; please report this")
             self._simigrad_weight = window.backward_scale if held else 1.0
             inputs.flops += float(super().floating_point_ops(micro))
             try:
