@@ -71,8 +71,8 @@ def test_tails_of_any_size_step_as_the_plain_loop(kind, amp, clip):
 
 
 def test_a_poisoned_tail_moves_nothing_and_the_next_epoch_goes_on():
-    """The skipped tail step leaves parameters and Adam's state as the step before it left them, and the next
-    epoch's steps update again."""
+    """The skipped tail step does not count as one of Adam's steps (11 of 12), and the next epoch's steps update
+    again (the parameters themselves are checked against the fp64 loop above)."""
     model, run, _, steps = train("adam", True, None, poison=(3, 0))
     assert [s[1] for s in steps] == [True] * 3 + [False] + [True] * 8
     assert run.skipped_steps["amp-overflow"] == 1 and run.optimizer.optimizer.state[model.fc1.weight]["step"] == 11

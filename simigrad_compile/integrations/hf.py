@@ -310,11 +310,11 @@ class SimigradTrainer(Trainer):
         while True:
             n = samples_in(micro, dim)
             window = run.state.window  # FSDP2 holds the window's sum: a micro-batch of another size (an exact
-            held = window is not None and window.held  # epoch tail) is weighed by its backward (compute_loss)
-            if held and not window.complete and n != window.sizes[window.done]:
+            # epoch tail) is weighed by its own backward (compute_loss, Window.backward_scale)
+            if window is not None and window.held and not window.complete and n != window.sizes[window.done]:
                 raise RuntimeError(f"simigrad: a micro-batch of {n} samples where the window expects "
                                    f"{window.sizes[window.done]} under FSDP2; please report this")
-            self._simigrad_weight = window.backward_scale if held else 1.0
+            self._simigrad_weight = window.backward_scale if window is not None else 1.0
             inputs.flops += float(super().floating_point_ops(micro))
             try:
                 loss = super().training_step(model, micro)

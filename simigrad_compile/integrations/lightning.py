@@ -169,7 +169,7 @@ class SimigradCallback(Callback):
         divisor = self._divisor
         self._loss = loss.detach() * divisor
         window = self.run.state.window  # under FSDP, a micro-batch of another size is weighted by its backward
-        factor = divisor * window.backward_scale if window is not None and window.held else divisor
+        factor = divisor * window.backward_scale if window is not None else divisor
         if factor != 1 and loss.requires_grad:
             loss.register_hook(lambda grad: grad * factor)
 

@@ -180,10 +180,9 @@ class Ladder:
         ``limit_next_step``); None when no size fits. Over the :meth:`sizes` ``m`` with ``world * m <= samples``,
         each at the most micro-steps ``k`` that fit (with :attr:`any_size` also one fewer), up to ``cap =
         max(ACCUMULATION_SLACK * ceil(samples / (world * top rung)), min_accumulation, current.accumulation)``,
-        the first by: with :attr:`any_size`, no remainder
-        that no step can take (under ``world x`` the smallest size); the fewest samples short of ``samples``
-        (exact first); at least ``min_accumulation`` micro-steps; the current rung (no new graph); the fewest
-        micro-steps. Repeated cuts then end exactly on a budget that is a multiple of the world size, with a rung
+        the first by: with :attr:`any_size`, no remainder that no step can take (under ``world x`` the smallest
+        size); the fewest samples short of ``samples`` (exact first); at least ``min_accumulation`` micro-steps;
+        the current rung (no new graph); the fewest micro-steps. Repeated cuts then end exactly on a budget that is a multiple of the world size, with a rung
         of 1 (the default ladder; not ``symbolic_batch``'s on one process) or with :attr:`any_size` and a top
         rung of 3 or more (a remainder the cap leaves is cut again on the next step). The bounds
         ``[min_batch_size, max_batch_size]`` do not apply to this step."""

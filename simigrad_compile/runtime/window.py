@@ -139,7 +139,7 @@ class Window:
     def backward_scale(self) -> float:
         """What the next backward's gradient must be multiplied by: ``n / d`` in a held window (``n`` its
         micro-batch's size), else 1."""
-        if self.complete:
+        if self.complete or not self.held:
             return 1.0
         return self.sizes[self.done] / self.divisor
 
